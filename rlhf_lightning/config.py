@@ -1,0 +1,52 @@
+"""Hydra/OmegaConf glue: custom resolvers and the assembly of a run from a composed config."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _mul(*factors) -> int:
+    """``${mul:a,b,...}``: the product of integers (PPO's trainer.max_steps)."""
+    return math.prod(int(f) for f in factors)
+
+
+def register_resolvers() -> None:
+    """Register ``${mul:...}`` (idempotent). Call before composing the configs."""
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", _mul)
+
+
+register_resolvers()
+
+
+def instantiate_group(node: DictConfig | None) -> list:
+    """Instantiate every entry of a dict-like group (loggers, callbacks) that has a ``_target_``."""
+    from hydra.utils import instantiate
+
+    if not node:
+        return []
+    return [instantiate(value) for value in node.values() if isinstance(value, DictConfig) and "_target_" in value]
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Build tokenizer, data, module, loggers, callbacks and Trainer from ``cfg``, then ``Trainer.fit``.
+
+    Returns:
+        The trainer's final ``callback_metrics`` as floats (what Hydra sweepers optimise).
+    """
+    import lightning as L
+    from hydra.utils import instantiate
+
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = instantiate(cfg.tokenizer)
+    datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer)
+    module = instantiate(cfg.module, tokenizer=tokenizer)
+    trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False,
+                          callbacks=instantiate_group(cfg.get("callbacks")))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,229 @@
+"""Preference pairs (prompt, chosen, rejected) as a LightningDataModule, for reward-model training."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Sequence
+
+import lightning
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rlhf_lightning.data.formats import (
+    DataError,
+    PreferenceExample,
+    encode_prompt,
+    encode_response,
+    load_examples,
+    truncate_pair,
+)
+
+logger = logging.getLogger("rlhf_lightning.data")
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over a Python list (items are returned as stored)."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(n)`` into (train, val) index lists, each sorted.
+
+    Args:
+        val_size: a count (int >= 0) or a fraction (float in [0, 1)) of ``n``, rounded.
+
+    Raises:
+        ValueError: negative or otherwise invalid ``val_size``, or a split that leaves no training row.
+    """
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+        raise ValueError(f"val_size must be an int count or a float fraction, got {val_size!r}")
+    if isinstance(val_size, float):
+        if not 0.0 <= val_size < 1.0:
+            raise ValueError(f"a fractional val_size must be in [0, 1), got {val_size}")
+        n_val = int(round(n * val_size))
+    else:
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        n_val = val_size
+    if n_val >= n:
+        raise ValueError(f"val_size={val_size} leaves no training rows out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def seeded_subset(items: list, limit: int | None, seed: int) -> list:
+    """``limit`` items picked at random (seeded) from ``items``, in their original order; all when
+    ``limit`` is None or >= len(items).
+
+    Raises:
+        ValueError: ``limit`` <= 0.
+    """
+    if limit is None or limit >= len(items):
+        return items
+    if limit <= 0:
+        raise ValueError(f"limit must be positive or None, got {limit}")
+    # a different stream from the split's, so that limit and split are not correlated
+    picked = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 7919))[:limit]
+    return [items[i] for i in sorted(picked.tolist())]
+
+
+class PreferenceCollator:
+    """Batch preference pairs for a scalar (reward) model.
+
+    Each item is a dict with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int).
+    For a batch of B items the result is::
+
+        input_ids       (2B, L) long  rows 0..B-1: prompt+chosen; rows B..2B-1: prompt+rejected
+                                      (row i and row B+i are the same pair); RIGHT-padded with pad_token_id
+        attention_mask  (2B, L) long  1 on real tokens, 0 on padding
+
+    L is the longest sequence of the batch. With right padding each row's last attended token
+    (the response's EOS unless truncated) is at ``attention_mask.sum(1) - 1``.
+
+    Raises:
+        ValueError: ``pad_token_id`` is None; an empty batch.
+    """
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ValueError("PreferenceCollator needs a pad_token_id")
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        sequences = ([it["prompt_ids"] + it["chosen_ids"] for it in items]
+                     + [it["prompt_ids"] + it["rejected_ids"] for it in items])
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, :len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class PreferenceDataModule(lightning.LightningDataModule):
+    """Preference pairs from a file, directory or Hub dataset (see ``formats.read_rows``), tokenized,
+    truncated and split into train/validation.
+
+    Each kept pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids", "where"}``: the prompt via
+    ``encode_prompt`` (chat template + generation prompt), each response via ``encode_response``
+    (ends in EOS), then ``truncate_pair(..., max_length)`` (prompt cut from the left; responses
+    cut from the right only when they alone do not fit). Batches come from :class:`PreferenceCollator`.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with pad and EOS tokens.
+        path: the data source (local path or Hub name); ``split``/``data_dir`` as in ``read_rows``.
+        max_length: maximum tokens of prompt+response per sequence.
+        val_size: validation rows, an int count or a float fraction of the kept rows (0: no validation).
+        limit: use only a seeded random subset of this many loaded rows (before the split).
+        batch_size: pairs per training batch (the batch holds 2 * batch_size sequences).
+        eval_batch_size: pairs per validation batch (default ``batch_size``).
+        seed: seeds the subset, the split and the training shuffle.
+        on_error: ``"raise"`` or ``"skip"`` bad rows (also rows identical after truncation).
+
+    After :meth:`setup`: ``train_dataset``/``val_dataset`` (ListDataset of the item dicts) and
+    ``stats``, a dict with ``rows`` (usable rows loaded), ``limited`` (rows after ``limit``),
+    ``truncated``, ``dropped`` (reason -> count, load-time and truncation drops), ``kept``,
+    ``train``, ``val``.
+
+    Raises (in setup):
+        DataError: a bad row with ``on_error="raise"``.
+        ValueError: no usable row; ``val_size`` leaving no training rows.
+        FileNotFoundError, RuntimeError: unreadable source (see ``read_rows``).
+    """
+
+    def __init__(self, tokenizer, path: str, split: str = "train", data_dir: str | None = None,
+                 max_length: int = 512, val_size: int | float = 200, limit: int | None = None,
+                 batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0, on_error: str = "raise"):
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token")
+        self.tokenizer = tokenizer
+        self.path = str(path)
+        self.split = split
+        self.data_dir = data_dir
+        self.max_length = max_length
+        self.val_size = val_size
+        self.limit = limit
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.on_error = on_error
+        self.collator = PreferenceCollator(tokenizer.pad_token_id)
+        self.train_dataset: ListDataset | None = None
+        self.val_dataset: ListDataset | None = None
+        self.stats: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, tokenize, truncate and split (once; later calls return at once)."""
+        if self.train_dataset is not None:
+            return
+        examples, skipped = load_examples(self.path, split=self.split, data_dir=self.data_dir,
+                                          on_error=self.on_error)
+        dropped = Counter(skipped)
+        rows = len(examples)
+        examples = seeded_subset(examples, self.limit, self.seed)
+        items, truncated = [], 0
+        for ex in examples:
+            try:
+                item, cut = self._encode(ex)
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                dropped[e.reason] += 1
+                continue
+            truncated += cut
+            items.append(item)
+        if not items:
+            raise ValueError(f"no usable preference pair in {self.path} (dropped: {dict(dropped)})")
+        train_idx, val_idx = split_indices(len(items), self.val_size, self.seed)
+        self.train_dataset = ListDataset([items[i] for i in train_idx])
+        self.val_dataset = ListDataset([items[i] for i in val_idx])
+        self.stats = {"rows": rows, "limited": len(examples), "truncated": truncated,
+                      "dropped": dict(dropped), "kept": len(items), "train": len(train_idx), "val": len(val_idx)}
+        logger.info("preference data %s: %d rows, %d used, %d truncated to %d tokens, %d train / %d val",
+                    self.path, rows, len(items), truncated, self.max_length, len(train_idx), len(val_idx))
+        if dropped:
+            logger.warning("preference data %s: dropped %s", self.path,
+                           ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())))
+
+    def _encode(self, ex: PreferenceExample) -> tuple[dict, bool]:
+        prompt = encode_prompt(self.tokenizer, ex.prompt)
+        chosen = encode_response(self.tokenizer, ex.chosen)
+        rejected = encode_response(self.tokenizer, ex.rejected)
+        try:
+            prompt, chosen, rejected, cut = truncate_pair(prompt, chosen, rejected, self.max_length)
+        except DataError as e:
+            raise DataError(f"{ex.where}: {e}", e.reason, ex.where, "chosen") from None
+        return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "where": ex.where}, cut
+
+    def _loader(self, dataset: ListDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                          collate_fn=self.collator, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) batches of ``batch_size`` pairs: dicts of (2B, L) long tensors (see collator)."""
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches of ``eval_batch_size`` pairs in fixed order (no batches when val_size is 0)."""
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)

@@ -1,0 +1,182 @@
+"""Prompts for generation (PPO rollouts) as a LightningDataModule."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Sequence
+
+import lightning
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lightning.data.formats import encode_prompt, load_prompts
+from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
+
+logger = logging.getLogger("rlhf_lightning.data")
+
+
+class PromptCollator:
+    """Batch encoded prompts for generation.
+
+    Each item is a dict with ``input_ids`` (list of int) and ``prompt_index`` (int). For B items::
+
+        input_ids       (B, P) long  LEFT-padded with pad_token_id (every prompt ends at column P-1,
+                                     so generated tokens follow directly)
+        attention_mask  (B, P) long  1 on real tokens, 0 on padding
+        prompt_index    (B,)   long  index of each prompt in ``PromptDataModule.prompts``
+
+    P is the longest prompt of the batch.
+
+    Raises:
+        ValueError: ``pad_token_id`` is None; an empty batch.
+    """
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ValueError("PromptCollator needs a pad_token_id")
+        self.pad_token_id = int(pad_token_id)
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        length = max(len(it["input_ids"]) for it in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, it in enumerate(items):
+            ids = it["input_ids"]
+            input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, length - len(ids):] = 1
+        prompt_index = torch.tensor([it["prompt_index"] for it in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_index": prompt_index}
+
+
+class PromptDataModule(lightning.LightningDataModule):
+    """Prompts from a file, directory or Hub dataset (see ``formats.read_rows`` / ``extract_prompt``),
+    encoded with ``encode_prompt`` (chat template with generation prompt) and split into train/validation.
+
+    A prompt longer than ``max_prompt_length`` tokens is cut from the LEFT (its start, e.g. the
+    template's system message, is lost; the end with the assistant header stays) and counted as
+    truncated. Prompts are indexed in load order (after ``limit``): ``prompts[i]`` are the chat
+    messages and ``prompt_ids[i]`` the token ids of prompt ``i``, the ``prompt_index`` in batches.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a pad token.
+        path: the data source; ``split``/``data_dir`` as in ``read_rows``.
+        max_prompt_length: maximum prompt tokens.
+        val_size: validation prompts, an int count or a float fraction (0: none).
+        limit: use only a seeded random subset of this many prompts (before the split).
+        batch_size: prompts per batch; the training loader drops the last incomplete batch.
+        seed: seeds the subset, the split and the training shuffle.
+        on_error: ``"raise"`` or ``"skip"`` bad rows.
+
+    After :meth:`setup`: ``train_dataset``/``val_dataset`` and ``stats`` (``rows``, ``limited``,
+    ``truncated``, ``dropped`` reason -> count, ``train``, ``val``).
+
+    Raises (in setup):
+        DataError: a bad row with ``on_error="raise"``.
+        ValueError: no usable row; ``val_size`` leaving no training rows; fewer training prompts
+            than ``batch_size`` (the training loader would yield nothing).
+        FileNotFoundError, RuntimeError: unreadable source (see ``read_rows``).
+    """
+
+    def __init__(self, tokenizer, path: str, split: str = "train", data_dir: str | None = None,
+                 max_prompt_length: int = 256, val_size: int | float = 0, limit: int | None = None,
+                 batch_size: int = 8, num_workers: int = 0, seed: int = 0, on_error: str = "raise"):
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token")
+        if max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+        self.tokenizer = tokenizer
+        self.path = str(path)
+        self.split = split
+        self.data_dir = data_dir
+        self.max_prompt_length = max_prompt_length
+        self.val_size = val_size
+        self.limit = limit
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.on_error = on_error
+        self.collator = PromptCollator(tokenizer.pad_token_id)
+        self.train_dataset: ListDataset | None = None
+        self.val_dataset: ListDataset | None = None
+        self._prompts: list[list[dict]] = []
+        self._prompt_ids: list[list[int]] = []
+        self.stats: dict = {}
+
+    @property
+    def prompts(self) -> list[list[dict]]:
+        """Every kept prompt as chat messages, indexed like ``prompt_index`` (after :meth:`setup`)."""
+        self._require_setup()
+        return self._prompts
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        """Every kept prompt's token ids (after left truncation), indexed like ``prompt_index``."""
+        self._require_setup()
+        return self._prompt_ids
+
+    def decode_prompt(self, index: int, skip_special_tokens: bool = False) -> str:
+        """The text of prompt ``index`` as the model sees it (its token ids decoded)."""
+        return self.tokenizer.decode(self.prompt_ids[index], skip_special_tokens=skip_special_tokens)
+
+    def sample_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """A fixed batch of the first ``n`` validation prompts (training prompts when there are none).
+
+        The same prompts every call, for before/after comparisons. Collated like a training
+        batch (:class:`PromptCollator`); fewer than ``n`` rows when the split is smaller.
+        """
+        self._require_setup()
+        pool = self.val_dataset if len(self.val_dataset) else self.train_dataset
+        return self.collator([pool[i] for i in range(min(n, len(pool)))])
+
+    def _require_setup(self) -> None:
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() first")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, encode, truncate and split (once; later calls return at once)."""
+        if self.train_dataset is not None:
+            return
+        prompts, skipped = load_prompts(self.path, split=self.split, data_dir=self.data_dir,
+                                        on_error=self.on_error)
+        rows = len(prompts)
+        prompts = seeded_subset(prompts, self.limit, self.seed)
+        ids, truncated = [], 0
+        for messages in prompts:
+            encoded = encode_prompt(self.tokenizer, messages)
+            if len(encoded) > self.max_prompt_length:
+                encoded = encoded[-self.max_prompt_length:]
+                truncated += 1
+            ids.append(encoded)
+        train_idx, val_idx = split_indices(len(ids), self.val_size, self.seed)
+        if len(train_idx) < self.batch_size:
+            raise ValueError(f"{len(train_idx)} training prompts in {self.path} is fewer than batch_size="
+                             f"{self.batch_size}; the training loader (drop_last) would be empty")
+        self._prompts, self._prompt_ids = prompts, ids
+        self.train_dataset = ListDataset([{"input_ids": ids[i], "prompt_index": i} for i in train_idx])
+        self.val_dataset = ListDataset([{"input_ids": ids[i], "prompt_index": i} for i in val_idx])
+        self.stats = {"rows": rows, "limited": len(prompts), "truncated": truncated,
+                      "dropped": dict(Counter(skipped)), "train": len(train_idx), "val": len(val_idx)}
+        logger.info("prompt data %s: %d prompts, %d used, %d cut to %d tokens, %d train / %d val",
+                    self.path, rows, len(prompts), truncated, self.max_prompt_length, len(train_idx), len(val_idx))
+
+    def _loader(self, dataset: ListDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          drop_last=shuffle, collate_fn=self.collator, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) full batches of ``batch_size`` prompts (drop_last): see :class:`PromptCollator`."""
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation prompts in fixed order, last batch possibly smaller (none when val_size is 0)."""
+        return self._loader(self.val_dataset, shuffle=False)

@@ -1,0 +1,18 @@
+"""Networks of RLHF (policy, reference, reward model, critic), where they come from, and their forwards."""
+
+from rlhf_lightning.models.builders import (
+    disable_dropout,
+    freeze,
+    load_policy,
+    load_reference,
+    load_scalar_model,
+    load_tokenizer,
+    score_head,
+    train_top_layers,
+)
+from rlhf_lightning.models.loading import SMOLLM2, SMOLLM2_GGUF, TINY, cache_root, convert_gguf, resolve_pretrained
+
+__all__ = [
+    "SMOLLM2", "SMOLLM2_GGUF", "TINY", "cache_root", "convert_gguf", "disable_dropout", "freeze", "load_policy",
+    "load_reference", "load_scalar_model", "load_tokenizer", "resolve_pretrained", "score_head", "train_top_layers",
+]

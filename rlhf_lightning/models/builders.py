@@ -1,0 +1,191 @@
+"""Builders for the four networks of RLHF: policy, frozen reference, reward model and critic.
+
+The reward model and the critic are both ``AutoModelForSequenceClassification`` with one label:
+a backbone plus a linear ``score`` head applied to every position. The reward model reads the
+head at the last non-padding token (one score per sequence); the critic reads it at every
+response token (V(s_t)). Saved with ``save_pretrained``, either reloads with
+``AutoModelForSequenceClassification.from_pretrained(path)`` and returns the reward as its
+single output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from rlhf_lightning.models.loading import _fix_pad_token, resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer of a model source (see :func:`resolve_pretrained`).
+
+    Padding is on the left (prompts are left-padded for generation; the collators place
+    responses explicitly). A padding token distinct from EOS is chosen where the vocabulary has one.
+
+    Raises:
+        FileNotFoundError: the source does not exist.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path, gguf_file),
+                                              trust_remote_code=trust_remote_code)
+    _fix_pad_token(tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (RLHF needs deterministic log-probabilities and values)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Freeze a model in place: no parameter requires a gradient, eval mode. Returns the model."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a decoder-only model (``model.model.layers`` for Llama).
+
+    Raises:
+        ValueError: no ``layers`` list is found.
+    """
+    backbone = getattr(model, model.base_model_prefix, model)
+    layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers to freeze")
+    return layers
+
+
+def train_top_layers(model: nn.Module, trainable_layers: int | None) -> nn.Module:
+    """Train only the top ``trainable_layers`` blocks plus the final norm and heads.
+
+    The embeddings and the lower blocks are frozen, so backward stops at the first trainable
+    block (a cheaper step on CPU). ``None`` trains everything. With tied input/output
+    embeddings the language-model head is frozen with the embeddings.
+
+    Raises:
+        ValueError: ``trainable_layers`` is negative.
+    """
+    if trainable_layers is None:
+        return model
+    if trainable_layers < 0:
+        raise ValueError(f"trainable_layers={trainable_layers} must be >= 0 or null")
+    layers = decoder_layers(model)
+    model.get_input_embeddings().requires_grad_(False)
+    for block in list(layers)[: max(len(layers) - trainable_layers, 0)]:
+        block.requires_grad_(False)
+    return model
+
+
+def _finish(model: nn.Module, trainable_layers: int | None, gradient_checkpointing: bool) -> nn.Module:
+    model.train()  # from_pretrained returns eval mode; dropout is off either way
+    disable_dropout(model)
+    train_top_layers(model, trainable_layers)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_policy(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
+                trainable_layers: int | None = None, gradient_checkpointing: bool = False,
+                trust_remote_code: bool = False, **_: object) -> nn.Module:
+    """A causal LM to train as the policy (``AutoModelForCausalLM``), dropout off.
+
+    Args:
+        name_or_path, gguf_file: the source (see :func:`resolve_pretrained`).
+        dtype: parameter dtype name (``float32``, ``bfloat16``, ``float16``).
+        trainable_layers: train only the top N decoder blocks (``None``: all).
+        gradient_checkpointing: recompute activations in backward to save memory.
+
+    Raises:
+        FileNotFoundError: the source does not exist. ValueError: unknown dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path, gguf_file), dtype=_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    return _finish(model, trainable_layers, gradient_checkpointing)
+
+
+def load_reference(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
+                   trust_remote_code: bool = False, **_: object) -> nn.Module:
+    """The frozen reference policy for the KL penalty: a causal LM, eval mode, no gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path, gguf_file), dtype=_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    return freeze(disable_dropout(model))
+
+
+def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
+                      trainable_layers: int | None = None, gradient_checkpointing: bool = False,
+                      frozen: bool = False, trust_remote_code: bool = False, seed: int = 0,
+                      **_: object) -> nn.Module:
+    """A backbone with a scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``).
+
+    Used as reward model (head read at the last token) and as critic (head read at every
+    token). A head created here (from a plain causal-LM checkpoint) is initialised with
+    N(0, 1/(hidden+1)) (Huang et al. 2024, N+ implementation details, detail 3), seeded by
+    ``seed``; a head found in the checkpoint (a saved reward model or critic) is kept.
+
+    Raises:
+        FileNotFoundError: the source does not exist. ValueError: unknown dtype.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_pretrained(name_or_path, gguf_file)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    config.num_labels = 1
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
+                                                                   trust_remote_code=trust_remote_code)
+        if not has_head:
+            nn.init.normal_(score_head(model).weight, std=1.0 / math.sqrt(config.hidden_size + 1))
+            if score_head(model).bias is not None:
+                nn.init.zeros_(score_head(model).bias)
+    _finish(model, trainable_layers, gradient_checkpointing)
+    return freeze(model) if frozen else model
+
+
+def score_head(model: nn.Module) -> nn.Linear:
+    """The scalar head of a sequence-classification model (``score`` or ``classifier``).
+
+    Raises:
+        ValueError: no such head.
+    """
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ValueError(f"{type(model).__name__} has no scalar head named score/classifier/v_head")

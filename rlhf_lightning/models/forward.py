@@ -1,0 +1,86 @@
+"""Forward passes that read exactly what RLHF needs from each network.
+
+Sequences are (B, T) token ids laid out as ``[left padding | prompt | response | right padding]``
+with ``attention_mask`` 1 on prompt and response tokens. Position ids are derived from the mask,
+so a left-padded row gets the same positions as in ``generate``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rlhf_lightning.models.builders import score_head
+from rlhf_lightning.ops import entropy_from_logits, last_valid_index, logprobs_from_logits
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) long positions counting only attended tokens (0 at the first real token).
+
+    Padding positions get 1 (any value works: they are masked), as ``generate`` does.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    backbone = getattr(model, model.base_model_prefix)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state  # (B, T, H)
+
+
+def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar head at every position: (B, T) float32. The critic's V(s_t) at position t."""
+    return score_head(model)(_hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score r(x, y): the scalar head at each row's last attended token. (B,) float32.
+
+    Only the B last hidden states go through the head.
+    """
+    hidden = _hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    last = last_valid_index(attention_mask)  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return score_head(model)(pooled).squeeze(-1).float()
+
+
+def response_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_start: int) -> torch.Tensor:
+    """Critic values V(s_t) for the response tokens: (B, R) float32, R = T − response_start.
+
+    V(s_t) is read at the position just before response token t (the state that token is
+    chosen from), positions ``response_start − 1 … T − 2``.
+    """
+    hidden = _hidden_states(model, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_start: int, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probabilities of the response tokens under a causal LM.
+
+    The language-model head runs on the R response positions only (not the prompt), and
+    log-probabilities are gathered without a full (B, R, V) log-softmax.
+
+    Args:
+        input_ids, attention_mask: (B, T) prompt + response, prompt left-padded to
+            ``response_start`` columns.
+        response_start: column of the first response token.
+        temperature: the sampling temperature (logits are divided by it, as when sampling).
+        with_entropy: also return the per-token entropy (nats, no gradient).
+
+    Returns:
+        logprobs (B, R) float32, and entropy (B, R) float32 when ``with_entropy``.
+    """
+    hidden = _hidden_states(model, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
+    logits = model.get_output_embeddings()(hidden)  # (B, R, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = logprobs_from_logits(logits, input_ids[:, response_start:])  # (B, R)
+    if not with_entropy:
+        return logprobs
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits.detach())
+    return logprobs, entropy

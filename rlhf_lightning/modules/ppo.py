@@ -1,0 +1,272 @@
+"""PPOModule: the policy and the critic trained together on sampled responses (RLHF with PPO)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from rlhf_lightning.kl_control import AdaptiveKLController, FixedKLController
+from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
+from rlhf_lightning.models.forward import response_logprobs, response_values
+from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
+from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
+from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of
+
+log = logging.getLogger(__name__)
+
+#: Keys of the frozen networks, left out of checkpoints (they are reloaded from their sources).
+FROZEN_PREFIXES = ("ref_policy.", "reward_model.")
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters (``ppo.*`` in the configs). Defaults follow Huang et al. 2024,
+    "The N+ Implementation Details of RLHF with PPO".
+
+    Attributes:
+        kl_coef: β, the per-token KL penalty coefficient (≥ 0), initial value if adaptive.
+        clip_eps: ε of the clipped surrogate, in (0, 1).
+        cliprange_value: clip range of the value loss around the rollout's values (None: off).
+        vf_coef: weight of the value loss in the backward (the critic has its own optimizer).
+        gamma, lam: discount γ and GAE λ, in [0, 1].
+        whiten: whiten advantages over the batch's valid tokens.
+        ppo_epochs: passes over each rollout batch.
+        num_minibatches: minibatches per pass; must divide the prompt batch size.
+        kl_estimator: k1, k2 or k3 (Schulman 2020) for the per-token KL in the reward.
+        adaptive_kl: use the adaptive controller (Ziegler et al. 2019) with kl_target (nats per
+            sequence) and kl_horizon (samples).
+        max_grad_norm: gradient-norm clip for each optimizer (None: off).
+        generation: sampling settings (:class:`GenerationConfig`).
+        num_sample_prompts: prompts decoded greedily at the start and end of training and
+            written to ``samples_path`` (before/after comparison).
+        log_samples_every_n_steps: also write that many sampled rollouts every N iterations (0: off).
+    """
+
+    kl_coef: float = 0.05
+    clip_eps: float = 0.2
+    cliprange_value: float | None = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    ppo_epochs: int = 4
+    num_minibatches: int = 1
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    max_grad_norm: float | None = 1.0
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    num_sample_prompts: int = 3
+    log_samples_every_n_steps: int = 10
+
+    def __post_init__(self):
+        self.generation = as_config(GenerationConfig, self.generation)
+        if self.kl_coef < 0:
+            raise ValueError(f"ppo.kl_coef={self.kl_coef} must be >= 0")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"ppo.clip_eps={self.clip_eps} must be in (0, 1)")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"ppo.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.ppo_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+
+
+class PPOModule(L.LightningModule):
+    """PPO for language models, one iteration per ``training_step`` (manual optimization).
+
+    Each iteration, for a batch of B prompts (``input_ids``/``attention_mask`` (B, P),
+    left-padded, from :class:`~rlhf_lightning.data.PromptCollator`):
+
+    1. sample responses (KV-cached ``generate``), cut after EOS;
+    2. score each with the reward model at its last token (minus a missing-EOS penalty);
+    3. old log-probabilities, reference log-probabilities and values, without autograd;
+    4. per-token rewards −β·KL_t, plus the score at the last token;
+    5. GAE advantages (whitened) and returns;
+    6. ``ppo_epochs`` passes over minibatches: clipped policy loss and clipped value loss, one
+       ``manual_backward``, ``clip_gradients`` for each optimizer, then the policy optimizer and
+       the value optimizer both stepped and zeroed;
+    7. the adaptive KL controller's update (if on), then logging.
+
+    Args:
+        policy: causal LM to train. ref_policy: frozen copy of its initial weights.
+        critic: ``AutoModelForSequenceClassification`` (one label) giving V(s_t) at every token
+            — the ValueModule's network, loaded from its export.
+        reward_model: frozen ``AutoModelForSequenceClassification`` (one label).
+        tokenizer: for EOS/pad ids, decoding samples, and the export.
+        ppo: :class:`PPOConfig` or dict. policy_optim, value_optim: :class:`OptimConfig` or dict.
+        export_dir: where the trained policy is written at the end of fit (critic beside it in
+            ``<export_dir>_critic``); samples_path: JSON-lines file for sample generations.
+    """
+
+    def __init__(self, policy: nn.Module, ref_policy: nn.Module, critic: nn.Module, reward_model: nn.Module,
+                 tokenizer, ppo: PPOConfig | dict | None = None, policy_optim: OptimConfig | dict | None = None,
+                 value_optim: OptimConfig | dict | None = None, export_dir: str | None = None,
+                 samples_path: str | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # frozen networks are not in checkpoints
+        self.policy, self.ref_policy, self.critic, self.reward_model = policy, ref_policy, critic, reward_model
+        self.tokenizer = tokenizer
+        self.ppo = as_config(PPOConfig, ppo)
+        self.policy_optim = as_config(OptimConfig, policy_optim)
+        self.value_optim = as_config(OptimConfig, value_optim)
+        self.export_dir, self.samples_path = export_dir, samples_path
+        if self.ppo.adaptive_kl:
+            self.kl_ctl = AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
+        else:
+            self.kl_ctl = FixedKLController(self.ppo.kl_coef)
+        self.save_hyperparameters(ignore=["policy", "ref_policy", "critic", "reward_model", "tokenizer"])
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Lightning counts every optimizer step in ``global_step``: 2 optimizers × epochs × minibatches."""
+        return 2 * self.ppo.ppo_epochs * self.ppo.num_minibatches
+
+    @property
+    def iteration(self) -> int:
+        """PPO iterations completed (rollout batches trained on)."""
+        return self.global_step // self.optimizer_steps_per_iteration
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> Rollout:
+        """Steps 1–3: sample, score, and evaluate old/ref log-probabilities and values."""
+        gen = self.ppo.generation
+        rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
+                           self.tokenizer.pad_token_id, do_sample=do_sample)
+        return evaluate(rollout, self.reward_model, self.policy, self.ref_policy, self.critic, gen.temperature,
+                        gen.missing_eos_penalty)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        cfg = self.ppo
+        opt_policy, opt_value = self.optimizers()
+        batch_size = batch["input_ids"].shape[0]
+        if batch_size % cfg.num_minibatches:
+            raise ValueError(f"prompt batch size {batch_size} is not divisible by ppo.num_minibatches={cfg.num_minibatches}")
+
+        # 1-3. Sample responses; score them; old logprobs, ref logprobs, values (no autograd).
+        ro = self.rollout(batch["input_ids"], batch["attention_mask"])
+        mask = ro.response_mask  # (B, R)
+
+        # 4. Per-token rewards: -β·KL_t, plus the score at the last token.
+        rewards, kl = rewards_of(ro, self.kl_ctl.value, cfg.kl_estimator)  # (B, R) each
+
+        # 5. Advantages from TD errors (GAE), whitened; returns = advantages + values.
+        advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten:
+            advantages = masked_whiten(advantages, mask)
+
+        # 6. PPO epochs over minibatches; both optimizers step together on every minibatch.
+        stats: dict[str, list[torch.Tensor]] = {}
+        mb_size = batch_size // cfg.num_minibatches
+        for epoch in range(cfg.ppo_epochs):
+            for mb in torch.randperm(batch_size, device=mask.device).split(mb_size):
+                ids, attn, m = ro.input_ids[mb], ro.attention_mask[mb], mask[mb]
+                logprobs, entropy = response_logprobs(self.policy, ids, attn, ro.response_start,
+                                                      cfg.generation.temperature, with_entropy=True)
+                values = response_values(self.critic, ids, attn, ro.response_start)
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
+                vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
+                self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
+                if cfg.max_grad_norm is not None:
+                    self.clip_gradients(opt_policy, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(opt_value, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                opt_policy.step()
+                opt_value.step()
+                opt_policy.zero_grad(set_to_none=True)
+                opt_value.zero_grad(set_to_none=True)
+                for key, value in (("ppo/policy_loss", pg_loss), ("value/loss", vf_loss),
+                                   ("ppo/clipfrac", pg_stats["clipfrac"]), ("ppo/approx_kl", pg_stats["approx_kl"]),
+                                   ("ppo/ratio", pg_stats["ratio_mean"]), ("value/clipfrac", vf_stats["clipfrac"]),
+                                   ("objective/entropy", masked_mean(entropy, m))):
+                    stats.setdefault(key, []).append(value.detach())
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+        # 7. Adaptive KL controller, then logging.
+        kl_per_seq = (kl * mask).sum(1).mean()
+        kl_coef = self.kl_ctl.value
+        self.kl_ctl.update(float(kl_per_seq), batch_size * self.trainer.world_size)
+        metrics = {key: torch.stack(values).mean() for key, values in stats.items()}
+        metrics.update({
+            "objective/score": ro.scores.mean(),
+            "objective/kl": kl_per_seq,
+            "objective/non_score_reward": -(kl_coef * kl * mask).sum(1).mean(),
+            "objective/rlhf_reward": ro.scores.mean() - kl_coef * kl_per_seq,
+            "value/explained_var": explained_variance(ro.values, returns, mask),
+            "response/length": mask.sum(1).float().mean(),
+            "response/eos_frac": ro.ends_with_eos.float().mean(),
+            "ppo/kl_coef": torch.tensor(kl_coef),
+            "ppo/iteration": torch.tensor(float(self.iteration)),
+        })
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
+        self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,
+                      logger=False, on_step=True, batch_size=batch_size, sync_dist=True)
+        every = cfg.log_samples_every_n_steps
+        if every and (self.iteration - 1) % every == 0:
+            self._write_samples(ro, kl, phase="train")
+
+    def configure_optimizers(self):
+        opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim)
+        opt_value, sched_value = make_optimizer(self.critic.parameters(), self.value_optim)
+        return [opt_policy, opt_value], [sched_policy, sched_value]
+
+    # ------------------------------------------------------------------ samples
+    def _write_samples(self, ro: Rollout, kl: torch.Tensor | None, phase: str, limit: int | None = None) -> list[dict]:
+        n = min(limit or self.ppo.num_sample_prompts, ro.input_ids.shape[0])
+        prompts = self.tokenizer.batch_decode(ro.input_ids[:n, : ro.response_start], skip_special_tokens=True)
+        responses = self.tokenizer.batch_decode(ro.response_ids[:n], skip_special_tokens=True)
+        kl_seq = (kl * ro.response_mask).sum(1) if kl is not None else torch.zeros(n)
+        rows = [{"phase": phase, "step": self.iteration, "prompt": p, "response": r,
+                 "score": float(ro.scores[i]), "kl": float(kl_seq[i])}
+                for i, (p, r) in enumerate(zip(prompts, responses))]
+        if self.trainer.is_global_zero and self.samples_path:
+            Path(self.samples_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.samples_path, "a", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        log_table = getattr(self.logger, "log_table", None)
+        if log_table is not None and self.trainer.is_global_zero:
+            columns = ["phase", "step", "prompt", "response", "score", "kl"]
+            log_table(key=f"samples/{phase}", columns=columns, data=[[r[c] for c in columns] for r in rows])
+        return rows
+
+    def _greedy_samples(self, phase: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.ppo.num_sample_prompts or datamodule is None or not hasattr(datamodule, "sample_batch"):
+            return
+        batch = datamodule.sample_batch(self.ppo.num_sample_prompts)
+        ro = self.rollout(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), do_sample=False)
+        _, kl = rewards_of(ro, self.kl_ctl.value, self.ppo.kl_estimator)
+        self._write_samples(ro, kl, phase=phase)
+
+    def on_train_start(self) -> None:
+        self._greedy_samples("before")
+
+    def on_train_end(self) -> None:
+        self._greedy_samples("after")
+        if self.trainer.is_global_zero and self.export_dir:
+            export_pretrained(self.policy, self.tokenizer, self.export_dir)
+            export_pretrained(self.critic, self.tokenizer, str(self.export_dir).rstrip("/") + "_critic")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave the frozen reference and reward model out (they are reloaded from their sources)."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+            del state[key]
+        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "kl_controller" in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint["kl_controller"])

@@ -1,0 +1,81 @@
+"""RewardModule: a scalar reward model r(x, y) trained on preference pairs."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+
+from rlhf_lightning.losses import pairwise_reward_loss
+from rlhf_lightning.models.forward import sequence_scores
+from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
+
+
+class RewardModule(L.LightningModule):
+    """Bradley–Terry reward model with a centering term.
+
+    Loss per batch of B pairs: mean −log σ(r_w − r_l − margin) + center_coef · mean((r_w + r_l)²)
+    (Ouyang et al. 2022 eq. 1; Eisenstein et al. 2023 for the centering term, which keeps
+    scores near 0 since the Bradley–Terry term only sees their difference).
+
+    Batches come from :class:`~rlhf_lightning.data.PreferenceCollator`: ``input_ids`` and
+    ``attention_mask`` (2B, L), rows 0..B−1 prompt+chosen, rows B..2B−1 prompt+rejected.
+
+    Logs ``{train,val}/loss``, ``/accuracy`` (fraction with r_w > r_l), ``/margin`` (mean r_w − r_l),
+    ``/reward_mean`` and ``/reward_abs_mean`` (score-inflation monitor). At the end of fit the
+    model and tokenizer are written to ``export_dir`` with ``save_pretrained`` (reload with
+    ``AutoModelForSequenceClassification.from_pretrained``; its one logit is the reward).
+
+    Args:
+        model: ``AutoModelForSequenceClassification`` with ``num_labels=1``
+            (:func:`~rlhf_lightning.models.load_scalar_model`).
+        tokenizer: saved beside the model.
+        optim: :class:`OptimConfig` or dict.
+        center_coef: c ≥ 0 of the centering term.
+        margin: optional constant margin (in reward units) subtracted inside the sigmoid.
+        export_dir: where to write the trained model (``None``: don't).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, optim: OptimConfig | dict | None = None,
+                 center_coef: float = 0.01, margin: float | None = None, export_dir: str | None = None):
+        super().__init__()
+        if center_coef < 0:
+            raise ValueError(f"reward.center_coef={center_coef} must be >= 0")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optim = as_config(OptimConfig, optim)
+        self.center_coef, self.margin, self.export_dir = center_coef, margin, export_dir
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (N,) float32 for N sequences (N, L), read at each row's last attended token."""
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
+        n_pairs = rewards.shape[0] // 2
+        chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
+        loss, stats = pairwise_reward_loss(chosen, rejected, self.center_coef, self.margin)
+        metrics = {f"{stage}/loss": loss, f"{stage}/accuracy": stats["accuracy"], f"{stage}/margin": stats["margin_mean"],
+                   f"{stage}/reward_mean": 0.5 * (stats["chosen_mean"] + stats["rejected_mean"]),
+                   f"{stage}/reward_abs_mean": stats["reward_abs_mean"]}
+        on_step = stage == "train"
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=n_pairs, sync_dist=not on_step,
+                      prog_bar=False)
+        self.log(f"{stage}/acc", stats["accuracy"], on_step=on_step, on_epoch=not on_step, batch_size=n_pairs,
+                 sync_dist=not on_step, prog_bar=True, logger=False)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        optimizer, scheduler = make_optimizer(self.model.parameters(), self.optim)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            export_pretrained(self.model, self.tokenizer, self.export_dir)

@@ -1,0 +1,127 @@
+"""ValueModule: warm up the critic V(s_t) on rollouts of a frozen policy before PPO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import nn
+
+from rlhf_lightning.losses import gae, td_targets, value_loss
+from rlhf_lightning.models.forward import response_values
+from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
+from rlhf_lightning.ops import explained_variance
+from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of
+
+
+@dataclass
+class ValueConfig:
+    """Critic-training settings (``value.*`` in the configs).
+
+    Attributes:
+        kl_coef: β of the per-token reward −β·KL to the reference (as in PPO). When the reference
+            is the rollout policy itself, the KL is 0 and only the score at the last token remains.
+        gamma: discount γ in [0, 1].
+        lam: 0 regresses on the one-step TD target r_t + γ·V(s_{t+1}); λ in (0, 1] on the
+            λ-return (GAE returns). Both targets are held fixed (no gradient).
+        cliprange_value: PPO-style value clipping around the rollout's values (None: off).
+        kl_estimator: k1, k2 or k3.
+        generation: sampling settings for the rollouts.
+    """
+
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.0
+    cliprange_value: float | None = None
+    kl_estimator: str = "k1"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def __post_init__(self):
+        self.generation = as_config(GenerationConfig, self.generation)
+        if self.kl_coef < 0:
+            raise ValueError(f"value.kl_coef={self.kl_coef} must be >= 0")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"value.{name}={getattr(self, name)} must be in [0, 1]")
+
+
+class ValueModule(L.LightningModule):
+    """Critic regression on the frozen policy's rollouts.
+
+    Each training step samples responses to a batch of prompts from the frozen ``policy``,
+    scores them with the reward model, forms per-token rewards r_t = −β·KL_t (+ score at the last
+    token), and minimises 0.5·masked-mean (V(s_t) − target_t)², where the target is the TD target
+    r_t + γ·V(s_{t+1}) (V = 0 after the last token; Sutton & Barto eq. 6.2) computed from the same
+    forward and detached, or the λ-return when ``lam`` > 0 (Schulman et al. 2016).
+
+    Logs ``value/loss``, ``value/explained_var``, ``objective/score`` and ``response/length``; writes
+    the critic to ``export_dir`` at the end of fit, which :class:`PPOModule` loads as its critic.
+
+    Args:
+        policy: frozen causal LM that generates the rollouts.
+        critic: ``AutoModelForSequenceClassification`` (one label) to train.
+        reward_model: frozen scorer. ref_policy: frozen reference for the KL (``None``: the policy
+            itself, KL = 0).
+        tokenizer, value (:class:`ValueConfig` or dict), optim (:class:`OptimConfig` or dict), export_dir.
+    """
+
+    def __init__(self, policy: nn.Module, critic: nn.Module, reward_model: nn.Module, tokenizer,
+                 ref_policy: nn.Module | None = None, value: ValueConfig | dict | None = None,
+                 optim: OptimConfig | dict | None = None, export_dir: str | None = None):
+        super().__init__()
+        self.strict_loading = False
+        self.policy, self.critic, self.reward_model, self.ref_policy = policy, critic, reward_model, ref_policy
+        for frozen in (policy, reward_model, ref_policy):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.value = as_config(ValueConfig, value)
+        self.optim = as_config(OptimConfig, optim)
+        self.export_dir = export_dir
+        self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        cfg = self.value
+        # 1. Rollout of the frozen policy, scored at the last token.
+        ro = generate(self.policy, batch["input_ids"], batch["attention_mask"], cfg.generation,
+                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        with_kl = self.ref_policy is not None and cfg.kl_coef > 0
+        evaluate(ro, self.reward_model, self.policy if with_kl else None, self.ref_policy if with_kl else None,
+                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty)
+        mask = ro.response_mask
+        # 2. Per-token rewards: -β·KL_t, plus the score at the last token.
+        rewards, kl = rewards_of(ro, cfg.kl_coef, cfg.kl_estimator)
+        # 3. V(s_t) with gradient; the target from the same values, detached.
+        values = response_values(self.critic, ro.input_ids, ro.attention_mask, ro.response_start)  # (B, R)
+        if cfg.lam == 0:
+            targets = td_targets(rewards, values, mask, cfg.gamma)
+        else:
+            _, targets = gae(rewards, values.detach(), mask, cfg.gamma, cfg.lam)
+        old_values = values.detach() if cfg.cliprange_value is not None else None
+        loss, _ = value_loss(values, targets, mask, old_values, cfg.cliprange_value)
+        # 4. Logging (the optimizer step is Lightning's).
+        batch_size = mask.shape[0]
+        self.log_dict({
+            "value/loss": loss.detach(),
+            "value/explained_var": explained_variance(values.detach(), targets, mask),
+            "objective/score": ro.scores.mean(),
+            "objective/kl": (kl * mask).sum(1).mean(),
+            "response/length": mask.sum(1).float().mean(),
+        }, on_step=True, batch_size=batch_size, sync_dist=True)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.optim)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the critic: the frozen policy, reference and reward model are reloaded."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if not k.startswith("critic.")]:
+            del state[key]
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            export_pretrained(self.critic, self.tokenizer, self.export_dir)

@@ -1,0 +1,510 @@
+"""Masked reductions and log-probability utilities for RLHF.
+
+Conventions used throughout this module
+---------------------------------------
+* Per-token tensors are shaped ``(B, T)``: ``B`` sequences, ``T`` response tokens.
+* ``mask`` is a ``(B, T)`` tensor, either ``bool`` or a float/int tensor of 0/1
+  values, that is true/1 at valid response tokens (up to and including EOS) and
+  false/0 at padding.  Any non-zero entry counts as valid.
+* Masked reductions only look at valid positions.  Values at masked positions
+  are *selected away* (``torch.where``), never multiplied by zero, so ``inf`` or
+  ``NaN`` sitting in padding cannot leak into results or gradients.
+* A row with no valid token contributes nothing; a fully masked input reduces
+  to ``0`` (never ``NaN``) and back-propagates zero, finite gradients.
+
+Nothing in this module synchronises with the host (no ``.item()``, no
+data-dependent Python branches on tensor values).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "response_mask_from_eos",
+    "last_valid_index",
+    "explained_variance",
+    "DEFAULT_CHUNK_SIZE",
+]
+
+#: Default number of token rows (positions) whose logits are processed at once by
+#: :func:`logprobs_from_logits` / :func:`entropy_from_logits`.  With a 150k
+#: vocabulary, one float32 chunk is about 1024 * 150_000 * 4 B = 0.6 GB.
+DEFAULT_CHUNK_SIZE = 1024
+
+
+# --------------------------------------------------------------------------- #
+# Validation helpers
+# --------------------------------------------------------------------------- #
+def _as_bool_mask(mask: Tensor, like: Tensor, name: str = "x") -> Tensor:
+    """Check ``mask.shape == like.shape`` and return ``mask`` as a bool tensor."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match {name} shape {tuple(like.shape)}"
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _select(x: Tensor, mask: Tensor) -> Tensor:
+    """``x`` where ``mask`` (bool) is true, exactly 0 elsewhere (gradient 0 there too)."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _count(mask: Tensor, dim: int | None, dtype: torch.dtype) -> Tensor:
+    """Number of valid entries (as ``dtype``), summed over ``dim`` (all if None)."""
+    return mask.sum(dtype=dtype) if dim is None else mask.sum(dim=dim, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Masked reductions
+# --------------------------------------------------------------------------- #
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` over valid positions.
+
+    Args:
+        x: float tensor of any shape, typically ``(B, T)``.
+        mask: bool or 0/1 tensor with exactly ``x``'s shape; true marks valid entries.
+        dim: dimension to reduce.  ``None`` reduces everything to a 0-d tensor;
+            e.g. ``dim=1`` on ``(B, T)`` gives a ``(B,)`` per-row sum.
+
+    Returns:
+        Tensor with ``x``'s dtype (0-d for ``dim=None``).  Masked entries are
+        excluded (even if they hold ``inf``/``NaN``); an empty selection sums to 0.
+
+    Raises:
+        ValueError: if ``mask.shape != x.shape``.
+    """
+    m = _as_bool_mask(mask, x)
+    selected = _select(x, m)
+    return selected.sum() if dim is None else selected.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over valid positions.
+
+    ``dim=None`` averages over *all* valid tokens of the batch (token-level mean,
+    each token weighs the same); ``dim=1`` on ``(B, T)`` gives a ``(B,)`` per-row
+    mean.  Rows (or a whole batch) with no valid entry give exactly ``0`` and
+    receive zero gradient; the denominator is clamped to at least 1.
+
+    Args:
+        x: float tensor, typically ``(B, T)``.
+        mask: bool or 0/1 tensor with ``x``'s shape.
+        dim: reduction dimension or ``None`` for a scalar.
+
+    Returns:
+        Tensor with ``x``'s dtype: 0-d for ``dim=None``, otherwise ``x`` with
+        ``dim`` removed.
+
+    Raises:
+        ValueError: if ``mask.shape != x.shape``.
+    """
+    m = _as_bool_mask(mask, x)
+    total = masked_sum(x, m, dim=dim)
+    return total / _count(m, dim, total.dtype).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the valid entries of ``x`` (all valid entries pooled together).
+
+    Args:
+        x: float tensor, typically ``(B, T)``.
+        mask: bool or 0/1 tensor with ``x``'s shape.
+        unbiased: divide the summed squared deviations by ``n - 1`` (Bessel's
+            correction) instead of ``n``, where ``n`` is the number of valid entries.
+
+    Returns:
+        0-d tensor with ``x``'s dtype.  It is ``0`` (not ``NaN``) when ``n == 0``,
+        and also when ``n == 1`` with ``unbiased=True`` (the denominator is
+        clamped to at least 1 and the single deviation is 0).
+
+    Raises:
+        ValueError: if ``mask.shape != x.shape``.
+    """
+    m = _as_bool_mask(mask, x)
+    xs = _select(x, m)  # padding -> 0 first, so inf/NaN there cannot poison gradients
+    mean = masked_mean(xs, m)
+    sq_dev = masked_sum((xs - mean) ** 2, m)
+    n = _count(m, None, sq_dev.dtype)
+    denom = (n - 1) if unbiased else n
+    return sq_dev / denom.clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Standardise ``x`` with the mean and (unbiased) variance of its valid entries.
+
+    ``out = (x - mean) / sqrt(var + eps)`` at valid positions; if ``shift_mean`` is
+    False the mean is added back (``out + mean``: rescale only, keeps the sign
+    convention of e.g. rewards).  This is the usual advantage normalisation of
+    PPO implementations (statistics pooled over the whole batch, not per row).
+
+    Args:
+        x: float tensor, typically ``(B, T)`` advantages.
+        mask: bool or 0/1 tensor with ``x``'s shape.
+        shift_mean: subtract the mean (True) or keep it (False).
+        eps: added to the variance before the square root (must be > 0).
+
+    Returns:
+        Tensor shaped and typed like ``x``; masked positions are exactly 0.  A
+        fully masked input returns all zeros.
+
+    Raises:
+        ValueError: if ``mask.shape != x.shape`` or ``eps <= 0``.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    m = _as_bool_mask(mask, x)
+    xs = _select(x, m)
+    mean = masked_mean(xs, m)
+    var = masked_var(xs, m, unbiased=True)
+    out = (xs - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _select(out, m)
+
+
+# --------------------------------------------------------------------------- #
+# Chunked log-probs / entropy from logits
+# --------------------------------------------------------------------------- #
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (bf16/fp16/fp32) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(B: int, T: int, chunk_size: int) -> Iterator[tuple[slice, slice]]:
+    """Yield ``(batch_slice, time_slice)`` blocks of at most ~``chunk_size`` positions.
+
+    Blocks are rectangular in ``(B, T)`` so slicing a ``(B, T, V)`` tensor never
+    copies more than one block, even if the tensor is a non-contiguous view such
+    as ``logits[:, :-1]`` (a flat ``reshape(-1, V)`` would copy all of it).
+    """
+    if B == 0 or T == 0:
+        return
+    if T >= chunk_size:
+        for b in range(B):
+            for t0 in range(0, T, chunk_size):
+                yield slice(b, b + 1), slice(t0, min(t0 + chunk_size, T))
+    else:
+        rows = max(1, chunk_size // T)
+        for b0 in range(0, B, rows):
+            yield slice(b0, min(b0 + rows, B)), slice(0, T)
+
+
+def _scaled_block(logits: Tensor, bs: slice, ts: slice, temperature: float) -> Tensor:
+    """Upcast one ``(b, t, V)`` block to the compute dtype and divide by temperature."""
+    z = logits[bs, ts].to(_compute_dtype(logits.dtype))
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+class _ChunkedLogprob(torch.autograd.Function):
+    """log softmax(logits / temperature)[label], one block of positions at a time.
+
+    Saves only the original logits (no upcast copy) and the per-position
+    log-normaliser; the backward recomputes the softmax block by block:
+    d logp / d z_j = (1[j == label] - softmax_j) / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float, chunk_size: int) -> Tensor:
+        B, T, _ = logits.shape
+        cdtype = _compute_dtype(logits.dtype)
+        out = torch.empty(B, T, dtype=cdtype, device=logits.device)
+        lse = torch.empty(B, T, dtype=cdtype, device=logits.device)
+        for bs, ts in _blocks(B, T, chunk_size):
+            z = _scaled_block(logits, bs, ts, temperature)
+            block_lse = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, labels[bs, ts].unsqueeze(-1)).squeeze(-1)
+            out[bs, ts] = picked - block_lse
+            lse[bs, ts] = block_lse
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        B, T, _ = logits.shape
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for bs, ts in _blocks(B, T, ctx.chunk_size):
+            z = _scaled_block(logits, bs, ts, ctx.temperature)
+            g_out = grad_out[bs, ts].to(z.dtype).unsqueeze(-1)
+            g = torch.exp(z - lse[bs, ts].unsqueeze(-1)).mul_(-g_out)
+            g.scatter_add_(-1, labels[bs, ts].unsqueeze(-1), g_out)
+            if ctx.temperature != 1.0:
+                g.div_(ctx.temperature)
+            grad[bs, ts] = g.to(logits.dtype)
+        return grad, None, None, None
+
+
+class _ChunkedEntropy(torch.autograd.Function):
+    """H = logsumexp(z) - sum_j softmax_j z_j, one block of positions at a time.
+
+    Backward: dH/dz_j = -p_j (z_j - E_p[z]).  Vocabulary entries with zero
+    probability (e.g. ``-inf`` logits) contribute exactly 0 to value and gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, chunk_size: int) -> Tensor:
+        B, T, _ = logits.shape
+        cdtype = _compute_dtype(logits.dtype)
+        out = torch.empty(B, T, dtype=cdtype, device=logits.device)
+        lse = torch.empty(B, T, dtype=cdtype, device=logits.device)
+        for bs, ts in _blocks(B, T, chunk_size):
+            z = _scaled_block(logits, bs, ts, 1.0)
+            block_lse = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - block_lse.unsqueeze(-1))
+            pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype, device=z.device))
+            out[bs, ts] = block_lse - pz.sum(-1)
+            lse[bs, ts] = block_lse
+        ctx.save_for_backward(logits, lse)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, lse = ctx.saved_tensors
+        B, T, _ = logits.shape
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        zero = None
+        for bs, ts in _blocks(B, T, ctx.chunk_size):
+            z = _scaled_block(logits, bs, ts, 1.0)
+            if zero is None:
+                zero = torch.zeros((), dtype=z.dtype, device=z.device)
+            p = torch.exp(z - lse[bs, ts].unsqueeze(-1))
+            pz = torch.where(p > 0, p * z, zero)
+            mean_z = pz.sum(-1, keepdim=True)
+            g = torch.where(p > 0, -p * (z - mean_z), zero)
+            g = g * grad_out[bs, ts].to(z.dtype).unsqueeze(-1)
+            grad[bs, ts] = g.to(logits.dtype)
+        return grad, None
+
+
+def _as_3d(logits: Tensor) -> tuple[Tensor, torch.Size]:
+    """View ``(..., V)`` logits as ``(B, T, V)``; also return the leading shape."""
+    if not isinstance(logits, Tensor) or logits.dim() < 2:
+        raise ValueError(
+            f"logits must be a tensor of shape (..., V) with at least 2 dims, got "
+            f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    lead = logits.shape[:-1]
+    if logits.dim() == 2:
+        return logits.unsqueeze(0), lead
+    if logits.dim() == 3:
+        return logits, lead
+    return logits.flatten(0, -3), lead
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def logprobs_from_logits(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    Computes ``log p(label) = z[label] - logsumexp(z)`` with ``z = logits / temperature``
+    without ever materialising a ``(B, T, V)`` log-softmax.  Positions are
+    processed in blocks of about ``chunk_size`` rows; each block is upcast to
+    float32 on its own, so for bf16/fp16 logits the float32 copy never covers
+    the full tensor.  A custom autograd function saves only the original logits
+    and a ``(B, T)`` log-normaliser, and recomputes the softmax block-wise in the
+    backward pass, so training does not keep a float32 copy alive either.
+
+    Args:
+        logits: ``(B, T, V)`` (or any ``(..., V)``) float tensor of any float dtype.
+            Already aligned with ``labels`` (i.e. the logits that *predict*
+            ``labels[b, t]``; shift before calling).
+        labels: ``(B, T)`` (matching ``logits.shape[:-1]``) integer token ids.
+            Every entry, padding included, must lie in ``[0, V)``; mask padded
+            positions afterwards instead of using ignore indices such as -100.
+        temperature: sampling temperature (> 0) that divides the logits first;
+            use the temperature the responses were sampled with.
+        chunk_size: keyword-only; positions per block (>= 1).
+
+    Returns:
+        ``(B, T)`` log-probabilities in nats, float32 (float64 if ``logits`` is
+        float64).  Differentiable w.r.t. ``logits`` (first-order only).
+
+    Raises:
+        ValueError: if ``logits`` has fewer than 2 dims or is not floating point,
+            ``labels.shape != logits.shape[:-1]``, ``labels`` is not an integer
+            tensor, ``temperature <= 0`` or ``chunk_size < 1``.
+    """
+    logits3, lead = _as_3d(logits)
+    if not isinstance(labels, Tensor) or labels.shape != lead:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape) if isinstance(labels, Tensor) else None} "
+            f"must equal logits.shape[:-1] = {tuple(lead)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_chunk_size(chunk_size)
+    labels3 = labels.reshape(logits3.shape[:-1]).long()
+    out = _ChunkedLogprob.apply(logits3, labels3, temperature, chunk_size)
+    return out.reshape(lead)
+
+
+def entropy_from_logits(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Entropy of ``softmax(logits)`` at every position, in nats.
+
+    ``H = logsumexp(z) - sum_j softmax(z)_j * z_j`` (equal to ``-sum p log p``),
+    computed block-wise in float32 exactly like :func:`logprobs_from_logits`, so
+    no full ``(B, T, V)`` softmax or float32 copy is ever kept.  Entries with
+    ``-inf`` logits (zero probability) contribute 0.
+
+    Args:
+        logits: ``(B, T, V)`` (or any ``(..., V)``) float tensor of any float dtype.
+        chunk_size: keyword-only; positions per block (>= 1).
+
+    Returns:
+        ``(B, T)`` entropy in nats, float32 (float64 for float64 input), in
+        ``[0, log V]``.  Differentiable w.r.t. ``logits`` (first-order only).
+
+    Raises:
+        ValueError: if ``logits`` has fewer than 2 dims or is not floating point,
+            or ``chunk_size < 1``.
+    """
+    logits3, lead = _as_3d(logits)
+    _check_chunk_size(chunk_size)
+    return _ChunkedEntropy.apply(logits3, chunk_size).reshape(lead)
+
+
+# --------------------------------------------------------------------------- #
+# Response masks
+# --------------------------------------------------------------------------- #
+def response_mask_from_eos(
+    response_ids: Tensor,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Valid-token mask of generated responses, ending at the first EOS.
+
+    Position ``t`` of row ``b`` is valid iff no EOS occurs strictly before ``t``
+    (so the first EOS itself is valid and everything after it is not).  Rows
+    with no EOS (truncated at the length limit) are valid everywhere, except
+    that, if ``pad_token_id`` is given, a trailing run of pad tokens at the end
+    of such a row is marked invalid (right-padding of a truncated row).  When
+    ``pad_token_id`` is also an EOS id, the first EOS is still kept as valid.
+
+    Args:
+        response_ids: ``(B, R)`` integer token ids of the responses only
+            (prompt stripped).
+        eos_token_id: one EOS id or a non-empty sequence of ids (any ends).
+        pad_token_id: optional padding id, see above.
+
+    Returns:
+        ``(mask, ends_with_eos)``: ``mask`` is ``(B, R)`` bool; ``ends_with_eos``
+        is ``(B,)`` bool, True for rows that contain an EOS (terminated rather
+        than truncated).
+
+    Raises:
+        ValueError: if ``response_ids`` is not a 2-D integer tensor or
+            ``eos_token_id`` is an empty sequence.
+    """
+    if not isinstance(response_ids, Tensor) or response_ids.dim() != 2:
+        raise ValueError("response_ids must be a 2-D (B, R) tensor")
+    if response_ids.is_floating_point() or response_ids.is_complex() or response_ids.dtype == torch.bool:
+        raise ValueError(f"response_ids must be an integer tensor, got {response_ids.dtype}")
+    ids = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+    if not ids:
+        raise ValueError("eos_token_id must be an int or a non-empty sequence of ints")
+    eos_ids = torch.tensor(ids, dtype=response_ids.dtype, device=response_ids.device)
+    is_eos = torch.isin(response_ids, eos_ids)
+    # number of EOS tokens strictly before each position
+    eos_before = torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos.int()
+    mask = eos_before == 0
+    ends_with_eos = is_eos.any(dim=1)
+    if pad_token_id is not None:
+        is_pad = response_ids == int(pad_token_id)
+        # trailing[b, t] is True iff every token at positions >= t is a pad token
+        trailing_pad = torch.cumprod(is_pad.flip(1).int(), dim=1).flip(1).bool()
+        mask = torch.where(ends_with_eos.unsqueeze(1), mask, ~trailing_pad)
+    return mask, ends_with_eos
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index of the last valid position of every row.
+
+    Args:
+        mask: ``(B, T)`` bool or 0/1 tensor.
+
+    Returns:
+        ``(B,)`` long tensor; rows with no valid position give 0 (check
+        ``mask.any(1)`` if that case matters to you).
+
+    Raises:
+        ValueError: if ``mask`` is not 2-D.
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise ValueError("mask must be a 2-D (B, T) tensor")
+    B, T = mask.shape
+    if T == 0:
+        return torch.zeros(B, dtype=torch.long, device=mask.device)
+    m = mask if mask.dtype == torch.bool else mask != 0
+    pos = torch.arange(T, device=mask.device).expand(B, T)
+    neg = torch.full((), -1, dtype=torch.long, device=mask.device)
+    return torch.where(m, pos, neg).amax(dim=1).clamp(min=0)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Fraction of the return variance explained by the value predictions.
+
+    ``EV = 1 - Var[returns - values] / Var[returns]`` over the valid tokens
+    (population variances; the ``n/(n-1)`` factor would cancel anyway).  1 is a
+    perfect critic, 0 is no better than predicting the mean, negative is worse.
+
+    Choice for the degenerate case: if ``Var[returns] == 0`` (including fewer
+    than two valid tokens or an all-masked batch), the ratio is undefined and
+    this returns ``0.`` instead of ``NaN``/``inf``.
+
+    Args:
+        values: ``(B, T)`` value predictions.
+        returns: ``(B, T)`` return targets.
+        mask: ``(B, T)`` bool or 0/1 tensor.
+
+    Returns:
+        Detached 0-d float tensor (a diagnostic statistic; no gradient).
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    if values.shape != returns.shape:
+        raise ValueError(
+            f"values shape {tuple(values.shape)} != returns shape {tuple(returns.shape)}"
+        )
+    m = _as_bool_mask(mask, values, "values")
+    with torch.no_grad():
+        dtype = torch.promote_types(torch.promote_types(values.dtype, returns.dtype), torch.float32)
+        v = values.detach().to(dtype)
+        r = returns.detach().to(dtype)
+        var_r = masked_var(r, m, unbiased=False)
+        var_err = masked_var(r - v, m, unbiased=False)
+        safe = torch.where(var_r > 0, var_r, torch.ones_like(var_r))
+        return torch.where(var_r > 0, 1.0 - var_err / safe, torch.zeros_like(var_r))

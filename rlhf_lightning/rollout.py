@@ -1,0 +1,157 @@
+"""Rollouts: sample responses from the policy and score them (shared by ValueModule and PPOModule).
+
+A rollout's sequences are laid out as ``[left padding | prompt (P columns) | response (R columns)]``:
+prompts come left-padded from :class:`~rlhf_lightning.data.PromptCollator`, and ``generate``
+appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EOS is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rlhf_lightning.losses import compute_rewards
+from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores
+from rlhf_lightning.ops import response_mask_from_eos
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings for rollouts (``ppo.generation.*`` / ``value.generation.*``).
+
+    Attributes:
+        max_new_tokens: response length cap R, in tokens.
+        temperature: softmax temperature (> 0); log-probabilities are computed at the same one.
+        top_p: nucleus sampling mass in (0, 1].
+        top_k: sample among the k likeliest tokens (0: off).
+        missing_eos_penalty: subtracted from the score of a response cut at max_new_tokens
+            without EOS (``None``: no penalty).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    missing_eos_penalty: float | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"generation.temperature={self.temperature} must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"generation.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything PPO computes about them without gradients.
+
+    Shapes: B prompts, P prompt columns, R response columns, T = P + R.
+
+    Attributes:
+        input_ids: (B, T) long, prompt + response.
+        attention_mask: (B, T) long, 1 on prompt tokens and on response tokens up to EOS.
+        response_start: P, the column of the first response token.
+        response_mask: (B, R) bool, True up to and including the first EOS.
+        ends_with_eos: (B,) bool.
+        scores: (B,) float32 reward-model score (missing-EOS penalty applied).
+        logprobs, ref_logprobs, values: (B, R) float32 (0 where masked), filled by :func:`evaluate`.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_start: int
+    response_mask: torch.Tensor
+    ends_with_eos: torch.Tensor
+    scores: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """(B, R) long response tokens (padding after EOS)."""
+        return self.input_ids[:, self.response_start :]
+
+
+@torch.no_grad()
+def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True) -> Rollout:
+    """Sample responses with KV-cached ``generate`` and cut each after its first EOS.
+
+    Args:
+        policy: a causal LM.
+        input_ids, attention_mask: (B, P) left-padded prompts.
+        config: sampling settings.
+        eos_token_id, pad_token_id: the tokenizer's.
+        do_sample: False for greedy decoding (sample tables before/after training).
+
+    Returns:
+        A :class:`Rollout` with tokens and masks (no scores yet).
+    """
+    was_training = policy.training
+    policy.eval()
+    try:
+        sequences = policy.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=do_sample,
+            temperature=config.temperature if do_sample else None, top_p=config.top_p if do_sample else None,
+            top_k=(config.top_k or None) if do_sample else None, max_new_tokens=config.max_new_tokens,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
+        )  # (B, P + R)
+    finally:
+        policy.train(was_training)
+    prompt_len = input_ids.shape[1]
+    response = sequences[:, prompt_len:]
+    response_mask, ends_with_eos = response_mask_from_eos(response, eos_token_id)
+    response = response.masked_fill(~response_mask, pad_token_id)
+    return Rollout(
+        input_ids=torch.cat([input_ids, response], dim=1),
+        attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+        response_start=prompt_len, response_mask=response_mask, ends_with_eos=ends_with_eos,
+    )
+
+
+def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
+             ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
+             missing_eos_penalty: float | None = None) -> Rollout:
+    """Fill in scores, old log-probabilities, reference log-probabilities and values, without autograd.
+
+    The reward model and the frozen reference run under ``torch.inference_mode``; the policy
+    and critic (trainable) under ``torch.no_grad``. Results are plain tensors (usable as
+    constants in a later gradient step). Models passed as ``None`` are skipped.
+
+    Returns:
+        The same rollout, updated in place.
+    """
+    ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+    valid = rollout.response_mask
+    with torch.inference_mode():
+        scores = sequence_scores(reward_model, ids, mask)  # (B,)
+        ref = response_logprobs(ref_policy, ids, mask, start, temperature) if ref_policy is not None else None
+    scores = scores.clone()
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~rollout.ends_with_eos).float()
+    rollout.scores = scores
+    if ref is not None:
+        rollout.ref_logprobs = ref.clone().masked_fill(~valid, 0.0)
+    with torch.no_grad():
+        if policy is not None:
+            rollout.logprobs = response_logprobs(policy, ids, mask, start, temperature).masked_fill(~valid, 0.0)
+        if critic is not None:
+            rollout.values = response_values(critic, ids, mask, start).masked_fill(~valid, 0.0)
+    return rollout
+
+
+def rewards_of(rollout: Rollout, kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards −β·KL_t plus the score at the last token, and the per-token KL.
+
+    Where the rollout has no reference log-probabilities (the policy is its own reference), the
+    KL is zero. Returns (rewards, kl), both (B, R) float32.
+    """
+    logprobs = rollout.logprobs if rollout.logprobs is not None else torch.zeros_like(rollout.response_mask, dtype=torch.float32)
+    ref = rollout.ref_logprobs if rollout.ref_logprobs is not None else logprobs
+    return compute_rewards(rollout.scores, logprobs, ref, rollout.response_mask, kl_coef, estimator)

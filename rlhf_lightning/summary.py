@@ -1,0 +1,110 @@
+"""Summary of a reward → PPO run: ``python -m rlhf_lightning.summary <reward run dir> <ppo run dir>``.
+
+Reads the CSV metrics each stage wrote (``<run dir>/csv/metrics.csv``) and the PPO sample file
+(``<run dir>/samples.jsonl``) and prints: the reward model's validation accuracy, the mean
+score and KL at the first and last PPO iterations, and sample prompts with the policy's
+greedy responses before and after PPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """Rows of ``<run_dir>/csv/metrics.csv`` with numeric cells as floats and empty cells dropped.
+
+    Raises:
+        FileNotFoundError: no metrics file in that run directory.
+    """
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"no metrics file at {path}: is {run_dir} a run directory of train.py?")
+    with path.open(newline="") as f:
+        rows = []
+        for row in csv.DictReader(f):
+            parsed = {}
+            for key, value in row.items():
+                try:
+                    parsed[key] = float(value)
+                except (TypeError, ValueError):
+                    continue
+            rows.append(parsed)
+    return rows
+
+
+def series(rows: list[dict[str, float]], key: str) -> list[float]:
+    """Finite values of one metric in logging order."""
+    return [r[key] for r in rows if key in r and math.isfinite(r[key])]
+
+
+def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5) -> dict:
+    """Collect the demo's figures as a dict (see module docstring).
+
+    ``first``/``last`` are single iterations; ``first_mean``/``last_mean`` average the first and last
+    ``window`` iterations (PPO batch scores are noisy).
+    """
+    reward_rows = read_metrics(reward_dir)
+    val_acc = series(reward_rows, "val/accuracy")
+    ppo_rows = read_metrics(ppo_dir)
+    out: dict = {"reward_val_accuracy": val_acc[-1] if val_acc else None,
+                 "reward_val_accuracy_history": val_acc, "ppo": {}}
+    for key in ("objective/score", "objective/kl"):
+        values = series(ppo_rows, key)
+        if values:
+            out["ppo"][key] = {"first": values[0], "last": values[-1], "iterations": len(values),
+                               "first_mean": sum(values[:window]) / len(values[:window]),
+                               "last_mean": sum(values[-window:]) / len(values[-window:])}
+    samples_path = Path(ppo_dir) / "samples.jsonl"
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines()] if samples_path.exists() else []
+    before = [s for s in samples if s["phase"] == "before"]
+    after = {s["prompt"]: s for s in samples if s["phase"] == "after"}
+    out["samples"] = [{"prompt": b["prompt"], "before": b["response"], "before_score": b["score"],
+                       "after": after.get(b["prompt"], {}).get("response"),
+                       "after_score": after.get(b["prompt"], {}).get("score")} for b in before]
+    return out
+
+
+def render(summary: dict) -> None:
+    """Print the summary with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    acc = summary["reward_val_accuracy"]
+    console.rule("[bold]RLHF demo summary")
+    console.print(f"Reward model validation accuracy: [bold]{acc:.3f}[/bold]" if acc is not None
+                  else "Reward model validation accuracy: (not logged)")
+    table = Table(title="PPO (reward-model score and KL to the reference, nats per response)")
+    for column in ("metric", "first iteration", "last iteration", "mean of first 5", "mean of last 5"):
+        table.add_column(column)
+    for key, v in summary["ppo"].items():
+        table.add_row(key, f"{v['first']:.3f}", f"{v['last']:.3f}", f"{v['first_mean']:.3f}", f"{v['last_mean']:.3f}")
+    console.print(table)
+    for i, s in enumerate(summary["samples"], 1):
+        console.rule(f"sample {i}")
+        console.print("[bold]prompt[/bold]", s["prompt"][-400:], markup=True, highlight=False)
+        console.print(f"[bold]before[/bold] (score {s['before_score']:.2f})", s["before"], highlight=False)
+        if s["after"] is not None:
+            console.print(f"[bold]after[/bold]  (score {s['after_score']:.2f})", s["after"], highlight=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("reward_dir")
+    parser.add_argument("ppo_dir")
+    parser.add_argument("--json", help="also write the summary to this JSON file")
+    args = parser.parse_args(argv)
+    summary = summarize(args.reward_dir, args.ppo_dir)
+    render(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

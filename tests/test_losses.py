@@ -1,0 +1,589 @@
+"""Tests for rlhf_lightning.losses: hand-computed examples, naive loop references,
+edge cases and autograd behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_lightning.losses import (
+    compute_rewards,
+    gae,
+    kl_penalty,
+    pairwise_reward_loss,
+    ppo_policy_loss,
+    td_targets,
+    value_loss,
+)
+
+
+def ragged_prefix_mask(B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """Random prefix mask with row 0 full and row 1 empty."""
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    lengths[1] = 0
+    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def softplus_neg(x: float) -> float:
+    """-log sigmoid(x) = log(1 + exp(-x)), computed stably in plain Python."""
+    return math.log1p(math.exp(-x)) if x >= 0 else -x + math.log1p(math.exp(x))
+
+
+# --------------------------------------------------------------------------- #
+# pairwise_reward_loss
+# --------------------------------------------------------------------------- #
+def test_pairwise_reward_loss_by_hand():
+    r_w = torch.tensor([2.0, 0.0])
+    r_l = torch.tensor([0.0, 0.0])
+    # -log sig(2) = log(1 + e^-2) = 0.126928 ; -log sig(0) = ln 2 = 0.693147 ; mean 0.410038
+    loss, stats = pairwise_reward_loss(r_w, r_l)
+    assert loss.item() == pytest.approx(0.4100375, abs=1e-6)
+    assert stats["accuracy"].item() == pytest.approx(0.5)  # the tie counts as wrong
+    assert stats["margin_mean"].item() == pytest.approx(1.0)
+    assert stats["chosen_mean"].item() == pytest.approx(1.0)
+    assert stats["rejected_mean"].item() == pytest.approx(0.0)
+    assert stats["reward_abs_mean"].item() == pytest.approx(0.5)  # (2 + 0 + 0 + 0) / 4
+    assert all(not v.requires_grad and v.dim() == 0 for v in stats.values())
+
+    # centering: mean((r_w + r_l)^2) = (4 + 0) / 2 = 2; times 0.1 -> + 0.2
+    loss_c, _ = pairwise_reward_loss(r_w, r_l, center_coef=0.1)
+    assert loss_c.item() == pytest.approx(0.4100375 + 0.2, abs=1e-6)
+
+    # float margin 1: -log sig(1) = 0.313262 ; -log sig(-1) = 1.313262 ; mean 0.813262
+    loss_m, _ = pairwise_reward_loss(r_w, r_l, margin=1.0)
+    assert loss_m.item() == pytest.approx(0.8132617, abs=1e-6)
+    # tensor margin [1, 0]: (0.313262 + 0.693147) / 2 = 0.503204
+    loss_t, _ = pairwise_reward_loss(r_w, r_l, margin=torch.tensor([1.0, 0.0]))
+    assert loss_t.item() == pytest.approx(0.5032045, abs=1e-6)
+
+
+def test_pairwise_reward_loss_matches_loop_reference():
+    gen = torch.Generator().manual_seed(0)
+    r_w = 3 * torch.randn(16, generator=gen, dtype=torch.float64)
+    r_l = 3 * torch.randn(16, generator=gen, dtype=torch.float64)
+    margin = torch.rand(16, generator=gen, dtype=torch.float64)
+    loss, stats = pairwise_reward_loss(r_w, r_l, center_coef=0.05, margin=margin)
+    bt = sum(softplus_neg(float(a - b - m)) for a, b, m in zip(r_w, r_l, margin)) / 16
+    center = sum(float(a + b) ** 2 for a, b in zip(r_w, r_l)) / 16
+    assert loss.item() == pytest.approx(bt + 0.05 * center)
+    assert stats["accuracy"].item() == pytest.approx(sum(float(a) > float(b) for a, b in zip(r_w, r_l)) / 16)
+    assert stats["margin_mean"].item() == pytest.approx(sum(float(a - b) for a, b in zip(r_w, r_l)) / 16)
+
+
+def test_pairwise_reward_loss_is_numerically_stable():
+    r_w = torch.tensor([0.0, 1000.0], requires_grad=True)
+    r_l = torch.tensor([1000.0, 0.0], requires_grad=True)
+    loss, _ = pairwise_reward_loss(r_w, r_l)
+    # terms: -log sig(-1000) = 1000 ; -log sig(1000) = 0 -> mean 500
+    assert loss.item() == pytest.approx(500.0)
+    loss.backward()
+    assert torch.isfinite(r_w.grad).all() and torch.isfinite(r_l.grad).all()
+    torch.testing.assert_close(r_w.grad, torch.tensor([-0.5, 0.0]))
+
+
+def _train_free_rewards(center_coef: float, offset: float) -> tuple[float, float, float]:
+    gen = torch.Generator().manual_seed(1)
+    B = 8
+    r_w = (offset + 1.0 + torch.randn(B, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    r_l = (offset + torch.randn(B, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    start = (r_w + r_l).abs().mean().item()
+    opt = torch.optim.SGD([r_w, r_l], lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        loss, _ = pairwise_reward_loss(r_w, r_l, center_coef=center_coef)
+        loss.backward()
+        opt.step()
+    end = (r_w + r_l).abs().mean().item()
+    margin = (r_w - r_l).mean().item()
+    return start, end, margin
+
+
+def test_centering_gradient_drives_sum_towards_zero():
+    start, end, margin = _train_free_rewards(center_coef=1.0, offset=500.0)
+    assert start > 900
+    assert end < 0.01 * start
+    assert margin > 1.0  # preference ordering is still learned
+    # without centering the BT loss is shift-invariant: the offset of +500 stays
+    start0, end0, margin0 = _train_free_rewards(center_coef=0.0, offset=500.0)
+    assert end0 == pytest.approx(start0, rel=1e-6)
+    assert margin0 > 1.0
+
+
+def test_pairwise_reward_loss_errors():
+    a = torch.zeros(3)
+    with pytest.raises(ValueError):
+        pairwise_reward_loss(a, torch.zeros(4))
+    with pytest.raises(ValueError):
+        pairwise_reward_loss(torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(ValueError):
+        pairwise_reward_loss(torch.zeros(0), torch.zeros(0))
+    with pytest.raises(ValueError):
+        pairwise_reward_loss(a, a, center_coef=-0.1)
+    with pytest.raises(ValueError):
+        pairwise_reward_loss(a, a, margin=torch.zeros(2))
+
+
+# --------------------------------------------------------------------------- #
+# td_targets
+# --------------------------------------------------------------------------- #
+def td_loop_reference(rewards, values, mask, gamma):
+    B, T = rewards.shape
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        n = int(mask[b].sum())
+        for t in range(n):
+            next_v = float(values[b, t + 1]) if t + 1 < n else 0.0
+            out[b, t] = float(rewards[b, t]) + gamma * next_v
+    return out
+
+
+def test_td_targets_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 4.0, 4.0, 4.0]])
+    values = torch.tensor([[10.0, 20.0, 30.0, 40.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    # row 0, gamma 0.5: [1 + 0.5*20, 2 + 0.5*30, 3 + 0 (episode ends), 0] = [11, 17, 3, 0]
+    # row 1 has no valid token -> zeros
+    out = td_targets(rewards, values, mask, gamma=0.5)
+    torch.testing.assert_close(out, torch.tensor([[11.0, 17.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 1.0])
+def test_td_targets_match_loop_reference(gamma):
+    gen = torch.Generator().manual_seed(2)
+    B, T = 5, 7
+    rewards = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    torch.testing.assert_close(td_targets(rewards, values, mask, gamma), td_loop_reference(rewards, values, mask, gamma))
+
+
+def test_td_targets_are_detached_and_gradient_only_via_current_value():
+    gen = torch.Generator().manual_seed(3)
+    B, T = 3, 5
+    rewards = torch.randn(B, T, generator=gen)
+    values = torch.randn(B, T, generator=gen, requires_grad=True)
+    mask = ragged_prefix_mask(B, T, gen)
+    targets = td_targets(rewards, values, mask, gamma=0.9)
+    assert not targets.requires_grad and targets.grad_fn is None
+    # hand-rolled MSE (not value_loss, which detaches its target itself)
+    n = mask.sum()
+    loss = 0.5 * (((values - targets) ** 2) * mask).sum() / n
+    loss.backward()
+    expected = torch.where(mask, (values.detach() - targets) / n, torch.zeros(()))
+    torch.testing.assert_close(values.grad, expected)
+
+
+# --------------------------------------------------------------------------- #
+# gae
+# --------------------------------------------------------------------------- #
+def gae_loop_reference(rewards, values, mask, gamma, lam):
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    ret = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        n = int(mask[b].sum())
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = float(values[b, t + 1]) if t + 1 < n else 0.0
+            delta = float(rewards[b, t]) + gamma * next_v - float(values[b, t])
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+            ret[b, t] = last + float(values[b, t])
+    return adv, ret
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    # row 0, gamma 0.9, lam 0.8 (gamma*lam = 0.72):
+    #   delta = [0 + 0.9*0.2 - 0.5, 0 + 0.9*0.4 - 0.2, 1 + 0 - 0.4] = [-0.32, 0.16, 0.6]
+    #   A2 = 0.6 ; A1 = 0.16 + 0.72*0.6 = 0.592 ; A0 = -0.32 + 0.72*0.592 = 0.10624
+    #   returns = A + V = [0.60624, 0.792, 1.0]
+    adv, ret = gae(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.10624, 0.592, 0.6]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.60624, 0.792, 1.0]]))
+    # row 1, gamma = lam = 1; V beyond the last valid token is 0 (the 9 is padding):
+    #   delta = [0 + 0.5 - 0.5, 1 + 0 - 0.5] = [0, 0.5] ; A = [0.5, 0.5] ; returns = [1, 1] (reward-to-go)
+    adv, ret = gae(rewards[1:], values[1:], mask[1:], gamma=1.0, lam=1.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.0), (0.99, 1.0), (0.5, 0.5), (0.0, 0.7)])
+def test_gae_matches_loop_reference(gamma, lam):
+    gen = torch.Generator().manual_seed(4)
+    B, T = 5, 8
+    rewards = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    adv_ref, ret_ref = gae_loop_reference(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, adv_ref)
+    torch.testing.assert_close(ret, ret_ref)
+
+
+def test_gae_special_cases():
+    gen = torch.Generator().manual_seed(5)
+    B, T = 4, 6
+    rewards = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    # lam = 0 -> advantages are the TD errors: td_targets - V
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=0.0)
+    delta = torch.where(mask, td_targets(rewards, values, mask, 0.9) - values, torch.zeros(()).double())
+    torch.testing.assert_close(adv, delta)
+    # gamma = lam = 1 -> returns are the reward-to-go over valid tokens
+    _, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    r = torch.where(mask, rewards, torch.zeros(()).double())
+    rtg = r.flip(1).cumsum(1).flip(1) * mask
+    torch.testing.assert_close(ret, rtg)
+    # with lam = 1 the returns do not depend on the values at all
+    _, ret2 = gae(rewards, values + 3.0, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(ret2, rtg)
+
+
+def test_gae_detached_and_empty_rows():
+    values = torch.randn(2, 4, requires_grad=True)
+    rewards = torch.randn(2, 4, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    adv, ret = gae(rewards, values, mask, 0.99, 0.95)
+    assert not adv.requires_grad and not ret.requires_grad
+    assert (adv[1] == 0).all() and (ret[1] == 0).all() and (adv[0, 2:] == 0).all()
+    adv, ret = gae(rewards, values, torch.zeros_like(mask), 0.99, 0.95)
+    assert (adv == 0).all() and (ret == 0).all()
+    # value loss against GAE returns: gradient only through V(s_t)
+    _, ret = gae(rewards, values, mask, 0.99, 0.95)
+    n = mask.sum()
+    (0.5 * (((values - ret) ** 2) * mask).sum() / n).backward()
+    torch.testing.assert_close(values.grad, torch.where(mask, (values.detach() - ret) / n, torch.zeros(())))
+
+
+def test_gae_and_td_errors():
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    for bad in (-0.1, 1.1, float("nan")):
+        with pytest.raises(ValueError):
+            gae(x, x, m, gamma=bad, lam=0.9)
+        with pytest.raises(ValueError):
+            gae(x, x, m, gamma=0.9, lam=bad)
+        with pytest.raises(ValueError):
+            td_targets(x, x, m, gamma=bad)
+    with pytest.raises(ValueError):
+        gae(x, torch.zeros(2, 4), m, 0.9, 0.9)
+    with pytest.raises(ValueError):
+        td_targets(x, x, torch.ones(3, 3, dtype=torch.bool), 0.9)
+    with pytest.raises(ValueError):
+        gae(torch.zeros(6), torch.zeros(6), torch.ones(6, dtype=torch.bool), 0.9, 0.9)
+
+
+# --------------------------------------------------------------------------- #
+# value_loss
+# --------------------------------------------------------------------------- #
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    returns = torch.tensor([[0.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    # squared errors at valid tokens [1, 0] -> 0.5 * mean = 0.25
+    loss, stats = value_loss(values, returns, mask)
+    assert loss.item() == pytest.approx(0.25)
+    assert stats["clipfrac"].item() == 0.0
+    loss.backward()
+    # d/dV 0.5 * mean((V - R)^2) = (V - R) / n = [1/2, 0, 0 (masked)]
+    torch.testing.assert_close(values.grad, torch.tensor([[0.5, 0.0, 0.0]]))
+
+    # clipping that does not bind: old = [0.5, 2, 0], c = 0.2 -> V_clip = [0.7, 2, .]
+    # clipped errors [0.49, 0] <= unclipped [1, 0] -> same loss, clipfrac 0
+    loss, stats = value_loss(values, returns, mask, old_values=torch.tensor([[0.5, 2.0, 0.0]]), clip_range=0.2)
+    assert loss.item() == pytest.approx(0.25)
+    assert stats["clipfrac"].item() == 0.0
+
+
+def test_value_loss_clipping_binds():
+    values = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[2.0, 0.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    # token 0: unclipped (1-2)^2 = 1, V_clip = 0.5 -> (0.5-2)^2 = 2.25 -> max 2.25 (clipped side)
+    # token 1: unclipped (1-0)^2 = 1, V_clip = 0.5 -> 0.25 -> max 1 (unclipped side)
+    # loss = 0.5 * (2.25 + 1) / 2 = 0.8125 ; clipfrac = 1/2
+    loss, stats = value_loss(values, returns, mask, old_values=old, clip_range=0.5)
+    assert loss.item() == pytest.approx(0.8125)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    loss.backward()
+    # token 0 is clipped: V_clip is constant in V -> zero gradient; token 1: (V - R) / n = 0.5
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.5]]))
+
+
+def test_value_loss_matches_loop_reference():
+    gen = torch.Generator().manual_seed(6)
+    B, T, c = 5, 6, 0.3
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    old = values + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    returns = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    terms, clipped, plain = [], 0, []
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            v, o, r = float(values[b, t]), float(old[b, t]), float(returns[b, t])
+            vc = min(max(v, o - c), o + c)
+            l1, l2 = (v - r) ** 2, (vc - r) ** 2
+            terms.append(max(l1, l2))
+            plain.append(l1)
+            clipped += l2 > l1
+    loss, stats = value_loss(values, returns, mask, old_values=old, clip_range=c)
+    assert loss.item() == pytest.approx(0.5 * sum(terms) / len(terms))
+    assert stats["clipfrac"].item() == pytest.approx(clipped / len(terms))
+    assert 0 < clipped < len(terms)
+    loss_plain, _ = value_loss(values, returns, mask)
+    assert loss_plain.item() == pytest.approx(0.5 * sum(plain) / len(plain))
+
+
+def test_value_loss_all_masked_and_errors():
+    values = torch.randn(2, 3, requires_grad=True)
+    returns = torch.randn(2, 3)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    loss, stats = value_loss(values, returns, none, old_values=returns, clip_range=0.2)
+    assert loss.item() == 0.0 and stats["clipfrac"].item() == 0.0
+    loss.backward()
+    assert torch.isfinite(values.grad).all() and (values.grad == 0).all()
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        value_loss(values, returns, m, clip_range=0.2)  # no old_values
+    with pytest.raises(ValueError):
+        value_loss(values, returns, m, old_values=returns, clip_range=0.0)
+    with pytest.raises(ValueError):
+        value_loss(values, torch.randn(2, 4), m)
+    with pytest.raises(ValueError):
+        value_loss(values, returns, m, old_values=torch.randn(3, 3), clip_range=0.2)
+
+
+# --------------------------------------------------------------------------- #
+# kl_penalty
+# --------------------------------------------------------------------------- #
+def test_kl_penalty_by_hand():
+    logp = torch.log(torch.tensor([[0.5]]))
+    logq = torch.log(torch.tensor([[0.25]]))
+    ln2 = math.log(2.0)
+    # k1 = log p - log q = ln 2 ; k2 = 0.5 (ln 2)^2 ; k3 = (q/p - 1) - log(q/p) = -0.5 + ln 2
+    assert kl_penalty(logp, logq, "k1").item() == pytest.approx(ln2, rel=1e-6)
+    assert kl_penalty(logp, logq, "k2").item() == pytest.approx(0.5 * ln2**2, rel=1e-6)
+    assert kl_penalty(logp, logq, "k3").item() == pytest.approx(ln2 - 0.5, rel=1e-6)
+    assert kl_penalty(logp, logq).item() == pytest.approx(ln2, rel=1e-6)  # default k1
+
+
+def test_kl_penalty_matches_direct_formulas_and_k3_nonnegative():
+    gen = torch.Generator().manual_seed(7)
+    logp = -5 * torch.rand(4, 9, generator=gen, dtype=torch.float64)
+    logq = -5 * torch.rand(4, 9, generator=gen, dtype=torch.float64)
+    k1, k2, k3 = (kl_penalty(logp, logq, e) for e in ("k1", "k2", "k3"))
+    for b in range(4):
+        for t in range(9):
+            p, q = float(logp[b, t]), float(logq[b, t])
+            assert k1[b, t].item() == pytest.approx(p - q)
+            assert k2[b, t].item() == pytest.approx(0.5 * (p - q) ** 2)
+            assert k3[b, t].item() == pytest.approx(math.exp(q - p) - 1 - (q - p))
+    assert (k3 >= 0).all() and (k2 >= 0).all()
+    assert (k1 < 0).any()  # k1 is not a non-negative estimator
+    # k3 >= 0 also for tiny and large log-ratios (expm1 keeps it exact near 0)
+    lr = torch.tensor([[-30.0, -1e-7, 0.0, 1e-7, 20.0]])
+    assert (kl_penalty(torch.zeros_like(lr), lr, "k3") >= 0).all()
+
+
+def test_kl_estimators_expectation_under_policy():
+    # p = policy, q = reference; tokens are drawn from p, so E_p[k1] = E_p[k3] = KL(p || q)
+    p = torch.tensor([0.9, 0.05, 0.05], dtype=torch.float64)
+    q = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
+    kl_pq = float((p * (p.log() - q.log())).sum())
+    kl_qp = float((q * (q.log() - p.log())).sum())
+    assert abs(kl_pq - kl_qp) > 0.05  # the direction matters for this example
+    for est in ("k1", "k3"):
+        k = kl_penalty(p.log()[None], q.log()[None], est)[0]
+        assert float((p * k).sum()) == pytest.approx(kl_pq)
+
+
+def test_kl_penalty_errors():
+    a = torch.zeros(2, 3)
+    for name in ("abs", "mse", "full", "K1", ""):
+        with pytest.raises(ValueError):
+            kl_penalty(a, a, name)
+    with pytest.raises(ValueError):
+        kl_penalty(a, torch.zeros(2, 4))
+
+
+# --------------------------------------------------------------------------- #
+# compute_rewards
+# --------------------------------------------------------------------------- #
+def test_compute_rewards_by_hand():
+    score = torch.tensor([1.0, 2.0, 3.0])
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -1.0, -0.5], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -0.5, -9.0], [-2.0, -2.0, -2.0], [-3.0, -3.0, -3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]], dtype=torch.bool)
+    # k1 kl: row 0 [0.5, -0.5, (masked) 0] ; row 1 [0, 1, 1.5] ; row 2 all masked -> 0
+    # rewards = -0.1 * kl, plus score at the last valid token:
+    #   row 0 [-0.05, 0.05 + 1, 0] ; row 1 [0, -0.1, -0.15 + 2] ; row 2 no score
+    rewards, kl = compute_rewards(score, logp, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -0.5, 0.0], [0.0, 1.0, 1.5], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 1.05, 0.0], [0.0, -0.1, 1.85], [0.0, 0.0, 0.0]]))
+    # kl_coef = 0: only the score
+    rewards0, _ = compute_rewards(score, logp, ref, mask, kl_coef=0.0)
+    torch.testing.assert_close(rewards0, torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0], [0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_compute_rewards_matches_loop_reference(estimator):
+    gen = torch.Generator().manual_seed(8)
+    B, T, beta = 5, 6, 0.05
+    score = torch.randn(B, generator=gen, dtype=torch.float64)
+    logp = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    ref = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    rewards, kl = compute_rewards(score, logp, ref, mask, beta, estimator)
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        for t in range(T):
+            if t in valid:
+                d = float(logp[b, t] - ref[b, t])
+                k = {"k1": d, "k2": 0.5 * d * d, "k3": math.exp(-d) - 1 + d}[estimator]
+                r = -beta * k + (float(score[b]) if t == valid[-1] else 0.0)
+            else:
+                k, r = 0.0, 0.0
+            assert kl[b, t].item() == pytest.approx(k)
+            assert rewards[b, t].item() == pytest.approx(r)
+
+
+def test_compute_rewards_detached_and_errors():
+    score = torch.randn(2, requires_grad=True)
+    logp = torch.randn(2, 3, requires_grad=True)
+    ref = torch.randn(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    rewards, kl = compute_rewards(score, logp, ref, mask, 0.1)
+    assert not rewards.requires_grad and not kl.requires_grad
+    with pytest.raises(ValueError):
+        compute_rewards(score, logp, ref, mask, kl_coef=-0.01)
+    with pytest.raises(ValueError):
+        compute_rewards(torch.randn(3), logp, ref, mask, 0.1)
+    with pytest.raises(ValueError):
+        compute_rewards(torch.randn(2, 1), logp, ref, mask, 0.1)
+    with pytest.raises(ValueError):
+        compute_rewards(score, logp, torch.randn(2, 4), mask, 0.1)
+    with pytest.raises(ValueError):
+        compute_rewards(score, logp, ref, mask, 0.1, estimator="k4")
+
+
+# --------------------------------------------------------------------------- #
+# ppo_policy_loss
+# --------------------------------------------------------------------------- #
+def test_ppo_policy_loss_by_hand():
+    # eps = 0.2. Per token (ratio rho, advantage A) -> min(rho A, clip(rho) A), clipped?
+    #   (1.1, +1) -> min(1.1, 1.1)  =  1.1  no
+    #   (1.5, +1) -> min(1.5, 1.2)  =  1.2  yes (gradient cut)
+    #   (0.5, +1) -> min(0.5, 0.8)  =  0.5  no
+    #   (0.5, -1) -> min(-0.5, -0.8) = -0.8 yes (gradient cut)
+    #   (1.5, -1) -> min(-1.5, -1.2) = -1.5 no
+    #   (100, +5) -> masked out
+    # loss = -(1.1 + 1.2 + 0.5 - 0.8 - 1.5) / 5 = -0.1 ; clipfrac = 2/5 ; ratio_mean = 5.1/5 = 1.02
+    ratios = torch.tensor([[1.1, 1.5, 0.5, 0.5, 1.5, 100.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    old = torch.full((1, 6), -2.0, dtype=torch.float64)
+    logp = (old + ratios.log()).requires_grad_(True)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.1)
+    assert stats["clipfrac"].item() == pytest.approx(0.4)
+    assert stats["ratio_mean"].item() == pytest.approx(1.02)
+    kl = sum(0.5 * math.log(r) ** 2 for r in (1.1, 1.5, 0.5, 0.5, 1.5)) / 5
+    assert stats["approx_kl"].item() == pytest.approx(kl)
+    assert all(not v.requires_grad and v.dim() == 0 for v in stats.values())
+    loss.backward()
+    # d/dlogp of -rho A / n is -A rho / n for active unclipped tokens; 0 for clipped and masked ones
+    expected = torch.tensor([[-1.1 / 5, 0.0, -0.5 / 5, 0.0, 1.5 / 5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_ppo_policy_loss_unclipped_equals_surrogate():
+    gen = torch.Generator().manual_seed(9)
+    B, T = 4, 6
+    old = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    logp = (old + 0.05 * (2 * torch.rand(B, T, generator=gen, dtype=torch.float64) - 1)).requires_grad_(True)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)  # |log rho| <= 0.05: nothing clipped
+    rho = (logp - old).exp()
+    surrogate = -(adv * rho * mask).sum() / mask.sum()
+    torch.testing.assert_close(loss, surrogate)
+    assert stats["clipfrac"].item() == 0.0
+    (g,) = torch.autograd.grad(loss, logp)
+    (g_ref,) = torch.autograd.grad(surrogate, logp)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_ppo_policy_loss_matches_loop_reference():
+    gen = torch.Generator().manual_seed(10)
+    B, T, eps = 5, 7, 0.2
+    old = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    logp = old + 0.6 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    objs, nclip, ratios = [], 0, []
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            rho, a = math.exp(float(logp[b, t] - old[b, t])), float(adv[b, t])
+            unclipped, clipped = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
+            objs.append(min(unclipped, clipped))
+            nclip += clipped < unclipped
+            ratios.append(rho)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps)
+    assert loss.item() == pytest.approx(-sum(objs) / len(objs))
+    assert stats["clipfrac"].item() == pytest.approx(nclip / len(objs))
+    assert stats["ratio_mean"].item() == pytest.approx(sum(ratios) / len(ratios))
+    assert 0 < nclip < len(objs)
+
+
+def test_ppo_policy_loss_treats_old_logprobs_and_advantages_as_constants():
+    old = torch.randn(2, 3, requires_grad=True)
+    adv = torch.randn(2, 3, requires_grad=True)
+    logp = (old.detach() + 0.1).requires_grad_(True)
+    loss, _ = ppo_policy_loss(logp, old, adv, torch.ones(2, 3, dtype=torch.bool), 0.2)
+    loss.backward()
+    assert old.grad is None and adv.grad is None
+    assert logp.grad is not None and logp.grad.abs().sum() > 0
+
+
+def test_ppo_policy_loss_empty_rows_and_all_masked():
+    logp = torch.tensor([[-1.0, -2.0], [80.0, float("inf")]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0], [-80.0, 0.0]])
+    adv = torch.tensor([[1.0, -1.0], [3.0, 3.0]])
+    mask = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
+    # row 1 is padding with a huge/inf log-ratio; it must not leak. Row 0: rho = 1 -> -(1 - 1)/2 = 0
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, 0.2)
+    assert loss.item() == pytest.approx(0.0)
+    assert all(torch.isfinite(v) for v in stats.values())
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, 0.5], [0.0, 0.0]]))
+
+    logp.grad = None
+    loss, stats = ppo_policy_loss(logp, old, adv, torch.zeros_like(mask), 0.2)
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in stats.values())
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and (logp.grad == 0).all()
+
+
+def test_ppo_policy_loss_errors():
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    for bad in (0.0, 1.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            ppo_policy_loss(x, x, x, m, clip_eps=bad)
+    with pytest.raises(ValueError):
+        ppo_policy_loss(x, torch.zeros(2, 4), x, m, 0.2)
+    with pytest.raises(ValueError):
+        ppo_policy_loss(x, x, x, torch.ones(3, 3, dtype=torch.bool), 0.2)

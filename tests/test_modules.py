@@ -1,0 +1,148 @@
+"""Each LightningModule trains through Trainer.fit on the tiny model: what should change changes."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
+from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+from rlhf_lightning.models.forward import sequence_scores
+from rlhf_lightning.modules import PPOModule, RewardModule, ValueModule
+
+
+def _trainer(tmp_path, max_steps: int, callbacks=(), limit_val_batches=0, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=limit_val_batches, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict, model: torch.nn.Module) -> set[str]:
+    return {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+
+
+class StepRecorder(L.Callback):
+    """Records, after every training batch, which of the watched networks changed in that batch."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.changed, self._before = names, [], {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = {n: _snapshot(getattr(pl_module, n)) for n in self.names}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.changed.append({n: bool(_changed(self._before[n], getattr(pl_module, n))) for n in self.names})
+
+
+def test_reward_module_trains_and_exports(tmp_path, tiny_dir, tokenizer, hh_file):
+    from transformers import AutoModelForSequenceClassification
+
+    L.seed_everything(0)
+    model = load_scalar_model(tiny_dir)
+    before = _snapshot(model)
+    module = RewardModule(model, tokenizer, optim={"lr": 1e-3}, center_coef=0.01, export_dir=str(tmp_path / "model"))
+    dm = PreferenceDataModule(tokenizer, str(hh_file), val_size=8, batch_size=4, max_length=64)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=1.0, val_check_interval=3)
+    trainer.fit(module, datamodule=dm)
+    changed = _changed(before, model)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert "score.weight" in changed and len(changed) == len(trainable)
+    assert {"train/loss", "train/accuracy", "val/accuracy", "val/reward_abs_mean"} <= set(trainer.callback_metrics)
+
+    # Export -> AutoModelForSequenceClassification round trip gives the same reward.
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    assert reloaded.config.num_labels == 1
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        ours = sequence_scores(model.eval(), batch["input_ids"], batch["attention_mask"])
+        theirs = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_reward_module_rejects_negative_center_coef(tiny_dir):
+    with pytest.raises(ValueError, match="center_coef"):
+        RewardModule(torch.nn.Linear(1, 1), center_coef=-1.0)
+
+
+@pytest.fixture(scope="module")
+def prompt_dm(tokenizer, hh_file):
+    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=48)
+    return dm
+
+
+def test_value_module_trains_critic_only(tmp_path, tiny_dir, tokenizer, prompt_dm):
+    L.seed_everything(0)
+    policy, critic = load_reference(tiny_dir), load_scalar_model(tiny_dir)
+    reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
+    frozen = {"policy": _snapshot(policy), "reward_model": _snapshot(reward_model)}
+    module = ValueModule(policy, critic, reward_model, tokenizer, value={"generation": {"max_new_tokens": 8}},
+                         optim={"lr": 1e-3}, export_dir=str(tmp_path / "critic"))
+    recorder = StepRecorder(["critic"])
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[recorder])
+    trainer.fit(module, datamodule=prompt_dm)
+    assert recorder.changed == [{"critic": True}, {"critic": True}]
+    assert not _changed(frozen["policy"], policy) and not _changed(frozen["reward_model"], reward_model)
+    assert torch.isfinite(trainer.callback_metrics["value/loss"])
+    assert (tmp_path / "critic" / "model.safetensors").exists()
+    # The exported critic is what PPO loads as its critic.
+    reloaded = load_scalar_model(str(tmp_path / "critic"))
+    torch.testing.assert_close(reloaded.score.weight, critic.score.weight)
+
+
+def test_ppo_module_steps_both_optimizers_every_step(tmp_path, tiny_dir, tokenizer, prompt_dm):
+    L.seed_everything(0)
+    policy, ref = load_policy(tiny_dir), load_reference(tiny_dir)
+    critic = load_scalar_model(tiny_dir)
+    reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
+    frozen = {"ref": _snapshot(ref), "rm": _snapshot(reward_model)}
+    module = PPOModule(policy, ref, critic, reward_model, tokenizer,
+                       ppo={"ppo_epochs": 2, "num_minibatches": 2, "generation": {"max_new_tokens": 8},
+                            "num_sample_prompts": 2, "log_samples_every_n_steps": 1},
+                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3},
+                       export_dir=str(tmp_path / "model"), samples_path=str(tmp_path / "samples.jsonl"))
+    steps = 3
+    recorder = StepRecorder(["policy", "critic"])
+    trainer = _trainer(tmp_path, max_steps=steps * module.optimizer_steps_per_iteration, callbacks=[recorder])
+    trainer.fit(module, datamodule=prompt_dm)
+
+    assert recorder.changed == [{"policy": True, "critic": True}] * steps
+    assert module.iteration == steps
+    assert not _changed(frozen["ref"], ref) and not _changed(frozen["rm"], reward_model)
+    metrics = trainer.callback_metrics
+    for key in ("objective/score", "objective/kl", "objective/entropy", "ppo/clipfrac", "ppo/approx_kl",
+                "ppo/policy_loss", "value/loss", "value/explained_var", "response/length"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    # The policy moved away from the reference: KL is measured and non-zero after training.
+    assert metrics["objective/kl"].abs() > 0
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in rows]
+    assert phases.count("before") == 2 and phases.count("after") == 2 and "train" in phases
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_ppo_checkpoint_leaves_out_frozen_networks(tmp_path, tiny_dir, tokenizer):
+    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                       load_scalar_model(tiny_dir, frozen=True), tokenizer, ppo={"adaptive_kl": True})
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    prefixes = {k.split(".")[0] for k in checkpoint["state_dict"]}
+    assert prefixes == {"policy", "critic"}
+    assert checkpoint["kl_controller"]["value"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("bad, match", [({"kl_coef": -0.1}, "kl_coef"), ({"clip_eps": 1.5}, "clip_eps"),
+                                        ({"gamma": 1.2}, "gamma"), ({"lam": -0.1}, "lam"),
+                                        ({"kl_estimator": "k9"}, "kl_estimator"), ({"bogus": 1}, "allowed keys")])
+def test_ppo_config_errors(bad, match):
+    from rlhf_lightning.modules import PPOConfig
+    from rlhf_lightning.modules.common import as_config
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        as_config(PPOConfig, bad)

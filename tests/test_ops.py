@@ -1,0 +1,445 @@
+"""Tests for rlhf_lightning.ops: hand-computed examples, naive loop references,
+edge cases (empty rows / all-masked batches) and autograd behaviour."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rlhf_lightning.ops import (
+    entropy_from_logits,
+    explained_variance,
+    last_valid_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    response_mask_from_eos,
+)
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def ragged_prefix_mask(B: int, T: int, gen: torch.Generator, allow_empty: bool = True) -> torch.Tensor:
+    """Random prefix mask; row 0 is forced full, row 1 forced empty when allowed."""
+    lengths = torch.randint(0 if allow_empty else 1, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    if allow_empty and B > 1:
+        lengths[1] = 0
+    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def valid_list(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    """Python list of the valid entries, by explicit loops."""
+    out = []
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            if bool(mask[b, t]):
+                out.append(float(x[b, t]))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# masked reductions: hand-computed examples
+# --------------------------------------------------------------------------- #
+X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+M = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+
+
+def test_masked_sum_and_mean_by_hand():
+    # valid entries: 1, 2, 4 -> sum 7, mean 7/3; per row: sums [3, 4], means [1.5, 4]
+    assert masked_sum(X, M).item() == pytest.approx(7.0)
+    assert masked_mean(X, M).item() == pytest.approx(7.0 / 3.0)
+    torch.testing.assert_close(masked_sum(X, M, dim=1), torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(masked_mean(X, M, dim=1), torch.tensor([1.5, 4.0]))
+    # float 0/1 masks behave like bool masks
+    torch.testing.assert_close(masked_mean(X, M.float()), torch.tensor(7.0 / 3.0))
+
+
+def test_masked_mean_empty_row_and_all_masked():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    m = torch.tensor([[True, True], [False, False]])
+    # row 0: (1 + 2) / 2 = 1.5; row 1 has no valid token -> 0
+    per_row = masked_mean(x, m, dim=1)
+    torch.testing.assert_close(per_row, torch.tensor([1.5, 0.0]))
+    per_row.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+
+    x.grad = None
+    none = torch.zeros_like(m)
+    out = masked_mean(x, none)
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad == 0).all()
+    assert masked_sum(x, none).item() == 0.0
+
+
+def test_masked_var_by_hand():
+    # valid 1, 2, 4: mean 7/3, squared deviations 16/9 + 1/9 + 25/9 = 42/9 = 14/3
+    # unbiased: (14/3) / 2 = 7/3 ; biased: (14/3) / 3 = 14/9
+    assert masked_var(X, M).item() == pytest.approx(7.0 / 3.0)
+    assert masked_var(X, M, unbiased=False).item() == pytest.approx(14.0 / 9.0)
+
+
+def test_masked_var_degenerate_counts_are_zero_not_nan():
+    x = torch.tensor([[5.0, 7.0]], requires_grad=True)
+    one = torch.tensor([[True, False]])
+    none = torch.tensor([[False, False]])
+    for m in (one, none):
+        for unbiased in (True, False):
+            v = masked_var(x, m, unbiased=unbiased)
+            assert v.item() == 0.0
+            (g,) = torch.autograd.grad(v, x)
+            assert torch.isfinite(g).all()
+
+
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[1.0, 9.0], [3.0, -7.0]])
+    m = torch.tensor([[True, False], [True, False]])
+    # valid 1, 3: mean 2, unbiased var ((-1)^2 + 1^2) / 1 = 2 -> (x - 2) / sqrt(2)
+    s = 1.0 / math.sqrt(2.0)
+    torch.testing.assert_close(masked_whiten(x, m, eps=0.0 + 1e-12), torch.tensor([[-s, 0.0], [s, 0.0]]))
+    # shift_mean=False adds the mean (2) back at valid positions only
+    torch.testing.assert_close(
+        masked_whiten(x, m, shift_mean=False, eps=1e-12), torch.tensor([[2 - s, 0.0], [2 + s, 0.0]])
+    )
+
+
+def test_masked_whiten_all_masked_and_single_token():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = masked_whiten(x, torch.zeros(3, 4, dtype=torch.bool))
+    assert (out == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # a single valid token: mean = itself, var = 0 -> whitened value 0, finite
+    m = torch.zeros(3, 4, dtype=torch.bool)
+    m[1, 2] = True
+    out = masked_whiten(x.detach(), m)
+    assert torch.isfinite(out).all() and (out == 0).all()
+
+
+def test_inf_at_padding_does_not_leak_into_values_or_gradients():
+    x = torch.tensor([[1.0, float("inf")], [3.0, float("-inf")]], requires_grad=True)
+    m = torch.tensor([[True, False], [True, False]])
+    total = masked_mean(x, m) + masked_var(x, m) + masked_whiten(x, m).pow(2).sum() + masked_sum(x, m, dim=1).sum()
+    assert torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[:, 1] == 0).all()
+
+
+# --------------------------------------------------------------------------- #
+# masked reductions: naive loop references on random ragged masks
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_reductions_match_loop_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T = 5, 7
+    x = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    m = ragged_prefix_mask(B, T, gen)
+    vals = valid_list(x, m)
+    n = len(vals)
+    mean = sum(vals) / n
+    var_u = sum((v - mean) ** 2 for v in vals) / (n - 1)
+    var_b = sum((v - mean) ** 2 for v in vals) / n
+
+    assert masked_sum(x, m).item() == pytest.approx(sum(vals))
+    assert masked_mean(x, m).item() == pytest.approx(mean)
+    assert masked_var(x, m).item() == pytest.approx(var_u)
+    assert masked_var(x, m, unbiased=False).item() == pytest.approx(var_b)
+
+    row_means = []
+    for b in range(B):
+        row = [float(x[b, t]) for t in range(T) if m[b, t]]
+        row_means.append(sum(row) / len(row) if row else 0.0)
+    torch.testing.assert_close(masked_mean(x, m, dim=1), torch.tensor(row_means, dtype=torch.float64))
+
+    w = masked_whiten(x, m, eps=1e-8)
+    for b in range(B):
+        for t in range(T):
+            expected = (float(x[b, t]) - mean) / math.sqrt(var_u + 1e-8) if m[b, t] else 0.0
+            assert w[b, t].item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_masked_ops_reject_mismatched_mask():
+    x = torch.randn(2, 3)
+    bad = torch.ones(2, 4, dtype=torch.bool)
+    for fn in (masked_sum, masked_mean, masked_var, masked_whiten):
+        with pytest.raises(ValueError):
+            fn(x, bad)
+    with pytest.raises(ValueError):
+        masked_whiten(x, torch.ones(2, 3, dtype=torch.bool), eps=0.0)
+
+
+# --------------------------------------------------------------------------- #
+# logprobs_from_logits / entropy_from_logits
+# --------------------------------------------------------------------------- #
+def test_logprobs_by_hand():
+    # logits = log([1, 2, 3]) -> softmax = [1/6, 2/6, 3/6]
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]]))
+    labels = torch.tensor([[2, 0]])
+    out = logprobs_from_logits(logits, labels)
+    assert out.shape == (1, 2) and out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[math.log(0.5), math.log(1.0 / 6.0)]]))
+    # temperature 2: logits / 2 = log([1, sqrt2, sqrt3]) -> p(0) = 1 / (1 + sqrt2 + sqrt3)
+    out_t = logprobs_from_logits(logits, labels, temperature=2.0)
+    assert out_t[0, 1].item() == pytest.approx(-math.log(1 + math.sqrt(2) + math.sqrt(3)), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 64, 4096])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_log_softmax_gather_fp32(chunk_size, temperature):
+    gen = torch.Generator().manual_seed(3)
+    B, T, V = 3, 5, 11
+    # non-contiguous view, like logits[:, :-1] of a model output
+    full = (3 * torch.randn(B, T + 1, V, generator=gen)).requires_grad_(True)
+    logits = full[:, :-1]
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    out = logprobs_from_logits(logits, labels, temperature=temperature, chunk_size=chunk_size)
+    ref = torch.log_softmax(logits / temperature, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(B, T, generator=gen)
+    (g,) = torch.autograd.grad((out * w).sum(), full)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), full)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logprobs_low_precision_chunked(dtype):
+    gen = torch.Generator().manual_seed(4)
+    B, T, V = 4, 6, 13
+    logits = (4 * torch.randn(B, T, V, generator=gen)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    out = logprobs_from_logits(logits, labels, chunk_size=5)
+    assert out.dtype == torch.float32
+    ref = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert logits.grad.dtype == dtype
+    g_ref = torch.autograd.grad(ref.sum(), logits)[0]
+    torch.testing.assert_close(logits.grad.float(), g_ref.float(), rtol=1e-2, atol=1e-2)
+
+
+class _Float32Watcher(TorchDispatchMode):
+    """Records the largest float32 tensor produced by any op."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.dim() == 3:
+                self.max_numel = max(self.max_numel, o.numel())
+        return out
+
+
+@pytest.mark.parametrize("fn", ["logprobs", "entropy"])
+@pytest.mark.parametrize("B,T,chunk", [(4, 8, 5), (6, 3, 7)])  # T >= chunk and T < chunk
+def test_low_precision_upcast_never_covers_full_tensor(fn, B, T, chunk):
+    V = 16
+    logits = torch.randn(B, T, V).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T))
+    watcher = _Float32Watcher()
+    with watcher:
+        out = logprobs_from_logits(logits, labels, chunk_size=chunk) if fn == "logprobs" else entropy_from_logits(
+            logits, chunk_size=chunk
+        )
+        out.sum().backward()
+    # (B, T, V) float32 tensors are at most one block: <= chunk positions x V
+    assert 0 < watcher.max_numel <= chunk * V
+    # sanity: the watcher does see a full-size float32 upcast when one is made
+    big = _Float32Watcher()
+    with big:
+        logits.detach().float()
+    assert big.max_numel == B * T * V
+
+
+def test_logprobs_and_entropy_gradcheck_float64():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 3), generator=gen)
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, labels, 1.3, chunk_size=2), (logits,))
+    assert torch.autograd.gradcheck(lambda z: entropy_from_logits(z, chunk_size=4), (logits,))
+
+
+def test_logprobs_accepts_2d_logits():
+    logits = torch.randn(5, 7)
+    labels = torch.randint(0, 7, (5,))
+    ref = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, labels, chunk_size=2), ref)
+
+
+def test_logprobs_errors():
+    logits = torch.randn(2, 3, 5)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits, labels.float())
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits, labels, temperature=0.0)
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits, labels, chunk_size=0)
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits.long(), labels)
+    with pytest.raises(ValueError):
+        entropy_from_logits(torch.randn(5))
+
+
+def test_entropy_by_hand():
+    ninf = float("-inf")
+    logits = torch.tensor(
+        [[[0.0, 0.0, 0.0, 0.0],  # uniform over 4 -> ln 4
+          [0.0, 0.0, ninf, ninf],  # uniform over 2 -> ln 2
+          [5.0, ninf, ninf, ninf]]],  # deterministic -> 0
+        requires_grad=True,
+    )
+    h = entropy_from_logits(logits, chunk_size=2)
+    torch.testing.assert_close(h, torch.tensor([[math.log(4.0), math.log(2.0), 0.0]]))
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # the entropy of a uniform distribution is stationary
+    torch.testing.assert_close(logits.grad[0, 0], torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(6)
+    logits = (2 * torch.randn(3, 5, 9, generator=gen)).to(dtype)
+    h = entropy_from_logits(logits, chunk_size=4)
+    assert h.dtype == torch.float32
+    lp = torch.log_softmax(logits.float(), -1)
+    ref = -(lp.exp() * lp).sum(-1)
+    torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# response_mask_from_eos / last_valid_index
+# --------------------------------------------------------------------------- #
+def test_response_mask_from_eos_by_hand():
+    ids = torch.tensor(
+        [
+            [5, 7, 2, 0, 0],  # EOS at 2 -> valid 0..2
+            [5, 2, 2, 0, 3],  # first EOS at 1 -> valid 0..1
+            [5, 6, 7, 8, 9],  # no EOS (truncated) -> all valid
+            [2, 0, 0, 0, 0],  # EOS first -> only position 0
+        ]
+    )
+    mask, ends = response_mask_from_eos(ids, eos_token_id=2)
+    expected = torch.tensor(
+        [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool
+    )
+    assert mask.dtype == torch.bool and ends.dtype == torch.bool
+    assert torch.equal(mask, expected)
+    assert torch.equal(ends, torch.tensor([True, True, False, True]))
+
+
+def test_response_mask_eos_list_and_pad():
+    ids = torch.tensor([[5, 9, 2, 1], [5, 6, 0, 0], [5, 0, 6, 0], [0, 0, 0, 0], [5, 2, 0, 0]])
+    mask, ends = response_mask_from_eos(ids, eos_token_id=[2, 9], pad_token_id=0)
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0],  # 9 is an EOS too: valid through position 1
+            [1, 1, 0, 0],  # no EOS, trailing pads removed
+            [1, 1, 1, 0],  # a pad in the middle of a truncated row stays valid
+            [0, 0, 0, 0],  # all padding: no valid token
+            [1, 1, 0, 0],  # EOS at 1
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+    assert torch.equal(ends, torch.tensor([True, False, False, False, True]))
+    # pad == eos: the first EOS is kept, the rest is padding
+    mask, ends = response_mask_from_eos(torch.tensor([[5, 2, 2, 2]]), eos_token_id=2, pad_token_id=2)
+    assert torch.equal(mask, torch.tensor([[True, True, False, False]]))
+    assert ends.tolist() == [True]
+
+
+def test_response_mask_matches_loop_reference():
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 6, (8, 9), generator=gen)
+    eos = [3, 4]
+    mask, ends = response_mask_from_eos(ids, eos_token_id=eos)
+    for b in range(ids.shape[0]):
+        seen = False
+        for t in range(ids.shape[1]):
+            assert bool(mask[b, t]) == (not seen)
+            if int(ids[b, t]) in eos:
+                seen = True
+        assert bool(ends[b]) == seen
+
+
+def test_response_mask_errors():
+    with pytest.raises(ValueError):
+        response_mask_from_eos(torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError):
+        response_mask_from_eos(torch.zeros(2, 3, dtype=torch.long), [])
+    with pytest.raises(ValueError):
+        response_mask_from_eos(torch.zeros(2, 3), 2)
+
+
+def test_last_valid_index():
+    m = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 0]])
+    expected = torch.tensor([1, 0, 2, 1])
+    assert torch.equal(last_valid_index(m.bool()), expected)
+    assert torch.equal(last_valid_index(m.float()), expected)
+    assert last_valid_index(m.bool()).dtype == torch.long
+    with pytest.raises(ValueError):
+        last_valid_index(torch.ones(3, dtype=torch.bool))
+
+
+def test_last_valid_index_loop_reference():
+    gen = torch.Generator().manual_seed(8)
+    m = torch.rand(10, 6, generator=gen) > 0.6
+    idx = last_valid_index(m)
+    for b in range(10):
+        trues = [t for t in range(6) if m[b, t]]
+        assert int(idx[b]) == (trues[-1] if trues else 0)
+
+
+# --------------------------------------------------------------------------- #
+# explained_variance
+# --------------------------------------------------------------------------- #
+def test_explained_variance_by_hand():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # perfect critic -> 1
+    assert explained_variance(returns.clone(), returns, mask).item() == pytest.approx(1.0)
+    # constant critic -> Var[R - c] / Var[R] = 1 -> 0
+    assert explained_variance(torch.full_like(returns, 7.0), returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # values [1, 2, 4]: errors [0, 0, -1], Var = 2/9; Var[R] = 2/3 -> 1 - 1/3 = 2/3
+    values = torch.tensor([[1.0, 2.0, 4.0, -50.0]])
+    assert explained_variance(values, returns, mask).item() == pytest.approx(2.0 / 3.0, rel=1e-6)
+
+
+def test_explained_variance_degenerate_is_zero_and_detached():
+    values = torch.randn(2, 3, requires_grad=True)
+    constant = torch.full((2, 3), 4.0)
+    ev = explained_variance(values, constant, torch.ones(2, 3, dtype=torch.bool))
+    assert ev.item() == 0.0 and not ev.requires_grad
+    ev = explained_variance(values, torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    assert ev.item() == 0.0
+    with pytest.raises(ValueError):
+        explained_variance(values, torch.randn(2, 4), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_explained_variance_loop_reference():
+    gen = torch.Generator().manual_seed(9)
+    returns = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    values = returns + 0.5 * torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    m = ragged_prefix_mask(4, 6, gen)
+    r, v = valid_list(returns, m), valid_list(values, m)
+    e = [a - b for a, b in zip(r, v)]
+
+    def pvar(xs):
+        mu = sum(xs) / len(xs)
+        return sum((x - mu) ** 2 for x in xs) / len(xs)
+
+    assert explained_variance(values, returns, m).item() == pytest.approx(1 - pvar(e) / pvar(r))

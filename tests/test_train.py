@@ -1,0 +1,98 @@
+"""The Hydra configs compose, and train.py runs the three stages end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
+from rlhf_lightning.summary import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def _compose(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):  # set by Hydra only when it runs a job
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("stage", ["reward", "value", "ppo"])
+def test_stage_configs_compose_and_instantiate(stage, tmp_path, hh_file, tokenizer):
+    overrides = [f"stage={stage}", "model=tiny", f"data.path={hh_file}", "data.val_size=8", "reward_model_path=/nonexistent/rm"]
+    if stage == "reward":
+        overrides = overrides[:-1]
+    composed = _compose(overrides, tmp_path)
+    cfg = OmegaConf.create({k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                            for k, v in composed.items() if k != "hydra"})
+    assert cfg.module.export_dir == f"{tmp_path}/model"
+    datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["input_ids"].dtype.is_floating_point is False
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    if stage == "ppo":  # max_steps counts optimizer steps: 2 optimizers x epochs x minibatches x iterations
+        assert trainer.max_steps == 2 * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches * cfg.iterations
+
+
+def test_ppo_overrides_reach_the_module_config(tmp_path):
+    cfg = _compose(["stage=ppo", "model=tiny", "reward_model_path=x", "ppo.kl_coef=0.2", "ppo.clip_eps=0.1"], tmp_path)
+    from rlhf_lightning.modules import PPOConfig
+    from rlhf_lightning.modules.common import as_config
+
+    ppo = as_config(PPOConfig, OmegaConf.to_container(cfg.module.ppo, resolve=True))
+    assert (ppo.kl_coef, ppo.clip_eps) == (0.2, 0.1)
+
+
+def test_ppo_without_reward_model_path_is_a_config_error(tmp_path):
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    cfg = _compose(["stage=ppo", "model=tiny"], tmp_path)
+    with pytest.raises((MissingMandatoryValue, InterpolationToMissingValueError), match="reward_model_path"):
+        OmegaConf.to_container(cfg.module, resolve=True, throw_on_missing=True)
+
+
+def _train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}", "callbacks=none",
+           "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
+    common = ["model=tiny", f"data.path={hh_file}", "trainer.enable_checkpointing=false"]
+    reward_dir, value_dir, ppo_dir = tmp_path / "reward", tmp_path / "value", tmp_path / "ppo"
+    _train("stage=reward", *common, "data.val_size=8", "reward.max_length=64", "reward.batch_size=4",
+           "trainer.max_epochs=1", run_dir=reward_dir)
+    assert (reward_dir / "model" / "model.safetensors").exists()
+    _train("stage=value", *common, f"reward_model_path={reward_dir}/model", "iterations=2", "batch_size=4",
+           "value.generation.max_new_tokens=8", run_dir=value_dir)
+    assert (value_dir / "model" / "model.safetensors").exists()
+    _train("stage=ppo", *common, f"reward_model_path={reward_dir}/model", f"critic_path={value_dir}/model",
+           "iterations=2", "batch_size=4", "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=8", run_dir=ppo_dir)
+    assert (ppo_dir / "model" / "model.safetensors").exists()
+
+    summary = summarize(reward_dir, ppo_dir)
+    assert 0.0 <= summary["reward_val_accuracy"] <= 1.0
+    assert summary["ppo"]["objective/score"]["iterations"] == 2
+    assert len(summary["samples"]) == 3 and all(s["after"] is not None for s in summary["samples"])
+    out = subprocess.run([sys.executable, "-m", "rlhf_lightning.summary", str(reward_dir), str(ppo_dir), "--json",
+                          str(tmp_path / "s.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Reward model validation accuracy" in out.stdout
+    assert json.loads((tmp_path / "s.json").read_text())["ppo"]["objective/kl"]["iterations"] == 2
