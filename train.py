@@ -15,15 +15,22 @@
 Every key of conf/ can be overridden on the command line; outputs go to Hydra's run directory.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from rlhf_lightning.config import run
+from rlhf_lightning.validate import ConfigError
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except ConfigError as err:  # a bad config: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     objective = cfg.get("objective")
     return metrics.get(objective) if objective else None
 

