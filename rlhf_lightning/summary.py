@@ -2,8 +2,9 @@
 
 Reads the CSV metrics each stage wrote (``<run dir>/csv/metrics.csv``) and the PPO sample file
 (``<run dir>/samples.jsonl``) and prints: the reward model's validation accuracy, the mean
-score and KL at the first and last PPO iterations, and sample prompts with the policy's
-greedy responses before and after PPO.
+score and KL at the first and last PPO iterations (training batches, and the fixed held-out
+evaluation prompts before the first and after the last iteration), and sample prompts with the
+policy's responses before and after PPO.
 """
 
 from __future__ import annotations
@@ -42,11 +43,18 @@ def series(rows: list[dict[str, float]], key: str) -> list[float]:
     return [r[key] for r in rows if key in r and math.isfinite(r[key])]
 
 
-def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5) -> dict:
+def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samples_shown: int = 3) -> dict:
     """Collect the demo's figures as a dict (see module docstring).
 
-    ``first``/``last`` are single iterations; ``first_mean``/``last_mean`` average the first and last
-    ``window`` iterations (PPO batch scores are noisy).
+    ``ppo[metric]``: ``first``/``last`` are single training iterations, each on a different random
+    batch of prompts; ``first_mean``/``last_mean`` average the first and last ``window`` iterations.
+    ``eval``: mean score (reward-model units) and KL (nats per response) on the fixed held-out
+    evaluation prompts, answered before the first iteration and after the last one with the same
+    sampling seed (``PPOModule.evaluate_samples``): the like-for-like before/after comparison.
+    ``samples``: the first ``samples_shown`` evaluation prompts with both responses.
+
+    Raises:
+        FileNotFoundError: a run directory without ``csv/metrics.csv``.
     """
     reward_rows = read_metrics(reward_dir)
     val_acc = series(reward_rows, "val/accuracy")
@@ -62,11 +70,20 @@ def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5) -> d
     samples_path = Path(ppo_dir) / "samples.jsonl"
     samples = [json.loads(line) for line in samples_path.read_text().splitlines()] if samples_path.exists() else []
     before = [s for s in samples if s["phase"] == "before"]
-    after = {s["prompt"]: s for s in samples if s["phase"] == "after"}
+    after_rows = [s for s in samples if s["phase"] == "after"]
+    after = {s["prompt"]: s for s in after_rows}
+    out["eval"] = {phase: {"prompts": len(rows), "score": _mean(r["score"] for r in rows),
+                           "kl": _mean(r["kl"] for r in rows)}
+                   for phase, rows in (("before", before), ("after", after_rows)) if rows}
     out["samples"] = [{"prompt": b["prompt"], "before": b["response"], "before_score": b["score"],
                        "after": after.get(b["prompt"], {}).get("response"),
-                       "after_score": after.get(b["prompt"], {}).get("score")} for b in before]
+                       "after_score": after.get(b["prompt"], {}).get("score")} for b in before[:samples_shown]]
     return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def render(summary: dict) -> None:
@@ -85,6 +102,14 @@ def render(summary: dict) -> None:
     for key, v in summary["ppo"].items():
         table.add_row(key, f"{v['first']:.3f}", f"{v['last']:.3f}", f"{v['first_mean']:.3f}", f"{v['last_mean']:.3f}")
     console.print(table)
+    evaluation = summary.get("eval", {})
+    if evaluation:
+        table = Table(title="PPO evaluation: the same held-out prompts and sampling seed before and after training")
+        for column in ("", "prompts", "mean score", "mean KL (nats)"):
+            table.add_column(column)
+        for phase, v in evaluation.items():
+            table.add_row(f"{phase} PPO", str(v["prompts"]), f"{v['score']:.3f}", f"{v['kl']:.3f}")
+        console.print(table)
     for i, s in enumerate(summary["samples"], 1):
         console.rule(f"sample {i}")
         console.print("[bold]prompt[/bold]", s["prompt"][-400:], markup=True, highlight=False)

@@ -14,8 +14,8 @@ from rlhf_lightning.models.forward import sequence_scores
 from rlhf_lightning.modules import PPOModule, RewardModule, ValueModule
 
 
-def _trainer(tmp_path, max_steps: int, callbacks=(), limit_val_batches=0, **kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
+def _trainer(tmp_path, max_steps: int, callbacks=(), limit_val_batches=0, logger=False, **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=logger,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      limit_val_batches=limit_val_batches, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs)
 
@@ -160,3 +160,40 @@ def test_ppo_one_minibatch_reuses_the_first_forward(tmp_path, tiny_dir, tokenize
     trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration)
     trainer.fit(module, datamodule=prompt_dm)
     assert len(calls) == 2 * 3
+
+
+def test_ppo_evaluation_is_reproducible_and_leaves_the_training_rng_alone(tmp_path, tiny_dir, tokenizer, hh_file):
+    """Before/after evaluation: fixed held-out prompts, same sampling seed, training RNG not advanced, logged."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=48, val_size=6)
+    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                       load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
+                       ppo={"ppo_epochs": 1, "num_sample_prompts": 5, "log_samples_every_n_steps": 0,
+                            "generation": {"max_new_tokens": 6}},
+                       policy_optim={"lr": 1e-2}, samples_path=str(tmp_path / "samples.jsonl"))
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration, logger=logger)
+    trainer.fit(module, datamodule=dm)
+
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    before = [r for r in rows if r["phase"] == "before"]
+    after = [r for r in rows if r["phase"] == "after"]
+    held_out = {dm.decode_prompt(item["prompt_index"], skip_special_tokens=True) for item in dm.val_dataset}
+    trained_on = {dm.decode_prompt(item["prompt_index"], skip_special_tokens=True) for item in dm.train_dataset}
+    assert len(before) == len(after) == 5
+    assert {r["prompt"] for r in before} <= held_out and not {r["prompt"] for r in before} & trained_on
+    # The policy changed (lr 1e-2), so the responses to at least one prompt differ after training.
+    assert [r["response"] for r in before] != [r["response"] for r in after]
+
+    # Same weights, same seed: the same responses; and the global RNG stream is not advanced.
+    state = torch.get_rng_state()
+    again = module.evaluate_samples("again")
+    assert torch.equal(state, torch.get_rng_state())
+    repeat = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in repeat if r["phase"] == "again"] == [r["response"] for r in after]
+    assert again["eval/score"] == pytest.approx(sum(r["score"] for r in after) / 5, rel=1e-5)
+
+    logger.save()
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "eval/score_before" in metrics and "eval/score_after" in metrics and "eval/kl_after" in metrics

@@ -91,6 +91,9 @@ def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
     assert 0.0 <= summary["reward_val_accuracy"] <= 1.0
     assert summary["ppo"]["objective/score"]["iterations"] == 2
     assert len(summary["samples"]) == 3 and all(s["after"] is not None for s in summary["samples"])
+    assert summary["eval"]["before"]["prompts"] == summary["eval"]["after"]["prompts"] == 3
+    header = (ppo_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "eval/score_before" in header and "eval/score_after" in header  # logged after on_train_end too
     out = subprocess.run([sys.executable, "-m", "rlhf_lightning.summary", str(reward_dir), str(ppo_dir), "--json",
                           str(tmp_path / "s.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -43,8 +43,14 @@ class PPOConfig:
             sequence) and kl_horizon (samples).
         max_grad_norm: gradient-norm clip for each optimizer (None: off).
         generation: sampling settings (:class:`GenerationConfig`).
-        num_sample_prompts: prompts decoded greedily at the start and end of training and
-            written to ``samples_path`` (before/after comparison).
+        num_sample_prompts: the fixed evaluation prompts (the datamodule's ``sample_batch``: the
+            first held-out prompts) answered before the first and after the last iteration, their
+            responses, scores and KL written to ``samples_path`` and their means logged as
+            ``eval/score`` and ``eval/kl`` (before/after comparison).
+        eval_seed: seed of the evaluation's sampling. The RNG is forked, so the training's random
+            stream is untouched, and before and after draw the same random numbers (common random
+            numbers: the difference measures the policy's change, not sampling noise).
+        eval_greedy: decode the evaluation greedily instead of sampling.
         log_samples_every_n_steps: also write that many sampled rollouts every N iterations (0: off).
     """
 
@@ -64,6 +70,8 @@ class PPOConfig:
     max_grad_norm: float | None = 1.0
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     num_sample_prompts: int = 3
+    eval_seed: int = 1234
+    eval_greedy: bool = False
     log_samples_every_n_steps: int = 10
 
     def __post_init__(self):
@@ -261,20 +269,43 @@ class PPOModule(L.LightningModule):
             log_table(key=f"samples/{phase}", columns=columns, data=[[r[c] for c in columns] for r in rows])
         return rows
 
-    def _greedy_samples(self, phase: str) -> None:
+    def evaluate_samples(self, phase: str) -> dict[str, float] | None:
+        """Answer the fixed evaluation prompts, score them, and record the result under ``phase``.
+
+        Responses are sampled with ``ppo.eval_seed`` in a forked RNG (greedy with ``ppo.eval_greedy``),
+        so the calls before and after training see the same random numbers and the training's RNG
+        stream is not advanced. Rows go to ``samples_path``; the means ``eval/score`` (reward-model
+        units) and ``eval/kl`` (nats per response, estimator ``ppo.kl_estimator``) go to every logger
+        at the current step.
+
+        Returns:
+            ``{"eval/score", "eval/kl"}`` as floats, or ``None`` when there is nothing to evaluate
+            (``num_sample_prompts`` 0 or a datamodule without ``sample_batch``).
+        """
         datamodule = getattr(self.trainer, "datamodule", None)
         if not self.ppo.num_sample_prompts or datamodule is None or not hasattr(datamodule, "sample_batch"):
-            return
+            return None
         batch = datamodule.sample_batch(self.ppo.num_sample_prompts)
-        ro = self.rollout(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), do_sample=False)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.ppo.eval_seed)
+            ro = self.rollout(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                              do_sample=not self.ppo.eval_greedy)
         _, kl = rewards_of(ro, self.kl_ctl.value, self.ppo.kl_estimator)
-        self._write_samples(ro, kl, phase=phase)
+        self._write_samples(ro, kl, phase=phase, limit=ro.input_ids.shape[0])
+        result = {"eval/score": float(ro.scores.mean()), "eval/kl": float((kl * ro.response_mask).sum(1).mean())}
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:  # self.log is not allowed in on_train_end
+                logger.log_metrics({f"{key}_{phase}": value for key, value in result.items()}, step=self.global_step)
+        log.info("evaluation %s training on %d prompts: score %.4f, KL %.4f nats", phase,
+                 ro.input_ids.shape[0], result["eval/score"], result["eval/kl"])
+        return result
 
     def on_train_start(self) -> None:
-        self._greedy_samples("before")
+        self.evaluate_samples("before")
 
     def on_train_end(self) -> None:
-        self._greedy_samples("after")
+        self.evaluate_samples("after")
         if self.trainer.is_global_zero and self.export_dir:
             export_pretrained(self.policy, self.tokenizer, self.export_dir)
             export_pretrained(self.critic, self.tokenizer, str(self.export_dir).rstrip("/") + "_critic")
