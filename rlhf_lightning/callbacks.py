@@ -142,7 +142,8 @@ class NonFiniteGuard(Callback):
     still moves the weights. This holds for automatic optimization (reward, value; the hook runs inside
     ``optimizer.step`` after the closure) and for PPO's manual loop, where both optimizers step after
     one backward: the check runs at the first ``opt.step()`` and the policy and the critic are skipped
-    together. Lightning still counts the step in ``global_step`` and steps the LR schedulers.
+    together. Lightning still counts the step in ``global_step`` and steps the LR schedulers. Under
+    fp16 mixed precision only the loss is checked (the GradScaler already skips overflowing gradients).
 
     Logs ``train/skipped_steps`` (total skipped updates, one per backward) after every batch. After
     ``max_consecutive_bad_steps`` bad updates in a row, the remaining updates of that batch are skipped
@@ -186,8 +187,12 @@ class NonFiniteGuard(Callback):
         if self._checked:  # a later optimizer of the same backward (PPO's critic): already decided
             return
         self._checked = True
-        grads = [p.grad for p in params if p.grad is not None]
-        grads_finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        # Under fp16 AMP the GradScaler skips overflowing steps itself (and they are routine while it
+        # calibrates its scale): only the loss is checked then.
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        grads = [] if scaled else [p.grad for p in params if p.grad is not None]
+        finite = [torch.isfinite(g).all().to(grads[0].device) for g in grads]
+        grads_finite = not grads or bool(torch.stack(finite).all())  # one device sync
         if self._loss_finite and grads_finite:
             self.consecutive = 0
             return

@@ -575,3 +575,36 @@ def test_unreachable_hub_dataset_offline_is_one_error_line(tmp_path):
     assert len(errors) == 1 and "Traceback" not in proc.stderr
     assert "nobody/no-such-dataset" in errors[0] and "HF_HUB_OFFLINE and HF_DATASETS_OFFLINE set" in errors[0]
     assert "local path" in errors[0]
+
+
+# ----------------------------------------------------------------------------- resumable training loader
+
+
+def test_resumable_loader_continues_mid_epoch_and_restarts_other_epochs():
+    from rlhf_lightning.data.resumable import ResumableDataLoader, resumable_loader
+
+    def loader():
+        return resumable_loader(list(range(10)), batch_size=2, shuffle=True, seed=5, collate_fn=list)
+
+    first = loader()
+    assert isinstance(first, ResumableDataLoader)
+    first.sampler.set_epoch(3)
+    epoch = [b for b in first]
+    assert sorted(i for b in epoch for i in b) == list(range(10)) and len(epoch) == 5
+    assert [b for b in first] == epoch  # the order depends on (seed, epoch) only
+    iterator = iter(first)
+    done = [next(iterator), next(iterator)]
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    pending = iter(resumed)
+    resumed.sampler.set_epoch(3)  # Lightning sets the epoch after iter(), before the first batch
+    assert done + list(pending) == epoch
+    assert resumed.state_dict() == {"epoch": 3, "batches": 5}
+    other = loader()
+    other.load_state_dict(state)
+    other.sampler.set_epoch(4)
+    assert len([b for b in other]) == 5  # another epoch: from its first batch
+    assert [b for b in other] != epoch

@@ -27,7 +27,8 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class Faults(L.Callback):
     """Injects faults by batch index and records, per batch, whether each watched network changed.
 
-    ``nan_loss``: batches whose reward scores, so their loss, are NaN (forward hook on the reward head). ``inf_grad``: {batch index: parameter} whose gradient becomes +inf (finite loss).
+    ``nan_loss``: batches whose reward scores, so their loss, are NaN (forward hook on the reward head).
+    ``inf_grad``: {batch index: function of the module giving the parameter whose gradient becomes +inf}.
     """
 
     def __init__(self, watched: list[str], nan_loss=(), inf_grad=None):

@@ -158,3 +158,27 @@ def test_kill_during_checkpoint_write_keeps_last_ckpt_loadable(tmp_path):
     assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the write was under way
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.ones(1000))
+
+
+def test_checkpoint_schedule_and_atomic_io_are_wired_by_the_config(tmp_path):
+    from datetime import timedelta
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rlhf_lightning.checkpoint_io import AtomicCheckpointIO
+    from rlhf_lightning.config import instantiate_group
+    from tests.test_train import _compose
+
+    def checkpoints(*extra):
+        cfg = _compose(["stage=reward", "model=tiny", *extra], tmp_path)
+        callbacks = instantiate_group(cfg.callbacks)
+        return cfg, [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+
+    cfg, (by_steps,) = checkpoints()  # no minutes: no timed checkpoint
+    assert by_steps.save_last and by_steps.dirpath == f"{tmp_path}/checkpoints"
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    _, (by_steps, by_time) = checkpoints("checkpoint.every_n_train_steps=25", "checkpoint.every_n_minutes=1.5")
+    assert by_steps._every_n_train_steps == 25 and by_steps._train_time_interval is None
+    assert by_time._train_time_interval == timedelta(minutes=1.5) and by_time.save_last

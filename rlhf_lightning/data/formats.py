@@ -436,7 +436,8 @@ def _read_hub(source: str, split: str, data_dir: str | None) -> Iterator[tuple[s
     try:
         dataset = datasets.load_dataset(source, data_dir=data_dir, split=split)
     except Exception as e:  # noqa: BLE001 - any failure: offline, unknown name, bad split
-        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true")]
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                   if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
         hint = f"{' and '.join(offline)} set: only cached datasets load. " if offline else "Offline? "
         raise DataSourceError(
             f"could not load Hugging Face Hub dataset {label} ({type(e).__name__}: {_first_line(e)}). {hint}"

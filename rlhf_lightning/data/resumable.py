@@ -40,11 +40,12 @@ class ResumableDataLoader(DataLoader):
         return int(getattr(self.sampler, "epoch", 0))
 
     def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        # Runs at the first next(), after Lightning's set_epoch (it calls iter() before the epoch starts).
         resume, self._resume = self._resume, None
         skip = resume[1] if resume is not None and resume[0] == self._epoch() else 0
-        return self._iterate(skip)
-
-    def _iterate(self, skip: int) -> Iterator[Any]:
         self._batches = 0
         for batch in super().__iter__():
             self._batches += 1

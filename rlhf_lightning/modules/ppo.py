@@ -271,7 +271,8 @@ class PPOModule(L.LightningModule):
         self._write_samples(ro, kl, phase=phase)
 
     def on_train_start(self) -> None:
-        self._greedy_samples("before")
+        if self.global_step == 0:  # not again when resuming from a checkpoint
+            self._greedy_samples("before")
 
     def on_train_end(self) -> None:
         self._greedy_samples("after")
