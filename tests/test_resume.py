@@ -39,7 +39,7 @@ def reward_dir(tmp_path_factory) -> Path:
 
 def _command(run_dir: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
-            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.enable_model_summary=false"]
+            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "+trainer.enable_model_summary=false"]
 
 
 def _check(proc: subprocess.Popen, expect_kill: bool = False) -> None:
@@ -101,6 +101,7 @@ def _fast(run_dir_data: Path) -> list[str]:
     return ["model=tiny", f"data.path={run_dir_data}", "checkpoint.every_n_train_steps=1", "seed=3"]
 
 
+@pytest.mark.slow  # ~75 s: three train.py processes; PPO's test covers the same machinery in the default suite
 def test_reward_resume_matches_uninterrupted_run(tmp_path, hh_file):
     # 24 training pairs in batches of 4: 6 batches per epoch; 8 steps cross an epoch end, the kill is mid-epoch.
     overrides = ["stage=reward", *_fast(hh_file), "data.limit=28", "data.val_size=4", "reward.batch_size=4",
@@ -111,6 +112,7 @@ def test_reward_resume_matches_uninterrupted_run(tmp_path, hh_file):
     assert len(checkpoint["optimizer_states"]) == 1 and len(checkpoint["lr_schedulers"]) == 1
 
 
+@pytest.mark.slow  # ~75 s
 def test_value_resume_matches_uninterrupted_run(tmp_path, hh_file, reward_dir):
     overrides = ["stage=value", *_fast(hh_file), f"reward_model_path={reward_dir}", "data.limit=12", "batch_size=4",
                  "iterations=5", "value.generation.max_new_tokens=6", "max_prompt_length=32", "value_optim.lr=1e-3"]

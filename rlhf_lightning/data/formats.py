@@ -442,7 +442,7 @@ def _read_hub(source: str, split: str, data_dir: str | None) -> Iterator[tuple[s
         raise DataSourceError(
             f"could not load Hugging Face Hub dataset {label} ({type(e).__name__}: {_first_line(e)}). {hint}"
             "Pass a local path instead (a .jsonl/.jsonl.gz/.json/.parquet file or a directory of them, "
-            "e.g. ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz)") from None
+            "e.g. ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz)") from e
     for i, row in enumerate(dataset, start=1):
         yield f"{label}:{i}", dict(row)
 
