@@ -117,6 +117,21 @@ def test_ppo_skips_policy_and_critic_together(tmp_path, tiny_dir, tokenizer, hh_
 # --------------------------------------------------------------------------- safe loading
 
 
+def test_value_checkpoint_with_rng_and_loader_state_loads_with_weights_only(tmp_path, tiny_dir, tokenizer, hh_file):
+    from rlhf_lightning.callbacks import RNGStateCallback
+    from rlhf_lightning.modules import ValueModule
+
+    module = ValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir), load_scalar_model(tiny_dir, frozen=True),
+                         tokenizer, value={"generation": {"max_new_tokens": 4}}, optim={"lr": 1e-3})
+    trainer = _trainer(tmp_path, 1, [RNGStateCallback(), NonFiniteGuard()])
+    trainer.fit(module, datamodule=PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=24))
+    trainer.save_checkpoint(tmp_path / "value.ckpt")
+    checkpoint = torch.load(tmp_path / "value.ckpt", weights_only=True)
+    assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"critic"}
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 1}]
+    assert torch.equal(checkpoint["callbacks"]["RNGStateCallback"]["torch"], torch.get_rng_state())
+
+
 def _loader_nodes(node, path=""):
     """(dotted path, value) of every ``trust_remote_code`` key in a config container."""
     if isinstance(node, dict):
