@@ -20,7 +20,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from rlhf_lightning.callbacks import TrainingDiverged
 from rlhf_lightning.config import run
+from rlhf_lightning.data import DataError, DataSourceError
 from rlhf_lightning.validate import ConfigError
 
 
@@ -31,6 +33,12 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:  # a bad config: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (DataError, DataSourceError) as err:  # a bad row or an unreadable data source: file, line, key
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as err:  # NaN/inf steps in a row: the message names the last good checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     objective = cfg.get("objective")
     return metrics.get(objective) if objective else None
 

@@ -28,12 +28,26 @@ register_resolvers()
 
 
 def instantiate_group(node: DictConfig | None) -> list:
-    """Instantiate every entry of a dict-like group (loggers, callbacks) that has a ``_target_``."""
+    """Instantiate every entry of a dict-like group (loggers, callbacks) that has a ``_target_``.
+
+    An entry whose target returns ``None`` (a switched-off option, e.g. ``timed_checkpoint`` without
+    minutes) is left out.
+    """
     from hydra.utils import instantiate
 
     if not node:
         return []
-    return [instantiate(value) for value in node.values() if isinstance(value, DictConfig) and "_target_" in value]
+    objects = (instantiate(value) for value in node.values() if isinstance(value, DictConfig) and "_target_" in value)
+    return [obj for obj in objects if obj is not None]
+
+
+def fault_tolerance_callbacks(cfg: DictConfig) -> list:
+    """Callbacks every run gets, whatever ``callbacks=`` says: RNG states in checkpoints
+    (:class:`~rlhf_lightning.callbacks.RNGStateCallback`) and the NaN/inf step guard
+    (:class:`~rlhf_lightning.callbacks.NonFiniteGuard`, ``max_consecutive_bad_steps``)."""
+    from rlhf_lightning.callbacks import NonFiniteGuard, RNGStateCallback
+
+    return [RNGStateCallback(), NonFiniteGuard(cfg.get("max_consecutive_bad_steps", 5))]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -44,6 +58,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     Raises:
         rlhf_lightning.validate.ConfigError: an invalid config, found before anything is loaded.
+        rlhf_lightning.callbacks.TrainingDiverged: ``max_consecutive_bad_steps`` non-finite steps in a row.
     """
     from rlhf_lightning.validate import validate_config
 
@@ -56,7 +71,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer)
     module = instantiate(cfg.module, tokenizer=tokenizer)
     loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks")) + tracking.tracking_callbacks(loggers, cfg)
+    callbacks = (instantiate_group(cfg.get("callbacks")) + tracking.tracking_callbacks(loggers, cfg)
+                 + fault_tolerance_callbacks(cfg))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

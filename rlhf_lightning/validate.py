@@ -413,7 +413,9 @@ def validate_config(cfg: DictConfig) -> None:
        ``*.generation.max_new_tokens`` and maximum lengths are positive integers, and
        ``batch_size`` is a multiple of ``ppo.num_minibatches``;
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
-       local file (not a URL: see the module docstring);
+       local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
+       positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
+       may be null);
     5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when local-looking (start
        with ``/``, ``.``, ``~`` or contain more than one ``/``) or existing, are directories with
        ``config.json``;
@@ -452,6 +454,11 @@ def validate_config(cfg: DictConfig) -> None:
         shown = "???" if on_error is _MISSING else repr(on_error)
         raise ConfigError(f"data.on_error={shown} must be 'raise' or 'skip'")
     _check_ckpt_path(cfg)
+    _check_positive_int(cfg, "checkpoint.every_n_train_steps", "optimizer steps between checkpoints")
+    _check_range(cfg, "checkpoint.every_n_minutes", 0, None, low_open=True, what="minutes between checkpoints")
+    value = _number(cfg, "max_consecutive_bad_steps", integer=True)
+    if value is not None and value < 0:
+        raise ConfigError(f"max_consecutive_bad_steps={value} must be >= 0 (0 or null: never stop)")
 
     if stage in ("value", "ppo"):
         model_dirs = {}

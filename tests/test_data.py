@@ -13,6 +13,7 @@ import torch
 
 from rlhf_lightning.data import (
     DataError,
+    DataSourceError,
     PreferenceCollator,
     PreferenceDataModule,
     PreferenceExample,
@@ -513,3 +514,97 @@ def test_real_hh_prompts_end_with_assistant_header(tok, header_ids):
     dm.setup()
     assert len(dm.prompts) == 2025
     assert all(len(ids) <= 256 and ids[-len(header_ids):] == header_ids for ids in dm.prompt_ids)
+
+
+# ----------------------------------------------------------------------------- refused and unreachable sources
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("name", ["rows.pkl", "rows.pt", "rows.PICKLE"])
+def test_pickle_data_files_are_refused_unread(tmp_path, name):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps([_RunsCodeWhenUnpickled(marker)]))
+    for source in (str(path), str(tmp_path / "missing.pkl")):
+        with pytest.raises(DataSourceError, match="pickle") as info:
+            load_examples(source)
+        assert source in str(info.value)
+    assert not marker.exists()
+
+
+def test_unsupported_data_file_type_is_refused(tmp_path):
+    path = write_lines(tmp_path / "rows.txt", [json.dumps(rows_of("hh", 1)[0][0])])
+    with pytest.raises(DataSourceError, match=r"unsupported data file .*rows.txt.*\.jsonl"):
+        load_examples(str(path))
+
+
+def test_prompt_longer_than_max_length_is_cut_and_counted_in_the_log(tok, tmp_path, caplog):
+    rows = [{"prompt": "Long " + "blah " * 200}] + [{"prompt": f"short {i}"} for i in range(3)]
+    path = write_lines(tmp_path / "prompts.jsonl", [json.dumps(r) for r in rows])
+    dm = PromptDataModule(tok, str(path), max_prompt_length=40, batch_size=2)
+    with caplog.at_level(logging.INFO, logger="rlhf_lightning.data"):
+        dm.setup()
+    assert dm.stats["truncated"] == 1 and max(len(ids) for ids in dm.prompt_ids) == 40
+    assert any("1 cut to 40 tokens" in r.getMessage() for r in caplog.records)
+
+
+def test_unreachable_hub_dataset_offline_is_one_error_line(tmp_path):
+    """train.py with HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and an uncached Hub name: one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "c")}
+    cmd = [sys.executable, str(root / "train.py"), "stage=reward", "model=tiny", "data.path=nobody/no-such-dataset",
+           f"hydra.run.dir={tmp_path}", "callbacks=none", "logger=none", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "nobody/no-such-dataset" in errors[0] and "HF_HUB_OFFLINE and HF_DATASETS_OFFLINE set" in errors[0]
+    assert "local path" in errors[0]
+
+
+# ----------------------------------------------------------------------------- resumable training loader
+
+
+def test_resumable_loader_continues_mid_epoch_and_restarts_other_epochs():
+    from rlhf_lightning.data.resumable import ResumableDataLoader, resumable_loader
+
+    def loader():
+        return resumable_loader(list(range(10)), batch_size=2, shuffle=True, seed=5, collate_fn=list)
+
+    first = loader()
+    assert isinstance(first, ResumableDataLoader)
+    first.sampler.set_epoch(3)
+    epoch = [b for b in first]
+    assert sorted(i for b in epoch for i in b) == list(range(10)) and len(epoch) == 5
+    assert [b for b in first] == epoch  # the order depends on (seed, epoch) only
+    iterator = iter(first)
+    done = [next(iterator), next(iterator)]
+    state = first.state_dict()
+    assert state == {"epoch": 3, "batches": 2}
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    pending = iter(resumed)
+    resumed.sampler.set_epoch(3)  # Lightning sets the epoch after iter(), before the first batch
+    assert done + list(pending) == epoch
+    assert resumed.state_dict() == {"epoch": 3, "batches": 5}
+    other = loader()
+    other.load_state_dict(state)
+    other.sampler.set_epoch(4)
+    assert len([b for b in other]) == 5  # another epoch: from its first batch
+    assert [b for b in other] != epoch

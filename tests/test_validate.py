@@ -194,6 +194,16 @@ def test_unknown_on_error_is_an_error(stage, reward_dir, tmp_path):
     assert _error([*_ok(stage, reward_dir), "data.on_error=ignore"], tmp_path).startswith("data.on_error='ignore'")
 
 
+@pytest.mark.parametrize("key, value, fragment", [
+    ("checkpoint.every_n_train_steps", 0, "positive integer"),
+    ("checkpoint.every_n_minutes", 0, "must be >"),
+    ("max_consecutive_bad_steps", -1, "must be >= 0"),
+])
+def test_bad_checkpoint_schedule_or_bad_step_limit_is_an_error(key, value, fragment, reward_dir, tmp_path):
+    message = _error([*_ok("reward", reward_dir), f"{key}={value}"], tmp_path)
+    assert message.startswith(f"{key}={value}") and fragment in message
+
+
 def test_remote_or_missing_ckpt_path_is_an_error(reward_dir, tmp_path):
     remote = _error([*_ok("reward", reward_dir), "ckpt_path=https://example.com/last.ckpt"], tmp_path)
     assert remote.startswith("ckpt_path=") and "weights_only=False" in remote

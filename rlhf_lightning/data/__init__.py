@@ -3,6 +3,9 @@
 from rlhf_lightning.data.formats import (
     REASONS,
     DataError,
+    DataSourceError,
+    DataSourceNotFoundError,
+    NoUsableRowError,
     PreferenceExample,
     encode_prompt,
     encode_response,
@@ -19,7 +22,8 @@ from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataMod
 from rlhf_lightning.data.prompts import PromptCollator, PromptDataModule
 
 __all__ = [
-    "REASONS", "DataError", "PreferenceCollator", "PreferenceDataModule", "PreferenceExample", "PromptCollator",
+    "REASONS", "DataError", "DataSourceError", "DataSourceNotFoundError", "NoUsableRowError", "PreferenceCollator",
+    "PreferenceDataModule", "PreferenceExample", "PromptCollator",
     "PromptDataModule", "encode_prompt", "encode_response", "extract_prompt", "hh_text", "load_examples",
     "load_prompts", "normalize_row", "parse_hh_dialogue", "read_rows", "truncate_pair",
 ]

@@ -37,6 +37,8 @@ HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 ROLES = ("user", "assistant", "system")
 DATA_EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+#: Serialized-object files: unpickling can run arbitrary code, so they are never read as data.
+PICKLE_EXTENSIONS = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".npz", ".joblib")
 
 #: Every ``DataError.reason`` this package produces.
 REASONS = ("missing_key", "bad_type", "empty", "identical", "bad_dialogue", "bad_json", "bad_utf8",
@@ -60,6 +62,24 @@ class DataError(ValueError):
         self.reason = reason
         self.where = where
         self.key = key
+
+
+class DataSourceError(RuntimeError):
+    """A data source that cannot be used as a whole; the message names it and says what to do.
+
+    Raised for: a refused file type (pickle: ``.pkl``, ``.pt``, ...), an unreachable Hub dataset
+    (offline), and, through the subclasses, a missing path (:class:`DataSourceNotFoundError`, also a
+    ``FileNotFoundError``) and a source without one usable row (:class:`NoUsableRowError`, also a
+    ``ValueError``). ``train.py`` prints the message as one line and exits with status 2.
+    """
+
+
+class DataSourceNotFoundError(DataSourceError, FileNotFoundError):
+    """A local data path (or ``data_dir`` under it, or any data file in a directory) that does not exist."""
+
+
+class NoUsableRowError(DataSourceError, ValueError):
+    """Every row of the source was bad (skipped) or it has none."""
 
 
 def _fail(where: str | None, key: str | None, reason: str, problem: str) -> DataError:
@@ -322,6 +342,17 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.lower().endswith(DATA_EXTENSIONS)
 
 
+def _refuse_pickle(source: str) -> None:
+    if source.lower().endswith(PICKLE_EXTENSIONS):
+        raise DataSourceError(f"refusing data source {source}: pickle-based files ({', '.join(PICKLE_EXTENSIONS)}) "
+                              "can run code when loaded; convert it to .jsonl or .parquet")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _is_data_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(DATA_EXTENSIONS)
 
@@ -329,7 +360,7 @@ def _is_data_file(path: Path) -> bool:
 def _files_of_dir(directory: Path, split: str) -> list[Path]:
     files = sorted(p for p in directory.rglob("*") if _is_data_file(p))
     if not files:
-        raise FileNotFoundError(f"no data files ({', '.join(DATA_EXTENSIONS)}) under directory {directory}")
+        raise DataSourceNotFoundError(f"no data files ({', '.join(DATA_EXTENSIONS)}) under directory {directory}")
     of_split = [p for p in files if p.name.lower().startswith(split.lower())]
     return of_split or files
 
@@ -405,8 +436,11 @@ def _read_hub(source: str, split: str, data_dir: str | None) -> Iterator[tuple[s
     try:
         dataset = datasets.load_dataset(source, data_dir=data_dir, split=split)
     except Exception as e:  # noqa: BLE001 - any failure: offline, unknown name, bad split
-        raise RuntimeError(
-            f"could not load Hugging Face Hub dataset {label} ({type(e).__name__}: {e}). Offline? "
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                   if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+        hint = f"{' and '.join(offline)} set: only cached datasets load. " if offline else "Offline? "
+        raise DataSourceError(
+            f"could not load Hugging Face Hub dataset {label} ({type(e).__name__}: {_first_line(e)}). {hint}"
             "Pass a local path instead (a .jsonl/.jsonl.gz/.json/.parquet file or a directory of them, "
             "e.g. ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz)") from e
     for i, row in enumerate(dataset, start=1):
@@ -430,19 +464,25 @@ def read_rows(source: str, split: str = "train", data_dir: str | None = None
         not be read, so the caller decides between raising and skipping. Blank lines are ignored.
 
     Raises:
-        FileNotFoundError: a local-looking source (starts with ``.``, ``/``, ``~`` or ends with a
+        DataSourceNotFoundError: a local-looking source (starts with ``.``, ``/``, ``~`` or ends with a
             data extension) that does not exist, or a directory without data files.
-        RuntimeError: the Hub dataset could not be loaded (message suggests a local path).
+        DataSourceError: a pickle-based source (``PICKLE_EXTENSIONS``, refused before anything is
+            opened), a file of another unsupported type, or a Hub dataset that could not be loaded (one
+            line, without the library's traceback; names ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``
+            when set and suggests a local path).
     """
+    _refuse_pickle(source)
     path = Path(os.path.expanduser(source))
     if path.exists():
         if path.is_dir():
             if data_dir:
                 path = path / data_dir
                 if not path.is_dir():
-                    raise FileNotFoundError(f"data_dir {data_dir!r} not found under {source}")
+                    raise DataSourceNotFoundError(f"data_dir {data_dir!r} not found under {source}")
             files = _files_of_dir(path, split)
         else:
+            if not _is_data_file(path):
+                raise DataSourceError(f"unsupported data file {source}: expected {', '.join(DATA_EXTENSIONS)}")
             files = [path]
         for file in files:
             name = file.name.lower()
@@ -454,7 +494,7 @@ def read_rows(source: str, split: str = "train", data_dir: str | None = None
                 yield from _read_jsonl(file)
         return
     if _looks_local(source):
-        raise FileNotFoundError(f"data source not found: {source} (resolved to {path.absolute()})")
+        raise DataSourceNotFoundError(f"data source not found: {source} (resolved to {path.absolute()})")
     yield from _read_hub(source, split, data_dir)
 
 
@@ -482,7 +522,7 @@ def _collect(source: str, split: str, data_dir: str | None, on_error: str, limit
     for reason, count in sorted(skipped.items()):
         logger.warning("skipped %d row(s) of %s: %s (first: %s)", count, source, reason, first[reason])
     if not items:
-        raise ValueError(f"no usable row in data source {source}"
+        raise NoUsableRowError(f"no usable row in data source {source}"
                          + (f" (skipped: {dict(skipped)})" if skipped else " (it is empty)"))
     return items, skipped
 
@@ -502,8 +542,9 @@ def load_examples(source: str, split: str = "train", data_dir: str | None = None
 
     Raises:
         DataError: a bad row in raise mode (message: ``file:line``, key, problem).
-        ValueError: no usable row at all (names the source); bad ``on_error``/``limit``.
-        FileNotFoundError, RuntimeError: see :func:`read_rows`.
+        NoUsableRowError: no usable row at all (names the source; a ``ValueError``).
+        ValueError: bad ``on_error``/``limit``.
+        DataSourceError: see :func:`read_rows`.
     """
     return _collect(source, split, data_dir, on_error, limit, normalize_row)
 

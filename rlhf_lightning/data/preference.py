@@ -12,12 +12,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lightning.data.formats import (
     DataError,
+    NoUsableRowError,
     PreferenceExample,
     encode_prompt,
     encode_response,
     load_examples,
     truncate_pair,
 )
+from rlhf_lightning.data.resumable import resumable_loader
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -140,7 +142,7 @@ class PreferenceDataModule(lightning.LightningDataModule):
     Raises (in setup):
         DataError: a bad row with ``on_error="raise"``.
         ValueError: no usable row; ``val_size`` leaving no training rows.
-        FileNotFoundError, RuntimeError: unreadable source (see ``read_rows``).
+        DataSourceError: unreadable, refused or empty source (see ``read_rows``).
     """
 
     def __init__(self, tokenizer, path: str, split: str = "train", data_dir: str | None = None,
@@ -190,7 +192,7 @@ class PreferenceDataModule(lightning.LightningDataModule):
             truncated += cut
             items.append(item)
         if not items:
-            raise ValueError(f"no usable preference pair in {self.path} (dropped: {dict(dropped)})")
+            raise NoUsableRowError(f"no usable preference pair in {self.path} (dropped: {dict(dropped)})")
         train_idx, val_idx = split_indices(len(items), self.val_size, self.seed)
         self.train_dataset = ListDataset([items[i] for i in train_idx])
         self.val_dataset = ListDataset([items[i] for i in val_idx])
@@ -215,13 +217,12 @@ class PreferenceDataModule(lightning.LightningDataModule):
     def _loader(self, dataset: ListDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collator, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return resumable_loader(dataset, batch_size, shuffle, self.seed, self.collator, self.num_workers,
+                                trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) batches of ``batch_size`` pairs: dicts of (2B, L) long tensors (see collator)."""
+        """Shuffled batches of ``batch_size`` pairs, order seeded by (seed, epoch) and resumable mid-epoch
+        (:func:`~rlhf_lightning.data.resumable.resumable_loader`): dicts of (2B, L) long tensors (see collator)."""
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

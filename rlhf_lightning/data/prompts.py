@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.formats import encode_prompt, load_prompts
+from rlhf_lightning.data.resumable import resumable_loader
 from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
 
 logger = logging.getLogger("rlhf_lightning.data")
@@ -77,7 +78,7 @@ class PromptDataModule(lightning.LightningDataModule):
         DataError: a bad row with ``on_error="raise"``.
         ValueError: no usable row; ``val_size`` leaving no training rows; fewer training prompts
             than ``batch_size`` (the training loader would yield nothing).
-        FileNotFoundError, RuntimeError: unreadable source (see ``read_rows``).
+        DataSourceError: unreadable, refused or empty source (see ``read_rows``).
     """
 
     def __init__(self, tokenizer, path: str, split: str = "train", data_dir: str | None = None,
@@ -168,13 +169,12 @@ class PromptDataModule(lightning.LightningDataModule):
     def _loader(self, dataset: ListDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          drop_last=shuffle, collate_fn=self.collator, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return resumable_loader(dataset, self.batch_size, shuffle, self.seed, self.collator, self.num_workers,
+                                drop_last=shuffle, trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) full batches of ``batch_size`` prompts (drop_last): see :class:`PromptCollator`."""
+        """Shuffled full batches of ``batch_size`` prompts (drop_last), order seeded by (seed, epoch) and
+        resumable mid-epoch (:func:`~rlhf_lightning.data.resumable.resumable_loader`): see :class:`PromptCollator`."""
         return self._loader(self.train_dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

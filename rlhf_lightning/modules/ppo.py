@@ -302,7 +302,8 @@ class PPOModule(L.LightningModule):
         return result
 
     def on_train_start(self) -> None:
-        self.evaluate_samples("before")
+        if self.global_step == 0:  # not again when resuming from a checkpoint
+            self.evaluate_samples("before")
 
     def on_train_end(self) -> None:
         self.evaluate_samples("after")
