@@ -217,7 +217,7 @@ class PPOModule(L.LightningModule):
         kl_per_seq = (kl * mask).sum(1).mean()
         kl_coef = self.kl_ctl.value
         if cfg.adaptive_kl:
-            kl_all_ranks = self.trainer.strategy.reduce(kl_per_seq.detach(), reduce_op="mean")
+            kl_all_ranks = self.trainer.strategy.reduce(kl_per_seq.detach().clone(), reduce_op="mean")  # in place
             self.kl_ctl.update(float(kl_all_ranks), batch_size * self.trainer.world_size)
         metrics = {key: torch.stack(values).mean() for key, values in stats.items()}
         metrics.update({

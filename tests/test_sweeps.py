@@ -1,0 +1,98 @@
+"""A β×ε PPO multirun of train.py on the tiny model, tracked with offline W&B, then the sweep report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``: a LevelDB-style log of
+    ``wandb_internal_pb2.Record`` messages: 7-byte file header, 32 KiB blocks, 7-byte chunk headers)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, pending, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def offline_run(job_dir: Path) -> dict:
+    """The one offline W&B run of a job: name, group, final config (key -> value), files, and whether it exited."""
+    runs = list((job_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"{job_dir}: expected one W&B run, found {runs}"
+    (log,) = runs[0].glob("run-*.wandb")
+    out = {"config": {}, "exited": False, "files": runs[0] / "files"}
+    for record in read_wandb_records(log):
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            updates = record.run.config.update if kind == "run" else record.config.update
+            out["config"].update({u.key: json.loads(u.value_json) for u in updates})
+        if kind == "run":
+            out["name"], out["group"] = record.run.display_name, record.run.run_group
+        out["exited"] |= kind == "exit"
+    return out
+
+
+def test_ppo_beta_eps_multirun_with_offline_wandb_and_report(tmp_path, hh_file, tiny_dir):
+    sweep_dir = tmp_path / "multirun"
+    betas, epsilons = ["0.01", "0.2"], ["0.1", "0.3"]
+    cmd = [sys.executable, "train.py", "-m", "stage=ppo", "model=tiny", f"data.path={hh_file}",
+           f"reward_model_path={tiny_dir}", f"ppo.kl_coef={','.join(betas)}", f"ppo.clip_eps={','.join(epsilons)}",
+           "logger=[csv,wandb]", "logger.wandb.mode=offline", "iterations=2", "batch_size=2", "ppo.ppo_epochs=1",
+           "ppo.generation.max_new_tokens=4", "max_prompt_length=32", "ppo.num_sample_prompts=1",
+           "ppo.log_samples_every_n_steps=1", "callbacks=none", "trainer.enable_checkpointing=false",
+           "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]  # every combination once, no relaunched sweep
+    seen = set()
+    for job in jobs:
+        overrides = {o.split("=")[0]: o.split("=")[1] for o in OmegaConf.load(job / ".hydra" / "overrides.yaml")}
+        beta, eps = overrides["ppo.kl_coef"], overrides["ppo.clip_eps"]
+        seen.add((beta, eps))
+        assert (job / "csv" / "metrics.csv").exists() and (job / "model" / "model.safetensors").exists()
+        run = offline_run(job)  # its own run, finished before the next job started
+        assert run["exited"]
+        assert run["name"] == f"ppo-kl{beta}-clip{eps}" and run["group"] == str(sweep_dir)
+        assert run["config"]["ppo"]["kl_coef"] == float(beta) and run["config"]["ppo"]["clip_eps"] == float(eps)
+        # The samples table reached W&B although the CSV logger comes first in trainer.loggers.
+        tables = {p.name.split("_")[0] for p in (run["files"] / "media" / "table" / "samples").glob("*.table.json")}
+        assert tables == {"before", "train", "after"}
+        columns = json.loads(next((run["files"] / "media" / "table" / "samples").glob("train_*.table.json"))
+                             .read_text())["columns"]
+        assert columns == ["phase", "step", "prompt", "response", "score", "kl"]
+    assert seen == {(b, e) for b in betas for e in epsilons}
+
+    report = subprocess.run([sys.executable, "-m", "rlhf_lightning.report", str(sweep_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((sweep_dir / "report.csv").open()))
+    assert {(r["kl_coef"], r["clip_eps"]) for r in rows} == {(str(float(b)), str(float(e))) for b, e in seen}
+    assert all(r["iterations"] == "2" for r in rows) and any(r["pareto"] == "True" for r in rows)
+    assert (sweep_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep_dir / "report.md").read_text().count("\n") == 2 + 4
