@@ -1,4 +1,7 @@
-"""A β×ε PPO multirun of train.py on the tiny model, tracked with offline W&B, then the sweep report."""
+"""A β×ε PPO multirun of train.py on the tiny model, tracked with offline W&B, then the sweep report.
+
+Marked slow (``pytest -m slow tests/test_sweeps.py``): four PPO jobs with W&B take over a minute.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,7 @@ def offline_run(job_dir: Path) -> dict:
     return out
 
 
+@pytest.mark.slow  # about 70 s alone on 2 cores (4 PPO jobs with W&B): pytest -m slow tests/test_sweeps.py
 def test_ppo_beta_eps_multirun_with_offline_wandb_and_report(tmp_path, hh_file, tiny_dir):
     sweep_dir = tmp_path / "multirun"
     betas, epsilons = ["0.01", "0.2"], ["0.1", "0.3"]
