@@ -7,7 +7,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_lightning import tracking
+from rlhf_lightning import launch, tracking
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +18,15 @@ def _mul(*factors) -> int:
 
 
 def register_resolvers() -> None:
-    """Register ``${mul:...}`` and ``${sweep_group:}`` (idempotent). Call before composing the configs."""
+    """Register ``${mul:...}``, ``${sweep_group:}``, ``${ddp_start_method:}`` and ``${claim_device:N}``
+    (idempotent). Call before composing the configs. ``${claim_device:N}`` is ``[i]``, the device list
+    ``Trainer(devices=...)`` takes, with i from :func:`rlhf_lightning.launch.claim_device`."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    if not OmegaConf.has_resolver("ddp_start_method"):
+        OmegaConf.register_new_resolver("ddp_start_method", launch.ddp_start_method)
+    if not OmegaConf.has_resolver("claim_device"):
+        OmegaConf.register_new_resolver("claim_device", lambda n: [launch.claim_device(n)])
     tracking.register_resolvers()
 
 

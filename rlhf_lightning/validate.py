@@ -411,7 +411,8 @@ def validate_config(cfg: DictConfig) -> None:
        ``reward.center_coef`` >= 0;
     3. sizes: batch sizes, ``iterations``, ``ppo.ppo_epochs``, ``ppo.num_minibatches``,
        ``*.generation.max_new_tokens`` and maximum lengths are positive integers, and
-       ``batch_size`` is a multiple of ``ppo.num_minibatches``;
+       ``batch_size`` is a multiple of ``ppo.num_minibatches``; PPO is not run with a DeepSpeed
+       strategy (one optimizer only in Lightning; PPO has two);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
@@ -448,6 +449,11 @@ def validate_config(cfg: DictConfig) -> None:
             if batch_size is not None and minibatches is not None and batch_size % minibatches:
                 raise ConfigError(f"batch_size={batch_size} is not divisible by ppo.num_minibatches={minibatches} "
                                   "(each PPO epoch splits the rollout batch into equal minibatches)")
+            strategy = _get(cfg, "trainer.strategy")
+            target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
+            if isinstance(target, str) and "deepspeed" in target.lower():
+                raise ConfigError(f"trainer.strategy={target}: Lightning's DeepSpeed strategy takes one optimizer and "
+                                  "PPO steps two (policy and critic); use trainer=ddp for PPO")
 
     on_error = _get(cfg, "data.on_error")
     if on_error is _MISSING or (on_error is not _ABSENT and on_error not in ON_ERROR):

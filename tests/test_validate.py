@@ -168,6 +168,13 @@ def test_batch_size_not_divisible_by_minibatches_is_an_error(reward_dir, tmp_pat
     assert "batch_size=6" in message and "ppo.num_minibatches=4" in message
 
 
+@pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_ppo_with_deepspeed_is_an_error_before_anything_loads(preset, reward_dir, tmp_path):
+    message = _error([*_ok("ppo", reward_dir), f"trainer={preset}"], tmp_path)
+    assert message.startswith("trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy") and "one optimizer" in message
+    validate_config(_compose([*_ok("reward", reward_dir), f"trainer={preset}"], tmp_path))  # one optimizer: fine
+
+
 @pytest.mark.parametrize("stage, key, value", [
     ("ppo", "batch_size", 0),
     ("value", "batch_size", -8),

@@ -221,10 +221,12 @@ class PPOModule(L.LightningModule):
         for scheduler in self.lr_schedulers():
             scheduler.step()
 
-        # 7. Adaptive KL controller, then logging.
+        # 7. Adaptive KL controller (on the KL averaged over ranks, so every rank keeps the same β), then logging.
         kl_per_seq = (kl * mask).sum(1).mean()
         kl_coef = self.kl_ctl.value
-        self.kl_ctl.update(float(kl_per_seq), batch_size * self.trainer.world_size)
+        if cfg.adaptive_kl:
+            kl_all_ranks = self.trainer.strategy.reduce(kl_per_seq.detach().clone(), reduce_op="mean")  # in place
+            self.kl_ctl.update(float(kl_all_ranks), batch_size * self.trainer.world_size)
         metrics = {key: torch.stack(values).mean() for key, values in stats.items()}
         metrics.update({
             "objective/score": ro.scores.mean(),
@@ -263,10 +265,12 @@ class PPOModule(L.LightningModule):
             with open(self.samples_path, "a", encoding="utf-8") as f:
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        log_table = getattr(self.logger, "log_table", None)
-        if log_table is not None and self.trainer.is_global_zero:
+        if self.trainer.is_global_zero:
             columns = ["phase", "step", "prompt", "response", "score", "kl"]
-            log_table(key=f"samples/{phase}", columns=columns, data=[[r[c] for c in columns] for r in rows])
+            for logger in self.loggers:  # every logger with tables (W&B), wherever it is in the list
+                if hasattr(logger, "log_table"):
+                    logger.log_table(key=f"samples/{phase}", columns=columns,
+                                     data=[[r[c] for c in columns] for r in rows])
         return rows
 
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:

@@ -1,0 +1,220 @@
+"""Report of a PPO sweep: ``python -m rlhf_lightning.report <multirun dir> [--out DIR]``.
+
+For every run of a Hydra multirun (each job directory with ``csv/metrics.csv``, i.e. run with the
+``csv`` logger) it reads β = ``ppo.kl_coef`` and ε = ``ppo.clip_eps`` from the job's
+``.hydra/config.yaml`` (or its ``.hydra/overrides.yaml``) and the logged reward-model score and KL
+to the reference (``objective/score``, ``objective/kl``: nats per response), and writes into the
+multirun directory (or ``--out``):
+
+- ``report.md`` and ``report.csv``: one row per run with β, ε, first and final score, final KL, and
+  the score gain per nat of KL, (final score − first score) / final KL;
+- ``report.png``: final score against final KL, one point per run, the Pareto frontier (highest
+  score for its KL) highlighted — the reward–KL trade-off of Gao et al. 2022, "Scaling Laws for
+  Reward Model Overoptimization".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlhf_lightning.summary import read_metrics, series
+
+SCORE_KEY = "objective/score"
+KL_KEY = "objective/kl"
+#: Below this final KL (nats), the gain per nat is not reported (division by ~0, or a negative k1 estimate).
+MIN_KL = 1e-6
+
+
+@dataclass
+class RunResult:
+    """One run of the sweep.
+
+    Attributes:
+        run_dir: the job directory.
+        kl_coef: β (None when the job's config has no ``ppo.kl_coef``). clip_eps: ε (likewise).
+        first_score, final_score: reward-model score (reward units) at the first and last logged iteration.
+        final_kl: KL to the reference at the last logged iteration, nats per response.
+        gain_per_kl: (final_score − first_score) / final_kl, reward units per nat; None when
+            final_kl < :data:`MIN_KL`.
+        iterations: logged iterations.
+    """
+
+    run_dir: str
+    kl_coef: float | None
+    clip_eps: float | None
+    first_score: float
+    final_score: float
+    final_kl: float
+    gain_per_kl: float | None
+    iterations: int
+
+
+def find_runs(multirun_dir: str | Path) -> list[Path]:
+    """Job directories under ``multirun_dir`` (any depth) that hold ``csv/metrics.csv``, sorted.
+
+    Raises:
+        FileNotFoundError: ``multirun_dir`` does not exist, or no run with a metrics file is in it.
+    """
+    root = Path(multirun_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such sweep directory: {root}")
+    runs = sorted({p.parent.parent for p in root.rglob("csv/metrics.csv")},  # job 10 after job 9
+                  key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.relative_to(root).parts])
+    if not runs:
+        raise FileNotFoundError(f"no run found in {root}: no <job dir>/csv/metrics.csv below it "
+                                "(was the sweep run with logger=csv or logger=[csv,wandb]?)")
+    return runs
+
+
+def run_params(run_dir: str | Path) -> dict[str, float | None]:
+    """β and ε of a job: ``{"kl_coef": ..., "clip_eps": ...}`` from ``.hydra/config.yaml``, else from
+    the ``ppo.kl_coef=``/``ppo.clip_eps=`` entries of ``.hydra/overrides.yaml``; None where absent."""
+    hydra_dir = Path(run_dir) / ".hydra"
+    params: dict[str, float | None] = {"kl_coef": None, "clip_eps": None}
+    config = hydra_dir / "config.yaml"
+    if config.exists():
+        ppo = OmegaConf.load(config).get("ppo") or {}
+        for key in params:
+            if ppo.get(key) is not None:
+                params[key] = float(ppo[key])
+    overrides = hydra_dir / "overrides.yaml"
+    if overrides.exists():
+        for item in OmegaConf.load(overrides):
+            key, _, value = str(item).lstrip("+~").partition("=")
+            name = key.removeprefix("ppo.")
+            if key.startswith("ppo.") and name in params and params[name] is None:
+                params[name] = float(value)
+    return params
+
+
+def summarize_run(run_dir: str | Path, score_key: str = SCORE_KEY, kl_key: str = KL_KEY) -> RunResult:
+    """Read one job's metrics and parameters into a :class:`RunResult`.
+
+    Raises:
+        FileNotFoundError: no ``csv/metrics.csv`` in ``run_dir``.
+        ValueError: the metrics file has no ``score_key`` or ``kl_key`` values (not a PPO run?).
+    """
+    rows = read_metrics(run_dir)
+    scores, kls = series(rows, score_key), series(rows, kl_key)
+    if not scores or not kls:
+        raise ValueError(f"{Path(run_dir) / 'csv' / 'metrics.csv'} has no {score_key!r} or {kl_key!r} values "
+                         "(is it a PPO run?)")
+    final_kl = kls[-1]
+    gain = (scores[-1] - scores[0]) / final_kl if final_kl >= MIN_KL else None
+    return RunResult(str(run_dir), **run_params(run_dir), first_score=scores[0], final_score=scores[-1],
+                     final_kl=final_kl, gain_per_kl=gain, iterations=len(scores))
+
+
+def pareto_front(results: list[RunResult]) -> list[RunResult]:
+    """The runs no other run dominates (a run dominates another with a KL no higher and a score no
+    lower, one of them strictly), sorted by KL: the best score reached for each KL budget."""
+    def dominates(a: RunResult, b: RunResult) -> bool:
+        return (a.final_kl <= b.final_kl and a.final_score >= b.final_score
+                and (a.final_kl < b.final_kl or a.final_score > b.final_score))
+
+    front = [r for r in results if not any(dominates(o, r) for o in results)]
+    return sorted(front, key=lambda r: (r.final_kl, r.final_score))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``report.md`` (markdown table, Pareto runs marked) and ``report.csv`` (every field of
+    :class:`RunResult` plus ``pareto``) into ``out_dir``. Returns the two paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    front = {r.run_dir for r in pareto_front(results)}
+    names = [f.name for f in fields(RunResult)]
+    csv_path = out_dir / "report.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*names, "pareto"])
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**asdict(r), "pareto": r.run_dir in front})
+    header = ["run", "β (kl_coef)", "ε (clip_eps)", "first score", "final score", "final KL (nats)",
+              "score gain / nat KL", "Pareto"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cells = [Path(r.run_dir).name, r.kl_coef, r.clip_eps, r.first_score, r.final_score, r.final_kl,
+                 r.gain_per_kl, "✓" if r.run_dir in front else ""]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def plot(results: list[RunResult], path: str | Path) -> Path:
+    """Scatter final score against final KL (nats per response), one labelled point (β, ε) per run,
+    the Pareto frontier drawn as a line (Gao et al. 2022). Writes a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(results)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    try:
+        ax.scatter([r.final_kl for r in results], [r.final_score for r in results], color="tab:gray", label="runs")
+        ax.plot([r.final_kl for r in front], [r.final_score for r in front], "o-", color="tab:red",
+                label="Pareto frontier")
+        for r in results:
+            ax.annotate(f"β={_cell(r.kl_coef)}, ε={_cell(r.clip_eps)}", (r.final_kl, r.final_score), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("KL to the reference (nats per response)")
+        ax.set_ylabel("reward-model score")
+        ax.set_title("PPO sweep: score against KL")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def report(multirun_dir: str | Path, out_dir: str | Path | None = None, score_key: str = SCORE_KEY,
+           kl_key: str = KL_KEY) -> list[RunResult]:
+    """Summarize every run of ``multirun_dir`` and write ``report.md``, ``report.csv`` and ``report.png``
+    into ``out_dir`` (default: ``multirun_dir``). Returns the runs' results in job order.
+
+    Raises:
+        FileNotFoundError: no run in ``multirun_dir`` (see :func:`find_runs`).
+        ValueError: a run without the score or KL metric.
+    """
+    results = [summarize_run(d, score_key, kl_key) for d in find_runs(multirun_dir)]
+    out_dir = Path(out_dir or multirun_dir)
+    write_tables(results, out_dir)
+    plot(results, out_dir / "report.png")
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[RunResult]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("multirun_dir", help="a Hydra multirun directory, e.g. multirun/ppo/<date>")
+    parser.add_argument("--out", help="where to write report.{md,csv,png} (default: the multirun directory)")
+    parser.add_argument("--score-key", default=SCORE_KEY)
+    parser.add_argument("--kl-key", default=KL_KEY)
+    args = parser.parse_args(argv)
+    try:
+        results = report(args.multirun_dir, args.out, args.score_key, args.kl_key)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    out = Path(args.out or args.multirun_dir)
+    print((out / "report.md").read_text(), end="")
+    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

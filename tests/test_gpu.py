@@ -1,0 +1,57 @@
+"""GPU presets on the tiny model through train.py: bf16, DDP over NCCL, FSDP, DeepSpeed ZeRO 2/3.
+
+Marked ``gpu`` (left out of the default run: ``pytest -m gpu``) and skipped without CUDA (or with
+fewer GPUs / no ``deepspeed`` where a test needs them).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_train import _train
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+
+
+def _reward(tmp_path, hh_file, *overrides: str):
+    run_dir = tmp_path / "reward"
+    _train("stage=reward", "model=tiny", f"data.path={hh_file}", "data.val_size=8", "reward.max_length=64",
+           "reward.batch_size=4", "trainer.max_steps=4", "trainer.enable_checkpointing=false", *overrides,
+           run_dir=run_dir)
+    assert (run_dir / "model" / "model.safetensors").exists()
+    return run_dir
+
+
+def _ppo(tmp_path, hh_file, reward_model: str, *overrides: str):
+    run_dir = tmp_path / "ppo"
+    _train("stage=ppo", "model=tiny", f"data.path={hh_file}", f"reward_model_path={reward_model}", "iterations=2",
+           "batch_size=4", "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=8", "trainer.enable_checkpointing=false",
+           *overrides, run_dir=run_dir)
+    assert (run_dir / "model" / "model.safetensors").exists()
+    return run_dir
+
+
+def test_reward_and_ppo_bf16_on_one_gpu(tmp_path, hh_file):
+    reward_dir = _reward(tmp_path, hh_file, "trainer=gpu")
+    _ppo(tmp_path, hh_file, f"{reward_dir}/model", "trainer=gpu")
+
+
+@two_gpus
+def test_ppo_ddp_nccl_two_gpus(tmp_path, hh_file, tiny_dir):
+    _ppo(tmp_path, hh_file, tiny_dir, "trainer=ddp", "trainer.devices=2")
+
+
+@two_gpus
+def test_reward_fsdp_two_gpus(tmp_path, hh_file):
+    _reward(tmp_path, hh_file, "trainer=fsdp", "trainer.devices=2")
+
+
+@two_gpus
+@needs_deepspeed
+@pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_reward_deepspeed_two_gpus(preset, tmp_path, hh_file):
+    _reward(tmp_path, hh_file, f"trainer={preset}", "trainer.devices=2")

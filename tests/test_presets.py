@@ -1,0 +1,132 @@
+"""Every trainer, sweep, hparams_search and launcher preset composes and instantiates (none is run)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+import rlhf_lightning.config  # noqa: F401  (registers the resolvers)
+from rlhf_lightning import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _compose(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["stage=ppo", "model=tiny", "reward_model_path=x", *overrides],
+                      return_hydra_config=True)
+    with open_dict(cfg):  # set by Hydra only when it runs a job
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_every_trainer_preset_is_tested():
+    assert {p.stem for p in (CONF / "trainer").glob("*.yaml")} == {
+        "cpu", "gpu", "gpu_per_job", "ddp", "ddp_cpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+
+
+def test_cpu_trainer_presets_instantiate(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    trainer = instantiate(_compose(["trainer=cpu"], tmp_path).trainer, logger=False)
+    assert isinstance(trainer.strategy, SingleDeviceStrategy)
+    trainer = instantiate(_compose(["trainer=ddp_cpu"], tmp_path).trainer, logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+    assert trainer.strategy._start_method == "spawn" and trainer.strategy._process_group_backend == "gloo"
+
+
+@pytest.mark.parametrize("preset, strategy", [
+    ("gpu", None), ("ddp", "lightning.pytorch.strategies.DDPStrategy"),
+    ("fsdp", "lightning.pytorch.strategies.FSDPStrategy"),
+    ("deepspeed_zero2", "lightning.pytorch.strategies.DeepSpeedStrategy"),
+    ("deepspeed_zero3", "lightning.pytorch.strategies.DeepSpeedStrategy"),
+])
+def test_gpu_trainer_presets_compose(preset, strategy, tmp_path):
+    trainer = _compose([f"trainer={preset}"], tmp_path).trainer
+    assert trainer.accelerator == "gpu" and trainer.precision == "bf16-mixed"
+    if strategy is None:
+        assert trainer.strategy == "auto"
+        return
+    assert trainer.strategy._target_ == strategy
+    resolved = OmegaConf.to_container(trainer.strategy, resolve=True)
+    if preset == "ddp":
+        assert resolved["start_method"] == "spawn" and resolved["process_group_backend"] == "nccl"
+    if preset == "fsdp":  # the strategy object itself needs no GPU
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        fsdp = instantiate(trainer.strategy)
+        assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+
+
+def test_ddp_start_method_is_popen_only_where_processes_exist(monkeypatch):
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch.ddp_start_method() == "spawn"
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert launch.ddp_start_method() == "popen"
+
+
+def test_claim_device_gives_each_process_its_own_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "_CLAIMED", {})
+    assert launch.claim_device(2, tmp_path) == 0
+    assert launch.claim_device(2, tmp_path) == 0  # the same process keeps its device
+    code = "import sys; from rlhf_lightning.launch import claim_device; print(claim_device(int(sys.argv[1]), sys.argv[2]))"
+    other = subprocess.run([sys.executable, "-c", code, "2", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 0 and other.stdout.strip() == "1", other.stderr
+    full = subprocess.run([sys.executable, "-c", code, "1", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert full.returncode != 0 and "held by other processes" in full.stderr
+    launch._CLAIMED.pop(0).close()
+
+
+def test_ppo_grid_sweep_runs_every_beta_eps_combination(tmp_path):
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose(["sweep=ppo_grid"], tmp_path)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.module._target_.endswith("PPOModule")
+    params = cfg.hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    expected = itertools.product(["0.01", "0.05", "0.2"], ["0.1", "0.2", "0.3"])
+    assert sorted(jobs) == sorted([f"ppo.kl_coef={b}", f"ppo.clip_eps={e}"] for b, e in expected)
+
+
+def test_ppo_optuna_preset_instantiates_the_optuna_sweeper(tmp_path):
+    cfg = _compose(["hparams_search=ppo_optuna", "objective=objective/score"], tmp_path)
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.objective == "objective/score"
+    sweeper = instantiate(cfg.hydra.sweeper)
+    assert type(sweeper).__name__ == "OptunaSweeper"
+    assert set(cfg.hydra.sweeper.params) == {"ppo.kl_coef", "ppo.clip_eps"}
+    assert cfg.hydra.sweeper.direction == "maximize"
+
+
+def test_launcher_presets_instantiate(tmp_path):
+    cfg = _compose(["hydra/launcher=parallel"], tmp_path)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "JoblibLauncher" and launcher.joblib["n_jobs"] == 2
+
+    cfg = _compose(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"], tmp_path)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    assert (launcher.params["tasks_per_node"], launcher.params["gpus_per_node"], launcher.params["nodes"]) == (4, 4, 2)
+
+
+def test_gpu_per_job_trainer_claims_one_device_per_worker(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "_CLAIMED", {})
+    monkeypatch.setenv("RLHF_LIGHTNING_LOCKS", str(tmp_path / "locks"))
+    cfg = _compose(["hydra/launcher=parallel", "hydra.launcher.n_jobs=3", "trainer=gpu_per_job"], tmp_path)
+    assert OmegaConf.to_container(cfg.trainer, resolve=True)["devices"] == [0]
+    launch._CLAIMED.pop(0).close()
+    assert os.path.exists(tmp_path / "locks" / "device0.lock")

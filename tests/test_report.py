@@ -1,0 +1,87 @@
+"""rlhf_lightning.report on hand-made sweep directories (no training)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_lightning.report import find_runs, pareto_front, report, run_params, summarize_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _job(root: Path, name: str, kl_coef: float, clip_eps: float, scores: list[float], kls: list[float],
+         in_config: bool = True) -> Path:
+    """A job directory as train.py writes it: csv/metrics.csv (score and KL rows interleaved with other
+    metrics' rows, as Lightning's CSVLogger does) and .hydra/{config,overrides}.yaml."""
+    job = root / name
+    (job / "csv").mkdir(parents=True)
+    (job / ".hydra").mkdir()
+    with (job / "csv" / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "objective/score", "objective/kl", "value/loss"])
+        writer.writeheader()
+        for step, (score, kl) in enumerate(zip(scores, kls)):
+            writer.writerow({"step": step, "objective/score": score, "objective/kl": kl, "value/loss": ""})
+            writer.writerow({"step": step, "objective/score": "", "objective/kl": "", "value/loss": 0.5})
+    ppo = f"ppo:\n  kl_coef: {kl_coef}\n  clip_eps: {clip_eps}\n" if in_config else "seed: 0\n"
+    (job / ".hydra" / "config.yaml").write_text(ppo)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- ppo.kl_coef={kl_coef}\n- ppo.clip_eps={clip_eps}\n- stage=ppo\n")
+    return job
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "multirun"
+    _job(root, "0", 0.01, 0.1, scores=[1.0, 1.5, 3.0], kls=[0.0, 0.5, 4.0])   # gain 2/4 = 0.5, frontier
+    _job(root, "1", 0.01, 0.3, scores=[1.0, 2.0], kls=[0.0, 5.0])              # dominated by 0
+    _job(root, "2", 0.2, 0.1, scores=[0.5, 1.6], kls=[0.0, 1.0])               # frontier
+    _job(root, "10", 0.2, 0.3, scores=[1.0, 1.2], kls=[0.0, 0.0], in_config=False)  # KL 0: no gain, frontier
+    return root
+
+
+def test_summarize_run_reads_beta_eps_and_gain_per_nat(sweep):
+    result = summarize_run(sweep / "0")
+    assert (result.kl_coef, result.clip_eps) == (0.01, 0.1)
+    assert (result.first_score, result.final_score, result.final_kl, result.iterations) == (1.0, 3.0, 4.0, 3)
+    assert result.gain_per_kl == pytest.approx((3.0 - 1.0) / 4.0)
+
+
+def test_gain_per_nat_is_none_when_the_kl_is_about_zero(sweep):
+    result = summarize_run(sweep / "10")
+    assert result.final_kl == 0.0 and result.gain_per_kl is None
+
+
+def test_beta_eps_fall_back_to_the_overrides(sweep):
+    assert run_params(sweep / "10") == {"kl_coef": 0.2, "clip_eps": 0.3}
+
+
+def test_pareto_front_keeps_the_undominated_runs_sorted_by_kl(sweep):
+    results = [summarize_run(d) for d in find_runs(sweep)]
+    assert [Path(r.run_dir).name for r in results] == ["0", "1", "2", "10"]  # job order, not string order
+    assert [Path(r.run_dir).name for r in pareto_front(results)] == ["10", "2", "0"]
+
+
+def test_report_writes_table_csv_and_png(sweep, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_lightning.report", str(sweep), "--out", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert [(r["kl_coef"], r["clip_eps"], r["pareto"]) for r in rows] == [
+        ("0.01", "0.1", "True"), ("0.01", "0.3", "False"), ("0.2", "0.1", "True"), ("0.2", "0.3", "True")]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert markdown.count("\n") == 2 + 4 and "| 0 | 0.01 | 0.1 | 1 | 3 | 4 | 0.5 | ✓ |" in markdown
+    assert "| n/a |" in markdown  # the KL-0 run's gain
+    assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_run_is_an_error_naming_the_directory(tmp_path):
+    (tmp_path / "empty" / "0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"no run found in {tmp_path / 'empty'}"):
+        report(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_lightning.report", str(tmp_path / "empty")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(tmp_path / "empty") in proc.stderr
