@@ -8,7 +8,7 @@
     python train.py stage=ppo reward_model_path=outputs/reward/<run>/model critic_path=outputs/value/<run>/model
 
     # smoke run on the tiny random model
-    python train.py stage=reward model=tiny data.limit=64 trainer.max_steps=4
+    python train.py stage=reward model=tiny data.limit=64 data.val_size=16 trainer.max_steps=4
     # sweep over beta and epsilon (one run directory per point under multirun/)
     python train.py -m stage=ppo reward_model_path=... ppo.kl_coef=0.01,0.05,0.2 ppo.clip_eps=0.1,0.2,0.3
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
 HH_HARMLESS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 
 _TOPICS = ["the weather", "a recipe for bread", "how to tie a knot", "the moon", "learning Python",
@@ -47,3 +48,23 @@ def hh_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in make_hh_rows(48)))
     return path
+
+
+def compose_run_config(overrides: list[str], run_dir: Path):
+    """The config ``train.py <overrides>`` would run with, Hydra's part included, as in a job.
+
+    Sets ``hydra.runtime.output_dir`` (Hydra sets it only when it runs a job) and registers the
+    config with ``HydraConfig`` so that ``${hydra:...}`` interpolations resolve.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import rlhf_lightning.config  # noqa: F401  (registers the custom resolvers)
+
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg

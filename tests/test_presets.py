@@ -9,26 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 import rlhf_lightning.config  # noqa: F401  (registers the resolvers)
 from rlhf_lightning import launch
+from conftest import compose_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
 def _compose(overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["stage=ppo", "model=tiny", "reward_model_path=x", *overrides],
-                      return_hydra_config=True)
-    with open_dict(cfg):  # set by Hydra only when it runs a job
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_run_config(["stage=ppo", "model=tiny", "reward_model_path=x", *overrides], tmp_path)
 
 
 def test_every_trainer_preset_is_tested():

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
+from conftest import compose_run_config
 from rlhf_lightning.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,12 +21,7 @@ CONF = str(ROOT / "conf")
 
 
 def _compose(overrides: list[str], tmp_path: Path):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
-    with open_dict(cfg):  # set by Hydra only when it runs a job
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_run_config(overrides, tmp_path)
 
 
 @pytest.mark.parametrize("stage", ["reward", "value", "ppo"])
