@@ -8,7 +8,7 @@ tokens, left-padded) every iteration; policy, frozen reference, critic and froze
 built by our loaders from the same source with the same seeds (critic seed 0, reward model seed 1);
 32 sampled tokens per prompt (temperature 1, no top-k/top-p), reward-model score, reference
 log-probabilities, values, k1 KL penalty β=0.05, GAE (γ 1, λ 0.95), whitened advantages, then ONE
-PPO epoch of ONE minibatch (clipped policy loss ε 0.2 + 0.1·clipped value loss), AdamW lr 3e-6
+PPO epoch of ONE minibatch (clipped policy loss ε 0.2 + 0.1·clipped value loss), fused AdamW lr 3e-6
 (ours: one optimizer per network; TRL: one over both), no gradient clipping (TRL's PPO does not
 clip; ours runs with ``ppo.max_grad_norm=None``), no sample generations, no checkpoints.
 
@@ -127,7 +127,7 @@ def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync
         gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1, total_episodes=PROMPTS * total,
         response_length=RESPONSE_TOKENS, stop_token=None, temperature=1.0, kl_coef=KL_COEF, kl_estimator="k1",
         cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95, learning_rate=LR,
-        lr_scheduler_type="constant", optim="adamw_torch", bf16=False, gradient_checkpointing=False,
+        lr_scheduler_type="constant", bf16=False, gradient_checkpointing=False,
         use_cpu=device.type == "cpu", report_to="none", save_strategy="no", num_sample_generations=0,
         disable_tqdm=True, logging_steps=10, seed=0)
 

@@ -7,7 +7,8 @@ Workload (identical for both): 4 hh-rlhf harmless pairs (prompt+chosen, prompt+r
 128 tokens each, right-padded to the batch's longest) every step, the same 4 pairs in the same order;
 the same model (``load_scalar_model``, same seed: same weights and head); a forward of the 8
 sequences, Bradley-Terry loss + 0.01 centering (ours ``center_coef``, TRL ``center_rewards_coefficient``),
-backward, ``torch.optim.AdamW`` step (lr 1e-5, no weight decay, no gradient clipping, constant lr).
+backward, fused ``torch.optim.AdamW`` step (both sides: TRL's default ``adamw_torch_fused``; lr 1e-5,
+no weight decay, no gradient clipping, constant lr).
 TRL runs with ``bf16=False`` and ``gradient_checkpointing=False`` (its defaults are True), like ours.
 
 Timed: one full step of each framework's own loop (see ``benchlib``): Lightning's fit loop from
@@ -86,7 +87,7 @@ def trl_loop(args, tokenizer, pairs, alternation, dtype, device):
             for p in pairs] * total
     config = RewardConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-reward-"), per_device_train_batch_size=PAIRS, max_steps=total,
-        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
+        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
         center_rewards_coefficient=CENTER, max_length=None, bf16=False, gradient_checkpointing=False,
         use_cpu=device.type == "cpu", report_to="none", save_strategy="no", disable_tqdm=True,
         train_sampling_strategy="sequential", seed=0)
