@@ -23,9 +23,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def _hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _hidden_states(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask,
+    out = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state  # (B, T, H)
 
@@ -35,12 +36,14 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return score_head(model)(_hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
 
 
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Reward-model score r(x, y): the scalar head at each row's last attended token. (B,) float32.
 
-    Only the B last hidden states go through the head.
+    Only the B last hidden states go through the head. ``inputs_embeds`` (B, T, H) replaces
+    ``input_ids`` (pass ``None`` for it) when the embeddings are already looked up.
     """
-    hidden = _hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    hidden = _hidden_states(model, input_ids, attention_mask, inputs_embeds)  # (B, T, H)
     last = last_valid_index(attention_mask)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return score_head(model)(pooled).squeeze(-1).float()
@@ -96,11 +99,12 @@ def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
     groups = length_groups(lengths, slack)
     if len(groups) == 1:
         return sequence_scores(model, input_ids, attention_mask)
+    embeds = model.get_input_embeddings()(input_ids)  # one lookup: one embedding backward, not one per group
     pieces = []
     for rows in groups:
         index = torch.tensor(rows, device=input_ids.device)
         width = max(lengths[r] for r in rows)
-        pieces.append(sequence_scores(model, input_ids[index, :width], attention_mask[index, :width]))
+        pieces.append(sequence_scores(model, None, attention_mask[index, :width], embeds[index, :width]))
     order = torch.tensor([r for rows in groups for r in rows], device=input_ids.device)
     return torch.cat(pieces)[torch.argsort(order)]
 
