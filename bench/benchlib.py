@@ -200,6 +200,54 @@ def common_args(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def start(description: str, argv: list[str] | None, add_arguments=None):
+    """Parse the arguments and set up: import both frameworks (equal memory baselines in the
+    per-side children), silence logs, set torch's threads, load the tokenizer of ``--model``.
+
+    Args:
+        add_arguments: optional ``f(parser)`` adding script-specific arguments.
+
+    Returns:
+        (args, tokenizer, device, dtype name for the loaders, sync function or None).
+    """
+    parser = common_args(description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    import lightning  # noqa: F401
+    import torch
+    import trl.experimental.ppo  # noqa: F401
+
+    from rlhf_lightning.models import load_tokenizer
+
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, sync = device_setup(args.device, args.dtype)
+    return args, load_tokenizer(*model_source(args.model)), device, dtype, sync
+
+
+def run_sides(args, builders: dict, sync, script: str, argv: list[str] | None):
+    """Build each side's loop (``builders[side](alternation)`` -> callable), run them alternating
+    (``--side both``) or alone; a ``--side`` child prints its JSON line and returns None.
+
+    Returns:
+        (alternation, memory): the step times, and each side's child results (None when skipped).
+    """
+    baseline = rss_mb("VmRSS")
+    sides = SIDES if args.side == "both" else (args.side,)
+    alternation = Alternation(sides, sync)
+    loops = {side: builders[side](alternation) for side in sides}
+    run_alternating(loops, alternation)
+    if args.json:
+        print(child_result(alternation, args.side, baseline, args.device))
+        return None
+    memory = None
+    if args.side == "both" and not args.no_memory:
+        memory = measure_memory_in_children(script, argv)
+    return alternation, memory
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and the libraries compared."""
     from importlib.metadata import PackageNotFoundError, version

@@ -143,34 +143,18 @@ def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync
 
 
 def main(argv=None) -> dict | None:
-    parser = benchlib.common_args(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    import lightning  # noqa: F401 - both sides import everything: equal memory baselines
     import torch
-    import trl.experimental.ppo  # noqa: F401
 
-    from rlhf_lightning.models import load_tokenizer
-
-    benchlib.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype, sync = benchlib.device_setup(args.device, args.dtype)
-    tokenizer = load_tokenizer(*benchlib.model_source(args.model))
+    args, tokenizer, device, dtype, sync = benchlib.start(__doc__.splitlines()[0], argv)
     prompts = hh_prompts(tokenizer)
-    baseline = benchlib.rss_mb("VmRSS")
-    sides = benchlib.SIDES if args.side == "both" else (args.side,)
-    alternation = benchlib.Alternation(sides, sync)
-    gen_logs = {side: [] for side in sides}
-    builders = {"ours": ours_loop, "trl": trl_loop}
-    loops = {s: builders[s](args, tokenizer, prompts, alternation, dtype, device, gen_logs[s], sync) for s in sides}
+    gen_logs = {side: [] for side in benchlib.SIDES}
+    builders = {"ours": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["ours"], sync),
+                "trl": lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["trl"], sync)}
     torch.manual_seed(0)
-    benchlib.run_alternating(loops, alternation)
-    if args.json:
-        print(benchlib.child_result(alternation, args.side, baseline, args.device))
+    ran = benchlib.run_sides(args, builders, sync, __file__, argv)
+    if ran is None:
         return None
-    memory = None
-    if args.side == "both" and not args.no_memory:
-        memory = benchlib.measure_memory_in_children(__file__, argv)
+    alternation, memory = ran
     prompt_cols = max(len(p) for p in prompts)
     columns = {s: [c for c, _ in log] for s, log in gen_logs.items()}
     gen_s = {s: sorted(t for _, t in log[args.warmup:]) for s, log in gen_logs.items()}
@@ -187,7 +171,6 @@ def main(argv=None) -> dict | None:
         if t:
             print(f"  {side}: generation {PROMPTS * RESPONSE_TOKENS / t[len(t) // 2]:.1f} tokens/s (median generate call)")
     return result
-
 
 
 if __name__ == "__main__":

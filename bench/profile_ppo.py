@@ -23,22 +23,16 @@ import ppo_iteration  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = benchlib.common_args(__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=25, help="operators listed")
-    parser.add_argument("--sort", default="self_cpu_time_total", help="torch.profiler sort key")
-    args = parser.parse_args(argv)
+    def add_arguments(parser):
+        parser.add_argument("--rows", type=int, default=25, help="operators listed")
+        parser.add_argument("--sort", default="self_cpu_time_total", help="torch.profiler sort key")
+
+    args, tokenizer, device, dtype, sync = benchlib.start(__doc__.splitlines()[0], argv, add_arguments)
     import lightning as L
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     import rlhf_lightning.modules.ppo as ppo_module
-    from rlhf_lightning.models import load_tokenizer
 
-    benchlib.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype, sync = benchlib.device_setup(args.device, args.dtype)
-    tokenizer = load_tokenizer(*benchlib.model_source(args.model))
     prompts = ppo_iteration.hh_prompts(tokenizer)
     phases: dict[str, float] = defaultdict(float)
     state = {"active": False}

@@ -102,32 +102,16 @@ def trl_loop(args, tokenizer, pairs, alternation, dtype, device):
 
 
 def main(argv=None) -> dict | None:
-    parser = benchlib.common_args(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    import lightning  # noqa: F401 - both sides import everything: equal memory baselines
     import torch
-    import trl  # noqa: F401
 
-    from rlhf_lightning.models import load_tokenizer
-
-    benchlib.quiet()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device, dtype, sync = benchlib.device_setup(args.device, args.dtype)
-    tokenizer = load_tokenizer(*benchlib.model_source(args.model))
+    args, tokenizer, device, dtype, sync = benchlib.start(__doc__.splitlines()[0], argv)
     pairs = hh_pairs(tokenizer)
-    baseline = benchlib.rss_mb("VmRSS")
-    sides = benchlib.SIDES if args.side == "both" else (args.side,)
-    alternation = benchlib.Alternation(sides, sync)
-    builders = {"ours": ours_loop, "trl": trl_loop}
-    loops = {side: builders[side](args, tokenizer, pairs, alternation, dtype, device) for side in sides}
-    benchlib.run_alternating(loops, alternation)
-    if args.json:
-        print(benchlib.child_result(alternation, args.side, baseline, args.device))
+    builders = {"ours": lambda alt: ours_loop(args, tokenizer, pairs, alt, dtype, device),
+                "trl": lambda alt: trl_loop(args, tokenizer, pairs, alt, dtype, device)}
+    ran = benchlib.run_sides(args, builders, sync, __file__, argv)
+    if ran is None:
         return None
-    memory = None
-    if args.side == "both" and not args.no_memory:
-        memory = benchlib.measure_memory_in_children(__file__, argv)
+    alternation, memory = ran
     lengths = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
     tokens = sum(lengths)
     n_params = sum(p.numel() for p in load_model(args, tokenizer, dtype, "cpu").parameters())
@@ -135,7 +119,6 @@ def main(argv=None) -> dict | None:
              "params": n_params, "threads": torch.get_num_threads()}
     return benchlib.report("reward_step", args, alternation, memory, extra, tokens={"train": tokens},
                            flops_per_step=6 * n_params * tokens)
-
 
 
 if __name__ == "__main__":
