@@ -267,11 +267,12 @@ class _ChunkedEntropy(torch.autograd.Function):
         lse = torch.empty(B, T, dtype=cdtype, device=logits.device)
         for bs, ts in _blocks(B, T, chunk_size):
             z = _scaled_block(logits, bs, ts, 1.0)
-            block_lse = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - block_lse.unsqueeze(-1))
-            pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype, device=z.device))
-            out[bs, ts] = block_lse - pz.sum(-1)
-            lse[bs, ts] = block_lse
+            m = z.amax(-1, keepdim=True)
+            e = (z - m).exp_()  # unnormalised probabilities, max 1
+            log_s = e.sum(-1).log()
+            # H = log s - sum(e log e) / s, with p = e / s; xlogy(0, 0) = 0 drops zero-probability entries
+            out[bs, ts] = log_s - torch.xlogy(e, e).sum(-1) / log_s.exp()
+            lse[bs, ts] = m.squeeze(-1) + log_s
         ctx.save_for_backward(logits, lse)
         ctx.chunk_size = chunk_size
         return out
