@@ -31,6 +31,7 @@ __all__ = [
     "logprobs_from_logits",
     "entropy_from_logits",
     "response_mask_from_eos",
+    "sample_from_logits",
     "last_valid_index",
     "explained_variance",
     "DEFAULT_CHUNK_SIZE",
@@ -266,11 +267,12 @@ class _ChunkedEntropy(torch.autograd.Function):
         lse = torch.empty(B, T, dtype=cdtype, device=logits.device)
         for bs, ts in _blocks(B, T, chunk_size):
             z = _scaled_block(logits, bs, ts, 1.0)
-            block_lse = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - block_lse.unsqueeze(-1))
-            pz = torch.where(p > 0, p * z, torch.zeros((), dtype=z.dtype, device=z.device))
-            out[bs, ts] = block_lse - pz.sum(-1)
-            lse[bs, ts] = block_lse
+            m = z.amax(-1, keepdim=True)
+            e = (z - m).exp_()  # unnormalised probabilities, max 1
+            log_s = e.sum(-1).log()
+            # H = log s - sum(e log e) / s, with p = e / s; xlogy(0, 0) = 0 drops zero-probability entries
+            out[bs, ts] = log_s - torch.xlogy(e, e).sum(-1) / log_s.exp()
+            lse[bs, ts] = m.squeeze(-1) + log_s
         ctx.save_for_backward(logits, lse)
         ctx.chunk_size = chunk_size
         return out
@@ -394,6 +396,68 @@ def entropy_from_logits(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE)
     logits3, lead = _as_3d(logits)
     _check_chunk_size(chunk_size)
     return _ChunkedEntropy.apply(logits3, chunk_size).reshape(lead)
+
+
+# --------------------------------------------------------------------------- #
+# Sampling
+# --------------------------------------------------------------------------- #
+def sample_from_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row from ``softmax(logits / temperature)``, optionally restricted to
+    the ``top_k`` likeliest tokens and then to the nucleus of mass ``top_p`` (Holtzman et al.
+    2020), in the order transformers' warpers apply them (temperature, top-k, top-p).
+
+    Inverse-CDF sampling: one uniform number per row against the cumulative sum of the kept
+    tokens' unnormalised probabilities (float64, so tokens with tiny probability keep their
+    share). ``torch.multinomial``, which ``transformers``' ``generate`` uses, draws one exponential
+    random number per vocabulary entry and was the largest cost of CPU generation. With
+    ``top_k`` only the k largest logits are kept (``topk``, no full sort); ``top_p < 1`` without
+    ``top_k`` sorts the whole row. Nucleus rule: a token is dropped when the mass of the tokens
+    ranked before it is already ``>= top_p`` (the likeliest token is always kept).
+
+    Args:
+        logits: ``(B, V)`` float tensor of any float dtype (``-inf`` entries are never drawn).
+        temperature: > 0.
+        top_k: keep the k largest logits (0 or >= V: all).
+        top_p: nucleus mass in (0, 1] (1: all).
+        generator: optional ``torch.Generator`` on the logits' device.
+
+    Returns:
+        ``(B,)`` long token ids.
+
+    Raises:
+        ValueError: ``logits`` not 2-D floating point, ``temperature <= 0``, ``top_k < 0`` or
+            ``top_p`` outside (0, 1].
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError("logits must be a 2-D (B, V) floating-point tensor")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    index = None
+    if 0 < top_k < z.shape[-1]:
+        z, index = z.topk(top_k, dim=-1)  # sorted, likeliest first
+    elif top_p < 1.0:
+        z, index = z.sort(dim=-1, descending=True)
+    weights = (z - z.amax(-1, keepdim=True)).exp_().double()  # unnormalised probabilities, max 1
+    if top_p < 1.0:
+        probs = weights / weights.sum(-1, keepdim=True)
+        weights = weights.masked_fill_(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = weights.cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+    return (picked if index is None else index.gather(-1, picked)).squeeze(-1)
 
 
 # --------------------------------------------------------------------------- #

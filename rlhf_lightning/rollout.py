@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from rlhf_lightning.losses import compute_rewards
-from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores
-from rlhf_lightning.ops import response_mask_from_eos
+from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
+from rlhf_lightning.ops import response_mask_from_eos, sample_from_logits
 
 
 @dataclass
@@ -79,12 +79,72 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True) -> Rollout:
-    """Sample responses with KV-cached ``generate`` and cut each after its first EOS.
+def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     config: GenerationConfig, eos_token_id: int | list[int], pad_token_id: int,
+                     do_sample: bool = True) -> torch.Tensor:
+    """Decode up to ``config.max_new_tokens`` tokens per prompt with a KV cache.
+
+    A plain loop over the causal LM's forward (``past_key_values``, ``logits_to_keep=1``): one
+    prefill, then one token per step, drawn by :func:`~rlhf_lightning.ops.sample_from_logits`
+    (temperature, top-k, top-p) or greedily. Rows that have produced an EOS get ``pad_token_id``
+    afterwards; decoding stops when every row has (on every rank, when distributed: sharded
+    models need the same number of forwards everywhere) or at the length limit.
 
     Args:
-        policy: a causal LM.
+        policy: a transformers causal LM (accepts ``past_key_values``, ``position_ids`` and
+            ``logits_to_keep``), in eval mode.
+        input_ids, attention_mask: (B, P) left-padded prompts.
+        config: sampling settings. eos_token_id, pad_token_id: the tokenizer's.
+        do_sample: False for greedy decoding.
+
+    Returns:
+        (B, R) long response tokens, R ≤ ``config.max_new_tokens``.
+    """
+    from transformers import DynamicCache
+
+    eos = torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
+    cache = DynamicCache(config=policy.config)
+    mask = attention_mask.long()
+    positions = position_ids_from_mask(mask)
+    next_position = positions[:, -1:] + 1  # (B, 1): prompts end at the last column
+    out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(config.max_new_tokens):
+        logits = out.logits[:, -1]  # (B, V)
+        token = (sample_from_logits(logits, config.temperature, config.top_k, config.top_p) if do_sample
+                 else logits.argmax(-1))
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if step + 1 == config.max_new_tokens or _all_finished(finished):
+            break
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                     past_key_values=cache, use_cache=True)
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1)
+
+
+def _all_finished(finished: torch.Tensor) -> bool:
+    """Whether every row of every rank has ended (one host sync; one all-reduce when distributed)."""
+    done = finished.all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        flag = done.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        done = flag.bool()
+    return bool(done)
+
+
+@torch.no_grad()
+def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True) -> Rollout:
+    """Sample responses (:func:`sample_responses`) and cut each after its first EOS.
+
+    Args:
+        policy: a causal LM (put in eval mode while sampling, then restored).
         input_ids, attention_mask: (B, P) left-padded prompts.
         config: sampling settings.
         eos_token_id, pad_token_id: the tokenizer's.
@@ -96,16 +156,11 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     was_training = policy.training
     policy.eval()
     try:
-        sequences = policy.generate(
-            input_ids=input_ids, attention_mask=attention_mask, do_sample=do_sample,
-            temperature=config.temperature if do_sample else None, top_p=config.top_p if do_sample else None,
-            top_k=(config.top_k or None) if do_sample else None, max_new_tokens=config.max_new_tokens,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True,
-        )  # (B, P + R)
+        response = sample_responses(policy, input_ids, attention_mask, config, eos_token_id, pad_token_id,
+                                    do_sample=do_sample)  # (B, R)
     finally:
         policy.train(was_training)
     prompt_len = input_ids.shape[1]
-    response = sequences[:, prompt_len:]
     response_mask, ends_with_eos = response_mask_from_eos(response, eos_token_id)
     response = response.masked_fill(~response_mask, pad_token_id)
     return Rollout(

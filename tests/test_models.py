@@ -12,9 +12,17 @@ from rlhf_lightning.models import (
     load_reference,
     load_scalar_model,
     resolve_pretrained,
+    score_head,
     train_top_layers,
 )
-from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores, token_scores
+from rlhf_lightning.models.forward import (
+    length_groups,
+    response_logprobs,
+    response_values,
+    right_padded_scores,
+    sequence_scores,
+    token_scores,
+)
 
 
 def test_resolve_pretrained_sources(tmp_path):
@@ -104,3 +112,33 @@ def test_scores_and_values_read_the_right_positions(tiny_dir, tokenizer):
         # Extra padding on the right does not move the score: it is read at the last attended token.
         torch.testing.assert_close(sequence_scores(critic, right_padded, right_mask), per_token[:, -1])
         torch.testing.assert_close(response_values(critic, ids, mask, start), per_token[:, start - 1 : -1])
+
+
+def test_length_groups_partition_rows_with_bounded_padding():
+    lengths = [63, 71, 81, 77, 51, 59, 108, 128]
+    groups = length_groups(lengths, slack=0.1)
+    assert sorted(r for g in groups for r in g) == list(range(8))
+    for g in groups:
+        padded, real = max(lengths[r] for r in g) * len(g), sum(lengths[r] for r in g)
+        assert len(g) == 1 or padded <= 1.1 * real
+    assert length_groups([5, 5, 5], slack=0.0) == [[0, 1, 2]] and length_groups([], 0.1) == []
+
+
+def test_right_padded_scores_equal_one_padded_forward(tiny_dir):
+    model = load_scalar_model(tiny_dir)
+    torch.manual_seed(0)
+    lengths = [3, 12, 7, 11, 2, 12]
+    ids = torch.randint(5, 1000, (6, 12))
+    mask = (torch.arange(12) < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    grouped = right_padded_scores(model, ids, mask, slack=0.1)
+    grouped.sum().backward()
+    grad = score_head(model).weight.grad.clone()
+    model.zero_grad()
+    padded = sequence_scores(model, ids, mask)
+    padded.sum().backward()
+    assert torch.allclose(grouped, padded, atol=1e-5)
+    assert torch.allclose(grad, score_head(model).weight.grad, atol=1e-5)
+    # not right-padded (left padding): falls back to the padded forward
+    left = mask.flip(1)
+    assert torch.allclose(right_padded_scores(model, ids.flip(1), left), sequence_scores(model, ids.flip(1), left))

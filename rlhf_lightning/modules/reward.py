@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.losses import pairwise_reward_loss
-from rlhf_lightning.models.forward import sequence_scores
+from rlhf_lightning.models.forward import right_padded_scores
 from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
 
 
@@ -48,8 +48,12 @@ class RewardModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (N,) float32 for N sequences (N, L), read at each row's last attended token."""
-        return sequence_scores(self.model, input_ids, attention_mask)
+        """Rewards (N,) float32 for N sequences (N, L), read at each row's last attended token.
+
+        Right-padded rows run in groups of similar length, each cut to its longest row
+        (:func:`~rlhf_lightning.models.forward.right_padded_scores`): little compute on padding.
+        """
+        return right_padded_scores(self.model, input_ids, attention_mask)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)

@@ -1,0 +1,177 @@
+"""PPO iteration: ours (PPOModule under Lightning's Trainer.fit) vs TRL 1.12's PPOTrainer (trl.experimental.ppo).
+
+    PYTHONPATH=. python bench/ppo_iteration.py --model tiny --steps 20
+    PYTHONPATH=. python bench/ppo_iteration.py --model smollm2 --steps 6
+
+Workload (identical for both): the same 8 hh-rlhf harmless prompts (chat template, at most 64
+tokens, left-padded) every iteration; policy, frozen reference, critic and frozen reward model all
+built by our loaders from the same source with the same seeds (critic seed 0, reward model seed 1);
+32 sampled tokens per prompt (temperature 1, no top-k/top-p), reward-model score, reference
+log-probabilities, values, k1 KL penalty β=0.05, GAE (γ 1, λ 0.95), whitened advantages, then ONE
+PPO epoch of ONE minibatch (clipped policy loss ε 0.2 + 0.1·clipped value loss), fused AdamW lr 3e-6
+(ours: one optimizer per network; TRL: one over both), no gradient clipping (TRL's PPO does not
+clip; ours runs with ``ppo.max_grad_norm=None``), no sample generations, no checkpoints.
+
+Response length: TRL runs with ``stop_token=None`` (it never stops early); ours stops
+generating when every row has produced EOS. The generated columns of every iteration of both
+sides are recorded (``generated_columns``): all 32 unless noted, so both train on equal shapes.
+
+Timed: one iteration of each framework's own loop (see ``benchlib``): Lightning's fit loop to
+``on_train_batch_end``, TRL's ``train()`` loop body to ``on_step_end``, alternating ours/TRL in one
+process after ``--warmup`` iterations each. ``generate`` is timed separately on both sides for the
+generation tokens/s. Peak memory: each side alone in a child process.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+PROMPTS, PROMPT_TOKENS, RESPONSE_TOKENS = 8, 64, 32
+LR, KL_COEF = 3e-6, 0.05
+
+
+def hh_prompts(tokenizer, n: int = PROMPTS) -> list[list[int]]:
+    """Token ids of ``n`` hh-rlhf harmless prompts (seeded subset) encoded by our PromptDataModule."""
+    from rlhf_lightning.data import PromptDataModule
+
+    dm = PromptDataModule(tokenizer, str(benchlib.DATA), max_prompt_length=PROMPT_TOKENS, val_size=0, limit=n,
+                          batch_size=n, seed=0)
+    dm.setup()
+    return dm.prompt_ids
+
+
+def load_models(args, dtype: str, device) -> dict:
+    """Policy, reference, critic, reward model: same sources and seeds for both sides."""
+    from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+
+    name, gguf = benchlib.model_source(args.model)
+    models = {"policy": load_policy(name, gguf, dtype=dtype), "ref": load_reference(name, gguf, dtype=dtype),
+              "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0),
+              "reward": load_scalar_model(name, gguf, dtype=dtype, frozen=True, seed=1)}
+    return {k: m.to(device) for k, m in models.items()}
+
+
+def record_generation(fn, log: list, sync, prompt_columns):
+    """``fn`` wrapped to append (generated columns, seconds) of every call to ``log``.
+
+    ``prompt_columns(args, kwargs, out)`` -> (prompt columns, total columns) of a call's result."""
+
+    def wrapper(*args, **kwargs):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if sync:
+            sync()
+        prompt, total = prompt_columns(args, kwargs, out)
+        log.append((total - prompt, time.perf_counter() - start))
+        return out
+
+    return wrapper
+
+
+def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync):
+    """A callable running Trainer.fit on PPOModule for warmup + steps iterations."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from rlhf_lightning.data import PromptCollator
+    from rlhf_lightning.data.preference import ListDataset
+    import rlhf_lightning.modules.ppo as ppo_module
+    from rlhf_lightning.modules import PPOModule
+
+    total = args.warmup + args.steps
+    m = load_models(args, dtype, device)
+    # our PPOModule samples with rlhf_lightning.rollout.generate (imported into modules.ppo)
+    ppo_module.generate = record_generation(ppo_module.generate, gen_log, sync,
+                                            lambda a, k, ro: (ro.response_start, ro.input_ids.shape[1]))
+    ppo = {"ppo_epochs": 1, "num_minibatches": 1, "kl_coef": KL_COEF, "max_grad_norm": None,
+           "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
+           "generation": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0}}
+    module = PPOModule(m["policy"], m["ref"], m["critic"], m["reward"], tokenizer, ppo=ppo,
+                       policy_optim={"lr": LR}, value_optim={"lr": LR})
+    loader = DataLoader(ListDataset([{"input_ids": ids, "prompt_index": i} for i, ids in enumerate(prompts)]),
+                        batch_size=PROMPTS, shuffle=False, collate_fn=PromptCollator(tokenizer.pad_token_id))
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            alternation.step_end("ours")
+
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                        precision="bf16-true" if dtype == "bfloat16" else "32-true",
+                        max_steps=module.optimizer_steps_per_iteration * total, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Clock()])
+    return lambda: trainer.fit(module, train_dataloaders=loader)
+
+
+def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync):
+    """A callable running TRL's PPOTrainer.train for warmup + steps iterations."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    total = args.warmup + args.steps
+    m = load_models(args, dtype, device)
+    # TRL samples with transformers' generate on the policy
+    m["policy"].generate = record_generation(m["policy"].generate, gen_log, sync,
+                                             lambda a, k, out: (k["input_ids"].shape[1], out.sequences.shape[1]))
+    config = PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-ppo-"), per_device_train_batch_size=PROMPTS,
+        gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1, total_episodes=PROMPTS * total,
+        response_length=RESPONSE_TOKENS, stop_token=None, temperature=1.0, kl_coef=KL_COEF, kl_estimator="k1",
+        cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95, learning_rate=LR,
+        lr_scheduler_type="constant", bf16=False, gradient_checkpointing=False,
+        use_cpu=device.type == "cpu", report_to="none", save_strategy="no", num_sample_generations=0,
+        disable_tqdm=True, logging_steps=10, seed=0)
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args_, state, control, **kwargs):
+            alternation.step_end("trl")
+
+    dataset = Dataset.from_dict({"input_ids": prompts})
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=m["policy"], ref_model=m["ref"],
+                         reward_model=m["reward"], value_model=m["critic"], train_dataset=dataset,
+                         eval_dataset=dataset, callbacks=[Clock()])
+    return trainer.train
+
+
+def main(argv=None) -> dict | None:
+    import torch
+
+    args, tokenizer, device, dtype, sync = benchlib.start(__doc__.splitlines()[0], argv)
+    prompts = hh_prompts(tokenizer)
+    gen_logs = {side: [] for side in benchlib.SIDES}
+    builders = {"ours": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["ours"], sync),
+                "trl": lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["trl"], sync)}
+    torch.manual_seed(0)
+    ran = benchlib.run_sides(args, builders, sync, __file__, argv)
+    if ran is None:
+        return None
+    alternation, memory = ran
+    prompt_cols = max(len(p) for p in prompts)
+    columns = {s: [c for c, _ in log] for s, log in gen_logs.items()}
+    gen_s = {s: sorted(t for _, t in log[args.warmup:]) for s, log in gen_logs.items()}
+    n_params = sum(p.numel() for p in load_models(args, dtype, "cpu")["policy"].parameters())
+    train_tokens = PROMPTS * (prompt_cols + RESPONSE_TOKENS)
+    extra = {"batch": f"{PROMPTS} prompts, left-padded to {prompt_cols} tokens (lengths {[len(p) for p in prompts]}) "
+                      f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
+             "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
+             "policy_params": n_params, "threads": torch.get_num_threads()}
+    result = benchlib.report("ppo_iteration", args, alternation, memory, extra,
+                             tokens={"train (prompt+response)": train_tokens},
+                             flops_per_step=6 * 2 * n_params * train_tokens)  # policy + critic, fwd + bwd
+    for side, t in gen_s.items():
+        if t:
+            print(f"  {side}: generation {PROMPTS * RESPONSE_TOKENS / t[len(t) // 2]:.1f} tokens/s (median generate call)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The benchmark scripts: strict ours/TRL alternation (default suite), one step of each (slow, needs trl)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import benchlib  # noqa: E402
+
+
+def test_alternation_runs_steps_strictly_in_turn():
+    alternation = benchlib.Alternation(("a", "b"))
+    order = []
+
+    def loop(side, n):
+        def run():
+            for _ in range(n):
+                order.append(side)
+                alternation.step_end(side)
+        return run
+
+    benchlib.run_alternating({"a": loop("a", 4), "b": loop("b", 6)}, alternation)
+    # the first steps of both may overlap (warm-up); from then on strictly in turn, then b alone
+    paired = order[2:8]
+    assert sorted(paired) == ["a", "a", "a", "b", "b", "b"]
+    assert all(x != y for x, y in zip(paired, paired[1:])) and order[8:] == ["b", "b"]
+    assert len(alternation.times["a"]) == 4 and len(alternation.times["b"]) == 6
+
+
+def test_alternation_reraises_and_releases_the_other_loop():
+    alternation = benchlib.Alternation(("a", "b"))
+
+    def bad():
+        raise RuntimeError("boom")
+
+    def good():
+        for _ in range(3):
+            alternation.step_end("b")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        benchlib.run_alternating({"a": bad, "b": good}, alternation)
+    assert len(alternation.times["b"]) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["reward_step", "ppo_iteration"])
+def test_bench_script_runs_one_step_on_tiny(script, tmp_path):
+    pytest.importorskip("trl")
+    module = __import__(script)
+    result = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory",
+                          "--out", str(tmp_path / "r.json")])
+    assert result["time_ratio"] > 0 and (tmp_path / "r.json").exists()

@@ -1,0 +1,84 @@
+"""Sampling: our KV-cached decoding loop against transformers' generate, and the sampler's distribution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_lightning.ops import sample_from_logits
+from rlhf_lightning.rollout import GenerationConfig, generate, sample_responses
+
+
+def _draw(logits: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
+    """Frequencies of n draws from one (V,) row of logits: (V,) float."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = sample_from_logits(logits.expand(n, -1), generator=gen, **kwargs)
+    return torch.bincount(tokens, minlength=logits.shape[-1]).float() / n
+
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -math.inf])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_matches_softmax(temperature):
+    freq = _draw(LOGITS, 200_000, temperature=temperature)
+    expected = torch.softmax(LOGITS / temperature, -1)
+    assert torch.allclose(freq, expected, atol=4e-3)
+    assert freq[-1] == 0  # -inf is never drawn
+
+
+def test_sampler_top_k_and_top_p_keep_the_right_tokens():
+    probs = torch.softmax(LOGITS, -1)  # ≈ .53 .20 .12 .07 .03 0
+    freq = _draw(LOGITS, 100_000, top_k=2)
+    assert torch.allclose(freq[:2], probs[:2] / probs[:2].sum(), atol=5e-3) and freq[2:].sum() == 0
+    # nucleus 0.7: token 0 (.53) then token 1 (mass before it .53 < .7) are kept; token 2 (mass before .73) is not
+    freq = _draw(LOGITS, 100_000, top_p=0.7)
+    assert torch.allclose(freq[:2], probs[:2] / probs[:2].sum(), atol=5e-3) and freq[2:].sum() == 0
+    # top-k first, then top-p within the k kept (renormalised): 0.5 keeps only the likeliest
+    assert _draw(LOGITS, 1000, top_k=3, top_p=0.5)[0] == 1
+    assert (_draw(LOGITS, 1000, top_p=1e-6)[0] == 1) and (_draw(LOGITS, 1000, top_k=1)[0] == 1)
+
+
+def test_sampler_errors():
+    for kwargs in ({"temperature": 0.0}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError):
+            sample_from_logits(LOGITS[None], **kwargs)
+    with pytest.raises(ValueError):
+        sample_from_logits(LOGITS)
+
+
+def test_greedy_decoding_matches_transformers_generate(tiny_dir, tokenizer):
+    from rlhf_lightning.models import load_policy
+
+    policy = load_policy(tiny_dir).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, 1000, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    mask[1, :1] = 0
+    ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    config = GenerationConfig(max_new_tokens=12)
+    eos = int(ids[2, -1])  # an id greedy decoding may well produce
+    ours = sample_responses(policy, ids, mask, config, eos, tokenizer.pad_token_id, do_sample=False)
+    theirs = policy.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+
+
+def test_generate_cuts_after_eos_and_restores_train_mode(tiny_dir, tokenizer):
+    from rlhf_lightning.models import load_policy
+
+    policy = load_policy(tiny_dir)
+    ids = torch.randint(5, 1000, (4, 5))
+    mask = torch.ones_like(ids)
+    vocab = policy.config.vocab_size
+    ro = generate(policy, ids, mask, GenerationConfig(max_new_tokens=6, top_k=vocab // 2), list(range(vocab // 2)),
+                  tokenizer.pad_token_id)
+    assert policy.training
+    # half the vocabulary is EOS: some rows end early; everything after the first EOS is masked and padded
+    first_eos = ro.response_mask.sum(1)
+    for row in range(4):
+        assert (ro.response_ids[row, first_eos[row]:] == tokenizer.pad_token_id).all()
+    assert torch.equal(ro.attention_mask[:, 5:], ro.response_mask.long())
