@@ -87,8 +87,12 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
     A plain loop over the causal LM's forward (``past_key_values``, ``logits_to_keep=1``): one
     prefill, then one token per step, drawn by :func:`~rlhf_lightning.ops.sample_from_logits`
     (temperature, top-k, top-p) or greedily. Rows that have produced an EOS get ``pad_token_id``
-    afterwards; decoding stops when every row has (on every rank, when distributed: sharded
-    models need the same number of forwards everywhere) or at the length limit.
+    afterwards; decoding stops when every row has or at the length limit.
+
+    Distributed: every rank runs the same number of forwards (sharded models all-gather their
+    weights in each), whatever its rows and its own ``max_new_tokens``: the ranks agree on the
+    largest limit (one all-reduce), a rank past its own limit keeps stepping with every row
+    finished, and decoding stops when every row of every rank has ended (one all-reduce a step).
 
     Args:
         policy: a transformers causal LM (accepts ``past_key_values``, ``position_ids`` and
@@ -110,28 +114,45 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
     out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True, logits_to_keep=1)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    limit = config.max_new_tokens
+    steps = _max_over_ranks(limit, input_ids.device)
     tokens = []
-    for step in range(config.max_new_tokens):
+    for step in range(steps):
         logits = out.logits[:, -1]  # (B, V)
         token = (sample_from_logits(logits, config.temperature, config.top_k, config.top_p) if do_sample
                  else logits.argmax(-1))
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
         finished |= torch.isin(token, eos)
-        if step + 1 == config.max_new_tokens or _all_finished(finished):
+        if step + 1 >= limit:
+            finished.fill_(True)  # this rank's limit: its rows are done, its forwards go on with the others'
+        if step + 1 == steps or _all_finished(finished):
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                      past_key_values=cache, use_cache=True)
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+    return torch.stack(tokens, dim=1)[:, :limit]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (``value`` itself when not distributed)."""
+    if not _distributed():
+        return value
+    t = torch.tensor(value, dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
 
 
 def _all_finished(finished: torch.Tensor) -> bool:
     """Whether every row of every rank has ended (one host sync; one all-reduce when distributed)."""
     done = finished.all()
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if _distributed():
         flag = done.to(torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         done = flag.bool()
