@@ -360,6 +360,14 @@ def policy_tokenizer_dir(name: str, gguf_file: str | None, key: str = "model.nam
     return None
 
 
+def _fingerprint(directory: Path, setting: str) -> dict | None:
+    """:func:`tokenizer_fingerprint`, its ``ValueError`` raised as a :class:`ConfigError` naming ``setting``."""
+    try:
+        return tokenizer_fingerprint(directory)
+    except ValueError as err:
+        raise ConfigError(f"{setting}: {_one_line(err)}") from None
+
+
 def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) -> None:
     if not model_dirs:
         return
@@ -375,18 +383,12 @@ def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) 
         log.info("tokenizer check skipped: the tokenizer of %s=%s is not available without loading the model "
                  "(not converted or not cached yet)", policy_key, policy)
         return
-    try:
-        policy_print = tokenizer_fingerprint(policy_dir)
-    except ValueError as err:
-        raise ConfigError(f"{policy_key}={policy}: {_one_line(err)}") from None
+    policy_print = _fingerprint(policy_dir, f"{policy_key}={policy}")
     if policy_print is None:
         log.info("tokenizer check skipped: no tokenizer.json or vocab.json in %s (%s)", policy_dir, policy_key)
         return
     for key, directory in model_dirs.items():
-        try:
-            other = tokenizer_fingerprint(directory)
-        except ValueError as err:
-            raise ConfigError(f"{key}={_get(cfg, key)}: {_one_line(err)}") from None
+        other = _fingerprint(directory, f"{key}={_get(cfg, key)}")
         if other is None:
             log.info("tokenizer check skipped for %s: no tokenizer.json or vocab.json in %s", key, directory)
             continue
