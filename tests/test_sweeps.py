@@ -89,8 +89,11 @@ def test_multirun_with_ddp_cpu_trains_each_point_once_without_relaunching_the_sw
     jobs = _job_dirs(sweep_dir)
     assert [p.name for p in jobs] == ["0", "1"]
     for job in jobs:
-        rows = (job / "csv" / "metrics.csv").read_text().splitlines()
-        assert len(rows) == 1 + 2 and (job / "model" / "model.safetensors").exists()  # header + 2 iterations
+        with open(job / "csv" / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert sum(bool(r.get("objective/score")) for r in rows) == 2  # 2 iterations, each trained once
+        assert sum(bool(r.get("eval/score_before")) for r in rows) == sum(bool(r.get("eval/score_after")) for r in rows) == 1
+        assert (job / "model" / "model.safetensors").exists()
 
 
 @pytest.mark.slow  # about 70 s alone on 2 cores (4 PPO jobs with W&B): pytest -m slow tests/test_sweeps.py
