@@ -56,6 +56,24 @@ def fault_tolerance_callbacks(cfg: DictConfig) -> list:
     return [RNGStateCallback(), NonFiniteGuard(cfg.get("max_consecutive_bad_steps", 5))]
 
 
+def without_disabled_callbacks(callbacks: list, trainer_cfg) -> list:
+    """Leave out the progress bar and checkpoint callbacks that the trainer config switches off.
+
+    ``trainer.enable_progress_bar=false`` or ``trainer.enable_checkpointing=false`` on the command
+    line would otherwise make Lightning refuse the ``callbacks=default`` preset's bar and checkpoint
+    callbacks; the trainer setting wins, as a user writing it expects. Dropped callbacks are logged.
+    """
+    from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+
+    off = tuple(kind for key, kind in (("enable_progress_bar", ProgressBar), ("enable_checkpointing", Checkpoint))
+                if trainer_cfg.get(key, True) is False)
+    kept = [c for c in callbacks if not (off and isinstance(c, off))]
+    for c in callbacks:
+        if c not in kept:
+            log.info("callback %s left out: switched off in the trainer config", type(c).__name__)
+    return kept
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Build tokenizer, data, module, loggers, callbacks and Trainer from ``cfg``, then ``Trainer.fit``.
 
@@ -79,6 +97,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = (instantiate_group(cfg.get("callbacks")) + tracking.tracking_callbacks(loggers, cfg)
                  + fault_tolerance_callbacks(cfg))
+    callbacks = without_disabled_callbacks(callbacks, cfg.trainer)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

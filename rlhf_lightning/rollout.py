@@ -14,6 +14,7 @@ from torch import nn
 
 from rlhf_lightning.losses import compute_rewards
 from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
+from rlhf_lightning.models.trunk import TrunkOutput
 from rlhf_lightning.ops import response_mask_from_eos, sample_from_logits
 
 
@@ -58,6 +59,7 @@ class Rollout:
         response_mask: (B, R) bool, True up to and including the first EOS.
         ends_with_eos: (B,) bool.
         scores: (B,) float32 reward-model score (missing-EOS penalty applied).
+        rm_scores: (B,) float32 the reward model's own score (no penalty).
         logprobs, ref_logprobs, values: (B, R) float32 (0 where masked), filled by :func:`evaluate`.
     """
 
@@ -67,6 +69,7 @@ class Rollout:
     response_mask: torch.Tensor
     ends_with_eos: torch.Tensor
     scores: torch.Tensor | None = None
+    rm_scores: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -193,22 +196,30 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
              ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
-             missing_eos_penalty: float | None = None) -> Rollout:
+             missing_eos_penalty: float | None = None, trunks: dict[str, TrunkOutput] | None = None) -> Rollout:
     """Fill in scores, old log-probabilities, reference log-probabilities and values, without autograd.
 
     The reward model and the frozen reference run under ``torch.inference_mode``; the policy
     and critic (trainable) under ``torch.no_grad``. Results are plain tensors (usable as
     constants in a later gradient step). Models passed as ``None`` are skipped.
 
+    Args:
+        trunks: outputs of shared frozen lower blocks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`)
+            for these rows, by network name (``reward_model``, ``ref_policy``, ``policy``,
+            ``critic``); a network with an entry runs only its blocks above it.
+
     Returns:
         The same rollout, updated in place.
     """
     ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     valid = rollout.response_mask
+    trunks = trunks or {}
     with torch.inference_mode():
-        scores = sequence_scores(reward_model, ids, mask)  # (B,)
-        ref = response_logprobs(ref_policy, ids, mask, start, temperature) if ref_policy is not None else None
+        scores = sequence_scores(reward_model, ids, mask, trunk=trunks.get("reward_model"))  # (B,)
+        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.get("ref_policy"))
+               if ref_policy is not None else None)
     scores = scores.clone()
+    rollout.rm_scores = scores
     if missing_eos_penalty is not None:
         scores = scores - missing_eos_penalty * (~rollout.ends_with_eos).float()
     rollout.scores = scores
@@ -216,9 +227,10 @@ def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None
         rollout.ref_logprobs = ref.clone().masked_fill(~valid, 0.0)
     with torch.no_grad():
         if policy is not None:
-            rollout.logprobs = response_logprobs(policy, ids, mask, start, temperature).masked_fill(~valid, 0.0)
+            rollout.logprobs = response_logprobs(policy, ids, mask, start, temperature,
+                                                 trunk=trunks.get("policy")).masked_fill(~valid, 0.0)
         if critic is not None:
-            rollout.values = response_values(critic, ids, mask, start).masked_fill(~valid, 0.0)
+            rollout.values = response_values(critic, ids, mask, start, trunk=trunks.get("critic")).masked_fill(~valid, 0.0)
     return rollout
 
 

@@ -48,7 +48,9 @@ def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samp
 
     ``ppo[metric]``: ``first``/``last`` are single training iterations, each on a different random
     batch of prompts; ``first_mean``/``last_mean`` average the first and last ``window`` iterations.
-    ``eval``: mean score (reward-model units) and KL (nats per response) on the fixed held-out
+    ``eval``: mean score (reward-model units, missing-EOS penalty included), mean reward-model
+    score without the penalty (``rm_score``), the fraction of responses that ended with EOS
+    (``eos_frac``; NaN for sample files written before it was recorded) and mean KL (nats per response) on the fixed held-out
     evaluation prompts, answered before the first iteration and after the last one with the same
     sampling seed (``PPOModule.evaluate_samples``): the like-for-like before/after comparison.
     ``samples``: the first ``samples_shown`` evaluation prompts with both responses.
@@ -61,7 +63,7 @@ def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samp
     ppo_rows = read_metrics(ppo_dir)
     out: dict = {"reward_val_accuracy": val_acc[-1] if val_acc else None,
                  "reward_val_accuracy_history": val_acc, "ppo": {}}
-    for key in ("objective/score", "objective/kl"):
+    for key in ("objective/score", "objective/rm_score", "objective/kl"):
         values = series(ppo_rows, key)
         if values:
             out["ppo"][key] = {"first": values[0], "last": values[-1], "iterations": len(values),
@@ -73,6 +75,8 @@ def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samp
     after_rows = [s for s in samples if s["phase"] == "after"]
     after = {s["prompt"]: s for s in after_rows}
     out["eval"] = {phase: {"prompts": len(rows), "score": _mean(r["score"] for r in rows),
+                           "rm_score": _mean(r.get("rm_score", r["score"]) for r in rows),
+                           "eos_frac": _mean(float(r.get("ends_with_eos", math.nan)) for r in rows),
                            "kl": _mean(r["kl"] for r in rows)}
                    for phase, rows in (("before", before), ("after", after_rows)) if rows}
     out["samples"] = [{"prompt": b["prompt"], "before": b["response"], "before_score": b["score"],
@@ -96,7 +100,8 @@ def render(summary: dict) -> None:
     console.rule("[bold]RLHF demo summary")
     console.print(f"Reward model validation accuracy: [bold]{acc:.3f}[/bold]" if acc is not None
                   else "Reward model validation accuracy: (not logged)")
-    table = Table(title="PPO (reward-model score and KL to the reference, nats per response)")
+    table = Table(title="PPO training batches (score = reward model − missing-EOS penalty; KL to the reference, "
+                        "nats per response)")
     for column in ("metric", "first iteration", "last iteration", "mean of first 5", "mean of last 5"):
         table.add_column(column)
     for key, v in summary["ppo"].items():
@@ -105,10 +110,11 @@ def render(summary: dict) -> None:
     evaluation = summary.get("eval", {})
     if evaluation:
         table = Table(title="PPO evaluation: the same held-out prompts and sampling seed before and after training")
-        for column in ("", "prompts", "mean score", "mean KL (nats)"):
+        for column in ("", "prompts", "mean score", "reward model alone", "ended with EOS", "mean KL (nats)"):
             table.add_column(column)
         for phase, v in evaluation.items():
-            table.add_row(f"{phase} PPO", str(v["prompts"]), f"{v['score']:.3f}", f"{v['kl']:.3f}")
+            table.add_row(f"{phase} PPO", str(v["prompts"]), f"{v['score']:.3f}", f"{v['rm_score']:.3f}",
+                          f"{v['eos_frac']:.0%}", f"{v['kl']:.3f}")
         console.print(table)
     for i, s in enumerate(summary["samples"], 1):
         console.rule(f"sample {i}")

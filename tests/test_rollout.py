@@ -82,3 +82,21 @@ def test_generate_cuts_after_eos_and_restores_train_mode(tiny_dir, tokenizer):
     for row in range(4):
         assert (ro.response_ids[row, first_eos[row]:] == tokenizer.pad_token_id).all()
     assert torch.equal(ro.attention_mask[:, 5:], ro.response_mask.long())
+
+
+def test_evaluate_applies_the_missing_eos_penalty_to_scores_only(tiny_dir, tokenizer):
+    """``scores`` = reward model − penalty on rows without EOS; ``rm_scores`` keeps the reward model's own."""
+    from rlhf_lightning.models import load_scalar_model
+    from rlhf_lightning.models.forward import sequence_scores
+    from rlhf_lightning.rollout import Rollout, evaluate
+
+    reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
+    ids = torch.randint(5, 1000, (3, 7))
+    mask = torch.ones_like(ids)
+    ends = torch.tensor([True, False, True])
+    ro = Rollout(input_ids=ids, attention_mask=mask, response_start=4, response_mask=torch.ones(3, 3, dtype=torch.bool),
+                 ends_with_eos=ends)
+    evaluate(ro, reward_model, missing_eos_penalty=2.5)
+    expected = sequence_scores(reward_model, ids, mask)
+    torch.testing.assert_close(ro.rm_scores, expected)
+    torch.testing.assert_close(ro.scores, expected - 2.5 * (~ends).float())

@@ -61,7 +61,9 @@ def test_ppo_without_reward_model_path_is_a_config_error(tmp_path):
 
 def _train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}", "callbacks=none",
+    # The default callbacks (progress bar, checkpoints) with the trainer switching both off: the
+    # trainer settings win (without_disabled_callbacks), Lightning would otherwise refuse the run.
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
            "trainer.enable_progress_bar=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.models.builders import score_head
+from rlhf_lightning.models.trunk import TrunkOutput, backbone_view
 from rlhf_lightning.ops import entropy_from_logits, last_valid_index, logprobs_from_logits
 
 
@@ -24,8 +25,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden_states(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
-                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    backbone = getattr(model, model.base_model_prefix)
+                   inputs_embeds: torch.Tensor | None = None, trunk: TrunkOutput | None = None) -> torch.Tensor:
+    """The backbone's last hidden states (B, T, H); with ``trunk``, only the blocks above it run."""
+    if trunk is not None:
+        backbone = backbone_view(model, trunk.depth, None, final_norm=True)
+        input_ids, inputs_embeds = None, trunk.hidden
+    else:
+        backbone = getattr(model, model.base_model_prefix)
     out = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state  # (B, T, H)
@@ -37,13 +43,15 @@ def token_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def sequence_scores(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
-                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                    inputs_embeds: torch.Tensor | None = None, trunk: TrunkOutput | None = None) -> torch.Tensor:
     """Reward-model score r(x, y): the scalar head at each row's last attended token. (B,) float32.
 
     Only the B last hidden states go through the head. ``inputs_embeds`` (B, T, H) replaces
-    ``input_ids`` (pass ``None`` for it) when the embeddings are already looked up.
+    ``input_ids`` (pass ``None`` for it) when the embeddings are already looked up; ``trunk``
+    (:class:`~rlhf_lightning.models.trunk.TrunkOutput` of the same rows) when the lower blocks
+    have already run.
     """
-    hidden = _hidden_states(model, input_ids, attention_mask, inputs_embeds)  # (B, T, H)
+    hidden = _hidden_states(model, input_ids, attention_mask, inputs_embeds, trunk)  # (B, T, H)
     last = last_valid_index(attention_mask)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return score_head(model)(pooled).squeeze(-1).float()
@@ -110,18 +118,20 @@ def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
 
 
 def response_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    response_start: int) -> torch.Tensor:
+                    response_start: int, trunk: TrunkOutput | None = None) -> torch.Tensor:
     """Critic values V(s_t) for the response tokens: (B, R) float32, R = T − response_start.
 
     V(s_t) is read at the position just before response token t (the state that token is
-    chosen from), positions ``response_start − 1 … T − 2``.
+    chosen from), positions ``response_start − 1 … T − 2``. ``trunk``: the output of the
+    critic's frozen lower blocks for these rows, if already computed.
     """
-    hidden = _hidden_states(model, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
+    hidden = _hidden_states(model, input_ids, attention_mask, trunk=trunk)[:, response_start - 1 : -1]  # (B, R, H)
     return score_head(model)(hidden).squeeze(-1).float()
 
 
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      response_start: int, temperature: float = 1.0, with_entropy: bool = False):
+                      response_start: int, temperature: float = 1.0, with_entropy: bool = False,
+                      trunk: TrunkOutput | None = None):
     """Log-probabilities of the response tokens under a causal LM.
 
     The language-model head runs on the R response positions only (not the prompt), and
@@ -133,11 +143,13 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         response_start: column of the first response token.
         temperature: the sampling temperature (logits are divided by it, as when sampling).
         with_entropy: also return the per-token entropy (nats, no gradient).
+        trunk: the output of the model's frozen lower blocks for these rows
+            (:class:`~rlhf_lightning.models.trunk.SharedTrunk`), if already computed.
 
     Returns:
         logprobs (B, R) float32, and entropy (B, R) float32 when ``with_entropy``.
     """
-    hidden = _hidden_states(model, input_ids, attention_mask)[:, response_start - 1 : -1]  # (B, R, H)
+    hidden = _hidden_states(model, input_ids, attention_mask, trunk=trunk)[:, response_start - 1 : -1]  # (B, R, H)
     logits = model.get_output_embeddings()(hidden)  # (B, R, V)
     if temperature != 1.0:
         logits = logits / temperature

@@ -14,6 +14,7 @@ from torch import nn
 from rlhf_lightning.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
 from rlhf_lightning.models.forward import response_logprobs, response_values
+from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput, shared_trunk_for
 from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
 from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of
@@ -52,6 +53,11 @@ class PPOConfig:
             numbers: the difference measures the policy's change, not sampling noise).
         eval_greedy: decode the evaluation greedily instead of sampling.
         log_samples_every_n_steps: also write that many sampled rollouts every N iterations (0: off).
+        share_trunk: when the policy, reference, critic and reward model have identical frozen
+            lower blocks (``model.trainable_layers`` with one base model), run those blocks once
+            per iteration and only the blocks above them in each network
+            (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same results, fewer forwards).
+            Off under FSDP and DeepSpeed (sharded parameters).
     """
 
     kl_coef: float = 0.05
@@ -73,6 +79,7 @@ class PPOConfig:
     eval_seed: int = 1234
     eval_greedy: bool = False
     log_samples_every_n_steps: int = 10
+    share_trunk: bool = True
 
     def __post_init__(self):
         self.generation = as_config(GenerationConfig, self.generation)
@@ -134,6 +141,14 @@ class PPOModule(L.LightningModule):
         else:
             self.kl_ctl = FixedKLController(self.ppo.kl_coef)
         self.save_hyperparameters(ignore=["policy", "ref_policy", "critic", "reward_model", "tokenizer"])
+        self.trunk: SharedTrunk | None = None  # set in on_fit_start
+
+    def on_fit_start(self) -> None:
+        """Find the frozen lower blocks the four networks share (``ppo.share_trunk``)."""
+        self.trunk = shared_trunk_for(self.trainer.strategy, self.ppo.share_trunk,
+                                      {"policy": self.policy, "ref_policy": self.ref_policy, "critic": self.critic,
+                                       "reward_model": self.reward_model},
+                                      groups=[["policy", "ref_policy"], ["critic", "reward_model"]])
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
@@ -153,14 +168,21 @@ class PPOModule(L.LightningModule):
         gen = self.ppo.generation
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample)
+        if self.trunk:  # the shared frozen blocks, once for all four networks and all PPO epochs
+            rollout.extras["trunks"] = self.trunk.compute(rollout.input_ids, rollout.attention_mask)
         return evaluate(rollout, self.reward_model, self.policy if with_old else None, self.ref_policy,
-                        self.critic if with_old else None, gen.temperature, gen.missing_eos_penalty)
+                        self.critic if with_old else None, gen.temperature, gen.missing_eos_penalty,
+                        trunks=rollout.extras.get("trunks"))
 
-    def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int):
-        """Policy log-probabilities and entropy, and critic values, with autograd: each (b, R)."""
+    def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int,
+                       trunks: dict[str, TrunkOutput] | None = None):
+        """Policy log-probabilities and entropy, and critic values, with autograd: each (b, R).
+
+        ``trunks``: the shared frozen blocks' outputs for these rows (see :meth:`rollout`)."""
+        trunks = trunks or {}
         logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
-                                              with_entropy=True)
-        return logprobs, entropy, response_values(self.critic, ids, attn, start)
+                                              with_entropy=True, trunk=trunks.get("policy"))
+        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.get("critic"))
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -177,9 +199,10 @@ class PPOModule(L.LightningModule):
         reuse_first = cfg.num_minibatches == 1
         ro = self.rollout(batch["input_ids"], batch["attention_mask"], with_old=not reuse_first)
         mask = ro.response_mask  # (B, R)
+        trunks = ro.extras.get("trunks", {})  # name -> TrunkOutput (B, T, H), when the networks share one
         first = None
         if reuse_first:
-            first = self._train_forward(ro.input_ids, ro.attention_mask, ro.response_start)
+            first = self._train_forward(ro.input_ids, ro.attention_mask, ro.response_start, trunks)
             ro.logprobs = first[0].detach().masked_fill(~mask, 0.0)
             ro.values = first[2].detach().masked_fill(~mask, 0.0)
 
@@ -202,7 +225,8 @@ class PPOModule(L.LightningModule):
                 if first is not None:  # epoch 0, whole batch: already computed in step 3
                     (logprobs, entropy, values), first = first, None
                 else:
-                    logprobs, entropy, values = self._train_forward(ids, attn, ro.response_start)
+                    logprobs, entropy, values = self._train_forward(
+                        ids, attn, ro.response_start, {name: t.rows(mb) for name, t in trunks.items()})
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
                 self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
@@ -230,6 +254,7 @@ class PPOModule(L.LightningModule):
         metrics = {key: torch.stack(values).mean() for key, values in stats.items()}
         metrics.update({
             "objective/score": ro.scores.mean(),
+            "objective/rm_score": ro.rm_scores.mean(),  # without the missing-EOS penalty
             "objective/kl": kl_per_seq,
             "objective/non_score_reward": -(kl_coef * kl * mask).sum(1).mean(),
             "objective/rlhf_reward": ro.scores.mean() - kl_coef * kl_per_seq,
@@ -258,7 +283,8 @@ class PPOModule(L.LightningModule):
         responses = self.tokenizer.batch_decode(ro.response_ids[:n], skip_special_tokens=True)
         kl_seq = (kl * ro.response_mask).sum(1) if kl is not None else torch.zeros(n)
         rows = [{"phase": phase, "step": self.iteration, "prompt": p, "response": r,
-                 "score": float(ro.scores[i]), "kl": float(kl_seq[i])}
+                 "score": float(ro.scores[i]), "rm_score": float(ro.rm_scores[i]),
+                 "ends_with_eos": bool(ro.ends_with_eos[i]), "kl": float(kl_seq[i])}
                 for i, (p, r) in enumerate(zip(prompts, responses))]
         if self.trainer.is_global_zero and self.samples_path:
             Path(self.samples_path).parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +292,7 @@ class PPOModule(L.LightningModule):
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self.trainer.is_global_zero:
-            columns = ["phase", "step", "prompt", "response", "score", "kl"]
+            columns = ["phase", "step", "prompt", "response", "score", "rm_score", "ends_with_eos", "kl"]
             for logger in self.loggers:  # every logger with tables (W&B), wherever it is in the list
                 if hasattr(logger, "log_table"):
                     logger.log_table(key=f"samples/{phase}", columns=columns,
@@ -279,11 +305,13 @@ class PPOModule(L.LightningModule):
         Responses are sampled with ``ppo.eval_seed`` in a forked RNG (greedy with ``ppo.eval_greedy``),
         so the calls before and after training see the same random numbers and the training's RNG
         stream is not advanced. Rows go to ``samples_path``; the means ``eval/score`` (reward-model
-        units) and ``eval/kl`` (nats per response, estimator ``ppo.kl_estimator``) go to every logger
-        at the current step.
+        units, missing-EOS penalty included), ``eval/rm_score`` (without it), ``eval/kl`` (nats per
+        response, estimator ``ppo.kl_estimator``) and ``eval/eos_frac`` go to every logger, suffixed
+        ``_<phase>``, at the current step.
 
         Returns:
-            ``{"eval/score", "eval/kl"}`` as floats, or ``None`` when there is nothing to evaluate
+            ``{"eval/score", "eval/rm_score", "eval/kl", "eval/eos_frac"}`` as floats, or ``None``
+            when there is nothing to evaluate
             (``num_sample_prompts`` 0 or a datamodule without ``sample_batch``).
         """
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -297,12 +325,15 @@ class PPOModule(L.LightningModule):
                               do_sample=not self.ppo.eval_greedy)
         _, kl = rewards_of(ro, self.kl_ctl.value, self.ppo.kl_estimator)
         self._write_samples(ro, kl, phase=phase, limit=ro.input_ids.shape[0])
-        result = {"eval/score": float(ro.scores.mean()), "eval/kl": float((kl * ro.response_mask).sum(1).mean())}
+        result = {"eval/score": float(ro.scores.mean()), "eval/rm_score": float(ro.rm_scores.mean()),
+                  "eval/kl": float((kl * ro.response_mask).sum(1).mean()),
+                  "eval/eos_frac": float(ro.ends_with_eos.float().mean())}
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:  # self.log is not allowed in on_train_end
                 logger.log_metrics({f"{key}_{phase}": value for key, value in result.items()}, step=self.global_step)
-        log.info("evaluation %s training on %d prompts: score %.4f, KL %.4f nats", phase,
-                 ro.input_ids.shape[0], result["eval/score"], result["eval/kl"])
+        log.info("evaluation %s training on %d prompts: score %.4f (reward model %.4f), KL %.4f nats, "
+                 "%.0f%% ended with EOS", phase, ro.input_ids.shape[0], result["eval/score"], result["eval/rm_score"],
+                 result["eval/kl"], 100 * result["eval/eos_frac"])
         return result
 
     def on_train_start(self) -> None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from rlhf_lightning.losses import gae, td_targets, value_loss
 from rlhf_lightning.models.forward import response_values
+from rlhf_lightning.models.trunk import SharedTrunk, shared_trunk_for
 from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
 from rlhf_lightning.ops import explained_variance
 from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of
@@ -28,6 +29,9 @@ class ValueConfig:
         cliprange_value: PPO-style value clipping around the rollout's values (None: off).
         kl_estimator: k1, k2 or k3.
         generation: sampling settings for the rollouts.
+        share_trunk: run the frozen lower blocks that the policy, reference, critic and reward
+            model share once per step (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same
+            results). Off under FSDP and DeepSpeed.
     """
 
     kl_coef: float = 0.05
@@ -36,6 +40,7 @@ class ValueConfig:
     cliprange_value: float | None = None
     kl_estimator: str = "k1"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    share_trunk: bool = True
 
     def __post_init__(self):
         self.generation = as_config(GenerationConfig, self.generation)
@@ -80,6 +85,14 @@ class ValueModule(L.LightningModule):
         self.optim = as_config(OptimConfig, optim)
         self.export_dir = export_dir
         self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
+        self.trunk: SharedTrunk | None = None  # set in on_fit_start
+
+    def on_fit_start(self) -> None:
+        """Find the frozen lower blocks the networks share (``value.share_trunk``)."""
+        self.trunk = shared_trunk_for(self.trainer.strategy, self.value.share_trunk,
+                                      {"policy": self.policy, "ref_policy": self.ref_policy, "critic": self.critic,
+                                       "reward_model": self.reward_model},
+                                      groups=[["policy", "ref_policy"], ["critic", "reward_model"]])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         cfg = self.value
@@ -87,13 +100,15 @@ class ValueModule(L.LightningModule):
         ro = generate(self.policy, batch["input_ids"], batch["attention_mask"], cfg.generation,
                       self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         with_kl = self.ref_policy is not None and cfg.kl_coef > 0
+        trunks = self.trunk.compute(ro.input_ids, ro.attention_mask) if self.trunk else {}
         evaluate(ro, self.reward_model, self.policy if with_kl else None, self.ref_policy if with_kl else None,
-                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty)
+                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty, trunks=trunks)
         mask = ro.response_mask
         # 2. Per-token rewards: -β·KL_t, plus the score at the last token.
         rewards, kl = rewards_of(ro, cfg.kl_coef, cfg.kl_estimator)
         # 3. V(s_t) with gradient; the target from the same values, detached.
-        values = response_values(self.critic, ro.input_ids, ro.attention_mask, ro.response_start)  # (B, R)
+        values = response_values(self.critic, ro.input_ids, ro.attention_mask, ro.response_start,
+                                 trunk=trunks.get("critic"))  # (B, R)
         if cfg.lam == 0:
             targets = td_targets(rewards, values, mask, cfg.gamma)
         else:
