@@ -16,9 +16,9 @@ class IterationProgressBar(TQDMProgressBar):
     """TQDM progress bar whose training total counts PPO iterations, not optimizer steps.
 
     Under manual optimization Lightning's ``global_step`` (and so ``max_steps``) counts every
-    optimizer step; PPO takes 2 × ppo_epochs × num_minibatches of them per batch. A module that
-    exposes ``optimizer_steps_per_iteration`` gets a bar over batches; others behave as
-    :class:`~lightning.pytorch.callbacks.TQDMProgressBar`.
+    optimizer step; PPO takes 2 × ppo_epochs × num_minibatches of them per batch (1 × ... with
+    ``ppo.joint_optimizer``). A module that exposes ``optimizer_steps_per_iteration`` gets a bar over
+    batches; others behave as :class:`~lightning.pytorch.callbacks.TQDMProgressBar`.
     """
 
     @property

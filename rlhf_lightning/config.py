@@ -17,12 +17,32 @@ def _mul(*factors) -> int:
     return math.prod(int(f) for f in factors)
 
 
+def _ppo_optimizers(joint) -> int:
+    """``${ppo_optimizers:${ppo.joint_optimizer}}``: optimizer steps PPO takes per minibatch, the factor
+    Lightning's ``global_step`` (so ``trainer.max_steps``) counts them with: 1 with the joint optimizer,
+    2 otherwise (policy and critic). As :attr:`PPOModule.optimizer_steps_per_iteration`.
+
+    Args:
+        joint: a bool, or the strings ``true``/``false`` (any case).
+
+    Raises:
+        TypeError: anything else (the message names ``ppo.joint_optimizer``).
+    """
+    if isinstance(joint, str) and joint.lower() in ("true", "false"):
+        joint = joint.lower() == "true"
+    if not isinstance(joint, bool):
+        raise TypeError(f"ppo.joint_optimizer={joint!r} must be true or false")
+    return 1 if joint else 2
+
+
 def register_resolvers() -> None:
-    """Register ``${mul:...}``, ``${sweep_group:}``, ``${ddp_start_method:}`` and ``${claim_device:N}``
-    (idempotent). Call before composing the configs. ``${claim_device:N}`` is ``[i]``, the device list
-    ``Trainer(devices=...)`` takes, with i from :func:`rlhf_lightning.launch.claim_device`."""
+    """Register ``${mul:...}``, ``${ppo_optimizers:...}``, ``${sweep_group:}``, ``${ddp_start_method:}`` and
+    ``${claim_device:N}`` (idempotent). Call before composing the configs. ``${claim_device:N}`` is ``[i]``,
+    the device list ``Trainer(devices=...)`` takes, with i from :func:`rlhf_lightning.launch.claim_device`."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    if not OmegaConf.has_resolver("ppo_optimizers"):
+        OmegaConf.register_new_resolver("ppo_optimizers", _ppo_optimizers)
     if not OmegaConf.has_resolver("ddp_start_method"):
         OmegaConf.register_new_resolver("ddp_start_method", launch.ddp_start_method)
     if not OmegaConf.has_resolver("claim_device"):

@@ -413,8 +413,10 @@ def validate_config(cfg: DictConfig) -> None:
        ``reward.center_coef`` >= 0;
     3. sizes: batch sizes, ``iterations``, ``ppo.ppo_epochs``, ``ppo.num_minibatches``,
        ``*.generation.max_new_tokens`` and maximum lengths are positive integers, and
-       ``batch_size`` is a multiple of ``ppo.num_minibatches``; PPO is not run with a DeepSpeed
-       strategy (one optimizer only in Lightning; PPO has two);
+       ``batch_size`` is a multiple of ``ppo.num_minibatches``; ``ppo.joint_optimizer`` is a bool,
+       and true under a DeepSpeed strategy (Lightning's takes one optimizer; the ``deepspeed_*``
+       presets set it for PPO through ``conf/stage_trainer/``, so this catches an explicit
+       ``ppo.joint_optimizer=false`` or a DeepSpeed strategy of one's own);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
@@ -451,11 +453,15 @@ def validate_config(cfg: DictConfig) -> None:
             if batch_size is not None and minibatches is not None and batch_size % minibatches:
                 raise ConfigError(f"batch_size={batch_size} is not divisible by ppo.num_minibatches={minibatches} "
                                   "(each PPO epoch splits the rollout batch into equal minibatches)")
+            joint = _get(cfg, "ppo.joint_optimizer")
+            if joint is _MISSING or (joint is not _ABSENT and not isinstance(joint, bool)):
+                shown = "???" if joint is _MISSING else repr(joint)
+                raise ConfigError(f"ppo.joint_optimizer={shown} must be true or false")
             strategy = _get(cfg, "trainer.strategy")
             target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
-            if isinstance(target, str) and "deepspeed" in target.lower():
-                raise ConfigError(f"trainer.strategy={target}: Lightning's DeepSpeed strategy takes one optimizer and "
-                                  "PPO steps two (policy and critic); use trainer=ddp for PPO")
+            if isinstance(target, str) and "deepspeed" in target.lower() and joint is not True:
+                raise ConfigError(f"trainer.strategy={target} takes one optimizer and PPO has two (policy, critic): "
+                                  "set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
 
     on_error = _get(cfg, "data.on_error")
     if on_error is _MISSING or (on_error is not _ABSENT and on_error not in ON_ERROR):

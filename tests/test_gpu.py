@@ -1,4 +1,5 @@
-"""GPU presets on the tiny model through train.py: bf16, DDP over NCCL, FSDP, DeepSpeed ZeRO 2/3.
+"""GPU presets on the tiny model through train.py: bf16, DDP over NCCL, FSDP, DeepSpeed ZeRO 2/3 (reward and
+PPO; PPO under DeepSpeed runs with ppo.joint_optimizer, which the presets turn on).
 
 Marked ``gpu`` (left out of the default run: ``pytest -m gpu``) and skipped without CUDA (or with
 fewer GPUs / no ``deepspeed`` where a test needs them).
@@ -55,3 +56,20 @@ def test_reward_fsdp_two_gpus(tmp_path, hh_file):
 @pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_reward_deepspeed_two_gpus(preset, tmp_path, hh_file):
     _reward(tmp_path, hh_file, f"trainer={preset}", "trainer.devices=2")
+
+
+@two_gpus
+@needs_deepspeed
+@pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_ppo_deepspeed_two_gpus(preset, tmp_path, hh_file, tiny_dir):
+    import csv
+
+    from omegaconf import OmegaConf
+
+    run_dir = _ppo(tmp_path, hh_file, tiny_dir, f"trainer={preset}", "trainer.devices=2")
+    config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert config.ppo.joint_optimizer is True  # conf/stage_trainer/ppo_<preset>.yaml
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("objective/score")]
+    assert len(rows) == 2  # iterations=2: max_steps = 2 x 1 epoch x 1 minibatch, one optimizer
+    assert (run_dir / "model_critic" / "model.safetensors").exists()

@@ -197,3 +197,160 @@ def test_ppo_evaluation_is_reproducible_and_leaves_the_training_rng_alone(tmp_pa
     logger.save()
     metrics = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "eval/score_before" in metrics and "eval/score_after" in metrics and "eval/kl_after" in metrics
+
+
+# --------------------------------------------------------------------------- PPO, joint optimizer
+
+
+def _ppo_module(tiny_dir, tokenizer, joint: bool, **ppo):
+    settings = {"ppo_epochs": 1, "num_minibatches": 2, "generation": {"max_new_tokens": 4}, "num_sample_prompts": 0,
+                "log_samples_every_n_steps": 0, "joint_optimizer": joint, **ppo}
+    return PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                     load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer, ppo=settings,
+                     policy_optim={"lr": 1e-3, "warmup_steps": 1}, value_optim={"lr": 3e-3, "warmup_steps": 3})
+
+
+def _warmed(iteration: int) -> list[float]:
+    """The two lrs of _ppo_module during PPO iteration ``iteration`` (0-based): lr * min(1, (i + 1) / (warmup + 1))."""
+    return [1e-3 * min(1, (iteration + 1) / 2), 3e-3 * min(1, (iteration + 1) / 4)]
+
+
+class OptimizerRecorder(L.Callback):
+    """Per training batch: each optimizer's param-group lrs at its start; per optimizer step: the gradient
+    norms (policy, critic, both) that reach the optimizer (after clip_gradients); the backward calls."""
+
+    def __init__(self):
+        self.lrs, self.norms, self.backwards = [], [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers])
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.backwards += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        def norm(module):
+            return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+        policy, critic = norm(pl_module.policy), norm(pl_module.critic)
+        self.norms.append((float(policy), float(critic), float(torch.hypot(policy, critic))))
+
+
+def test_ppo_joint_optimizer_is_one_optimizer_with_two_groups_and_their_warmups(tmp_path, tiny_dir, tokenizer,
+                                                                                 prompt_dm):
+    L.seed_everything(0)
+    module = _ppo_module(tiny_dir, tokenizer, joint=True, max_grad_norm=1e-3)  # tiny: every step is clipped
+    assert module.optimizer_steps_per_iteration == 1 * 2  # one optimizer x 1 epoch x 2 minibatches
+    clips = []
+    clip_gradients = module.clip_gradients
+    module.clip_gradients = lambda opt, **kw: clips.append(opt) or clip_gradients(opt, **kw)
+    steps = 2
+    recorder, optim = StepRecorder(["policy", "critic"]), OptimizerRecorder()
+    trainer = _trainer(tmp_path, max_steps=steps * module.optimizer_steps_per_iteration, callbacks=[recorder, optim])
+    trainer.fit(module, datamodule=prompt_dm)
+
+    # Both networks change on every training step; iterations and optimizer steps are counted right.
+    assert recorder.changed == [{"policy": True, "critic": True}] * steps
+    assert module.iteration == steps and trainer.global_step == steps * 2
+    # One optimizer and one scheduler; two param groups holding exactly each network's trainable parameters.
+    (optimizer,) = trainer.optimizers
+    assert len(trainer.lr_scheduler_configs) == 1
+    assert [group["name"] for group in optimizer.param_groups] == ["policy", "critic"]
+    for group, net in zip(optimizer.param_groups, (module.policy, module.critic)):
+        assert {id(p) for p in group["params"]} == {id(p) for p in net.parameters() if p.requires_grad}
+    assert [group["initial_lr"] for group in optimizer.param_groups] == [1e-3, 3e-3]
+    assert optimizer.param_groups[0]["fused"] and optimizer.param_groups[1]["fused"]
+    # Each group warms up on its own schedule (warm-up 1 and 3 iterations).
+    assert optim.lrs == [[pytest.approx(_warmed(i))] for i in range(steps)]
+    # Per minibatch: one backward, one clip_gradients, one step; the clip is one norm over both groups.
+    assert optim.backwards == len(clips) == len(optim.norms) == trainer.global_step
+    assert all(opt.optimizer is optimizer for opt in clips)
+    for policy, critic, joint in optim.norms:
+        assert joint <= 1e-3 * (1 + 1e-4) and max(policy, critic) <= joint
+
+
+def test_ppo_two_optimizers_clip_each_network_on_its_own(tmp_path, tiny_dir, tokenizer, prompt_dm):
+    """The default path: two optimizers, two schedulers, each network's gradient norm clipped separately."""
+    L.seed_everything(0)
+    module = _ppo_module(tiny_dir, tokenizer, joint=False, max_grad_norm=1e-3, num_minibatches=1)
+    optim = OptimizerRecorder()
+    trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration, callbacks=[optim])
+    trainer.fit(module, datamodule=prompt_dm)
+    assert module.optimizer_steps_per_iteration == 2 * 1 * 1 and module.iteration == 2
+    assert len(trainer.optimizers) == 2 and len(trainer.lr_scheduler_configs) == 2
+    assert all("name" not in group for opt in trainer.optimizers for group in opt.param_groups)
+    assert optim.lrs == [[[pytest.approx(lr)] for lr in _warmed(i)] for i in range(2)]
+    # Two optimizer steps per backward; at the first, each network is clipped to 1e-3 on its own.
+    assert 2 * optim.backwards == len(optim.norms) == trainer.global_step
+    for policy, critic, joint in optim.norms[::2]:
+        assert policy <= 1e-3 * (1 + 1e-4) and critic <= 1e-3 * (1 + 1e-4)
+    assert any(joint > 1e-3 * (1 + 1e-4) for _, _, joint in optim.norms[::2])  # together: more than one norm
+
+
+def test_make_optimizer_is_plain_fused_adamw_with_linear_warmup():
+    """One group: exactly AdamW(params, fused=True, ...) and LambdaLR(linear warm-up), the path before groups."""
+    from rlhf_lightning.modules.common import OptimConfig, make_optimizer
+
+    config = OptimConfig(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, warmup_steps=3)
+    runs = []
+    for build in ("ours", "plain"):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        if build == "ours":
+            optimizer, scheduler = make_optimizer(net.parameters(), config)
+        else:
+            optimizer = torch.optim.AdamW(list(net.parameters()), fused=True, lr=1e-3, weight_decay=0.1,
+                                          betas=(0.8, 0.99), eps=1e-6)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+        for _ in range(5):
+            optimizer.zero_grad()
+            net(torch.randn(2, 4)).square().sum().backward()
+            optimizer.step()
+            scheduler.step()
+        runs.append((optimizer, scheduler, net))
+    (ours, ours_sched, ours_net), (plain, plain_sched, plain_net) = runs
+    assert ours.defaults == plain.defaults and ours.param_groups[0]["fused"] is True
+    assert ours.state_dict()["param_groups"] == plain.state_dict()["param_groups"]
+    assert ours_sched.state_dict() == plain_sched.state_dict()
+    for a, b in zip(ours_net.parameters(), plain_net.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_make_grouped_optimizer_errors_name_the_group():
+    from rlhf_lightning.modules.common import OptimConfig, make_grouped_optimizer
+
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters in critic"):
+        make_grouped_optimizer([("policy", torch.nn.Linear(2, 2).parameters(), OptimConfig()),
+                                ("critic", frozen.parameters(), OptimConfig())])
+    with pytest.raises(ValueError, match="no parameter groups"):
+        make_grouped_optimizer([])
+
+
+def test_ppo_joint_optimizer_must_be_a_bool():
+    from rlhf_lightning.modules import PPOConfig
+    from rlhf_lightning.modules.common import as_config
+
+    with pytest.raises(TypeError, match="joint_optimizer"):
+        as_config(PPOConfig, {"joint_optimizer": "yes"})
+
+
+def test_deepspeed_gets_the_clip_value_and_needs_the_joint_optimizer():
+    """Under DeepSpeed clip_gradients does nothing: ppo.max_grad_norm goes into the strategy's DeepSpeed config."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    from rlhf_lightning.modules import PPOConfig
+    from rlhf_lightning.modules.ppo import configure_deepspeed_clipping
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # no deepspeed package needed: only .config is read
+    strategy.config = {"zero_optimization": {"stage": 2}}
+    configure_deepspeed_clipping(strategy, PPOConfig(joint_optimizer=True, max_grad_norm=0.5))
+    assert strategy.config["gradient_clipping"] == 0.5
+    strategy.config = {"gradient_clipping": 2.0}  # a user's DeepSpeed config wins
+    configure_deepspeed_clipping(strategy, PPOConfig(joint_optimizer=True, max_grad_norm=0.5))
+    assert strategy.config["gradient_clipping"] == 2.0
+    strategy.config = {}
+    configure_deepspeed_clipping(strategy, PPOConfig(joint_optimizer=True, max_grad_norm=None))
+    assert strategy.config["gradient_clipping"] == 0.0  # DeepSpeed: no clipping
+    with pytest.raises(ValueError, match="ppo.joint_optimizer=true"):
+        configure_deepspeed_clipping(strategy, PPOConfig(joint_optimizer=False))
+    configure_deepspeed_clipping(DDPStrategy(), PPOConfig())  # any other strategy: nothing to do

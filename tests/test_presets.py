@@ -62,6 +62,47 @@ def test_gpu_trainer_presets_compose(preset, strategy, tmp_path):
         assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
 
 
+@pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_presets_turn_on_ppos_joint_optimizer(preset, tmp_path):
+    """One optimizer under DeepSpeed: ppo.joint_optimizer true, one step per minibatch in max_steps."""
+    cfg = _compose([f"trainer={preset}", "iterations=3", "ppo.ppo_epochs=2", "ppo.num_minibatches=2"], tmp_path)
+    assert cfg.ppo.joint_optimizer is True and cfg.module.ppo.joint_optimizer is True
+    assert cfg.trainer.max_steps == 3 * 2 * 2  # iterations x epochs x minibatches
+    off = _compose([f"trainer={preset}", "iterations=3", "ppo.joint_optimizer=false"], tmp_path)  # the command line wins
+    assert off.ppo.joint_optimizer is False and off.trainer.max_steps == 2 * 3 * 4 * 1
+
+
+def test_ppo_max_steps_follows_the_joint_optimizer(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf_lightning.modules import PPOConfig, PPOModule
+    from rlhf_lightning.modules.common import as_config
+
+    for extra, optimizers in (([], 2), (["ppo.joint_optimizer=true"], 1), (["trainer=ddp_cpu"], 2)):
+        cfg = _compose(["iterations=5", "ppo.num_minibatches=2", *extra], tmp_path)
+        assert cfg.trainer.max_steps == optimizers * 5 * 4 * 2, extra  # ppo_epochs 4 by default
+        # The module counts the same steps per iteration (its iteration counter divides global_step by them).
+        ppo = as_config(PPOConfig, OmegaConf.to_container(cfg.ppo, resolve=True))
+        assert cfg.trainer.max_steps == 5 * PPOModule.optimizer_steps_per_iteration.fget(SimpleNamespace(ppo=ppo))
+    reward = compose_run_config(["stage=reward", "model=tiny", "trainer=deepspeed_zero2"], tmp_path)
+    assert "ppo" not in reward  # the specialization is PPO's only
+
+
+def test_ppo_optimizers_resolver():
+    from rlhf_lightning.config import _ppo_optimizers
+
+    assert (_ppo_optimizers(True), _ppo_optimizers(False), _ppo_optimizers("TRUE"), _ppo_optimizers("false")) == (1, 2, 1, 2)
+    with pytest.raises(TypeError, match="ppo.joint_optimizer"):
+        _ppo_optimizers("yes")
+
+
+def test_stage_trainer_specializations_name_a_stage_and_a_trainer():
+    """conf/stage_trainer/<stage>_<trainer>.yaml is only picked when both names exist: no typo goes unseen."""
+    pairs = {f"{s.stem}_{t.stem}" for s in (CONF / "stage").glob("*.yaml") for t in (CONF / "trainer").glob("*.yaml")}
+    files = {p.stem for p in (CONF / "stage_trainer").glob("*.yaml")}
+    assert files == {"ppo_deepspeed_zero2", "ppo_deepspeed_zero3"} and files <= pairs
+
+
 def test_ddp_start_method_is_popen_only_where_processes_exist(monkeypatch):
     for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)

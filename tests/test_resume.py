@@ -128,19 +128,74 @@ def test_value_resume_matches_uninterrupted_run(tmp_path, hh_file, reward_dir):
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"critic"}
 
 
-def test_ppo_resume_matches_uninterrupted_run(tmp_path, hh_file, reward_dir):
-    # 4 optimizer steps per iteration (2 minibatches x policy + critic), a checkpoint after each iteration;
-    # 8 prompts in batches of 4: 2 iterations per epoch. Killed after iteration 2 (an epoch end), resumed
-    # for iterations 3-4 (the next epoch); the minibatch order and the sampling draw on the torch RNG.
+@pytest.mark.parametrize("joint", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["two_optimizers", "joint"])
+def test_ppo_resume_matches_uninterrupted_run(joint, tmp_path, hh_file, reward_dir):
+    # 4 optimizer steps per iteration (2 minibatches x policy + critic; 2 with ppo.joint_optimizer), a
+    # checkpoint after each iteration; 8 prompts in batches of 4: 2 iterations per epoch. Killed after
+    # iteration 2 (an epoch end), resumed for iterations 3-4 (the next epoch); the minibatch order and the
+    # sampling draw on the torch RNG. The joint variant is slow (~75 s); test_ppo_joint_optimizer_resume_*
+    # checks it in process in the default suite.
+    per_iteration = 2 if joint else 4
     overrides = ["stage=ppo", *_fast(hh_file), f"reward_model_path={reward_dir}", "data.limit=8", "batch_size=4",
                  "iterations=4", "ppo.ppo_epochs=1", "ppo.num_minibatches=2", "ppo.generation.max_new_tokens=6",
                  "max_prompt_length=32", "ppo.adaptive_kl=true", "ppo.num_sample_prompts=1",
-                 "policy_optim.lr=1e-3", "value_optim.lr=1e-3", "checkpoint.every_n_train_steps=4"]
-    checkpoint = _resume_matches(tmp_path, overrides, kill_at=8, rows_after=2, step_key="objective/score",
-                                 exports=("model", "model_critic"))
+                 "policy_optim.lr=1e-3", "value_optim.lr=1e-3", f"checkpoint.every_n_train_steps={per_iteration}",
+                 f"ppo.joint_optimizer={str(joint).lower()}"]
+    checkpoint = _resume_matches(tmp_path, overrides, kill_at=2 * per_iteration, rows_after=2,
+                                 step_key="objective/score", exports=("model", "model_critic"))
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"policy", "critic"}
-    assert len(checkpoint["optimizer_states"]) == 2 and len(checkpoint["lr_schedulers"]) == 2
+    optimizers = 1 if joint else 2
+    assert len(checkpoint["optimizer_states"]) == optimizers and len(checkpoint["lr_schedulers"]) == optimizers
     assert "kl_controller" in checkpoint
+
+
+def test_ppo_joint_optimizer_resume_matches_uninterrupted_run(tmp_path, hh_file, tiny_dir, tokenizer):
+    """ppo.joint_optimizer: one optimizer state with two param groups in the checkpoint; a run stopped after
+    iteration 1 and resumed from last.ckpt counts iterations on and ends with the uninterrupted run's weights.
+    In process (Trainer.fit, the tiny model), so it stays fast; the RNG and data position come back as in
+    train.py (RNGStateCallback, the resumable sampler)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rlhf_lightning.callbacks import RNGStateCallback
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+    from rlhf_lightning.modules import PPOModule
+
+    def fit(run_dir: Path, iterations: int, ckpt_path: str | None = None) -> PPOModule:
+        L.seed_everything(3)
+        module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                           load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
+                           ppo={"joint_optimizer": True, "ppo_epochs": 1, "num_minibatches": 2, "num_sample_prompts": 0,
+                                "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}},
+                           policy_optim={"lr": 1e-3, "warmup_steps": 1}, value_optim={"lr": 3e-3, "warmup_steps": 3})
+        datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
+        checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=module.optimizer_steps_per_iteration,
+                                      save_last=True, save_top_k=0)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=iterations * module.optimizer_steps_per_iteration,
+                            max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run_dir,
+                            callbacks=[checkpoints, RNGStateCallback()])
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return module
+
+    full = fit(tmp_path / "full", iterations=2)
+    cut = fit(tmp_path / "cut", iterations=1)
+    assert cut.iteration == 1
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 2  # one iteration: 1 optimizer x 1 epoch x 2 minibatches
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    assert [group["name"] for group in optimizer_state["param_groups"]] == ["policy", "critic"]
+    assert len(checkpoint["lr_schedulers"]) == 1
+    resumed = fit(tmp_path / "cut", iterations=2, ckpt_path=str(last))
+    assert resumed.iteration == full.iteration == 2 and resumed.global_step == 4
+    for name in ("policy", "critic"):
+        expected, got = getattr(full, name).state_dict(), getattr(resumed, name).state_dict()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], **TOL, msg=f"{name}.{key}")
+    # Both groups moved on from where the checkpoint left them: the schedule too (warm-ups 1 and 3).
+    assert [g["lr"] for g in resumed.trainer.optimizers[0].param_groups] == pytest.approx([1e-3, 3e-3 * 3 / 4])
 
 
 def test_kill_during_checkpoint_write_keeps_last_ckpt_loadable(tmp_path):

@@ -163,10 +163,31 @@ def test_batch_size_not_divisible_by_minibatches_is_an_error(reward_dir, tmp_pat
 
 
 @pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])
-def test_ppo_with_deepspeed_is_an_error_before_anything_loads(preset, reward_dir, tmp_path):
-    message = _error([*_ok("ppo", reward_dir), f"trainer={preset}"], tmp_path)
-    assert message.startswith("trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy") and "one optimizer" in message
+def test_ppo_with_deepspeed_presets_is_valid_and_needs_the_joint_optimizer(preset, reward_dir, tmp_path):
+    cfg = _compose([*_ok("ppo", reward_dir), f"trainer={preset}"], tmp_path)
+    assert cfg.ppo.joint_optimizer is True  # set by conf/stage_trainer/ppo_<preset>.yaml
+    validate_config(cfg)
+    # Turned off on the command line: one line naming the key to set, before anything loads.
+    message = _error([*_ok("ppo", reward_dir), f"trainer={preset}", "ppo.joint_optimizer=false"], tmp_path)
+    assert message == ("trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy takes one optimizer and PPO "
+                       "has two (policy, critic): set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
     validate_config(_compose([*_ok("reward", reward_dir), f"trainer={preset}"], tmp_path))  # one optimizer: fine
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer=ddp", "trainer.strategy._target_=lightning.pytorch.strategies.DeepSpeedStrategy"],  # a preset of one's own
+    ["trainer=gpu", "trainer.strategy=deepspeed_stage_2"],  # Lightning's registry name
+])
+def test_ppo_with_another_deepspeed_strategy_needs_the_joint_optimizer(overrides, reward_dir, tmp_path):
+    message = _error([*_ok("ppo", reward_dir), *overrides], tmp_path)
+    assert message.startswith("trainer.strategy=") and message.endswith(
+        "set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
+    validate_config(_compose([*_ok("ppo", reward_dir), *overrides, "ppo.joint_optimizer=true"], tmp_path))
+
+
+def test_joint_optimizer_must_be_a_bool(reward_dir, tmp_path):
+    assert _error([*_ok("ppo", reward_dir), "ppo.joint_optimizer=maybe"], tmp_path) == \
+        "ppo.joint_optimizer='maybe' must be true or false"
 
 
 @pytest.mark.parametrize("stage, key, value", [

@@ -52,11 +52,26 @@ def as_config(cls, value):
         raise TypeError(f"{cls.__name__}: {err} (allowed keys: {allowed})") from None
 
 
+def linear_warmup(warmup_steps: int):
+    """The LR multiplier of :class:`OptimConfig`'s schedule, as a ``LambdaLR`` lambda.
+
+    ``step -> min(1, (step + 1) / (warmup_steps + 1))``: a linear ramp to 1 over ``warmup_steps``
+    scheduler steps, then constant (1 from the start when ``warmup_steps`` <= 0).
+    """
+    warmup = max(warmup_steps, 0)
+    return lambda step: min(1.0, (step + 1) / (warmup + 1))
+
+
+def _adamw_kwargs(config: OptimConfig) -> dict:
+    return dict(lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+
+
 def make_optimizer(parameters, config: OptimConfig):
     """AdamW over the parameters that require gradients, with a linear warm-up schedule.
 
     The fused implementation (``fused=True``) where torch has one for the parameters' device and
-    dtype (CPU, CUDA), else the default one.
+    dtype (CPU, CUDA), else the default one. One parameter group: :func:`make_grouped_optimizer` with
+    a single, unnamed group.
 
     Returns:
         (optimizer, LambdaLR scheduler).
@@ -64,16 +79,51 @@ def make_optimizer(parameters, config: OptimConfig):
     Raises:
         ValueError: nothing to train.
     """
-    params = [p for p in parameters if p.requires_grad]
-    if not params:
-        raise ValueError("no trainable parameters: check trainable_layers / frozen settings")
-    kwargs = dict(lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    return make_grouped_optimizer([(None, parameters, config)])
+
+
+def make_grouped_optimizer(groups):
+    """One AdamW with one parameter group per ``(name, parameters, config)`` entry of ``groups``.
+
+    Each group keeps its own settings from its :class:`OptimConfig` (``lr``, ``weight_decay``,
+    ``betas``, ``eps``) and only the parameters that require gradients; a group with a ``name`` (a
+    string) carries it under the param group's ``"name"`` key (``LearningRateMonitor`` uses it), one
+    whose name is ``None`` gets no such key. The optimizer's defaults are the first group's settings.
+    The fused implementation (``fused=True``) where torch has one for the parameters' device and
+    dtype (CPU, CUDA), else the default one.
+
+    The scheduler is one ``LambdaLR`` with one lambda per group, :func:`linear_warmup` of that group's
+    ``warmup_steps``: stepping it once moves every group along its own warm-up.
+
+    Returns:
+        (optimizer, LambdaLR scheduler).
+
+    Raises:
+        ValueError: ``groups`` is empty, or a group has no trainable parameter (the message names it).
+    """
+    groups = list(groups)
+    if not groups:
+        raise ValueError("make_grouped_optimizer: no parameter groups given")
+    param_groups, lambdas = [], []
+    for index, (name, parameters, config) in enumerate(groups):
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
+            where = f" in {name}" if name else ""
+            raise ValueError(f"no trainable parameters{where}: check trainable_layers / frozen settings")
+        # The first group takes its settings from the optimizer's defaults (below), so a single
+        # unnamed group is exactly AdamW(params, **settings): same param group, same state_dict.
+        group = {"params": params, **(_adamw_kwargs(config) if index else {})}
+        if name is not None:
+            group["name"] = name
+        param_groups.append(group)
+        lambdas.append(linear_warmup(config.warmup_steps))
+    defaults = _adamw_kwargs(groups[0][2])
+    # Fresh group dicts for each attempt: AdamW fills its defaults (``fused`` included) into them.
     try:  # one fused kernel per step: ~6x faster than the default multi-tensor AdamW on CPU
-        optimizer = torch.optim.AdamW(params, fused=True, **kwargs)
+        optimizer = torch.optim.AdamW([dict(g) for g in param_groups], fused=True, **defaults)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        optimizer = torch.optim.AdamW(params, **kwargs)
-    warmup = max(config.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        optimizer = torch.optim.AdamW([dict(g) for g in param_groups], **defaults)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas if len(lambdas) > 1 else lambdas[0])
     return optimizer, scheduler
 
 

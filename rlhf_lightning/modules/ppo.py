@@ -15,7 +15,13 @@ from rlhf_lightning.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput, shared_trunk_for
-from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
+from rlhf_lightning.modules.common import (
+    OptimConfig,
+    as_config,
+    export_pretrained,
+    make_grouped_optimizer,
+    make_optimizer,
+)
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
 from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of
 
@@ -34,7 +40,8 @@ class PPOConfig:
         kl_coef: β, the per-token KL penalty coefficient (≥ 0), initial value if adaptive.
         clip_eps: ε of the clipped surrogate, in (0, 1).
         cliprange_value: clip range of the value loss around the rollout's values (None: off).
-        vf_coef: weight of the value loss in the backward (the critic has its own optimizer).
+        vf_coef: weight of the value loss in the backward (the critic has its own optimizer, or its
+            own parameter group with ``joint_optimizer``).
         gamma, lam: discount γ and GAE λ, in [0, 1].
         whiten: whiten advantages over the batch's valid tokens.
         ppo_epochs: passes over each rollout batch.
@@ -42,7 +49,17 @@ class PPOConfig:
         kl_estimator: k1, k2 or k3 (Schulman 2020) for the per-token KL in the reward.
         adaptive_kl: use the adaptive controller (Ziegler et al. 2019) with kl_target (nats per
             sequence) and kl_horizon (samples).
-        max_grad_norm: gradient-norm clip for each optimizer (None: off).
+        max_grad_norm: gradient-norm clip (None: off): the policy's and the critic's gradient norms
+            are clipped separately with two optimizers; with ``joint_optimizer`` one norm over both
+            (the critic's gradients can then shrink the policy's step and the reverse).
+        joint_optimizer: train the policy and the critic with ONE AdamW holding two parameter groups
+            (policy: ``policy_optim``'s lr, weight decay, betas, eps and warm-up; critic:
+            ``value_optim``'s) and one LR scheduler with a warm-up per group, instead of two
+            optimizers. Each minibatch is then one backward, one joint gradient-norm clip, one step.
+            Needed for strategies that take a single optimizer (Lightning's DeepSpeedStrategy: the
+            ``deepspeed_*`` trainer presets turn it on for PPO); a step counts once in
+            ``global_step`` instead of twice. Checkpoints of the two modes are not interchangeable
+            (one optimizer state instead of two).
         generation: sampling settings (:class:`GenerationConfig`).
         num_sample_prompts: the fixed evaluation prompts (the datamodule's ``sample_batch``: the
             first held-out prompts) answered before the first and after the last iteration, their
@@ -80,6 +97,7 @@ class PPOConfig:
     eval_greedy: bool = False
     log_samples_every_n_steps: int = 10
     share_trunk: bool = True
+    joint_optimizer: bool = False
 
     def __post_init__(self):
         self.generation = as_config(GenerationConfig, self.generation)
@@ -94,6 +112,52 @@ class PPOConfig:
             raise ValueError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+        if not isinstance(self.joint_optimizer, bool):
+            raise TypeError(f"ppo.joint_optimizer={self.joint_optimizer!r} must be true or false")
+
+
+def _as_list(value) -> list:
+    """``LightningModule.optimizers()``/``lr_schedulers()`` return a bare object when there is one."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def configure_deepspeed_clipping(strategy, ppo: PPOConfig) -> None:
+    """Make a DeepSpeed strategy clip PPO's gradients at ``ppo.max_grad_norm``; other strategies: nothing.
+
+    Under DeepSpeed, ``LightningModule.clip_gradients`` does nothing (the precision plugin leaves
+    clipping to DeepSpeed, which clips one global norm inside ``engine.step()`` at its config's
+    ``gradient_clipping``), and Lightning refuses ``Trainer(gradient_clip_val=...)`` under manual
+    optimization, so the value goes into the strategy's DeepSpeed config before the engine is built
+    (Lightning only fills ``gradient_clipping`` from the trainer when the key is absent). A config that
+    already sets ``gradient_clipping`` (a user's DeepSpeed JSON) is kept; a value different from
+    ``ppo.max_grad_norm`` is logged as a warning. ``max_grad_norm`` None writes 0.0 (DeepSpeed: off).
+
+    Args:
+        strategy: the trainer's strategy; only a ``lightning.pytorch.strategies.DeepSpeedStrategy``
+            (``config`` a dict) is changed.
+        ppo: the module's :class:`PPOConfig`.
+
+    Raises:
+        ValueError: a DeepSpeed strategy and ``ppo.joint_optimizer`` false.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return
+    if not ppo.joint_optimizer:
+        raise ValueError("DeepSpeedStrategy takes one optimizer and PPO has two (policy, critic): "
+                         "set ppo.joint_optimizer=true (one optimizer, two parameter groups)")
+    config = strategy.config
+    if not isinstance(config, dict):
+        return
+    wanted = float(ppo.max_grad_norm or 0.0)
+    if "gradient_clipping" not in config:
+        config["gradient_clipping"] = wanted
+    elif float(config["gradient_clipping"]) != wanted:
+        log.warning("the DeepSpeed config sets gradient_clipping=%s; it is used instead of ppo.max_grad_norm=%s",
+                    config["gradient_clipping"], ppo.max_grad_norm)
 
 
 class PPOModule(L.LightningModule):
@@ -109,7 +173,8 @@ class PPOModule(L.LightningModule):
     5. GAE advantages (whitened) and returns;
     6. ``ppo_epochs`` passes over minibatches: clipped policy loss and clipped value loss, one
        ``manual_backward``, ``clip_gradients`` for each optimizer, then the policy optimizer and
-       the value optimizer both stepped and zeroed;
+       the value optimizer both stepped and zeroed (``ppo.joint_optimizer``: one optimizer with a
+       policy and a critic parameter group, clipped over both, stepped and zeroed once);
     7. the adaptive KL controller's update (if on), then logging.
 
     Args:
@@ -152,8 +217,9 @@ class PPOModule(L.LightningModule):
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
-        """Lightning counts every optimizer step in ``global_step``: 2 optimizers × epochs × minibatches."""
-        return 2 * self.ppo.ppo_epochs * self.ppo.num_minibatches
+        """Lightning counts every optimizer step in ``global_step``: optimizers × epochs × minibatches,
+        with 2 optimizers (policy, critic), or 1 with ``ppo.joint_optimizer``."""
+        return (1 if self.ppo.joint_optimizer else 2) * self.ppo.ppo_epochs * self.ppo.num_minibatches
 
     @property
     def iteration(self) -> int:
@@ -186,8 +252,17 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One PPO iteration (steps 1-7 of the class docstring) on a batch of prompts.
+
+        Args:
+            batch: ``input_ids`` and ``attention_mask``, (B, P) int64, left-padded.
+            batch_idx: unused.
+
+        Raises:
+            ValueError: B is not a multiple of ``ppo.num_minibatches``.
+        """
         cfg = self.ppo
-        opt_policy, opt_value = self.optimizers()
+        optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
         batch_size = batch["input_ids"].shape[0]
         if batch_size % cfg.num_minibatches:
             raise ValueError(f"prompt batch size {batch_size} is not divisible by ppo.num_minibatches={cfg.num_minibatches}")
@@ -214,7 +289,7 @@ class PPOModule(L.LightningModule):
         if cfg.whiten:
             advantages = masked_whiten(advantages, mask)
 
-        # 6. PPO epochs over minibatches; both optimizers step together on every minibatch.
+        # 6. PPO epochs over minibatches; both optimizers (or the joint one) step on every minibatch.
         stats: dict[str, list[torch.Tensor]] = {}
         mb_size = batch_size // cfg.num_minibatches
         for epoch in range(cfg.ppo_epochs):
@@ -230,19 +305,19 @@ class PPOModule(L.LightningModule):
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
                 self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
-                if cfg.max_grad_norm is not None:
-                    self.clip_gradients(opt_policy, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
-                    self.clip_gradients(opt_value, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
-                opt_policy.step()
-                opt_value.step()
-                opt_policy.zero_grad(set_to_none=True)
-                opt_value.zero_grad(set_to_none=True)
+                if cfg.max_grad_norm is not None:  # per optimizer: the joint one clips one norm over both groups
+                    for opt in optimizers:
+                        self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
+                for opt in optimizers:
+                    opt.step()
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 for key, value in (("ppo/policy_loss", pg_loss), ("value/loss", vf_loss),
                                    ("ppo/clipfrac", pg_stats["clipfrac"]), ("ppo/approx_kl", pg_stats["approx_kl"]),
                                    ("ppo/ratio", pg_stats["ratio_mean"]), ("value/clipfrac", vf_stats["clipfrac"]),
                                    ("objective/entropy", masked_mean(entropy, m))):
                     stats.setdefault(key, []).append(value.detach())
-        for scheduler in self.lr_schedulers():
+        for scheduler in _as_list(self.lr_schedulers()):
             scheduler.step()
 
         # 7. Adaptive KL controller (on the KL averaged over ranks, so every rank keeps the same β), then logging.
@@ -272,9 +347,32 @@ class PPOModule(L.LightningModule):
             self._write_samples(ro, kl, phase="train")
 
     def configure_optimizers(self):
+        """AdamW and warm-up schedules for the policy and the critic (:mod:`~rlhf_lightning.modules.common`).
+
+        Returns:
+            ``[policy optimizer, critic optimizer], [policy scheduler, critic scheduler]``; with
+            ``ppo.joint_optimizer``, ``[optimizer], [scheduler]``: one AdamW whose param groups are
+            ``"policy"`` (``policy_optim``) and ``"critic"`` (``value_optim``), one ``LambdaLR`` with
+            each group's own warm-up.
+
+        Raises:
+            ValueError: the policy or the critic has no trainable parameter.
+        """
+        if self.ppo.joint_optimizer:
+            optimizer, scheduler = make_grouped_optimizer([("policy", self.policy.parameters(), self.policy_optim),
+                                                           ("critic", self.critic.parameters(), self.value_optim)])
+            return [optimizer], [scheduler]
         opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim)
         opt_value, sched_value = make_optimizer(self.critic.parameters(), self.value_optim)
         return [opt_policy, opt_value], [sched_policy, sched_value]
+
+    def setup(self, stage: str) -> None:
+        """Under DeepSpeed, check for the joint optimizer and hand ``ppo.max_grad_norm`` to DeepSpeed.
+
+        Raises:
+            ValueError: a DeepSpeed strategy without ``ppo.joint_optimizer`` (it takes one optimizer).
+        """
+        configure_deepspeed_clipping(self.trainer.strategy, self.ppo)
 
     # ------------------------------------------------------------------ samples
     def _write_samples(self, ro: Rollout, kl: torch.Tensor | None, phase: str, limit: int | None = None) -> list[dict]:
