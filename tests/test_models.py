@@ -74,6 +74,16 @@ def test_scalar_head_init_is_seeded_and_kept_after_export(tmp_path, tiny_dir, to
     assert not torch.equal(a.score.weight, load_scalar_model(tiny_dir, seed=4).score.weight)
     a.save_pretrained(tmp_path)
     torch.testing.assert_close(load_scalar_model(str(tmp_path), seed=99).score.weight, a.score.weight)
+    # head=: a saved head dropped for zeros or a fresh seeded one; the backbone is the checkpoint's either way.
+    zero = load_scalar_model(str(tmp_path), head="zero")
+    assert not zero.score.weight.any()
+    ids = torch.tensor([[1, 4093, 28, 2683]])
+    assert not sequence_scores(zero, ids, torch.ones_like(ids)).any()
+    fresh = load_scalar_model(str(tmp_path), head="normal", seed=3)
+    torch.testing.assert_close(fresh.score.weight, load_scalar_model(tiny_dir, seed=3).score.weight)
+    torch.testing.assert_close(zero.model.layers[0].mlp.up_proj.weight, a.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="head="):
+        load_scalar_model(tiny_dir, head="random")
 
 
 def _padded_pair(tokenizer):

@@ -354,3 +354,20 @@ def test_deepspeed_gets_the_clip_value_and_needs_the_joint_optimizer():
     with pytest.raises(ValueError, match="ppo.joint_optimizer=true"):
         configure_deepspeed_clipping(strategy, PPOConfig(joint_optimizer=False))
     configure_deepspeed_clipping(DDPStrategy(), PPOConfig())  # any other strategy: nothing to do
+
+
+def test_ppo_critic_warmup_leaves_the_policy_alone_then_trains_both(tmp_path, tiny_dir, tokenizer, prompt_dm):
+    """ppo.critic_warmup_iterations=1: iteration 1 updates only the critic, iteration 2 both; the
+    step count (and so max_steps) is that of a run without warm-up."""
+    L.seed_everything(0)
+    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                       load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
+                       ppo={"ppo_epochs": 2, "critic_warmup_iterations": 1, "num_sample_prompts": 0,
+                            "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 6}},
+                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+    recorder = StepRecorder(["policy", "critic"])
+    trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration, callbacks=[recorder])
+    trainer.fit(module, datamodule=prompt_dm)
+    assert recorder.changed == [{"policy": False, "critic": True}, {"policy": True, "critic": True}]
+    assert module.iteration == 2
+    assert float(trainer.callback_metrics["ppo/policy_frozen"]) == 0.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_lightning.ops import sample_from_logits
-from rlhf_lightning.rollout import GenerationConfig, generate, sample_responses
+from rlhf_lightning.rollout import GenerationConfig, Rollout, generate, sample_responses
 
 
 def _draw(logits: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
@@ -100,3 +100,49 @@ def test_evaluate_applies_the_missing_eos_penalty_to_scores_only(tiny_dir, token
     expected = sequence_scores(reward_model, ids, mask)
     torch.testing.assert_close(ro.rm_scores, expected)
     torch.testing.assert_close(ro.scores, expected - 2.5 * (~ends).float())
+
+
+def test_scoring_inputs_append_eos_to_cut_responses_only():
+    from rlhf_lightning.rollout import Rollout, scoring_inputs
+
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 2, 0]])  # row 0 cut at the limit; row 1 ended with EOS (2), then pad 0
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    ro = Rollout(input_ids=ids, attention_mask=mask, response_start=1,
+                 response_mask=mask[:, 1:].bool(), ends_with_eos=torch.tensor([False, True]))
+    score_ids, score_mask = scoring_inputs(ro, eos_token_id=2)
+    assert score_ids[0].tolist() == [5, 6, 7, 8, 2] and score_mask[0].tolist() == [1, 1, 1, 1, 1]
+    assert score_ids[1, :4].tolist() == [5, 6, 2, 0] and score_mask[1].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_evaluate_scores_cut_responses_at_an_appended_eos(tiny_dir, tokenizer):
+    """With score_eos_token_id, a cut response's score is the reward model's at an EOS after it,
+    with or without the shared trunk; a response that ended with EOS keeps its own score."""
+    from rlhf_lightning.models import load_reference, load_scalar_model
+    from rlhf_lightning.models.forward import sequence_scores
+    from rlhf_lightning.models.trunk import SharedTrunk
+    from rlhf_lightning.rollout import evaluate, trunks_for
+
+    reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
+    ref = load_reference(tiny_dir)
+    eos = tokenizer.eos_token_id
+    ids = torch.randint(5, 1000, (2, 8))
+    ids[1, 6], ids[1, 7] = eos, tokenizer.pad_token_id
+    mask = torch.ones_like(ids)
+    mask[1, 7] = 0
+    ro = Rollout(input_ids=ids, attention_mask=mask, response_start=4, response_mask=mask[:, 4:].bool(),
+                 ends_with_eos=torch.tensor([False, True]))
+    with_eos = torch.cat([ids[:1], torch.tensor([[eos]])], 1)
+    expected = torch.stack([sequence_scores(reward_model, with_eos, torch.ones_like(with_eos))[0],
+                            sequence_scores(reward_model, ids[1:, :7], mask[1:, :7])[0]])
+    evaluate(ro, reward_model, ref_policy=ref, score_eos_token_id=eos)
+    torch.testing.assert_close(ro.scores, expected, rtol=1e-5, atol=1e-5)
+    plain_ref = ro.ref_logprobs.clone()
+
+    trunk = SharedTrunk({"ref_policy": ref, "reward_model": reward_model})
+    trunks = trunks_for(trunk, ro, eos)
+    assert trunks["reward_model"].hidden.shape[1] == 9 and trunks["ref_policy"].hidden.shape[1] == 8
+    evaluate(ro, reward_model, ref_policy=ref, trunks=trunks, score_eos_token_id=eos)
+    torch.testing.assert_close(ro.scores, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ro.ref_logprobs, plain_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="scoring inputs"):
+        evaluate(ro, reward_model, trunks=trunks_for(trunk, ro, None), score_eos_token_id=eos)

@@ -147,17 +147,27 @@ def load_reference(name_or_path: str, gguf_file: str | None = None, dtype: str =
 def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
                       trainable_layers: int | None = None, gradient_checkpointing: bool = False,
                       frozen: bool = False, trust_remote_code: bool = False, seed: int = 0,
-                      **_: object) -> nn.Module:
+                      head: str = "keep", **_: object) -> nn.Module:
     """A backbone with a scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``).
 
     Used as reward model (head read at the last token) and as critic (head read at every
     token). A head created here (from a plain causal-LM checkpoint) is initialised with
     N(0, 1/(hidden+1)) (Huang et al. 2024, N+ implementation details, detail 3), seeded by
-    ``seed``; a head found in the checkpoint (a saved reward model or critic) is kept.
+    ``seed``; a head found in the checkpoint (a saved reward model or critic) is kept, unless
+    ``head`` says otherwise.
+
+    Args:
+        head: ``keep`` (the checkpoint's head, else a new normal one), ``normal`` (always a new
+            N(0, 1/(hidden+1)) head) or ``zero`` (weights and bias 0: the model outputs 0
+            everywhere until it learns). A critic started from a reward model keeps its backbone
+            either way; ``zero`` drops the reward model's head, whose readings at tokens other than
+            the last are noise to a critic (PPO's ``critic_head``).
 
     Raises:
-        FileNotFoundError: the source does not exist. ValueError: unknown dtype.
+        FileNotFoundError: the source does not exist. ValueError: unknown dtype or ``head``.
     """
+    if head not in ("keep", "normal", "zero"):
+        raise ValueError(f"head={head!r}: expected keep, normal or zero")
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_pretrained(name_or_path, gguf_file)
@@ -170,10 +180,13 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
                                                                    trust_remote_code=trust_remote_code)
-        if not has_head:
+        if head == "zero":
+            nn.init.zeros_(score_head(model).weight)
+        elif head == "normal" or not has_head:
+            torch.manual_seed(seed)  # the same head for a seed, whatever loading drew before
             nn.init.normal_(score_head(model).weight, std=1.0 / math.sqrt(config.hidden_size + 1))
-            if score_head(model).bias is not None:
-                nn.init.zeros_(score_head(model).bias)
+        if (head != "keep" or not has_head) and score_head(model).bias is not None:
+            nn.init.zeros_(score_head(model).bias)
     _finish(model, trainable_layers, gradient_checkpointing)
     return freeze(model) if frozen else model
 

@@ -42,6 +42,11 @@ class TrunkOutput:
         """The same trunk output for a subset of rows (``index``: (b,) long)."""
         return TrunkOutput(self.hidden[index], self.depth)
 
+    def columns(self, width: int) -> "TrunkOutput":
+        """The first ``width`` columns: with causal attention, the trunk output of the sequences cut
+        to that width (used when the reward model scores one column more than the others see)."""
+        return self if self.hidden.shape[1] == width else TrunkOutput(self.hidden[:, :width], self.depth)
+
 
 def _backbone(model: nn.Module) -> nn.Module | None:
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)

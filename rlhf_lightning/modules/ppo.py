@@ -23,7 +23,7 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
-from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of
+from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of, trunks_for
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,13 @@ class PPOConfig:
             numbers: the difference measures the policy's change, not sampling noise).
         eval_greedy: decode the evaluation greedily instead of sampling.
         log_samples_every_n_steps: also write that many sampled rollouts every N iterations (0: off).
+        critic_warmup_iterations: during the first N iterations only the critic learns: the
+            policy's gradients are dropped before its optimizer steps (the step still runs and
+            counts, so ``global_step`` and ``trainer.max_steps`` are unchanged). A critic started
+            from the reward model reads it at every token, where it was not trained, so its first
+            values can be a worse baseline than none (explained variance −3 to −9 in the demo); the
+            policy then learns from the critic's noise. Not supported under DeepSpeed, which keeps
+            gradients in its own buffers. OpenRLHF calls this ``freezing_actor_steps``.
         share_trunk: when the policy, reference, critic and reward model have identical frozen
             lower blocks (``model.trainable_layers`` with one base model), run those blocks once
             per iteration and only the blocks above them in each network
@@ -98,6 +105,7 @@ class PPOConfig:
     log_samples_every_n_steps: int = 10
     share_trunk: bool = True
     joint_optimizer: bool = False
+    critic_warmup_iterations: int = 0
 
     def __post_init__(self):
         self.generation = as_config(GenerationConfig, self.generation)
@@ -112,6 +120,8 @@ class PPOConfig:
             raise ValueError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+        if self.critic_warmup_iterations < 0:
+            raise ValueError(f"ppo.critic_warmup_iterations={self.critic_warmup_iterations} must be >= 0")
         if not isinstance(self.joint_optimizer, bool):
             raise TypeError(f"ppo.joint_optimizer={self.joint_optimizer!r} must be true or false")
 
@@ -140,7 +150,8 @@ def configure_deepspeed_clipping(strategy, ppo: PPOConfig) -> None:
         ppo: the module's :class:`PPOConfig`.
 
     Raises:
-        ValueError: a DeepSpeed strategy and ``ppo.joint_optimizer`` false.
+        ValueError: a DeepSpeed strategy with ``ppo.joint_optimizer`` false or
+            ``ppo.critic_warmup_iterations`` > 0.
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -149,6 +160,9 @@ def configure_deepspeed_clipping(strategy, ppo: PPOConfig) -> None:
     if not ppo.joint_optimizer:
         raise ValueError("DeepSpeedStrategy takes one optimizer and PPO has two (policy, critic): "
                          "set ppo.joint_optimizer=true (one optimizer, two parameter groups)")
+    if ppo.critic_warmup_iterations:
+        raise ValueError("ppo.critic_warmup_iterations needs plain gradients; DeepSpeed keeps its own: "
+                         "set ppo.critic_warmup_iterations=0 or warm the critic up with stage=value")
     config = strategy.config
     if not isinstance(config, dict):
         return
@@ -234,11 +248,12 @@ class PPOModule(L.LightningModule):
         gen = self.ppo.generation
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample)
+        score_eos = int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
         if self.trunk:  # the shared frozen blocks, once for all four networks and all PPO epochs
-            rollout.extras["trunks"] = self.trunk.compute(rollout.input_ids, rollout.attention_mask)
+            rollout.extras["trunks"] = trunks_for(self.trunk, rollout, score_eos)
         return evaluate(rollout, self.reward_model, self.policy if with_old else None, self.ref_policy,
                         self.critic if with_old else None, gen.temperature, gen.missing_eos_penalty,
-                        trunks=rollout.extras.get("trunks"))
+                        trunks=rollout.extras.get("trunks"), score_eos_token_id=score_eos)
 
     def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int,
                        trunks: dict[str, TrunkOutput] | None = None):
@@ -263,6 +278,7 @@ class PPOModule(L.LightningModule):
         """
         cfg = self.ppo
         optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
+        warming_up = self.iteration < cfg.critic_warmup_iterations
         batch_size = batch["input_ids"].shape[0]
         if batch_size % cfg.num_minibatches:
             raise ValueError(f"prompt batch size {batch_size} is not divisible by ppo.num_minibatches={cfg.num_minibatches}")
@@ -305,6 +321,8 @@ class PPOModule(L.LightningModule):
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
                 self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
+                if warming_up:  # the critic learns alone: no policy update (AdamW skips params without grad)
+                    self.policy.zero_grad(set_to_none=True)
                 if cfg.max_grad_norm is not None:  # per optimizer: the joint one clips one norm over both groups
                     for opt in optimizers:
                         self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
@@ -338,6 +356,7 @@ class PPOModule(L.LightningModule):
             "response/eos_frac": ro.ends_with_eos.float().mean(),
             "ppo/kl_coef": torch.tensor(kl_coef),
             "ppo/iteration": torch.tensor(float(self.iteration)),
+            "ppo/policy_frozen": torch.tensor(float(warming_up)),
         })
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,

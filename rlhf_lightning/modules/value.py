@@ -13,7 +13,7 @@ from rlhf_lightning.models.forward import response_values
 from rlhf_lightning.models.trunk import SharedTrunk, shared_trunk_for
 from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
 from rlhf_lightning.ops import explained_variance
-from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of
+from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of, trunks_for
 
 
 @dataclass
@@ -100,9 +100,11 @@ class ValueModule(L.LightningModule):
         ro = generate(self.policy, batch["input_ids"], batch["attention_mask"], cfg.generation,
                       self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         with_kl = self.ref_policy is not None and cfg.kl_coef > 0
-        trunks = self.trunk.compute(ro.input_ids, ro.attention_mask) if self.trunk else {}
+        score_eos = int(self.tokenizer.eos_token_id) if cfg.generation.score_with_eos else None
+        trunks = trunks_for(self.trunk, ro, score_eos) if self.trunk else {}
         evaluate(ro, self.reward_model, self.policy if with_kl else None, self.ref_policy if with_kl else None,
-                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty, trunks=trunks)
+                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty, trunks=trunks,
+                 score_eos_token_id=score_eos)
         mask = ro.response_mask
         # 2. Per-token rewards: -β·KL_t, plus the score at the last token.
         rewards, kl = rewards_of(ro, cfg.kl_coef, cfg.kl_estimator)
