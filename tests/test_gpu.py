@@ -73,3 +73,14 @@ def test_ppo_deepspeed_two_gpus(preset, tmp_path, hh_file, tiny_dir):
         rows = [row for row in csv.DictReader(f) if row.get("objective/score")]
     assert len(rows) == 2  # iterations=2: max_steps = 2 x 1 epoch x 1 minibatch, one optimizer
     assert (run_dir / "model_critic" / "model.safetensors").exists()
+
+
+@two_gpus
+def test_value_and_ppo_fsdp_two_gpus(tmp_path, hh_file, tiny_dir):
+    """Value and PPO under FSDP: generation with sharded parameters, both PPO optimizers stepping."""
+    value_dir = tmp_path / "value"
+    _train("stage=value", "model=tiny", f"data.path={hh_file}", f"reward_model_path={tiny_dir}", "iterations=2",
+           "batch_size=4", "value.generation.max_new_tokens=8", "trainer.enable_checkpointing=false",
+           "trainer=fsdp", "trainer.devices=2", run_dir=value_dir)
+    assert (value_dir / "model" / "model.safetensors").exists()
+    _ppo(tmp_path, hh_file, tiny_dir, f"critic_path={value_dir}/model", "trainer=fsdp", "trainer.devices=2")

@@ -141,3 +141,21 @@ def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None)
         tokenizer.save_pretrained(directory)
     log.info("wrote %s to %s", type(model).__name__, directory)
     return directory
+
+
+def find_shared_trunk(module, enabled: bool):
+    """The frozen trunk shared by a module's ``policy``, ``ref_policy``, ``critic`` and ``reward_model``.
+
+    Tries all four together, then the pairs (policy, reference) and (critic, reward model); see
+    :func:`rlhf_lightning.models.trunk.shared_trunk_for`. Call in ``on_fit_start`` (the strategy is
+    known and the weights are in place).
+
+    Returns:
+        a :class:`~rlhf_lightning.models.trunk.SharedTrunk`, or ``None`` (off, sharded strategy, or
+        nothing shared).
+    """
+    from rlhf_lightning.models.trunk import shared_trunk_for
+
+    names = ("policy", "ref_policy", "critic", "reward_model")
+    return shared_trunk_for(module.trainer.strategy, enabled, {name: getattr(module, name, None) for name in names},
+                            groups=[["policy", "ref_policy"], ["critic", "reward_model"]])

@@ -14,11 +14,12 @@ from torch import nn
 from rlhf_lightning.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
 from rlhf_lightning.models.forward import response_logprobs, response_values
-from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput, shared_trunk_for
+from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput
 from rlhf_lightning.modules.common import (
     OptimConfig,
     as_config,
     export_pretrained,
+    find_shared_trunk,
     make_grouped_optimizer,
     make_optimizer,
 )
@@ -224,10 +225,7 @@ class PPOModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Find the frozen lower blocks the four networks share (``ppo.share_trunk``)."""
-        self.trunk = shared_trunk_for(self.trainer.strategy, self.ppo.share_trunk,
-                                      {"policy": self.policy, "ref_policy": self.ref_policy, "critic": self.critic,
-                                       "reward_model": self.reward_model},
-                                      groups=[["policy", "ref_policy"], ["critic", "reward_model"]])
+        self.trunk = find_shared_trunk(self, self.ppo.share_trunk)
 
     @property
     def optimizer_steps_per_iteration(self) -> int:

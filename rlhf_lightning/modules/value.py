@@ -10,8 +10,8 @@ from torch import nn
 
 from rlhf_lightning.losses import gae, td_targets, value_loss
 from rlhf_lightning.models.forward import response_values
-from rlhf_lightning.models.trunk import SharedTrunk, shared_trunk_for
-from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
+from rlhf_lightning.models.trunk import SharedTrunk
+from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, find_shared_trunk, make_optimizer
 from rlhf_lightning.ops import explained_variance
 from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of, trunks_for
 
@@ -89,10 +89,7 @@ class ValueModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Find the frozen lower blocks the networks share (``value.share_trunk``)."""
-        self.trunk = shared_trunk_for(self.trainer.strategy, self.value.share_trunk,
-                                      {"policy": self.policy, "ref_policy": self.ref_policy, "critic": self.critic,
-                                       "reward_model": self.reward_model},
-                                      groups=[["policy", "ref_policy"], ["critic", "reward_model"]])
+        self.trunk = find_shared_trunk(self, self.value.share_trunk)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         cfg = self.value
