@@ -102,7 +102,8 @@ def render(summary: dict) -> None:
                   else "Reward model validation accuracy: (not logged)")
     table = Table(title="PPO training batches (score = reward model − missing-EOS penalty; KL to the reference, "
                         "nats per response)")
-    for column in ("metric", "first iteration", "last iteration", "mean of first 5", "mean of last 5"):
+    table.add_column("metric", no_wrap=True, min_width=18)
+    for column in ("first iteration", "last iteration", "mean of first 5", "mean of last 5"):
         table.add_column(column)
     for key, v in summary["ppo"].items():
         table.add_row(key, f"{v['first']:.3f}", f"{v['last']:.3f}", f"{v['first_mean']:.3f}", f"{v['last_mean']:.3f}")
