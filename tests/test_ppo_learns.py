@@ -6,7 +6,7 @@ optimizers), which a sign or alignment error anywhere would reverse or erase.
 
 The reward counts the response tokens that fall in a fixed half of the vocabulary (the tokens
 whose output embedding has a positive first coordinate), so the policy can raise it along one
-direction of its last hidden state. The tiny model's logits are sharpened (final norm × 30) so
+direction of its last hidden state. The tiny model's logits are sharpened (final norm × 20) so
 that its distribution is peaked like a trained model's rather than uniform over 49k tokens.
 """
 
@@ -53,24 +53,25 @@ class TargetTokenReward(nn.Module):
         self.requires_grad_(False)
 
 
-def _sharpened(model: nn.Module, factor: float = 30.0) -> nn.Module:
+def _sharpened(model: nn.Module, factor: float = 20.0) -> nn.Module:
     with torch.no_grad():
         model.model.norm.weight.mul_(factor)
     return model
 
 
-@pytest.mark.parametrize("joint_optimizer", [False, True])
-def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer):
-    L.seed_everything(0)
+def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int) -> dict:
+    """Four PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`;
+    returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them."""
+    L.seed_everything(seed)
     policy, ref = _sharpened(load_policy(tiny_dir)), _sharpened(load_reference(tiny_dir))
     target = policy.get_output_embeddings().weight[:, 0].detach() > 0
-    # Responses never end early: EOS is not a target and the 8 tokens fill the window.
+    # Responses never end early (EOS is rare) and are scored as they are: the window holds their 8 tokens.
     dm = PromptDataModule(tokenizer, str(hh_file), batch_size=8, max_prompt_length=48, val_size=16)
     module = PPOModule(policy, ref, load_scalar_model(tiny_dir), TargetTokenReward(target), tokenizer,
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
                             "joint_optimizer": joint_optimizer,
-                            "generation": {"max_new_tokens": RESPONSE_TOKENS}},
-                       policy_optim={"lr": 1e-4}, value_optim={"lr": 1e-4})
+                            "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False}},
+                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
     trainer = L.Trainer(accelerator="cpu", max_steps=4 * module.optimizer_steps_per_iteration, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
@@ -78,9 +79,18 @@ def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, j
     evaluate = module.evaluate_samples
     module.evaluate_samples = lambda phase: evaluations.setdefault(phase, evaluate(phase))
     trainer.fit(module, datamodule=dm)
+    return evaluations
 
-    # Held-out prompts, same sampling seed: the policy now picks many more target tokens (of 8).
-    before, after = evaluations["before"], evaluations["after"]
-    assert after["eval/score"] > before["eval/score"] + 2.0, evaluations
-    # ... and it got there by moving away from the reference (the KL is measured, positive).
-    assert after["eval/kl"] > 0.1 and before["eval/kl"] == 0.0
+
+@pytest.mark.parametrize("joint_optimizer", [False, True])
+def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer):
+    """On held-out prompts with the same sampling seed, the policy picks many more target tokens
+    (of 8) after 4 iterations, having moved away from the reference, in at least 2 of 3 seeded
+    runs. The sharpened policy starts almost deterministic, so whether its first samples hit a
+    target is luck (1 run in 12 of seeds 0-5 did not take off); a sign or alignment error
+    would keep every run from rising."""
+    runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, joint_optimizer, seed)
+            for seed in range(3)]
+    rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
+            and r["before"]["eval/kl"] == 0.0 for r in runs]
+    assert sum(rose) >= 2, runs
