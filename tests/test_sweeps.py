@@ -119,7 +119,7 @@ def test_ppo_beta_eps_multirun_with_offline_wandb_and_report(tmp_path, hh_file, 
         assert tables == {"before", "train", "after"}
         columns = json.loads(next((run["files"] / "media" / "table" / "samples").glob("train_*.table.json"))
                              .read_text())["columns"]
-        assert columns == ["phase", "step", "prompt", "response", "score", "kl"]
+        assert columns == ["phase", "step", "prompt", "response", "score", "rm_score", "ends_with_eos", "kl"]
     assert seen == {(b, e) for b in betas for e in epsilons}
 
     report = subprocess.run([sys.executable, "-m", "rlhf_lightning.report", str(sweep_dir)], cwd=ROOT,
