@@ -207,7 +207,8 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
     One column is added: it holds the EOS (attended) in rows that did not end with EOS, and
     padding (not attended) in rows that did, so every response is read at an EOS. Earlier columns
     are unchanged, and with causal attention so are their hidden states: a trunk computed on these
-    inputs serves the other networks through :meth:`~rlhf_lightning.models.trunk.TrunkOutput.columns`.
+    inputs serves the other networks through :meth:`~rlhf_lightning.models.trunk.TrunkOutput.columns`
+    (:func:`evaluate` does so).
 
     Returns:
         input_ids (B, T + 1) long and attention_mask (B, T + 1) long.
@@ -218,27 +219,9 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
     return torch.cat([ids, extra[:, None]], 1), torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
 
 
-def trunks_for(trunk: SharedTrunk, rollout: Rollout, score_eos_token_id: int | None = None) -> dict[str, TrunkOutput]:
-    """Run a shared trunk once for everything :func:`evaluate` and the training forwards need.
-
-    The trunk runs on the reward model's scoring inputs (:func:`scoring_inputs`, one column more
-    when ``score_eos_token_id`` is given); the other networks get its first T columns, which
-    causal attention leaves equal to the trunk of the rollout itself.
-
-    Returns:
-        network name → :class:`~rlhf_lightning.models.trunk.TrunkOutput`, (B, T, H) except the
-        reward model's, (B, T or T + 1, H).
-    """
-    ids, mask = (rollout.input_ids, rollout.attention_mask) if score_eos_token_id is None \
-        else scoring_inputs(rollout, score_eos_token_id)
-    width = rollout.input_ids.shape[1]
-    return {name: out if name == "reward_model" else out.columns(width)
-            for name, out in trunk.compute(ids, mask).items()}
-
-
 def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
              ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
-             missing_eos_penalty: float | None = None, trunks: dict[str, TrunkOutput] | None = None,
+             missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
              score_eos_token_id: int | None = None) -> Rollout:
     """Fill in scores, old log-probabilities, reference log-probabilities and values, without autograd.
 
@@ -247,29 +230,29 @@ def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None
     constants in a later gradient step). Models passed as ``None`` are skipped.
 
     Args:
-        trunks: outputs of shared frozen lower blocks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`)
-            for these rows, by network name (``reward_model``, ``ref_policy``, ``policy``,
-            ``critic``); a network with an entry runs only its blocks above it. The reward model's
-            entry covers its scoring inputs (one column more with ``score_eos_token_id``).
+        trunk: frozen lower blocks shared by the networks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`,
+            whose names are ``reward_model``, ``ref_policy``, ``policy``, ``critic``): run once, on
+            the reward model's scoring inputs; each grouped network runs only its blocks above it,
+            the others reading the first T columns (with causal attention, the trunk of the rollout
+            itself). The outputs are kept in ``rollout.extras["trunks"]`` (name →
+            :class:`~rlhf_lightning.models.trunk.TrunkOutput`, (B, T, H); the reward model's (B, T or
+            T + 1, H)) for the training forwards on the same rows.
         score_eos_token_id: score responses cut without EOS with this token appended
             (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
-
-    Raises:
-        ValueError: the reward model's trunk does not have the scoring inputs' width.
 
     Returns:
         The same rollout, updated in place.
     """
     ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     valid = rollout.response_mask
-    trunks = trunks or {}
     score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
-    rm_trunk = trunks.get("reward_model")
-    if rm_trunk is not None and rm_trunk.hidden.shape[1] != score_ids.shape[1]:
-        raise ValueError(f"the reward model's trunk has {rm_trunk.hidden.shape[1]} columns, its scoring inputs "
-                         f"{score_ids.shape[1]}: compute it on scoring_inputs(...) when appending EOS")
+    trunks: dict[str, TrunkOutput] = {}
+    if trunk is not None:
+        trunks = {name: out if name == "reward_model" else out.columns(ids.shape[1])
+                  for name, out in trunk.compute(score_ids, score_mask).items()}
+        rollout.extras["trunks"] = trunks
     with torch.inference_mode():
-        scores = sequence_scores(reward_model, score_ids, score_mask, trunk=rm_trunk)  # (B,)
+        scores = sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.get("reward_model"))  # (B,)
         ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.get("ref_policy"))
                if ref_policy is not None else None)
     scores = scores.clone()

@@ -120,7 +120,7 @@ def test_evaluate_scores_cut_responses_at_an_appended_eos(tiny_dir, tokenizer):
     from rlhf_lightning.models import load_reference, load_scalar_model
     from rlhf_lightning.models.forward import sequence_scores
     from rlhf_lightning.models.trunk import SharedTrunk
-    from rlhf_lightning.rollout import evaluate, trunks_for
+    from rlhf_lightning.rollout import evaluate
 
     reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
     ref = load_reference(tiny_dir)
@@ -139,10 +139,8 @@ def test_evaluate_scores_cut_responses_at_an_appended_eos(tiny_dir, tokenizer):
     plain_ref = ro.ref_logprobs.clone()
 
     trunk = SharedTrunk({"ref_policy": ref, "reward_model": reward_model})
-    trunks = trunks_for(trunk, ro, eos)
+    evaluate(ro, reward_model, ref_policy=ref, trunk=trunk, score_eos_token_id=eos)
+    trunks = ro.extras["trunks"]  # the reward model's covers the appended column, the reference's the rollout
     assert trunks["reward_model"].hidden.shape[1] == 9 and trunks["ref_policy"].hidden.shape[1] == 8
-    evaluate(ro, reward_model, ref_policy=ref, trunks=trunks, score_eos_token_id=eos)
     torch.testing.assert_close(ro.scores, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ro.ref_logprobs, plain_ref, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="scoring inputs"):
-        evaluate(ro, reward_model, trunks=trunks_for(trunk, ro, None), score_eos_token_id=eos)

@@ -24,7 +24,7 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
-from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of, trunks_for
+from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +247,10 @@ class PPOModule(L.LightningModule):
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample)
         score_eos = int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
-        if self.trunk:  # the shared frozen blocks, once for all four networks and all PPO epochs
-            rollout.extras["trunks"] = trunks_for(self.trunk, rollout, score_eos)
+        # The shared frozen blocks run once, for all four networks and all PPO epochs (rollout.extras["trunks"]).
         return evaluate(rollout, self.reward_model, self.policy if with_old else None, self.ref_policy,
                         self.critic if with_old else None, gen.temperature, gen.missing_eos_penalty,
-                        trunks=rollout.extras.get("trunks"), score_eos_token_id=score_eos)
+                        trunk=self.trunk, score_eos_token_id=score_eos)
 
     def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int,
                        trunks: dict[str, TrunkOutput] | None = None):
@@ -315,7 +314,8 @@ class PPOModule(L.LightningModule):
                     (logprobs, entropy, values), first = first, None
                 else:
                     logprobs, entropy, values = self._train_forward(
-                        ids, attn, ro.response_start, {name: t.rows(mb) for name, t in trunks.items()})
+                        ids, attn, ro.response_start,
+                        {name: trunks[name].rows(mb) for name in ("policy", "critic") if name in trunks})
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
                 self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)

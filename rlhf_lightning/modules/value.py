@@ -13,7 +13,7 @@ from rlhf_lightning.models.forward import response_values
 from rlhf_lightning.models.trunk import SharedTrunk
 from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, find_shared_trunk, make_optimizer
 from rlhf_lightning.ops import explained_variance
-from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of, trunks_for
+from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of
 
 
 @dataclass
@@ -98,10 +98,10 @@ class ValueModule(L.LightningModule):
                       self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         with_kl = self.ref_policy is not None and cfg.kl_coef > 0
         score_eos = int(self.tokenizer.eos_token_id) if cfg.generation.score_with_eos else None
-        trunks = trunks_for(self.trunk, ro, score_eos) if self.trunk else {}
         evaluate(ro, self.reward_model, self.policy if with_kl else None, self.ref_policy if with_kl else None,
-                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty, trunks=trunks,
+                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty, trunk=self.trunk,
                  score_eos_token_id=score_eos)
+        trunks = ro.extras.get("trunks", {})
         mask = ro.response_mask
         # 2. Per-token rewards: -β·KL_t, plus the score at the last token.
         rewards, kl = rewards_of(ro, cfg.kl_coef, cfg.kl_estimator)
