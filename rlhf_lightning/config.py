@@ -35,12 +35,21 @@ def _ppo_optimizers(joint) -> int:
     return 1 if joint else 2
 
 
+def _tiny_source(family) -> str:
+    """``${tiny_source:${.family}}``: the ``model.name_or_path`` of ``model=tiny``: ``tiny`` (the 2-layer
+    Llama) when ``family`` is null, else ``tiny-<family>`` (a 4-layer random model of that decoder family,
+    :data:`rlhf_lightning.models.loading.TINY_FAMILIES`)."""
+    return "tiny" if family in (None, "", "null") else f"tiny-{family}"
+
+
 def register_resolvers() -> None:
-    """Register ``${mul:...}``, ``${ppo_optimizers:...}``, ``${sweep_group:}``, ``${ddp_start_method:}`` and
+    """Register ``${mul:...}``, ``${ppo_optimizers:...}``, ``${tiny_source:...}``, ``${sweep_group:}``, ``${ddp_start_method:}`` and
     ``${claim_device:N}`` (idempotent). Call before composing the configs. ``${claim_device:N}`` is ``[i]``,
     the device list ``Trainer(devices=...)`` takes, with i from :func:`rlhf_lightning.launch.claim_device`."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    if not OmegaConf.has_resolver("tiny_source"):
+        OmegaConf.register_new_resolver("tiny_source", _tiny_source)
     if not OmegaConf.has_resolver("ppo_optimizers"):
         OmegaConf.register_new_resolver("ppo_optimizers", _ppo_optimizers)
     if not OmegaConf.has_resolver("ddp_start_method"):

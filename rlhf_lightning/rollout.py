@@ -15,7 +15,7 @@ from torch import nn
 from rlhf_lightning.losses import compute_rewards
 from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
 from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput
-from rlhf_lightning.ops import response_mask_from_eos, sample_from_logits
+from rlhf_lightning.ops import logprobs_from_logits, masked_mean, response_mask_from_eos, sample_from_logits
 
 
 @dataclass
@@ -67,6 +67,9 @@ class Rollout:
         ends_with_eos: (B,) bool.
         scores: (B,) float32 reward-model score (missing-EOS penalty applied).
         rm_scores: (B,) float32 the reward model's own score (no penalty).
+        sampler_logprobs: (B, R) float32, the log-probability each response token was drawn with
+            (the sampler's full distribution at the sampling temperature, before top-k/top-p; 0 where
+            masked): compared with ``logprobs`` by :func:`logprob_diff`.
         logprobs, ref_logprobs, values: (B, R) float32 (0 where masked), filled by :func:`evaluate`.
     """
 
@@ -75,6 +78,7 @@ class Rollout:
     response_start: int
     response_mask: torch.Tensor
     ends_with_eos: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     rm_scores: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
@@ -91,7 +95,7 @@ class Rollout:
 @torch.no_grad()
 def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      config: GenerationConfig, eos_token_id: int | list[int], pad_token_id: int,
-                     do_sample: bool = True) -> torch.Tensor:
+                     do_sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode up to ``config.max_new_tokens`` tokens per prompt with a KV cache.
 
     A plain loop over the causal LM's forward (``past_key_values``, ``logits_to_keep=1``): one
@@ -112,7 +116,10 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
         do_sample: False for greedy decoding.
 
     Returns:
-        (B, R) long response tokens, R ≤ ``config.max_new_tokens``.
+        tokens (B, R) long, R ≤ ``config.max_new_tokens``, and the log-probability of each under the
+        policy's full next-token distribution at ``config.temperature`` (B, R) float32 (what the
+        trainer's :func:`~rlhf_lightning.models.forward.response_logprobs` computes for the same
+        token; top-k/top-p truncation and greedy decoding do not change it; 0 after EOS).
     """
     from transformers import DynamicCache
 
@@ -126,11 +133,12 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     limit = config.max_new_tokens
     steps = _max_over_ranks(limit, input_ids.device)
-    tokens = []
+    tokens, logprobs = [], []
     for step in range(steps):
         logits = out.logits[:, -1]  # (B, V)
         token = (sample_from_logits(logits, config.temperature, config.top_k, config.top_p) if do_sample
                  else logits.argmax(-1))
+        logprobs.append(logprobs_from_logits(logits, token, config.temperature).masked_fill(finished, 0.0))
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
         finished |= torch.isin(token, eos)
@@ -142,7 +150,7 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
         out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                      past_key_values=cache, use_cache=True)
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)[:, :limit]
+    return torch.stack(tokens, dim=1)[:, :limit], torch.stack(logprobs, dim=1)[:, :limit]
 
 
 def _distributed() -> bool:
@@ -187,8 +195,8 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     was_training = policy.training
     policy.eval()
     try:
-        response = sample_responses(policy, input_ids, attention_mask, config, eos_token_id, pad_token_id,
-                                    do_sample=do_sample)  # (B, R)
+        response, sampler_logprobs = sample_responses(policy, input_ids, attention_mask, config, eos_token_id,
+                                                      pad_token_id, do_sample=do_sample)  # (B, R) each
     finally:
         policy.train(was_training)
     prompt_len = input_ids.shape[1]
@@ -198,6 +206,7 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         input_ids=torch.cat([input_ids, response], dim=1),
         attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
         response_start=prompt_len, response_mask=response_mask, ends_with_eos=ends_with_eos,
+        sampler_logprobs=sampler_logprobs.masked_fill(~response_mask, 0.0),
     )
 
 
@@ -280,3 +289,21 @@ def rewards_of(rollout: Rollout, kl_coef: float, estimator: str = "k1") -> tuple
     logprobs = rollout.logprobs if rollout.logprobs is not None else torch.zeros_like(rollout.response_mask, dtype=torch.float32)
     ref = rollout.ref_logprobs if rollout.ref_logprobs is not None else logprobs
     return compute_rewards(rollout.scores, logprobs, ref, rollout.response_mask, kl_coef, estimator)
+
+
+def logprob_diff(rollout: Rollout) -> torch.Tensor:
+    """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
+
+    The sampler's log-probabilities are recorded while decoding (``rollout.sampler_logprobs``), the
+    trainer's are the old log-probabilities of the PPO update (``rollout.logprobs``), both at the
+    sampling temperature. PPO's ratios assume they are the same distribution: on CPU in float32
+    with the HF sampler the difference is rounding (~1e-6 nats); a larger one means the trainer
+    computes another distribution than the one sampled (a model family's logit scaling skipped,
+    dropout on, a trunk that is not exact, or another inference engine's numerics).
+
+    Returns:
+        () float32 tensor, in nats; NaN when either side is missing.
+    """
+    if rollout.sampler_logprobs is None or rollout.logprobs is None:
+        return torch.tensor(float("nan"))
+    return masked_mean((rollout.sampler_logprobs - rollout.logprobs).abs(), rollout.response_mask)

@@ -320,17 +320,21 @@ def _cached_gguf_tokenizer_dir(directory: Path, gguf_file: str, key: str) -> Pat
 def policy_tokenizer_dir(name: str, gguf_file: str | None, key: str = "model.name_or_path") -> Path | None:
     """The local folder holding the policy's tokenizer files, found without loading or converting.
 
-    ``tiny`` builds (once, then cached) the tiny model; a GGUF source is looked up in the
+    ``tiny`` and ``tiny-<family>`` build (once, then cached) the tiny model; a GGUF source is looked up in the
     conversion cache; a Hub id in the local Hub cache. ``None`` when not available that way.
 
     Raises:
         ConfigError: a ``pkg://`` package not installed, a local path or GGUF file that does not exist.
     """
-    from rlhf_lightning.models.loading import TINY, package_dir, tiny_model_dir
+    from rlhf_lightning.models.loading import package_dir, resolve_pretrained, tiny_family
 
-    if name == TINY:
+    try:
+        family = tiny_family(name)
+    except ValueError as err:
+        raise ConfigError(f"{key}={name}: {_one_line(err)}") from None
+    if family is not None:
         try:
-            return tiny_model_dir()
+            return Path(resolve_pretrained(name))
         except FileNotFoundError as err:
             raise ConfigError(f"{key}={name}: {_one_line(err)}") from None
     if name.startswith("pkg://"):

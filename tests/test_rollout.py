@@ -61,7 +61,7 @@ def test_greedy_decoding_matches_transformers_generate(tiny_dir, tokenizer):
     ids = ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     config = GenerationConfig(max_new_tokens=12)
     eos = int(ids[2, -1])  # an id greedy decoding may well produce
-    ours = sample_responses(policy, ids, mask, config, eos, tokenizer.pad_token_id, do_sample=False)
+    ours, _ = sample_responses(policy, ids, mask, config, eos, tokenizer.pad_token_id, do_sample=False)
     theirs = policy.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
                              eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
     assert torch.equal(ours, theirs)

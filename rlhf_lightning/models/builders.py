@@ -50,15 +50,39 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote
     return tokenizer
 
 
+def _is_dropout_rate(name: str, value: object) -> bool:
+    return isinstance(value, float) and ("dropout" in name.lower() or name.lower().endswith("pdrop"))
+
+
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (RLHF needs deterministic log-probabilities and values)."""
+    """Switch every dropout of ``model`` off, in place (RLHF needs deterministic log-probabilities and values).
+
+    Three places hold a rate, and each is set to 0: the ``p`` of every ``torch.nn`` dropout module;
+    every float attribute of a submodule whose name contains ``dropout`` or ends in ``pdrop``
+    (attention layers copy ``config.attention_dropout`` when built, e.g. ``LlamaAttention.attention_dropout``,
+    and pass it to the attention function in train mode); and the same fields of the model's config and
+    its sub-configs (so a saved or copied model keeps them off). Editing only the config after the
+    model is built leaves the copies on.
+
+    Returns:
+        The model.
+    """
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-        if config is not None and isinstance(getattr(config, key, None), float):
-            setattr(config, key, 0.0)
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+    configs = [getattr(model, "config", None)]
+    while configs:
+        config = configs.pop()
+        if config is None:
+            continue
+        for name, value in list(vars(config).items()):
+            if _is_dropout_rate(name, value):
+                setattr(config, name, 0.0)
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config (text_config, ...)
+                configs.append(value)
     return model
 
 
@@ -176,6 +200,7 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
     config.num_labels = 1
     if config.pad_token_id is None:
         config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    register_scalar_model(type(config))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
@@ -189,6 +214,44 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
             nn.init.zeros_(score_head(model).bias)
     _finish(model, trainable_layers, gradient_checkpointing)
     return freeze(model) if frozen else model
+
+
+def register_scalar_model(config_class: type) -> type:
+    """The ``AutoModelForSequenceClassification`` class for a config class, registered if transformers has none.
+
+    Families such as Granite have a causal LM but no sequence-classification class. For them a class
+    ``<Family>ForSequenceClassification`` is made from transformers' own
+    ``GenericForSequenceClassification`` (the backbone as ``model`` plus a bias-free linear ``score``
+    head, as Llama's) on the family's ``PreTrainedModel``, and registered with
+    ``AutoModelForSequenceClassification``. Its exports name that class in ``config.json``
+    (``architectures``) and reload with ``rlhf_lightning.models.load_scalar_model(path)`` (which
+    registers it first; ``AutoModelForSequenceClassification.from_pretrained(path)`` works in a process
+    that has called this function for the config class).
+
+    Args:
+        config_class: a transformers ``PretrainedConfig`` subclass (e.g. ``GraniteConfig``).
+
+    Returns:
+        The model class ``AutoModelForSequenceClassification`` uses for it.
+
+    Raises:
+        ValueError: transformers has no base model for the config either (nothing to put a head on).
+    """
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
+
+    if config_class in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[config_class]
+    if config_class not in MODEL_MAPPING:
+        raise ValueError(f"{config_class.__name__}: transformers has no base model to put a scalar head on")
+    base = MODEL_MAPPING[config_class]  # e.g. GraniteModel
+    pretrained = next(c for c in base.__mro__[1:] if issubclass(c, PreTrainedModel) and c is not PreTrainedModel)
+    name = base.__name__.removesuffix("Model") + "ForSequenceClassification"
+    cls = type(name, (GenericForSequenceClassification, pretrained), {"__module__": __name__})
+    AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
+    globals()[name] = cls  # findable by its qualified name (pickling)
+    return cls
 
 
 def score_head(model: nn.Module) -> nn.Linear:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.models.builders import score_head
-from rlhf_lightning.models.trunk import TrunkOutput, backbone_view
+from rlhf_lightning.models.trunk import TrunkOutput, model_above, upper_view
 from rlhf_lightning.ops import entropy_from_logits, last_valid_index, logprobs_from_logits
 
 
@@ -28,8 +28,9 @@ def _hidden_states(model: nn.Module, input_ids: torch.Tensor | None, attention_m
                    inputs_embeds: torch.Tensor | None = None, trunk: TrunkOutput | None = None) -> torch.Tensor:
     """The backbone's last hidden states (B, T, H); with ``trunk``, only the blocks above it run."""
     if trunk is not None:
-        backbone = backbone_view(model, trunk.depth, None, final_norm=True)
-        input_ids, inputs_embeds = None, trunk.hidden
+        backbone = upper_view(model, trunk)
+        if input_ids is None and inputs_embeds is None:
+            inputs_embeds = trunk.hidden  # any (B, T, H) input: the trunk's output replaces it
     else:
         backbone = getattr(model, model.base_model_prefix)
     out = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
@@ -129,13 +130,39 @@ def response_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return score_head(model)(hidden).squeeze(-1).float()
 
 
+def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_start: int, trunk: TrunkOutput | None = None) -> torch.Tensor:
+    """The causal LM's next-token logits at the positions that predict the response tokens.
+
+    Computed by the model's own ``forward`` (``logits_to_keep``: the head runs on the R + 1 last
+    positions only), so the family's logit transforms are applied as when sampling: Granite's
+    ``logits_scaling``, Cohere's ``logit_scale``, Gemma2/3's ``final_logit_softcapping``. With
+    ``trunk``, the same ``forward`` runs only the blocks above it (:func:`~rlhf_lightning.models.trunk.model_above`).
+
+    Args:
+        input_ids, attention_mask: (B, T) prompt + response, prompt left-padded to
+            ``response_start`` columns.
+        response_start: P, the column of the first response token (≥ 1).
+        trunk: the output of the model's frozen lower blocks for these rows, if already computed.
+
+    Returns:
+        (B, R, V) logits in the model's dtype, R = T − P; row t predicts response token t.
+    """
+    lm = model if trunk is None else model_above(model, trunk)
+    width = input_ids.shape[1] - response_start
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+             use_cache=False, logits_to_keep=width + 1)
+    return out.logits[:, :-1]  # (B, R, V): positions P - 1 ... T - 2
+
+
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_start: int, temperature: float = 1.0, with_entropy: bool = False,
                       trunk: TrunkOutput | None = None):
-    """Log-probabilities of the response tokens under a causal LM.
+    """Log-probabilities of the response tokens under a causal LM, as its sampler computes them.
 
-    The language-model head runs on the R response positions only (not the prompt), and
-    log-probabilities are gathered without a full (B, R, V) log-softmax.
+    The logits are :func:`response_logits` (the model's own forward and logit transforms, the
+    head on the response positions only), divided by ``temperature``; log-probabilities are
+    gathered without a full (B, R, V) log-softmax (:func:`~rlhf_lightning.ops.logprobs_from_logits`).
 
     Args:
         input_ids, attention_mask: (B, T) prompt + response, prompt left-padded to
@@ -149,8 +176,7 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     Returns:
         logprobs (B, R) float32, and entropy (B, R) float32 when ``with_entropy``.
     """
-    hidden = _hidden_states(model, input_ids, attention_mask, trunk=trunk)[:, response_start - 1 : -1]  # (B, R, H)
-    logits = model.get_output_embeddings()(hidden)  # (B, R, V)
+    logits = response_logits(model, input_ids, attention_mask, response_start, trunk)  # (B, R, V)
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = logprobs_from_logits(logits, input_ids[:, response_start:])  # (B, R)

