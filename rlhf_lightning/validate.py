@@ -52,6 +52,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
 
+from rlhf_lightning.paths import looks_like_local_path
+
 log = logging.getLogger(__name__)
 
 #: ``module._target_`` class name -> stage name.
@@ -166,11 +168,6 @@ def _hydra_stage_choice(cfg: DictConfig) -> str | None:
 # --------------------------------------------------------------------------- paths
 
 
-def looks_local(name: str) -> bool:
-    """Whether a model source is meant as a local path (same rule as ``resolve_pretrained``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
     """A reward model / critic source: required, and when local an existing dir with ``config.json``.
 
@@ -187,7 +184,7 @@ def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
     name = str(value)
     path = Path(name).expanduser()
     if not path.exists():
-        if looks_local(name):
+        if looks_like_local_path(name):
             raise ConfigError(f"{key}={name}: directory not found")
         return None  # a Hub id
     if not path.is_dir():
@@ -344,7 +341,7 @@ def policy_tokenizer_dir(name: str, gguf_file: str | None, key: str = "model.nam
         if not path.is_dir():
             raise ConfigError(f"{key}={name} is not a directory")
         return _cached_gguf_tokenizer_dir(path, gguf_file, key) if gguf_file else path
-    if looks_local(name):
+    if looks_like_local_path(name):
         raise ConfigError(f"{key}={name}: directory not found")
     if gguf_file:
         return None  # a GGUF file in a Hub repository: finding its conversion needs a download
@@ -421,8 +418,8 @@ def validate_config(cfg: DictConfig) -> None:
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
        may be null);
-    5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when local-looking (start
-       with ``/``, ``.``, ``~`` or contain more than one ``/``) or existing, are directories with
+    5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when existing or local-looking
+       (:func:`rlhf_lightning.paths.looks_like_local_path`: not a Hub id), are directories with
        ``config.json``;
     6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know.
 

