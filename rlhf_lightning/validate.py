@@ -18,8 +18,8 @@ are equal:
 - the added tokens as a set of ``(id, content, special)``;
 - the ids of the BOS, EOS and UNK tokens and of the padding token that
   :func:`rlhf_lightning.models.load_tokenizer` will use (a pad equal to EOS is replaced by UNK where
-  UNK differs from EOS, as ``_fix_pad_token`` does), looked up from ``tokenizer_config.json``
-  (``special_tokens_map.json`` fills in keys it lacks).
+  UNK differs from EOS, as :func:`rlhf_lightning.models.loading.fix_pad_token` does), looked up from
+  ``tokenizer_config.json`` (``special_tokens_map.json`` fills in keys it lacks).
 
 Merges, normalizer, pre-tokenizer, chat template and padding side are not compared: they change how
 text becomes ids, not what an id means. Without ``tokenizer.json`` a slow tokenizer's ``vocab.json``
@@ -272,7 +272,7 @@ def tokenizer_fingerprint(directory: str | os.PathLike) -> dict | None:
         return ids.get(content, vocab.get(content))
 
     special = {name: token_id(f"{name}_token") for name in ("bos", "eos", "unk", "pad")}
-    if special["pad"] is None or special["pad"] == special["eos"]:  # as _fix_pad_token
+    if special["pad"] is None or special["pad"] == special["eos"]:  # as models.loading.fix_pad_token
         if special["unk"] is not None and special["unk"] != special["eos"]:
             special["pad"] = special["unk"]
         elif special["pad"] is None:
@@ -302,13 +302,12 @@ def tokenizer_difference(a: dict, b: dict) -> str | None:
 
 def _cached_gguf_tokenizer_dir(directory: Path, gguf_file: str, key: str) -> Path | None:
     """The cached conversion (or tokenizer-only cache) of a GGUF file, if one exists. Never converts."""
-    from rlhf_lightning.models.loading import _gguf_key, cache_root
+    from rlhf_lightning.models.loading import gguf_cache_dir
 
     path = directory / gguf_file
     if not path.is_file():
         raise ConfigError(f"model.gguf_file={gguf_file}: not found in {key}'s folder {directory}")
-    stem = f"{Path(gguf_file).stem}-{_gguf_key(path)}"
-    for candidate in (cache_root() / stem, cache_root() / f"{stem}-tokenizer"):
+    for candidate in (gguf_cache_dir(path), gguf_cache_dir(path, tokenizer_only=True)):
         if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.json").is_file():
             return candidate
     return None

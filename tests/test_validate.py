@@ -279,7 +279,7 @@ def test_reward_model_with_another_tokenizer_is_an_error(stage, key, reward_dir,
 
 def test_tokenizer_fingerprint_compares_added_and_special_tokens(reward_dir, tmp_path):
     base = tokenizer_fingerprint(reward_dir)
-    assert base["special"]["eos"] != base["special"]["pad"]  # pad follows _fix_pad_token (UNK, not EOS)
+    assert base["special"]["eos"] != base["special"]["pad"]  # pad follows fix_pad_token (UNK, not EOS)
     changed = tmp_path / "changed"
     shutil.copytree(reward_dir, changed)
     config = json.loads((changed / "tokenizer_config.json").read_text())
