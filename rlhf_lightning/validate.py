@@ -1,8 +1,9 @@
 """Checks of a composed run config that fail fast, before any model or data is loaded.
 
 :func:`validate_config` is called at the top of :func:`rlhf_lightning.config.run`. It only reads the
-config, looks at the file system (``exists``, ``config.json``) and reads the small JSON files of
-tokenizers; it never builds a network, never converts a GGUF file and never touches the network.
+config, looks at the file system (``exists``, ``config.json``), reads the small JSON files of
+tokenizers and, for an online W&B logger, looks up W&B credentials in the environment and local files;
+it never builds a network, never converts a GGUF file and never touches the network.
 Each problem is a :class:`ConfigError` whose message is one line naming the offending key, e.g.
 ``ppo.clip_eps=1.5 must be in (0, 1) (the clip range epsilon of the PPO surrogate)``; ``train.py``
 prints it as ``error: <message>`` and exits with status 2.
@@ -394,6 +395,45 @@ def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) 
                               f"({policy_key}={policy}): {difference}")
 
 
+# --------------------------------------------------------------------------- loggers
+
+
+def _check_wandb_login(cfg: DictConfig) -> None:
+    """A W&B logger that logs online needs credentials (:func:`rlhf_lightning.tracking.wandb_credentials_found`).
+
+    The mode of a ``logger.<name>`` entry whose ``_target_`` is a ``WandbLogger``: ``offline: true`` is
+    offline; else its ``mode``, else ``WANDB_MODE``, else ``online``. Modes in
+    :data:`rlhf_lightning.tracking.WANDB_MODES_WITHOUT_LOGIN` need no credentials. Nothing is checked
+    (and ``wandb`` is not imported) without an online W&B logger.
+    """
+    loggers = _get(cfg, "logger")
+    if not isinstance(loggers, DictConfig):
+        return
+    from rlhf_lightning import tracking
+
+    for name in loggers:
+        target = _get(cfg, f"logger.{name}._target_")
+        if not isinstance(target, str) or not target.endswith("WandbLogger"):
+            continue
+        if _get(cfg, f"logger.{name}.offline") is True:
+            continue
+        mode = _get(cfg, f"logger.{name}.mode")
+        if mode in (_ABSENT, _MISSING, None):
+            mode = os.environ.get("WANDB_MODE") or "online"
+        if str(mode) in tracking.WANDB_MODES_WITHOUT_LOGIN:
+            continue
+        try:
+            found = tracking.wandb_credentials_found()
+        except ValueError as err:
+            raise ConfigError(f"logger.{name}.mode={mode}: invalid W&B credentials ({err}): run `wandb login`, "
+                              f"or log offline with logger.{name}.mode=offline") from None
+        if found is False:
+            raise ConfigError(f"logger.{name}.mode={mode} needs a W&B API key and none is configured: "
+                              f"run `wandb login` (or set WANDB_API_KEY), or log offline with "
+                              f"logger.{name}.mode=offline (upload later with `wandb sync`)")
+        return  # one lookup answers for every W&B logger
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -421,6 +461,9 @@ def validate_config(cfg: DictConfig) -> None:
        (:func:`rlhf_lightning.paths.looks_like_local_path`: not a Hub id), are directories with
        ``config.json``;
     6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know.
+    7. a W&B logger that logs online (``logger.<name>.mode``, default ``WANDB_MODE`` or ``online``) has
+       credentials to log with (``wandb login``, ``WANDB_API_KEY``; see
+       :func:`rlhf_lightning.tracking.wandb_credentials_found`); offline and disabled modes need none.
 
     Raises:
         ConfigError: one line naming the offending key.
@@ -477,3 +520,4 @@ def validate_config(cfg: DictConfig) -> None:
             if directory is not None and directory.resolve() not in {d.resolve() for d in model_dirs.values()}:
                 model_dirs[key] = directory
         _check_tokenizers(cfg, stage, model_dirs)
+    _check_wandb_login(cfg)
