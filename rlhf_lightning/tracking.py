@@ -72,8 +72,8 @@ class LogConfigToWandb(Callback):
     """Log a job's config as the run config of every :class:`~lightning.pytorch.loggers.WandbLogger`.
 
     Runs at ``on_train_start`` on global rank zero only, after Lightning logged the module's own
-    hyperparameters (which the full config contains, so the run config ends up the full config). The config is a plain dict, resolved when
-    the callback is built, so it also travels to ``ddp_spawn`` workers.
+    hyperparameters (which the full config contains, so the run config ends up the full config). The config
+    is a plain dict, resolved when the callback is built, so it also travels to ``ddp_spawn`` workers.
 
     Args:
         config: nested dict (e.g. :func:`resolved_config`), written with ``allow_val_change``.

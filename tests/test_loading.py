@@ -7,8 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_lightning.models.loading import SMOLLM2, SMOLLM2_GGUF, fix_pad_token, gguf_cache_dir, gguf_tokenizer_dir, \
-    package_dir
+from rlhf_lightning.models.loading import (
+    SMOLLM2,
+    SMOLLM2_GGUF,
+    fix_pad_token,
+    gguf_cache_dir,
+    gguf_tokenizer_dir,
+    package_dir,
+)
 
 
 def test_gguf_cache_dir_names(tmp_path, monkeypatch):

@@ -170,12 +170,13 @@ def test_ppo_with_deepspeed_presets_is_valid_and_needs_the_joint_optimizer(prese
     # Turned off on the command line: one line naming the key to set, before anything loads.
     message = _error([*_ok("ppo", reward_dir), f"trainer={preset}", "ppo.joint_optimizer=false"], tmp_path)
     assert message == ("trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy takes one optimizer and PPO "
-                       "has two (policy, critic): set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
+                       "has two (policy, critic): set ppo.joint_optimizer=true "
+                       "(one optimizer with two parameter groups)")
     validate_config(_compose([*_ok("reward", reward_dir), f"trainer={preset}"], tmp_path))  # one optimizer: fine
 
 
 @pytest.mark.parametrize("overrides", [
-    ["trainer=ddp", "trainer.strategy._target_=lightning.pytorch.strategies.DeepSpeedStrategy"],  # a preset of one's own
+    ["trainer=ddp", "trainer.strategy._target_=lightning.pytorch.strategies.DeepSpeedStrategy"],  # one's own preset
     ["trainer=gpu", "trainer.strategy=deepspeed_stage_2"],  # Lightning's registry name
 ])
 def test_ppo_with_another_deepspeed_strategy_needs_the_joint_optimizer(overrides, reward_dir, tmp_path):

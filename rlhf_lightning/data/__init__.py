@@ -7,7 +7,14 @@ truncation), and the data modules :mod:`~rlhf_lightning.data.preference` and :mo
 
 from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataModule
 from rlhf_lightning.data.prompts import PromptCollator, PromptDataModule
-from rlhf_lightning.data.rows import REASONS, DataError, PreferenceExample, extract_prompt, normalize_row, parse_hh_dialogue
+from rlhf_lightning.data.rows import (
+    REASONS,
+    DataError,
+    PreferenceExample,
+    extract_prompt,
+    normalize_row,
+    parse_hh_dialogue,
+)
 from rlhf_lightning.data.sources import (
     DataSourceError,
     DataSourceNotFoundError,

@@ -105,7 +105,7 @@ def parse_hh_dialogue(text: str) -> list[dict]:
     if pieces[0].strip():
         raise ValueError(f"text before the first Human:/Assistant: turn in dialogue {_preview(text)}")
     messages = [{"role": "user" if who == "Human" else "assistant", "content": content.strip()}
-                for who, content in zip(pieces[1::2], pieces[2::2])]
+                for who, content in zip(pieces[1::2], pieces[2::2], strict=True)]
     if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     if not messages:

@@ -13,8 +13,9 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from rlhf_lightning.data.rows import DataError, PreferenceExample, extract_prompt, normalize_row
 from rlhf_lightning.paths import looks_like_local_path
