@@ -1,11 +1,13 @@
 """The one rule that tells a local path from a Hugging Face Hub id, for model and data sources.
 
 A Hub repository id is ``name`` or ``owner/name``: it never starts with ``.``, ``/`` or ``~`` and has at
-most one ``/``. A source that does not exist on disk but could not be a Hub id either is a mistyped
-local path, and is reported as "not found" instead of being sent to the Hub (which would fail later
-with a network or "repository not found" error that hides the typo). Used by
-:func:`rlhf_lightning.models.resolve_pretrained`, :mod:`rlhf_lightning.validate` (``reward_model_path``,
-``critic_path``, ``model.name_or_path``) and :func:`rlhf_lightning.data.read_rows`.
+most one ``/`` (source: ``huggingface_hub.utils.validate_repo_id``, whose rules are "repo_name" or
+"namespace/repo_name", letters, digits, ``-``, ``_``, ``.``; a leading ``.`` is refused). A source that
+does not exist on disk but could not be a Hub id either is a mistyped local path, and is reported as
+"not found" instead of being sent to the Hub (which would fail later with a network or "repository not
+found" error that hides the typo). Used by :func:`rlhf_lightning.models.resolve_pretrained`,
+:mod:`rlhf_lightning.validate` (``reward_model_path``, ``critic_path``, ``model.name_or_path``) and
+:func:`rlhf_lightning.data.read_rows`.
 """
 
 from __future__ import annotations
