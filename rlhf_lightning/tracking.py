@@ -8,7 +8,8 @@
   joblib launchers run several jobs in one process) starts a run of its own instead of reusing it.
 - :func:`wandb_credentials_found`: whether W&B would find an API key without prompting, so that
   :func:`rlhf_lightning.validate.validate_config` can stop an online run without one before anything
-  loads (W&B itself would stop it at the first logged step, with a long ``UsageError`` traceback).
+  loads (``wandb.init`` would stop it when the trainer starts, models loaded, with a long ``UsageError``
+  traceback).
 
 :func:`rlhf_lightning.config.run` wires these in; nothing here imports ``wandb`` unless a run uses it.
 """
