@@ -81,9 +81,9 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
     import lightning as L
     from torch.utils.data import DataLoader
 
+    import rlhf_lightning.modules.ppo as ppo_module
     from rlhf_lightning.data import PromptCollator
     from rlhf_lightning.data.preference import ListDataset
-    import rlhf_lightning.modules.ppo as ppo_module
     from rlhf_lightning.modules import PPOModule
 
     total = args.warmup + args.steps
@@ -169,7 +169,8 @@ def main(argv=None) -> dict | None:
                              flops_per_step=6 * 2 * n_params * train_tokens)  # policy + critic, fwd + bwd
     for side, t in gen_s.items():
         if t:
-            print(f"  {side}: generation {PROMPTS * RESPONSE_TOKENS / t[len(t) // 2]:.1f} tokens/s (median generate call)")
+            rate = PROMPTS * RESPONSE_TOKENS / t[len(t) // 2]
+            print(f"  {side}: generation {rate:.1f} tokens/s (median generate call)")
     return result
 
 

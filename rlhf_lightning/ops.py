@@ -18,7 +18,7 @@ data-dependent Python branches on tensor values).
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor

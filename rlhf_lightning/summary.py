@@ -50,9 +50,9 @@ def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samp
     batch of prompts; ``first_mean``/``last_mean`` average the first and last ``window`` iterations.
     ``eval``: mean score (reward-model units, missing-EOS penalty included), mean reward-model
     score without the penalty (``rm_score``), the fraction of responses that ended with EOS
-    (``eos_frac``; NaN for sample files written before it was recorded) and mean KL (nats per response) on the fixed held-out
-    evaluation prompts, answered before the first iteration and after the last one with the same
-    sampling seed (``PPOModule.evaluate_samples``): the like-for-like before/after comparison.
+    (``eos_frac``; NaN for sample files written before it was recorded) and mean KL (nats per response)
+    on the fixed held-out evaluation prompts, answered before the first iteration and after the last
+    one with the same sampling seed (``PPOModule.evaluate_samples``): the like-for-like before/after comparison.
     ``samples``: the first ``samples_shown`` evaluation prompts with both responses.
 
     Raises:

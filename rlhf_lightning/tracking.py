@@ -6,6 +6,10 @@
 - :class:`LogConfigToWandb`: logs the job's full resolved config as the W&B run config.
 - :func:`finish_wandb`: ends the current W&B run, so that the next job of a multirun (the basic and
   joblib launchers run several jobs in one process) starts a run of its own instead of reusing it.
+- :func:`wandb_credentials_found`: whether W&B would find an API key without prompting, so that
+  :func:`rlhf_lightning.validate.validate_config` can stop an online run without one before anything
+  loads (``wandb.init`` would stop it when the trainer starts, models loaded, with a long ``UsageError``
+  traceback).
 
 :func:`rlhf_lightning.config.run` wires these in; nothing here imports ``wandb`` unless a run uses it.
 """
@@ -23,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: W&B rejects group names longer than this; longer sweep directories keep their last characters.
 MAX_GROUP_LENGTH = 128
+#: W&B modes that log without an account (``WandbLogger(mode=...)``, ``WANDB_MODE``); any other mode
+#: (``online``, the default, or ``shared``) needs credentials.
+WANDB_MODES_WITHOUT_LOGIN = ("offline", "dryrun", "disabled")
 
 
 def sweep_group() -> str | None:
@@ -66,8 +73,8 @@ class LogConfigToWandb(Callback):
     """Log a job's config as the run config of every :class:`~lightning.pytorch.loggers.WandbLogger`.
 
     Runs at ``on_train_start`` on global rank zero only, after Lightning logged the module's own
-    hyperparameters (which the full config contains, so the run config ends up the full config). The config is a plain dict, resolved when
-    the callback is built, so it also travels to ``ddp_spawn`` workers.
+    hyperparameters (which the full config contains, so the run config ends up the full config). The config
+    is a plain dict, resolved when the callback is built, so it also travels to ``ddp_spawn`` workers.
 
     Args:
         config: nested dict (e.g. :func:`resolved_config`), written with ``allow_val_change``.
@@ -112,3 +119,40 @@ def finish_wandb(exit_code: int | None = None) -> bool:
         return False
     wandb.finish(exit_code=exit_code)
     return True
+
+
+def wandb_credentials_found() -> bool | None:
+    """Whether W&B finds credentials for its server without prompting, as ``wandb.init`` looks for them.
+
+    Sources, in W&B's order: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, a ``.netrc`` entry for the
+    W&B host (``NETRC`` or ``~/.netrc``; written by ``wandb login``), an ``api_key`` setting, or a
+    login earlier in this process. Reads only environment variables and local files: never the network,
+    never a prompt, and nothing is stored.
+
+    Returns:
+        ``True`` / ``False``; ``None`` when this ``wandb`` version has no such lookup (it is an internal
+        ``wandb.sdk.lib.wbauth`` function, checked with wandb 0.31), and the caller should not decide.
+
+    Raises:
+        ValueError: credentials are set but malformed (e.g. a ``WANDB_API_KEY`` of the wrong form);
+            the message is W&B's, on one line.
+    """
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        lookup = wbauth.authenticate_session
+    except (ImportError, AttributeError, TypeError) as err:
+        log.debug("W&B credentials lookup unavailable (%s): not checked before the run", err)
+        return None
+    try:
+        auth = lookup(host=host, source="rlhf_lightning", prompt=False, update_session=False)
+    except TypeError as err:  # another signature in another wandb version
+        log.debug("W&B credentials lookup unavailable (%s): not checked before the run", err)
+        return None
+    except AuthenticationError as err:
+        raise ValueError(" ".join(str(err).split())) from None
+    return auth is not None

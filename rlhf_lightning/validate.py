@@ -1,8 +1,9 @@
 """Checks of a composed run config that fail fast, before any model or data is loaded.
 
 :func:`validate_config` is called at the top of :func:`rlhf_lightning.config.run`. It only reads the
-config, looks at the file system (``exists``, ``config.json``) and reads the small JSON files of
-tokenizers; it never builds a network, never converts a GGUF file and never touches the network.
+config, looks at the file system (``exists``, ``config.json``), reads the small JSON files of
+tokenizers and, for an online W&B logger, looks up W&B credentials in the environment and local files;
+it never builds a network, never converts a GGUF file and never touches the network.
 Each problem is a :class:`ConfigError` whose message is one line naming the offending key, e.g.
 ``ppo.clip_eps=1.5 must be in (0, 1) (the clip range epsilon of the PPO surrogate)``; ``train.py``
 prints it as ``error: <message>`` and exits with status 2.
@@ -18,8 +19,8 @@ are equal:
 - the added tokens as a set of ``(id, content, special)``;
 - the ids of the BOS, EOS and UNK tokens and of the padding token that
   :func:`rlhf_lightning.models.load_tokenizer` will use (a pad equal to EOS is replaced by UNK where
-  UNK differs from EOS, as ``_fix_pad_token`` does), looked up from ``tokenizer_config.json``
-  (``special_tokens_map.json`` fills in keys it lacks).
+  UNK differs from EOS, as :func:`rlhf_lightning.models.loading.fix_pad_token` does), looked up from
+  ``tokenizer_config.json`` (``special_tokens_map.json`` fills in keys it lacks).
 
 Merges, normalizer, pre-tokenizer, chat template and padding side are not compared: they change how
 text becomes ids, not what an id means. Without ``tokenizer.json`` a slow tokenizer's ``vocab.json``
@@ -51,6 +52,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+
+from rlhf_lightning.paths import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +169,6 @@ def _hydra_stage_choice(cfg: DictConfig) -> str | None:
 # --------------------------------------------------------------------------- paths
 
 
-def looks_local(name: str) -> bool:
-    """Whether a model source is meant as a local path (same rule as ``resolve_pretrained``)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
     """A reward model / critic source: required, and when local an existing dir with ``config.json``.
 
@@ -187,7 +185,7 @@ def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
     name = str(value)
     path = Path(name).expanduser()
     if not path.exists():
-        if looks_local(name):
+        if looks_like_local_path(name):
             raise ConfigError(f"{key}={name}: directory not found")
         return None  # a Hub id
     if not path.is_dir():
@@ -275,7 +273,7 @@ def tokenizer_fingerprint(directory: str | os.PathLike) -> dict | None:
         return ids.get(content, vocab.get(content))
 
     special = {name: token_id(f"{name}_token") for name in ("bos", "eos", "unk", "pad")}
-    if special["pad"] is None or special["pad"] == special["eos"]:  # as _fix_pad_token
+    if special["pad"] is None or special["pad"] == special["eos"]:  # as models.loading.fix_pad_token
         if special["unk"] is not None and special["unk"] != special["eos"]:
             special["pad"] = special["unk"]
         elif special["pad"] is None:
@@ -305,13 +303,12 @@ def tokenizer_difference(a: dict, b: dict) -> str | None:
 
 def _cached_gguf_tokenizer_dir(directory: Path, gguf_file: str, key: str) -> Path | None:
     """The cached conversion (or tokenizer-only cache) of a GGUF file, if one exists. Never converts."""
-    from rlhf_lightning.models.loading import _gguf_key, cache_root
+    from rlhf_lightning.models.loading import gguf_cache_dir
 
     path = directory / gguf_file
     if not path.is_file():
         raise ConfigError(f"model.gguf_file={gguf_file}: not found in {key}'s folder {directory}")
-    stem = f"{Path(gguf_file).stem}-{_gguf_key(path)}"
-    for candidate in (cache_root() / stem, cache_root() / f"{stem}-tokenizer"):
+    for candidate in (gguf_cache_dir(path), gguf_cache_dir(path, tokenizer_only=True)):
         if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.json").is_file():
             return candidate
     return None
@@ -348,7 +345,7 @@ def policy_tokenizer_dir(name: str, gguf_file: str | None, key: str = "model.nam
         if not path.is_dir():
             raise ConfigError(f"{key}={name} is not a directory")
         return _cached_gguf_tokenizer_dir(path, gguf_file, key) if gguf_file else path
-    if looks_local(name):
+    if looks_like_local_path(name):
         raise ConfigError(f"{key}={name}: directory not found")
     if gguf_file:
         return None  # a GGUF file in a Hub repository: finding its conversion needs a download
@@ -402,6 +399,45 @@ def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) 
                               f"({policy_key}={policy}): {difference}")
 
 
+# --------------------------------------------------------------------------- loggers
+
+
+def _check_wandb_login(cfg: DictConfig) -> None:
+    """A W&B logger that logs online needs credentials (:func:`rlhf_lightning.tracking.wandb_credentials_found`).
+
+    The mode of a ``logger.<name>`` entry whose ``_target_`` is a ``WandbLogger``: ``offline: true`` is
+    offline; else its ``mode``, else ``WANDB_MODE``, else ``online``. Modes in
+    :data:`rlhf_lightning.tracking.WANDB_MODES_WITHOUT_LOGIN` need no credentials. Nothing is checked
+    (and ``wandb`` is not imported) without an online W&B logger.
+    """
+    loggers = _get(cfg, "logger")
+    if not isinstance(loggers, DictConfig):
+        return
+    from rlhf_lightning import tracking
+
+    for name in loggers:
+        target = _get(cfg, f"logger.{name}._target_")
+        if not isinstance(target, str) or not target.endswith("WandbLogger"):
+            continue
+        if _get(cfg, f"logger.{name}.offline") is True:
+            continue
+        mode = _get(cfg, f"logger.{name}.mode")
+        if mode in (_ABSENT, _MISSING, None):
+            mode = os.environ.get("WANDB_MODE") or "online"
+        if str(mode) in tracking.WANDB_MODES_WITHOUT_LOGIN:
+            continue
+        try:
+            found = tracking.wandb_credentials_found()
+        except ValueError as err:
+            raise ConfigError(f"logger.{name}.mode={mode}: invalid W&B credentials ({err}): run `wandb login`, "
+                              f"or log offline with logger.{name}.mode=offline") from None
+        if found is False:
+            raise ConfigError(f"logger.{name}.mode={mode} needs a W&B API key and none is configured: "
+                              f"run `wandb login` (or set WANDB_API_KEY), or log offline with "
+                              f"logger.{name}.mode=offline (upload later with `wandb sync`)")
+        return  # one lookup answers for every W&B logger
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -425,10 +461,13 @@ def validate_config(cfg: DictConfig) -> None:
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
        may be null);
-    5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when local-looking (start
-       with ``/``, ``.``, ``~`` or contain more than one ``/``) or existing, are directories with
+    5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when existing or local-looking
+       (:func:`rlhf_lightning.paths.looks_like_local_path`: not a Hub id), are directories with
        ``config.json``;
     6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know.
+    7. a W&B logger that logs online (``logger.<name>.mode``, default ``WANDB_MODE`` or ``online``) has
+       credentials to log with (``wandb login``, ``WANDB_API_KEY``; see
+       :func:`rlhf_lightning.tracking.wandb_credentials_found`); offline and disabled modes need none.
 
     Raises:
         ConfigError: one line naming the offending key.
@@ -485,3 +524,4 @@ def validate_config(cfg: DictConfig) -> None:
             if directory is not None and directory.resolve() not in {d.resolve() for d in model_dirs.values()}:
                 model_dirs[key] = directory
         _check_tokenizers(cfg, stage, model_dirs)
+    _check_wandb_login(cfg)

@@ -109,7 +109,7 @@ def test_ppo_skips_policy_and_critic_together(tmp_path, tiny_dir, tokenizer, hh_
     assert faults.changed == [{"policy": True, "critic": True}, {"policy": False, "critic": False},
                               {"policy": True, "critic": True}]
     assert guard.skipped == 2  # both minibatch updates of iteration 1
-    for optimizer, network in zip(trainer.optimizers, (module.policy, module.critic)):
+    for optimizer, network in zip(trainer.optimizers, (module.policy, module.critic), strict=True):
         trainable = [p for p in network.parameters() if p.requires_grad]
         assert optimizer.state[trainable[0]]["step"] == 4  # 2 good iterations x 2 minibatches
 
@@ -121,8 +121,9 @@ def test_value_checkpoint_with_rng_and_loader_state_loads_with_weights_only(tmp_
     from rlhf_lightning.callbacks import RNGStateCallback
     from rlhf_lightning.modules import ValueModule
 
-    module = ValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir), load_scalar_model(tiny_dir, frozen=True),
-                         tokenizer, value={"generation": {"max_new_tokens": 4}}, optim={"lr": 1e-3})
+    module = ValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                         load_scalar_model(tiny_dir, frozen=True), tokenizer,
+                         value={"generation": {"max_new_tokens": 4}}, optim={"lr": 1e-3})
     trainer = _trainer(tmp_path, 1, [RNGStateCallback(), NonFiniteGuard()])
     trainer.fit(module, datamodule=PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=24))
     trainer.save_checkpoint(tmp_path / "value.ckpt")

@@ -11,6 +11,7 @@ import importlib.util
 
 import pytest
 import torch
+
 from test_train import _train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

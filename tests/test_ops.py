@@ -436,7 +436,7 @@ def test_explained_variance_loop_reference():
     values = returns + 0.5 * torch.randn(4, 6, generator=gen, dtype=torch.float64)
     m = ragged_prefix_mask(4, 6, gen)
     r, v = valid_list(returns, m), valid_list(values, m)
-    e = [a - b for a, b in zip(r, v)]
+    e = [a - b for a, b in zip(r, v, strict=True)]
 
     def pvar(xs):
         mu = sum(xs) / len(xs)

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import rlhf_lightning.config  # noqa: F401  (registers the resolvers)
-from rlhf_lightning import launch
 from conftest import compose_run_config
+from rlhf_lightning import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -68,7 +68,8 @@ def test_deepspeed_presets_turn_on_ppos_joint_optimizer(preset, tmp_path):
     cfg = _compose([f"trainer={preset}", "iterations=3", "ppo.ppo_epochs=2", "ppo.num_minibatches=2"], tmp_path)
     assert cfg.ppo.joint_optimizer is True and cfg.module.ppo.joint_optimizer is True
     assert cfg.trainer.max_steps == 3 * 2 * 2  # iterations x epochs x minibatches
-    off = _compose([f"trainer={preset}", "iterations=3", "ppo.joint_optimizer=false"], tmp_path)  # the command line wins
+    # the command line wins
+    off = _compose([f"trainer={preset}", "iterations=3", "ppo.joint_optimizer=false"], tmp_path)
     assert off.ppo.joint_optimizer is False and off.trainer.max_steps == 2 * 3 * 4 * 1
 
 
@@ -91,7 +92,7 @@ def test_ppo_max_steps_follows_the_joint_optimizer(tmp_path):
 def test_ppo_optimizers_resolver():
     from rlhf_lightning.config import _ppo_optimizers
 
-    assert (_ppo_optimizers(True), _ppo_optimizers(False), _ppo_optimizers("TRUE"), _ppo_optimizers("false")) == (1, 2, 1, 2)
+    assert [_ppo_optimizers(v) for v in (True, False, "TRUE", "false")] == [1, 2, 1, 2]
     with pytest.raises(TypeError, match="ppo.joint_optimizer"):
         _ppo_optimizers("yes")
 
@@ -116,7 +117,8 @@ def test_claim_device_gives_each_process_its_own_device(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "_CLAIMED", {})
     assert launch.claim_device(2, tmp_path) == 0
     assert launch.claim_device(2, tmp_path) == 0  # the same process keeps its device
-    code = "import sys; from rlhf_lightning.launch import claim_device; print(claim_device(int(sys.argv[1]), sys.argv[2]))"
+    code = ("import sys; from rlhf_lightning.launch import claim_device; "
+            "print(claim_device(int(sys.argv[1]), sys.argv[2]))")
     other = subprocess.run([sys.executable, "-c", code, "2", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert other.returncode == 0 and other.stdout.strip() == "1", other.stderr
     full = subprocess.run([sys.executable, "-c", code, "1", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)

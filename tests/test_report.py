@@ -24,7 +24,7 @@ def _job(root: Path, name: str, kl_coef: float, clip_eps: float, scores: list[fl
     with (job / "csv" / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "objective/score", "objective/kl", "value/loss"])
         writer.writeheader()
-        for step, (score, kl) in enumerate(zip(scores, kls)):
+        for step, (score, kl) in enumerate(zip(scores, kls, strict=True)):
             writer.writerow({"step": step, "objective/score": score, "objective/kl": kl, "value/loss": ""})
             writer.writerow({"step": step, "objective/score": "", "objective/kl": "", "value/loss": 0.5})
     ppo = f"ppo:\n  kl_coef: {kl_coef}\n  clip_eps: {clip_eps}\n" if in_config else "seed: 0\n"

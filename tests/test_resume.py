@@ -170,7 +170,8 @@ def test_ppo_joint_optimizer_resume_matches_uninterrupted_run(tmp_path, hh_file,
                                 "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}},
                            policy_optim={"lr": 1e-3, "warmup_steps": 1}, value_optim={"lr": 3e-3, "warmup_steps": 3})
         datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
-        checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=module.optimizer_steps_per_iteration,
+        checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints",
+                                      every_n_train_steps=module.optimizer_steps_per_iteration,
                                       save_last=True, save_top_k=0)
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=iterations * module.optimizer_steps_per_iteration,
                             max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,

@@ -92,7 +92,8 @@ def test_multirun_with_ddp_cpu_trains_each_point_once_without_relaunching_the_sw
         with open(job / "csv" / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert sum(bool(r.get("objective/score")) for r in rows) == 2  # 2 iterations, each trained once
-        assert sum(bool(r.get("eval/score_before")) for r in rows) == sum(bool(r.get("eval/score_after")) for r in rows) == 1
+        evaluated = [sum(bool(r.get(f"eval/score_{when}")) for r in rows) for when in ("before", "after")]
+        assert evaluated == [1, 1]
         assert (job / "model" / "model.safetensors").exists()
 
 

