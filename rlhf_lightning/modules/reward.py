@@ -89,7 +89,8 @@ class RewardModule(L.LightningModule):
         (:func:`~rlhf_lightning.modules.common.fused_adamw_allowed`)."""
         trainer = self._trainer
         total = scheduler_total_steps(trainer) if trainer is not None and self.optim.scheduler != "constant" else None
-        optimizer, scheduler = make_optimizer(self.model.parameters(), self.optim, total, fused=fused_adamw_allowed(trainer))
+        optimizer, scheduler = make_optimizer(self.model.parameters(), self.optim, total,
+                                              fused=fused_adamw_allowed(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:

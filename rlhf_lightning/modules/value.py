@@ -140,7 +140,8 @@ class ValueModule(L.LightningModule):
         (:func:`~rlhf_lightning.modules.common.fused_adamw_allowed`)."""
         trainer = self._trainer
         total = scheduler_total_steps(trainer) if trainer is not None and self.optim.scheduler != "constant" else None
-        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.optim, total, fused=fused_adamw_allowed(trainer))
+        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.optim, total,
+                                              fused=fused_adamw_allowed(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
