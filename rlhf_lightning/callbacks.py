@@ -145,6 +145,12 @@ class NonFiniteGuard(Callback):
     together. Lightning still counts the step in ``global_step`` and steps the LR schedulers. Under
     fp16 mixed precision only the loss is checked (the GradScaler already skips overflowing gradients).
 
+    With more than one process (DDP, FSDP, DeepSpeed) the decision is taken together (:func:`any_rank`: one
+    all-reduce of a 0/1 flag with MAX per check): when any rank has a non-finite loss or gradient, every rank
+    skips, so the ranks keep the same weights, optimizer states and counts. (DDP averages gradients, so a
+    non-finite gradient reaches every rank anyway; a non-finite loss with finite gradients, or a rank's own
+    unsynchronised parameters, would not.)
+
     Logs ``train/skipped_steps`` (total skipped updates, one per backward) after every batch. After
     ``max_consecutive_bad_steps`` bad updates in a row, the remaining updates of that batch are skipped
     too, ``<checkpoint dir>/nonfinite-stop.ckpt`` is written at the end of the batch (its weights and
@@ -193,13 +199,14 @@ class NonFiniteGuard(Callback):
         grads = [] if scaled else [p.grad for p in params if p.grad is not None]
         finite = [torch.isfinite(g).all().to(grads[0].device) for g in grads]
         grads_finite = not grads or bool(torch.stack(finite).all())  # one device sync
-        if self._loss_finite and grads_finite:
+        bad_here = not (self._loss_finite and grads_finite)
+        if not any_rank(trainer, bad_here):
             self.consecutive = 0
             return
         _drop_grads(params)
         self.skipped += 1
         self.consecutive += 1
-        what = "loss" if not self._loss_finite else "gradient"
+        what = "another rank's loss or gradient" if not bad_here else "loss" if not self._loss_finite else "gradient"
         log.warning("non-finite %s at global step %d: optimizer step skipped (%d in a row, %d in all)",
                     what, trainer.global_step, self.consecutive, self.skipped)
         limit = self.max_consecutive_bad_steps
@@ -220,6 +227,17 @@ class NonFiniteGuard(Callback):
         trainer.save_checkpoint(path)
         raise TrainingDiverged(f"{self._stop}. The last good state is saved in {path}; lower the learning rate "
                                f"or fix the data, then resume with ckpt_path={path}")
+
+
+def any_rank(trainer, flag: bool) -> bool:
+    """``flag`` or-ed over all processes of ``trainer``: an all-reduce (MAX) of a 0/1 tensor on the
+    strategy's root device through ``trainer.strategy.reduce``; just ``flag`` when ``trainer.world_size``
+    is 1 (no communication). Every process must call it at the same point (a collective)."""
+    if trainer.world_size <= 1:
+        return flag
+    strategy = trainer.strategy
+    value = torch.tensor(float(flag), device=strategy.root_device)
+    return bool(strategy.reduce(value, reduce_op="max") > 0)
 
 
 def _drop_grads(params: list[torch.Tensor]) -> None:

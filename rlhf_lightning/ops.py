@@ -18,7 +18,7 @@ data-dependent Python branches on tensor values).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -142,7 +142,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sq_dev / denom.clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Standardise ``x`` with the mean and (unbiased) variance of its valid entries.
 
     ``out = (x - mean) / sqrt(var + eps)`` at valid positions; if ``shift_mean`` is
@@ -150,11 +151,21 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     convention of e.g. rewards).  This is the usual advantage normalisation of
     PPO implementations (statistics pooled over the whole batch, not per row).
 
+    With ``all_reduce`` (distributed training: e.g. ``lambda t: strategy.reduce(t, reduce_op="sum")``),
+    the statistics are those of the valid entries of every process's ``x`` together, as one process
+    holding all of them would compute (OpenRLHF whitens so): each process sums its valid entries, their
+    squares and their count into a ``(3,)`` float64 tensor, ``all_reduce`` returns the element-wise sum
+    over processes, and ``mean = S / n``, ``var = (Q - n * mean^2) / (n - 1)`` (float64, so the
+    subtraction loses little). Every process must call it (a collective). The statistics are then
+    constants for autograd (computed from ``x.detach()``): use it on advantages, which carry no gradient.
+
     Args:
         x: float tensor, typically ``(B, T)`` advantages.
         mask: bool or 0/1 tensor with ``x``'s shape.
         shift_mean: subtract the mean (True) or keep it (False).
         eps: added to the variance before the square root (must be > 0).
+        all_reduce: ``None`` (this tensor's statistics only), or a function summing a ``(3,)`` float64
+            tensor over processes and returning the result (in place or not).
 
     Returns:
         Tensor shaped and typed like ``x``; masked positions are exactly 0.  A
@@ -167,12 +178,27 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         raise ValueError(f"eps must be > 0, got {eps}")
     m = _as_bool_mask(mask, x)
     xs = _select(x, m)
-    mean = masked_mean(xs, m)
-    var = masked_var(xs, m, unbiased=True)
+    if all_reduce is None:
+        mean = masked_mean(xs, m)
+        var = masked_var(xs, m, unbiased=True)
+    else:
+        mean, var = _pooled_mean_var(xs.detach(), m, all_reduce)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
     out = (xs - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return _select(out, m)
+
+
+def _pooled_mean_var(xs: Tensor, m: Tensor, all_reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance (0-d float64) of the valid entries of ``xs`` on all processes:
+    ``[sum, sum of squares, count]`` summed by ``all_reduce`` (see :func:`masked_whiten`)."""
+    x64 = xs.to(torch.float64)  # masked entries are 0 already
+    stats = torch.stack([x64.sum(), (x64 * x64).sum(), m.sum(dtype=torch.float64)])
+    total, total_sq, n = all_reduce(stats).unbind()
+    mean = total / n.clamp(min=1)
+    var = (total_sq - n * mean * mean) / (n - 1).clamp(min=1)
+    return mean, var.clamp(min=0)  # n <= 1: 0, as masked_var
 
 
 # --------------------------------------------------------------------------- #

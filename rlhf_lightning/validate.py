@@ -62,6 +62,14 @@ STAGES = {"RewardModule": "reward", "ValueModule": "value", "PPOModule": "ppo"}
 #: ``ckpt_path`` values Lightning resolves itself (no file to check).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 ON_ERROR = ("raise", "skip")
+#: ``trainer.precision`` values Lightning runs as fp16 AMP with a GradScaler (it maps ``16`` to ``16-mixed``).
+FP16_MIXED = ("16-mixed", "16", 16)
+#: The one-line refusal of fp16 AMP for PPO, here and in ``PPOModule.setup`` (``{precision}``: the value).
+PPO_FP16_ERROR = ("trainer.precision={precision} is not supported for stage=ppo: PPO clips its gradients (manual "
+                  "optimization) before Lightning's GradScaler unscales them, and fused AdamW unscales inside its "
+                  "step (Lightning raises); use trainer.precision=bf16-mixed (or 32-true)")
+#: The optimizer settings of each stage (their ``scheduler`` and ``warmup_steps`` are checked).
+OPTIM_KEYS = {"reward": ("reward.optim",), "value": ("value_optim",), "ppo": ("policy_optim", "value_optim")}
 
 _ABSENT = object()
 _MISSING = object()
@@ -194,6 +202,30 @@ def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
         raise ConfigError(f"{key}={name} has no config.json (expected a model saved with save_pretrained, "
                           "e.g. <reward run dir>/model)")
     return path
+
+
+def _is_deepspeed(cfg: DictConfig) -> str | None:
+    """``trainer.strategy``'s target (or name) when it is a DeepSpeed strategy, else ``None``."""
+    strategy = _get(cfg, "trainer.strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
+    return target if isinstance(target, str) and "deepspeed" in target.lower() else None
+
+
+def _check_optim(cfg: DictConfig, prefix: str) -> None:
+    """``<prefix>.scheduler`` is a known schedule and ``<prefix>.warmup_steps`` an integer >= 0."""
+    from rlhf_lightning.schedules import check_scheduler
+
+    scheduler = _get(cfg, f"{prefix}.scheduler")
+    if scheduler is _MISSING:
+        raise ConfigError(f"{prefix}.scheduler is required (it is '???' in the config)")
+    if scheduler is not _ABSENT:
+        try:
+            check_scheduler(scheduler, f"{prefix}.scheduler")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    warmup = _number(cfg, f"{prefix}.warmup_steps", integer=True)
+    if warmup is not None and warmup < 0:
+        raise ConfigError(f"{prefix}.warmup_steps={warmup} must be >= 0 (scheduler steps of linear warm-up)")
 
 
 def _check_ckpt_path(cfg: DictConfig) -> None:
@@ -453,10 +485,13 @@ def validate_config(cfg: DictConfig) -> None:
        ``reward.center_coef`` >= 0;
     3. sizes: batch sizes, ``iterations``, ``ppo.ppo_epochs``, ``ppo.num_minibatches``,
        ``*.generation.max_new_tokens`` and maximum lengths are positive integers, and
-       ``batch_size`` is a multiple of ``ppo.num_minibatches``; ``ppo.joint_optimizer`` is a bool,
-       and true under a DeepSpeed strategy (Lightning's takes one optimizer; the ``deepspeed_*``
-       presets set it for PPO through ``conf/stage_trainer/``, so this catches an explicit
-       ``ppo.joint_optimizer=false`` or a DeepSpeed strategy of one's own);
+       ``batch_size`` is a multiple of ``ppo.num_minibatches``; ``ppo.joint_optimizer`` and
+       ``ppo.whiten_across_ranks`` are bools, the former true under a DeepSpeed strategy (Lightning's
+       takes one optimizer; the ``deepspeed_*`` presets set it for PPO through ``conf/stage_trainer/``,
+       so this catches an explicit ``ppo.joint_optimizer=false`` or a DeepSpeed strategy of one's own);
+       PPO does not run under ``trainer.precision=16-mixed`` (:data:`PPO_FP16_ERROR`; DeepSpeed
+       excepted); the stage's optimizer settings (:data:`OPTIM_KEYS`) have a known ``scheduler``
+       (:data:`rlhf_lightning.schedules.SCHEDULERS`) and ``warmup_steps`` >= 0;
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
@@ -496,15 +531,21 @@ def validate_config(cfg: DictConfig) -> None:
             if batch_size is not None and minibatches is not None and batch_size % minibatches:
                 raise ConfigError(f"batch_size={batch_size} is not divisible by ppo.num_minibatches={minibatches} "
                                   "(each PPO epoch splits the rollout batch into equal minibatches)")
+            for key in ("ppo.joint_optimizer", "ppo.whiten_across_ranks"):
+                flag = _get(cfg, key)
+                if flag is _MISSING or (flag is not _ABSENT and not isinstance(flag, bool)):
+                    shown = "???" if flag is _MISSING else repr(flag)
+                    raise ConfigError(f"{key}={shown} must be true or false")
             joint = _get(cfg, "ppo.joint_optimizer")
-            if joint is _MISSING or (joint is not _ABSENT and not isinstance(joint, bool)):
-                shown = "???" if joint is _MISSING else repr(joint)
-                raise ConfigError(f"ppo.joint_optimizer={shown} must be true or false")
-            strategy = _get(cfg, "trainer.strategy")
-            target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
-            if isinstance(target, str) and "deepspeed" in target.lower() and joint is not True:
+            target = _is_deepspeed(cfg)
+            if target is not None and joint is not True:
                 raise ConfigError(f"trainer.strategy={target} takes one optimizer and PPO has two (policy, critic): "
                                   "set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
+            precision = _get(cfg, "trainer.precision")
+            if precision in FP16_MIXED and target is None:  # DeepSpeed scales and clips in its engine
+                raise ConfigError(PPO_FP16_ERROR.format(precision=precision))
+    for prefix in OPTIM_KEYS[stage]:
+        _check_optim(cfg, prefix)
 
     on_error = _get(cfg, "data.on_error")
     if on_error is _MISSING or (on_error is not _ABSENT and on_error not in ON_ERROR):

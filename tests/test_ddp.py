@@ -17,9 +17,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import rlhf_lightning.config  # noqa: F401  (registers the resolvers)
+from rlhf_lightning.callbacks import NonFiniteGuard
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import PPOModule, RewardModule, ValueModule
+from rlhf_lightning.ops import masked_whiten
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 WORLD_SIZE = 2
@@ -65,7 +67,8 @@ class RankRecorder(L.Callback):
     def on_train_end(self, trainer, pl_module):
         torch.save({"initial": self.initial, "final": _trainable(pl_module), "rows": self.rows,
                     "logged": self.logged, "local": pl_module.local_metrics, "backward_calls": self.backward_calls,
-                    "kl_updates": getattr(pl_module, "kl_updates", [])},
+                    "kl_updates": getattr(pl_module, "kl_updates", []),
+                    "whitening": getattr(pl_module, "whitening", [])},
                    Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
@@ -99,7 +102,13 @@ class UnevenPPOModule(LocalMetrics, PPOModule):
             return update(current_kl, n_steps)
 
         self.kl_ctl.update = recording_update
+        self.whitening = []
         super().on_train_start()
+
+    def whiten_advantages(self, advantages, mask):
+        whitened = super().whiten_advantages(advantages, mask)
+        self.whitening.append((advantages.clone(), mask.clone(), whitened.clone()))
+        return whitened
 
 
 def _ddp_trainer(tmp_path: Path, callbacks: list, **overrides) -> L.Trainer:
@@ -212,3 +221,65 @@ def test_ddp_cpu_ppo_with_uneven_response_lengths(tmp_path, tiny_dir, tokenizer,
         assert rank["kl_updates"][-1] == pytest.approx(sum(local_kl) / WORLD_SIZE, rel=1e-5)
     betas = [[d["ppo/kl_coef"] for d in r["local"] if "ppo/kl_coef" in d] for r in ranks]
     assert betas[0] == betas[1] and len(betas[0]) == iterations
+    # ppo.whiten_across_ranks (default): each rank's advantages are whitened with the statistics of both
+    # ranks' valid tokens, as one process holding the union of the batches would whiten them.
+    for i in range(iterations):
+        (adv0, mask0, out0), (adv1, mask1, out1) = (r["whitening"][i] for r in ranks)
+        assert adv0.shape[1] != adv1.shape[1]  # responses of different lengths
+        width = max(adv0.shape[1], adv1.shape[1])
+        union = masked_whiten(torch.cat([_pad(adv0, width), _pad(adv1, width)]),
+                              torch.cat([_pad(mask0, width), _pad(mask1, width)]))
+        torch.testing.assert_close(torch.cat([_pad(out0, width), _pad(out1, width)]), union, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(out0, masked_whiten(adv0, mask0), atol=1e-3)  # per rank would differ
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad the last dimension of ``t`` with zeros (False) to ``width``."""
+    return torch.nn.functional.pad(t, (0, width - t.shape[-1]))
+
+
+class NaNLossOnRank1(LocalRewardModule):
+    """Rank 1's loss at batch 1 is NaN while its gradients stay finite (a NaN constant added to the loss):
+    only rank 1 sees anything non-finite, since DDP averages the (finite) gradients."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 1 and batch_idx == 1:
+            loss = loss + torch.tensor(float("nan"))
+        return loss
+
+
+class ChangeRecorder(L.Callback):
+    """Per batch: whether the rank's trainable weights changed; at the end ``<out_dir>/guard<r>.pt`` with those
+    flags, the final weights, the guard's skip count and Adam's step count."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.changed, self._before = out_dir, [], {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._before = _trainable(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.changed.append(any(not torch.equal(self._before[k], v) for k, v in _trainable(pl_module).items()))
+
+    def on_train_end(self, trainer, pl_module):
+        guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+        param = next(p for p in pl_module.parameters() if p.requires_grad)
+        torch.save({"changed": self.changed, "final": _trainable(pl_module), "skipped": guard.skipped,
+                    "adam_steps": int(trainer.optimizers[0].state[param]["step"])},
+                   Path(self.out_dir) / f"guard{trainer.global_rank}.pt")
+
+
+def test_ddp_cpu_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, tiny_dir, tokenizer, hh_file):
+    L.seed_everything(0)
+    module = NaNLossOnRank1(load_scalar_model(tiny_dir, trainable_layers=1), tokenizer, optim={"lr": 1e-3})
+    dm = PreferenceDataModule(tokenizer, str(hh_file), val_size=0, batch_size=2, max_length=48)
+    trainer = _ddp_trainer(tmp_path, [ChangeRecorder(str(tmp_path)), NonFiniteGuard(max_consecutive_bad_steps=3)],
+                           max_steps=3, max_epochs=-1, limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+
+    ranks = [torch.load(tmp_path / f"guard{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    for rank in ranks:  # both skipped batch 1: weights and Adam state untouched there, on rank 0 too
+        assert rank["changed"] == [True, False, True] and rank["skipped"] == 1 and rank["adam_steps"] == 2
+    for key, value in ranks[0]["final"].items():
+        torch.testing.assert_close(ranks[1]["final"][key], value, rtol=0, atol=0, msg=key)

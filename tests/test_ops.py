@@ -110,6 +110,54 @@ def test_masked_whiten_by_hand():
     )
 
 
+def test_masked_whiten_pooled_over_processes_by_hand():
+    """Two "ranks" of different widths: rank A's valid {1}, rank B's valid {3, 5}. Pooled: mean 3,
+    unbiased variance (4 + 0 + 4) / 2 = 4, so A -> (1 - 3) / 2 = -1 and B -> 0, 1; alone, A would be 0."""
+    xa, ma = torch.tensor([[1.0, 100.0]]), torch.tensor([[True, False]])
+    xb, mb = torch.tensor([[3.0, 5.0, -50.0]]), torch.tensor([[True, True, False]])
+    sent = {}
+
+    def keep(stats):  # rank B's all-reduce: remember what it contributes
+        sent["b"] = stats.clone()
+        return stats
+
+    masked_whiten(xb, mb, all_reduce=keep)
+    assert sent["b"].dtype == torch.float64 and sent["b"].tolist() == [8.0, 34.0, 2.0]  # sum, squares, count
+    pooled_a = masked_whiten(xa, ma, eps=1e-12, all_reduce=lambda stats: stats + sent["b"])
+    torch.testing.assert_close(pooled_a, torch.tensor([[-1.0, 0.0]]))
+    assert masked_whiten(xa, ma).tolist() == [[0.0, 0.0]]  # without the reduction: its own single token
+    sent_a = {}
+    masked_whiten(xa, ma, all_reduce=lambda stats: sent_a.setdefault("a", stats.clone()))
+    pooled_b = masked_whiten(xb, mb, eps=1e-12, all_reduce=lambda stats: stats + sent_a["a"])
+    torch.testing.assert_close(pooled_b, torch.tensor([[0.0, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masked_whiten_pooled_matches_one_process_over_the_union(seed):
+    g = torch.Generator().manual_seed(seed)
+    parts = [(torch.randn(3, w, generator=g) * 4 + 2, torch.rand(3, w, generator=g) > 0.4) for w in (5, 8)]
+    width = 8
+    union_x = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x, _ in parts])
+    union_m = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in parts])
+    expected = masked_whiten(union_x, union_m)
+    stats = []
+    for x, m in parts:
+        masked_whiten(x, m, all_reduce=lambda t: stats.append(t.clone()) or t)
+    total = stats[0] + stats[1]
+    got = torch.cat([torch.nn.functional.pad(masked_whiten(x, m, all_reduce=lambda t: total.clone()),
+                                             (0, width - x.shape[1])) for x, m in parts])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # One process (identity reduction): the same as the default two-pass statistics.
+    x, m = parts[1]
+    torch.testing.assert_close(masked_whiten(x, m, all_reduce=lambda t: t), masked_whiten(x, m), rtol=1e-5, atol=1e-6)
+    # Degenerate pooled counts (0 or 1 valid token in all): zeros, as without the reduction.
+    empty = torch.zeros_like(m)
+    assert (masked_whiten(x, empty, all_reduce=lambda t: t) == 0).all()
+    one = empty.clone()
+    one[0, 0] = True
+    assert (masked_whiten(x, one, all_reduce=lambda t: t) == 0).all()
+
+
 def test_masked_whiten_all_masked_and_single_token():
     x = torch.randn(3, 4, requires_grad=True)
     out = masked_whiten(x, torch.zeros(3, 4, dtype=torch.bool))

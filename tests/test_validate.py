@@ -189,6 +189,32 @@ def test_ppo_with_another_deepspeed_strategy_needs_the_joint_optimizer(overrides
 def test_joint_optimizer_must_be_a_bool(reward_dir, tmp_path):
     assert _error([*_ok("ppo", reward_dir), "ppo.joint_optimizer=maybe"], tmp_path) == \
         "ppo.joint_optimizer='maybe' must be true or false"
+    assert _error([*_ok("ppo", reward_dir), "ppo.whiten_across_ranks=1"], tmp_path) == \
+        "ppo.whiten_across_ranks=1 must be true or false"
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16"])
+def test_ppo_refuses_fp16_mixed_precision_and_names_bf16(precision, reward_dir, tmp_path):
+    message = _error([*_ok("ppo", reward_dir), "trainer=gpu", f"trainer.precision={precision}"], tmp_path)
+    assert message.startswith(f"trainer.precision={precision} is not supported for stage=ppo: ")
+    assert message.endswith("use trainer.precision=bf16-mixed (or 32-true)")
+    # bf16 for PPO, fp16 for the reward and value stages (their clipping follows Lightning's unscaling), and
+    # PPO under DeepSpeed (its engine scales, unscales and clips) are fine.
+    validate_config(_compose([*_ok("ppo", reward_dir), "trainer=gpu", "trainer.precision=bf16-mixed"], tmp_path))
+    for stage in ("reward", "value"):
+        validate_config(_compose([*_ok(stage, reward_dir), "trainer=gpu", f"trainer.precision={precision}"], tmp_path))
+    validate_config(_compose([*_ok("ppo", reward_dir), "trainer=deepspeed_zero2", f"trainer.precision={precision}"],
+                             tmp_path))
+
+
+@pytest.mark.parametrize("stage, key", [("reward", "reward.optim"), ("value", "value_optim"),
+                                        ("ppo", "policy_optim"), ("ppo", "value_optim")])
+def test_unknown_scheduler_or_negative_warmup_is_an_error(stage, key, reward_dir, tmp_path):
+    assert _error([*_ok(stage, reward_dir), f"{key}.scheduler=step"], tmp_path) == \
+        f"{key}.scheduler='step' is not a learning-rate schedule (expected one of constant, linear, cosine)"
+    assert _error([*_ok(stage, reward_dir), f"{key}.warmup_steps=-2"], tmp_path).startswith(f"{key}.warmup_steps=-2 ")
+    for scheduler in ("linear", "cosine"):
+        validate_config(_compose([*_ok(stage, reward_dir), f"{key}.scheduler={scheduler}"], tmp_path))
 
 
 @pytest.mark.parametrize("stage, key, value", [

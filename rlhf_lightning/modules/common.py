@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from rlhf_lightning.schedules import SCHEDULERS, check_scheduler, lr_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,15 @@ class OptimConfig:
         lr: peak learning rate.
         weight_decay: decoupled weight decay (Loshchilov & Hutter 2019).
         betas, eps: Adam moments and epsilon.
-        warmup_steps: linear warm-up from 0 to ``lr`` over this many optimizer steps, then constant.
+        warmup_steps: linear warm-up to ``lr`` over this many scheduler steps (the first step at
+            ``lr / (warmup_steps + 1)``), then ``scheduler``.
+        scheduler: after the warm-up, ``constant`` (``lr``), ``linear`` (linear decay to 0) or ``cosine``
+            (cosine decay to 0) over the run's total number of scheduler steps
+            (:func:`~rlhf_lightning.schedules.lr_multiplier`). One scheduler step is one optimizer step in
+            the reward and value stages (automatic optimization; total: ``trainer.estimated_stepping_batches``)
+            and one PPO iteration in PPO, whichever its optimizer steps per iteration (total:
+            ``trainer.max_steps`` / ``PPOModule.optimizer_steps_per_iteration``, i.e. ``iterations``).
+            :func:`scheduler_total_steps` gives the total.
     """
 
     lr: float = 1e-5
@@ -28,10 +39,14 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     warmup_steps: int = 0
+    scheduler: str = SCHEDULERS[0]
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
+        check_scheduler(self.scheduler)
         self.betas = tuple(self.betas)
 
 
@@ -52,37 +67,77 @@ def as_config(cls, value):
         raise TypeError(f"{cls.__name__}: {err} (allowed keys: {allowed})") from None
 
 
-def linear_warmup(warmup_steps: int):
-    """The LR multiplier of :class:`OptimConfig`'s schedule, as a ``LambdaLR`` lambda.
+def schedule_lambda(config: OptimConfig, total_steps: float | None = None):
+    """:class:`OptimConfig`'s schedule as a ``LambdaLR`` lambda: ``step -> lr_multiplier(step, ...)``.
 
-    ``step -> min(1, (step + 1) / (warmup_steps + 1))``: a linear ramp to 1 over ``warmup_steps``
-    scheduler steps, then constant (1 from the start when ``warmup_steps`` <= 0).
+    A plain function (not a callable object), so ``LambdaLR.state_dict`` leaves it out and a resumed run
+    uses the total of its own trainer.
+
+    Raises:
+        ValueError: a decaying ``scheduler`` without a finite ``total_steps``.
     """
-    warmup = max(warmup_steps, 0)
-    return lambda step: min(1.0, (step + 1) / (warmup + 1))
+    warmup, scheduler = config.warmup_steps, config.scheduler
+    lr_multiplier(0, warmup, total_steps, scheduler)  # fail now, not at the first step
+    return lambda step: lr_multiplier(step, warmup, total_steps, scheduler)
+
+
+def scheduler_total_steps(trainer, optimizer_steps_per_iteration: int | None = None) -> float:
+    """The number of scheduler steps in a run (:class:`OptimConfig`'s ``scheduler``), from its trainer.
+
+    Args:
+        trainer: the ``lightning.Trainer`` (call from ``configure_optimizers``).
+        optimizer_steps_per_iteration: ``None`` for automatic optimization (one scheduler step per optimizer
+            step: ``trainer.estimated_stepping_batches``, which counts ``max_steps``, epochs and gradient
+            accumulation). PPO: its optimizer steps per iteration; one scheduler step per iteration, so
+            ``ceil(trainer.max_steps / optimizer_steps_per_iteration)`` (Lightning finishes the batch that
+            reaches ``max_steps``), or without ``max_steps`` the batches of all epochs.
+
+    Returns:
+        A positive number, or ``inf`` when the run has no end (``max_steps`` and ``max_epochs`` both -1).
+    """
+    if optimizer_steps_per_iteration is None:
+        return trainer.estimated_stepping_batches
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return math.ceil(trainer.max_steps / optimizer_steps_per_iteration)
+    return trainer.estimated_stepping_batches  # max_steps -1: batches x epochs, one iteration per batch
+
+
+def fused_adamw_allowed(trainer) -> bool:
+    """Whether fused AdamW can run under ``trainer`` (``None``: no trainer, yes).
+
+    Not when the precision plugin has a ``GradScaler`` (``trainer.precision=16-mixed``) and
+    ``trainer.gradient_clip_val`` is set: a fused AdamW unscales the gradients inside its ``step``, so
+    Lightning cannot unscale them before clipping and raises "does not allow for gradient clipping
+    because it performs unscaling of gradients internally" (``MixedPrecision.clip_gradients``,
+    lightning/pytorch/plugins/precision/amp.py). The default AdamW is used then.
+    """
+    if trainer is None:
+        return True
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    return scaler is None or not trainer.gradient_clip_val
 
 
 def _adamw_kwargs(config: OptimConfig) -> dict:
     return dict(lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
 
 
-def make_optimizer(parameters, config: OptimConfig):
-    """AdamW over the parameters that require gradients, with a linear warm-up schedule.
+def make_optimizer(parameters, config: OptimConfig, total_steps: float | None = None, fused: bool = True):
+    """AdamW over the parameters that require gradients, with ``config``'s warm-up and schedule.
 
     The fused implementation (``fused=True``) where torch has one for the parameters' device and
     dtype (CPU, CUDA), else the default one. One parameter group: :func:`make_grouped_optimizer` with
-    a single, unnamed group.
+    a single, unnamed group (``total_steps`` and ``fused`` as there).
 
     Returns:
         (optimizer, LambdaLR scheduler).
 
     Raises:
-        ValueError: nothing to train.
+        ValueError: nothing to train; a decaying schedule without a finite ``total_steps``.
     """
-    return make_grouped_optimizer([(None, parameters, config)])
+    return make_grouped_optimizer([(None, parameters, config)], total_steps, fused)
 
 
-def make_grouped_optimizer(groups):
+def make_grouped_optimizer(groups, total_steps: float | None = None, fused: bool = True):
     """One AdamW with one parameter group per ``(name, parameters, config)`` entry of ``groups``.
 
     Each group keeps its own settings from its :class:`OptimConfig` (``lr``, ``weight_decay``,
@@ -90,16 +145,19 @@ def make_grouped_optimizer(groups):
     string) carries it under the param group's ``"name"`` key (``LearningRateMonitor`` uses it), one
     whose name is ``None`` gets no such key. The optimizer's defaults are the first group's settings.
     The fused implementation (``fused=True``) where torch has one for the parameters' device and
-    dtype (CPU, CUDA), else the default one.
+    dtype (CPU, CUDA), else the default one; ``fused=False`` (see :func:`fused_adamw_allowed`): the
+    default one.
 
-    The scheduler is one ``LambdaLR`` with one lambda per group, :func:`linear_warmup` of that group's
-    ``warmup_steps``: stepping it once moves every group along its own warm-up.
+    The scheduler is one ``LambdaLR`` with one lambda per group, :func:`schedule_lambda` of that group's
+    ``warmup_steps`` and ``scheduler`` over ``total_steps`` scheduler steps (:func:`scheduler_total_steps`;
+    only decaying schedules need it): stepping it once moves every group along its own schedule.
 
     Returns:
         (optimizer, LambdaLR scheduler).
 
     Raises:
-        ValueError: ``groups`` is empty, or a group has no trainable parameter (the message names it).
+        ValueError: ``groups`` is empty, a group has no trainable parameter, or a group's decaying schedule
+            has no finite ``total_steps`` (the message names the group).
     """
     groups = list(groups)
     if not groups:
@@ -116,12 +174,19 @@ def make_grouped_optimizer(groups):
         if name is not None:
             group["name"] = name
         param_groups.append(group)
-        lambdas.append(linear_warmup(config.warmup_steps))
+        try:
+            lambdas.append(schedule_lambda(config, total_steps))
+        except ValueError as err:
+            raise ValueError(f"{err}" + (f" (parameter group {name})" if name else "")) from None
     defaults = _adamw_kwargs(groups[0][2])
     # Fresh group dicts for each attempt: AdamW fills its defaults (``fused`` included) into them.
-    try:  # one fused kernel per step: ~6x faster than the default multi-tensor AdamW on CPU
-        optimizer = torch.optim.AdamW([dict(g) for g in param_groups], fused=True, **defaults)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+    optimizer = None
+    if fused:
+        try:  # one fused kernel per step: ~6x faster than the default multi-tensor AdamW on CPU
+            optimizer = torch.optim.AdamW([dict(g) for g in param_groups], fused=True, **defaults)
+        except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+            pass
+    if optimizer is None:
         optimizer = torch.optim.AdamW([dict(g) for g in param_groups], **defaults)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas if len(lambdas) > 1 else lambdas[0])
     return optimizer, scheduler

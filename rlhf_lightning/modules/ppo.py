@@ -22,6 +22,7 @@ from rlhf_lightning.modules.common import (
     find_shared_trunk,
     make_grouped_optimizer,
     make_optimizer,
+    scheduler_total_steps,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
 from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, logprob_diff, rewards_of
@@ -45,6 +46,11 @@ class PPOConfig:
             own parameter group with ``joint_optimizer``).
         gamma, lam: discount γ and GAE λ, in [0, 1].
         whiten: whiten advantages over the batch's valid tokens.
+        whiten_across_ranks: under a multi-process strategy (DDP, FSDP, DeepSpeed), whiten with the mean
+            and variance of the valid tokens of all ranks' batches (one all-reduce of their sum, sum of
+            squares and count per iteration), so every rank scales its advantages alike, as one process
+            with the union of the batches would (OpenRLHF's choice); false: each rank whitens its own
+            batch. No effect in one process or with ``whiten`` false.
         ppo_epochs: passes over each rollout batch.
         num_minibatches: minibatches per pass; must divide the prompt batch size.
         kl_estimator: k1, k2 or k3 (Schulman 2020) for the per-token KL in the reward.
@@ -92,6 +98,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
+    whiten_across_ranks: bool = True
     ppo_epochs: int = 4
     num_minibatches: int = 1
     kl_estimator: str = "k1"
@@ -123,8 +130,9 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
         if self.critic_warmup_iterations < 0:
             raise ValueError(f"ppo.critic_warmup_iterations={self.critic_warmup_iterations} must be >= 0")
-        if not isinstance(self.joint_optimizer, bool):
-            raise TypeError(f"ppo.joint_optimizer={self.joint_optimizer!r} must be true or false")
+        for name in ("joint_optimizer", "whiten_across_ranks"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ppo.{name}={getattr(self, name)!r} must be true or false")
 
 
 def _as_list(value) -> list:
@@ -173,6 +181,26 @@ def configure_deepspeed_clipping(strategy, ppo: PPOConfig) -> None:
     elif float(config["gradient_clipping"]) != wanted:
         log.warning("the DeepSpeed config sets gradient_clipping=%s; it is used instead of ppo.max_grad_norm=%s",
                     config["gradient_clipping"], ppo.max_grad_norm)
+
+
+def check_ppo_precision(precision_plugin) -> None:
+    """Refuse a precision plugin with a ``GradScaler`` (``trainer.precision=16-mixed`` on GPUs, FSDP's too).
+
+    PPO optimizes manually: its ``clip_gradients`` runs after ``manual_backward`` on gradients that are
+    still multiplied by the loss scale (Lightning's ``MixedPrecision`` unscales only inside
+    ``optimizer.step``), so ``ppo.max_grad_norm`` would clip scaled norms; and with fused AdamW (the
+    default) Lightning raises "does not allow for gradient clipping because it performs unscaling of
+    gradients internally" (``MixedPrecision.clip_gradients``, lightning/pytorch/plugins/precision/amp.py).
+    DeepSpeed's precision plugin has no ``scaler`` (DeepSpeed scales, unscales and clips in its engine)
+    and passes. The same rule as :func:`rlhf_lightning.validate.validate_config` on ``trainer.precision``.
+
+    Raises:
+        ConfigError: the plugin has a ``scaler``; one line naming ``trainer.precision=bf16-mixed``.
+    """
+    from rlhf_lightning.validate import PPO_FP16_ERROR, ConfigError
+
+    if getattr(precision_plugin, "scaler", None) is not None:
+        raise ConfigError(PPO_FP16_ERROR.format(precision=getattr(precision_plugin, "precision", "16-mixed")))
 
 
 class PPOModule(L.LightningModule):
@@ -300,7 +328,7 @@ class PPOModule(L.LightningModule):
         # 5. Advantages from TD errors (GAE), whitened; returns = advantages + values.
         advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten:
-            advantages = masked_whiten(advantages, mask)
+            advantages = self.whiten_advantages(advantages, mask)
 
         # 6. PPO epochs over minibatches; both optimizers (or the joint one) step on every minibatch.
         stats: dict[str, list[torch.Tensor]] = {}
@@ -364,8 +392,24 @@ class PPOModule(L.LightningModule):
         if every and (self.iteration - 1) % every == 0:
             self._write_samples(ro, kl, phase="train")
 
+    def whiten_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Step 5's whitening: :func:`~rlhf_lightning.ops.masked_whiten` of ``advantages`` (B, R) float over
+        ``mask`` (B, R) bool, with the statistics of every rank's valid tokens when
+        ``ppo.whiten_across_ranks`` and the world size is > 1 (summed with the strategy's ``reduce``)."""
+        all_reduce = None
+        if self.ppo.whiten_across_ranks and self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+
+            def all_reduce(stats: torch.Tensor) -> torch.Tensor:
+                return strategy.reduce(stats, reduce_op="sum")
+        return masked_whiten(advantages, mask, all_reduce=all_reduce)
+
     def configure_optimizers(self):
-        """AdamW and warm-up schedules for the policy and the critic (:mod:`~rlhf_lightning.modules.common`).
+        """AdamW and LR schedules for the policy and the critic (:mod:`~rlhf_lightning.modules.common`).
+
+        The schedulers step once per PPO iteration (end of :meth:`training_step`); a decaying
+        ``scheduler`` runs over ``ceil(trainer.max_steps / optimizer_steps_per_iteration)`` iterations
+        (:func:`~rlhf_lightning.modules.common.scheduler_total_steps`).
 
         Returns:
             ``[policy optimizer, critic optimizer], [policy scheduler, critic scheduler]``; with
@@ -374,22 +418,31 @@ class PPOModule(L.LightningModule):
             each group's own warm-up.
 
         Raises:
-            ValueError: the policy or the critic has no trainable parameter.
+            ValueError: the policy or the critic has no trainable parameter; a decaying schedule in a run
+                without an end.
         """
+        trainer = self._trainer
+        total = None
+        if trainer is not None and {self.policy_optim.scheduler, self.value_optim.scheduler} != {"constant"}:
+            total = scheduler_total_steps(trainer, self.optimizer_steps_per_iteration)
         if self.ppo.joint_optimizer:
             optimizer, scheduler = make_grouped_optimizer([("policy", self.policy.parameters(), self.policy_optim),
-                                                           ("critic", self.critic.parameters(), self.value_optim)])
+                                                           ("critic", self.critic.parameters(), self.value_optim)],
+                                                          total)
             return [optimizer], [scheduler]
-        opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim)
-        opt_value, sched_value = make_optimizer(self.critic.parameters(), self.value_optim)
+        opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim, total)
+        opt_value, sched_value = make_optimizer(self.critic.parameters(), self.value_optim, total)
         return [opt_policy, opt_value], [sched_policy, sched_value]
 
     def setup(self, stage: str) -> None:
-        """Under DeepSpeed, check for the joint optimizer and hand ``ppo.max_grad_norm`` to DeepSpeed.
+        """Refuse fp16 loss scaling; under DeepSpeed, check for the joint optimizer and hand
+        ``ppo.max_grad_norm`` to DeepSpeed.
 
         Raises:
+            ConfigError: the precision plugin has a ``GradScaler`` (:func:`check_ppo_precision`).
             ValueError: a DeepSpeed strategy without ``ppo.joint_optimizer`` (it takes one optimizer).
         """
+        check_ppo_precision(self.trainer.precision_plugin)
         configure_deepspeed_clipping(self.trainer.strategy, self.ppo)
 
     # ------------------------------------------------------------------ samples

@@ -8,7 +8,14 @@ from torch import nn
 
 from rlhf_lightning.losses import pairwise_reward_loss
 from rlhf_lightning.models.forward import right_padded_scores
-from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, make_optimizer
+from rlhf_lightning.modules.common import (
+    OptimConfig,
+    as_config,
+    export_pretrained,
+    fused_adamw_allowed,
+    make_optimizer,
+    scheduler_total_steps,
+)
 
 
 class RewardModule(L.LightningModule):
@@ -78,7 +85,13 @@ class RewardModule(L.LightningModule):
         self._step(batch, "val")
 
     def configure_optimizers(self):
-        optimizer, scheduler = make_optimizer(self.model.parameters(), self.optim)
+        """AdamW with ``optim``'s warm-up and schedule, stepped once per optimizer step
+        (:func:`~rlhf_lightning.modules.common.make_optimizer`); fused unless 16-mixed clipping forbids it
+        (:func:`~rlhf_lightning.modules.common.fused_adamw_allowed`)."""
+        trainer = self._trainer
+        total = scheduler_total_steps(trainer) if trainer is not None and self.optim.scheduler != "constant" else None
+        optimizer, scheduler = make_optimizer(self.model.parameters(), self.optim, total,
+                                              fused=fused_adamw_allowed(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:

@@ -11,7 +11,15 @@ from torch import nn
 from rlhf_lightning.losses import gae, td_targets, value_loss
 from rlhf_lightning.models.forward import response_values
 from rlhf_lightning.models.trunk import SharedTrunk
-from rlhf_lightning.modules.common import OptimConfig, as_config, export_pretrained, find_shared_trunk, make_optimizer
+from rlhf_lightning.modules.common import (
+    OptimConfig,
+    as_config,
+    export_pretrained,
+    find_shared_trunk,
+    fused_adamw_allowed,
+    make_optimizer,
+    scheduler_total_steps,
+)
 from rlhf_lightning.ops import explained_variance
 from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of
 
@@ -127,7 +135,13 @@ class ValueModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.optim)
+        """AdamW with ``optim``'s warm-up and schedule, stepped once per optimizer step
+        (:func:`~rlhf_lightning.modules.common.make_optimizer`); fused unless 16-mixed clipping forbids it
+        (:func:`~rlhf_lightning.modules.common.fused_adamw_allowed`)."""
+        trainer = self._trainer
+        total = scheduler_total_steps(trainer) if trainer is not None and self.optim.scheduler != "constant" else None
+        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.optim, total,
+                                              fused=fused_adamw_allowed(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
