@@ -95,7 +95,7 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
            "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
            "generation": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0}}
     module = PPOModule(m["policy"], m["ref"], m["critic"], m["reward"], tokenizer, ppo=ppo,
-                       policy_optim={"lr": LR}, value_optim={"lr": LR})
+                       policy_optim={"lr": LR}, critic_optim={"lr": LR})
     loader = DataLoader(ListDataset([{"input_ids": ids, "prompt_index": i} for i, ids in enumerate(prompts)]),
                         batch_size=PROMPTS, shuffle=False, collate_fn=PromptCollator(tokenizer.pad_token_id))
 

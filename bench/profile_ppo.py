@@ -5,7 +5,7 @@
 
 Same workload as ``bench/ppo_iteration.py`` (8 prompts × 32 sampled tokens, one PPO epoch of one
 minibatch), ours only. Phases are wall-clock sums over the profiled iterations of: ``generate``
-(sampling), ``evaluate`` (reward model + reference, and old logprobs/values when not reused),
+(sampling), ``make_experience`` (reward model + reference, and old logprobs/values when not reused),
 ``train_forward`` (policy + critic with autograd), ``backward``, ``optimizer`` (both steps and
 zero_grad); ``rest`` is the remainder of ``training_step`` (rewards, GAE, losses, logging).
 """
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         return wrapper
 
     ppo_module.generate = timed("generate", ppo_module.generate)
-    ppo_module.evaluate = timed("evaluate", ppo_module.evaluate)
+    ppo_module.make_experience = timed("make_experience", ppo_module.make_experience)
     ppo_module.PPOModule._train_forward = timed("train_forward", ppo_module.PPOModule._train_forward)
     ppo_module.PPOModule.manual_backward = timed("backward", ppo_module.PPOModule.manual_backward)
     ppo_module.PPOModule.training_step = timed("training_step", ppo_module.PPOModule.training_step)
@@ -83,9 +83,9 @@ def main(argv=None) -> None:
     step = phases.pop("training_step")
     print(f"\nour PPO iteration, {args.model}, {n} iterations after {args.warmup} warm-up, per iteration:")
     accounted = 0.0
-    for name in ("generate", "evaluate", "train_forward", "backward", "optimizer"):
+    for name in ("generate", "make_experience", "train_forward", "backward", "optimizer"):
         accounted += phases[name]
-        print(f"  {name:14} {phases[name] / n:8.3f} s  {100 * phases[name] / step:5.1f}%")
+        print(f"  {name:15} {phases[name] / n:8.3f} s  {100 * phases[name] / step:5.1f}%")
     print(f"  {'rest':14} {(step - accounted) / n:8.3f} s  {100 * (step - accounted) / step:5.1f}%")
     print(f"  {'training_step':14} {step / n:8.3f} s; Lightning loop around it: "
           f"{(sum(alternation.times['ours'][args.warmup:]) - step) / n:.3f} s")

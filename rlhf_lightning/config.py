@@ -43,9 +43,10 @@ def _tiny_source(family) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``${mul:...}``, ``${ppo_optimizers:...}``, ``${tiny_source:...}``, ``${sweep_group:}``, ``${ddp_start_method:}`` and
-    ``${claim_device:N}`` (idempotent). Call before composing the configs. ``${claim_device:N}`` is ``[i]``,
-    the device list ``Trainer(devices=...)`` takes, with i from :func:`rlhf_lightning.launch.claim_device`."""
+    """Register ``${mul:...}``, ``${ppo_optimizers:...}``, ``${tiny_source:...}``, ``${sweep_group:}``,
+    ``${ddp_start_method:}`` and ``${claim_device:N}`` (idempotent). Call before composing the configs.
+    ``${claim_device:N}`` is ``[i]``, the device list ``Trainer(devices=...)`` takes, with i from
+    :func:`rlhf_lightning.launch.claim_device`."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
     if not OmegaConf.has_resolver("tiny_source"):

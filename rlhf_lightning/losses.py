@@ -18,64 +18,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_lightning.ops import last_valid_index, masked_mean
+from rlhf_lightning.ops import (
+    bool_mask,
+    check_2d,
+    check_same_shape,
+    check_unit_interval,
+    float_dtype,
+    masked_mean,
+)
 
 __all__ = [
-    "KL_ESTIMATORS",
     "pairwise_reward_loss",
     "td_targets",
     "gae",
     "value_loss",
-    "kl_penalty",
-    "compute_rewards",
     "ppo_policy_loss",
 ]
-
-#: Names accepted by :func:`kl_penalty` / :func:`compute_rewards`.
-KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-# --------------------------------------------------------------------------- #
-# Validation helpers
-# --------------------------------------------------------------------------- #
-def _check_same_shape(**tensors: Tensor) -> torch.Size:
-    """Raise ValueError unless all given tensors share one shape; return it."""
-    items = list(tensors.items())
-    for name, t in items:
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    name0, t0 = items[0]
-    for name, t in items[1:]:
-        if t.shape != t0.shape:
-            raise ValueError(
-                f"shape mismatch: {name0} is {tuple(t0.shape)} but {name} is {tuple(t.shape)}"
-            )
-    return t0.shape
-
-
-def _check_2d(name: str, t: Tensor) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
-
-
-def _bool_mask(mask: Tensor) -> Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _check_unit_interval(name: str, value: float) -> float:
-    value = float(value)
-    if not (0.0 <= value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
-
-
-def _float_dtype(*tensors: Tensor) -> torch.dtype:
-    """Promoted dtype of the inputs, at least float32 (bf16/fp16 are upcast)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
 
 # --------------------------------------------------------------------------- #
 # Reward model
@@ -121,7 +79,7 @@ def pairwise_reward_loss(
         ValueError: if the reward tensors are not 1-D with equal shape, the batch
             is empty, ``center_coef < 0``, or a tensor margin is not shaped ``(B,)``.
     """
-    _check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     if chosen_rewards.dim() != 1:
         raise ValueError(
             f"rewards must be 1-D (B,), got {tuple(chosen_rewards.shape)}; squeeze the head output"
@@ -132,7 +90,7 @@ def pairwise_reward_loss(
     if not center_coef >= 0:
         raise ValueError(f"center_coef must be >= 0, got {center_coef}")
 
-    dtype = _float_dtype(chosen_rewards, rejected_rewards)
+    dtype = float_dtype(chosen_rewards, rejected_rewards)
     r_w = chosen_rewards.to(dtype)
     r_l = rejected_rewards.to(dtype)
     diff = r_w - r_l
@@ -176,10 +134,10 @@ def _prepare_returns_inputs(
     ``mask[:, t + 1]`` (False at ``t = T - 1``), i.e. whether ``V(s_{t+1})`` may
     be bootstrapped from.
     """
-    _check_same_shape(rewards=rewards, values=values, mask=mask)
-    _check_2d("rewards", rewards)
-    m = _bool_mask(mask)
-    dtype = _float_dtype(rewards, values)
+    check_same_shape(rewards=rewards, values=values, mask=mask)
+    check_2d("rewards", rewards)
+    m = bool_mask(mask)
+    dtype = float_dtype(rewards, values)
     zero = torch.zeros((), dtype=dtype, device=rewards.device)
     r = torch.where(m, rewards.detach().to(dtype), zero)
     v = torch.where(m, values.detach().to(dtype), zero)
@@ -218,7 +176,7 @@ def td_targets(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> T
     Raises:
         ValueError: on mismatched or non-2-D shapes, or ``gamma`` outside ``[0, 1]``.
     """
-    gamma = _check_unit_interval("gamma", gamma)
+    gamma = check_unit_interval("gamma", gamma)
     r, v, m, next_valid = _prepare_returns_inputs(rewards, values, mask)
     targets = r + gamma * _next_values(v, next_valid)
     return torch.where(m, targets, torch.zeros_like(targets))
@@ -257,8 +215,8 @@ def gae(
         ValueError: on mismatched or non-2-D shapes, or ``gamma``/``lam``
             outside ``[0, 1]``.
     """
-    gamma = _check_unit_interval("gamma", gamma)
-    lam = _check_unit_interval("lam", lam)
+    gamma = check_unit_interval("gamma", gamma)
+    lam = check_unit_interval("lam", lam)
     r, v, m, next_valid = _prepare_returns_inputs(rewards, values, mask)
     deltas = r + gamma * _next_values(v, next_valid) - v
     deltas = torch.where(m, deltas, torch.zeros_like(deltas))
@@ -307,9 +265,9 @@ def value_loss(
         ValueError: on mismatched shapes, ``clip_range <= 0``, or ``clip_range``
             given without ``old_values``.
     """
-    _check_same_shape(values=values, returns=returns, mask=mask)
-    m = _bool_mask(mask)
-    dtype = _float_dtype(values, returns)
+    check_same_shape(values=values, returns=returns, mask=mask)
+    m = bool_mask(mask)
+    dtype = float_dtype(values, returns)
     v = values.to(dtype)
     r = returns.detach().to(dtype)
     loss_unclipped = (v - r).pow(2)
@@ -322,7 +280,7 @@ def value_loss(
             raise ValueError(f"clip_range must be > 0, got {clip_range}")
         if old_values is None:
             raise ValueError("clip_range requires old_values")
-        _check_same_shape(values=values, old_values=old_values)
+        check_same_shape(values=values, old_values=old_values)
         old = old_values.detach().to(dtype)
         v_clipped = old + (v - old).clamp(-clip_range, clip_range)
         loss_clipped = (v_clipped - r).pow(2)
@@ -330,104 +288,6 @@ def value_loss(
         with torch.no_grad():
             clipfrac = masked_mean((loss_clipped > loss_unclipped).to(dtype), m)
     return loss, {"clipfrac": clipfrac.detach()}
-
-
-# --------------------------------------------------------------------------- #
-# KL penalty and rewards
-# --------------------------------------------------------------------------- #
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token single-sample estimators of ``KL(p || q)``, with ``p`` the policy
-    and ``q`` the reference model, for tokens sampled from ``p``.
-
-    With ``log r = log q - log p`` (Schulman 2020, "Approximating KL Divergence"):
-
-    * ``"k1"``: ``-log r = logp - logq`` (unbiased, can be negative, high variance);
-    * ``"k2"``: ``0.5 * (log r)^2`` (biased, >= 0, low variance);
-    * ``"k3"``: ``(r - 1) - log r`` (unbiased, >= 0, low variance), computed as
-      ``expm1(log r) - log r`` for accuracy near 0.  Not clamped: it grows
-      like ``exp(logq - logp)`` when the reference is much more confident.
-
-    Args:
-        logprobs: ``(B, T)`` policy log-probs of the sampled tokens (nats).
-        ref_logprobs: ``(B, T)`` reference-model log-probs of the same tokens.
-        estimator: one of ``"k1"``, ``"k2"``, ``"k3"``.
-
-    Returns:
-        ``(B, T)`` per-token estimate in nats, dtype ``promote(logprobs,
-        ref_logprobs)``; differentiable w.r.t. both inputs.  Not masked: padded
-        positions hold whatever the inputs give.
-
-    Raises:
-        ValueError: on mismatched shapes or an unknown estimator name.
-    """
-    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
-    log_ratio = ref_logprobs - logprobs  # log q/p
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio.pow(2)
-    return torch.expm1(log_ratio) - log_ratio
-
-
-def compute_rewards(
-    score: Tensor,
-    logprobs: Tensor,
-    ref_logprobs: Tensor,
-    mask: Tensor,
-    kl_coef: float,
-    estimator: str = "k1",
-) -> tuple[Tensor, Tensor]:
-    """Per-token RLHF rewards: a KL penalty at every token plus the sequence score
-    at the last one (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-    Preferences", eq. 2; Stiennon et al. 2020, "Learning to summarize from human
-    feedback", eq. 2).
-
-    ``rewards[b, t] = -kl_coef * kl[b, t]`` at valid tokens, plus ``score[b]`` at
-    ``t = last valid index of row b``.  Rows without a valid token receive
-    neither penalty nor score (all zeros).
-
-    Args:
-        score: ``(B,)`` reward-model score of each full response.
-        logprobs: ``(B, T)`` log-probs of the sampled tokens under the policy
-            that generated them (nats).
-        ref_logprobs: ``(B, T)`` log-probs of the same tokens under the
-            reference (SFT) model.
-        mask: ``(B, T)`` bool or 0/1 mask.
-        kl_coef: KL penalty coefficient ``beta >= 0`` (Python number).
-        estimator: KL estimator name for :func:`kl_penalty` (``"k1"``, ``"k2"``, ``"k3"``).
-
-    Returns:
-        ``(rewards, kl)``, both ``(B, T)``, DETACHED (rewards are fixed
-        quantities for the policy update), dtype ``promote(score, logprobs,
-        ref_logprobs, float32)``, exactly 0 at masked positions.
-
-    Raises:
-        ValueError: on mismatched shapes (``score`` must be ``(B,)`` and the
-            per-token tensors ``(B, T)``), ``kl_coef < 0`` or an unknown estimator.
-    """
-    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
-    _check_2d("logprobs", logprobs)
-    if not isinstance(score, Tensor) or score.shape != logprobs.shape[:1]:
-        raise ValueError(
-            f"score must have shape ({logprobs.shape[0]},), got "
-            f"{tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__}"
-        )
-    kl_coef = float(kl_coef)
-    if not kl_coef >= 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    m = _bool_mask(mask)
-    with torch.no_grad():
-        dtype = _float_dtype(score, logprobs, ref_logprobs)
-        kl = kl_penalty(logprobs.detach().to(dtype), ref_logprobs.detach().to(dtype), estimator)
-        zero = torch.zeros((), dtype=dtype, device=kl.device)
-        kl = torch.where(m, kl, zero)
-        rewards = -kl_coef * kl
-        has_valid = m.any(dim=1)
-        row_score = torch.where(has_valid, score.detach().to(dtype), zero)
-        rewards = rewards.scatter_add(1, last_valid_index(m).unsqueeze(1), row_score.unsqueeze(1))
-    return rewards, kl
 
 
 # --------------------------------------------------------------------------- #
@@ -468,12 +328,12 @@ def ppo_policy_loss(
     Raises:
         ValueError: on mismatched shapes or ``clip_eps`` outside ``(0, 1)``.
     """
-    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     clip_eps = float(clip_eps)
     if not (0.0 < clip_eps < 1.0):
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
-    m = _bool_mask(mask)
-    dtype = _float_dtype(logprobs, old_logprobs, advantages)
+    m = bool_mask(mask)
+    dtype = float_dtype(logprobs, old_logprobs, advantages)
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     # Zero the log-ratio at padding so exp() cannot overflow there (inf * 0 -> NaN grads).
     log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)

@@ -68,6 +68,59 @@ def _count(mask: Tensor, dim: int | None, dtype: torch.dtype) -> Tensor:
 
 
 # --------------------------------------------------------------------------- #
+# Validation helpers (shared by losses.py and rewards.py)
+# --------------------------------------------------------------------------- #
+def check_same_shape(**tensors: Tensor) -> torch.Size:
+    """The common shape of the named tensors.
+
+    Raises:
+        ValueError: an argument is not a tensor, or the shapes differ (the message names both).
+    """
+    items = list(tensors.items())
+    for name, t in items:
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    name0, t0 = items[0]
+    for name, t in items[1:]:
+        if t.shape != t0.shape:
+            raise ValueError(
+                f"shape mismatch: {name0} is {tuple(t0.shape)} but {name} is {tuple(t.shape)}"
+            )
+    return t0.shape
+
+
+def check_2d(name: str, t: Tensor) -> None:
+    """Raise ValueError unless ``t`` is 2-D ``(B, T)`` (the message names it)."""
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
+
+
+def bool_mask(mask: Tensor) -> Tensor:
+    """``mask`` as a bool tensor (a 0/1 tensor is compared with 0)."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def check_unit_interval(name: str, value: float) -> float:
+    """``value`` as a float in [0, 1].
+
+    Raises:
+        ValueError: outside [0, 1] or NaN (the message names it).
+    """
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def float_dtype(*tensors: Tensor) -> torch.dtype:
+    """Promoted dtype of the inputs, at least float32 (bf16/fp16 are upcast)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# --------------------------------------------------------------------------- #
 # Masked reductions
 # --------------------------------------------------------------------------- #
 def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:

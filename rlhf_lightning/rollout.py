@@ -1,4 +1,6 @@
-"""Rollouts: sample responses from the policy and score them (shared by ValueModule and PPOModule).
+"""Rollouts: sample responses from the policy (:func:`generate` → :class:`Rollout`), then compute
+everything the update needs about them without gradients (:func:`make_experience` →
+:class:`Experience`). Shared by ValueModule and PPOModule.
 
 A rollout's sequences are laid out as ``[left padding | prompt (P columns) | response (R columns)]``:
 prompts come left-padded from :class:`~rlhf_lightning.data.PromptCollator`, and ``generate``
@@ -7,15 +9,15 @@ appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EO
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rlhf_lightning.losses import compute_rewards
 from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
-from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput
+from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.ops import logprobs_from_logits, masked_mean, response_mask_from_eos, sample_from_logits
+from rlhf_lightning.rewards import apply_missing_eos_penalty
 
 
 @dataclass
@@ -31,10 +33,8 @@ class GenerationConfig:
             without EOS (``None``: no penalty).
         score_with_eos: score a response cut at max_new_tokens with an EOS token appended, so that
             the reward model reads it at an EOS, where it was trained to read complete responses
-            (:func:`scoring_inputs`). Read at whatever token the cut left last, the score of a
-            truncated response is mostly noise: on SmolLM2 with the demo reward model, the scores of
-            the same 24-token responses cut at 20 and at 24 tokens correlated −0.12 without the EOS
-            and 0.35 with it. Responses that ended with their own EOS are scored as they are.
+            (:func:`scoring_inputs`; why it matters is measured in the README's demo section).
+            Responses that ended with their own EOS are scored as they are.
     """
 
     max_new_tokens: int = 32
@@ -53,24 +53,21 @@ class GenerationConfig:
             raise ValueError(f"generation.top_p={self.top_p} must be in (0, 1]")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
-    """One batch of sampled responses and everything PPO computes about them without gradients.
+    """Sampled responses to a batch of prompts (what :func:`generate` returns).
 
     Shapes: B prompts, P prompt columns, R response columns, T = P + R.
 
     Attributes:
-        input_ids: (B, T) long, prompt + response.
+        input_ids: (B, T) long, prompt + response (padding after each response's EOS).
         attention_mask: (B, T) long, 1 on prompt tokens and on response tokens up to EOS.
         response_start: P, the column of the first response token.
         response_mask: (B, R) bool, True up to and including the first EOS.
         ends_with_eos: (B,) bool.
-        scores: (B,) float32 reward-model score (missing-EOS penalty applied).
-        rm_scores: (B,) float32 the reward model's own score (no penalty).
         sampler_logprobs: (B, R) float32, the log-probability each response token was drawn with
             (the sampler's full distribution at the sampling temperature, before top-k/top-p; 0 where
-            masked): compared with ``logprobs`` by :func:`logprob_diff`.
-        logprobs, ref_logprobs, values: (B, R) float32 (0 where masked), filled by :func:`evaluate`.
+            masked): compared with the trainer's by :func:`logprob_diff`.
     """
 
     input_ids: torch.Tensor
@@ -79,17 +76,64 @@ class Rollout:
     response_mask: torch.Tensor
     ends_with_eos: torch.Tensor
     sampler_logprobs: torch.Tensor | None = None
-    scores: torch.Tensor | None = None
-    rm_scores: torch.Tensor | None = None
-    logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def response_ids(self) -> torch.Tensor:
         """(B, R) long response tokens (padding after EOS)."""
         return self.input_ids[:, self.response_start :]
+
+
+@dataclass(frozen=True)
+class Experience:
+    """A rollout and everything the update computes about it, as OpenRLHF's ``Experience``.
+
+    Built once by :func:`make_experience` (no gradients), then completed by the PPO phases with
+    ``dataclasses.replace`` (frozen: nothing changes it in place). Shapes as :class:`Rollout`'s;
+    per-token tensors are float32, 0 where ``response_mask`` is False.
+
+    Attributes:
+        rollout: the sampled sequences (:class:`Rollout`).
+        scores: (B,) float32 score of each response: the reward model's minus the missing-EOS penalty.
+        rm_scores: (B,) float32 the reward model's own score.
+        ref_logprobs: (B, R) reference log-probabilities of the response tokens (``None``: no reference).
+        logprobs: (B, R) old log-probabilities, under the policy that sampled (``None`` until computed).
+        values: (B, R) old critic values V(s_t) (``None`` without a critic).
+        trunks: outputs of the frozen lower blocks the networks share (:class:`~rlhf_lightning.models.trunk.Trunks`;
+            empty when none is shared), reused by the training forwards on the same rows.
+        reused_forward: with one minibatch, the first PPO epoch's training forward over the whole
+            batch, with autograd: ``(logprobs, entropy, values)``, each (B, R); its detached outputs
+            are ``logprobs`` and ``values``, and the first update uses its graph instead of a
+            forward of its own (one policy and one critic forward fewer per iteration).
+        kl_coef: β used for ``rewards`` (filled by the advantage phase, as the next four fields).
+        kl: (B, R) per-token KL estimate to the reference.
+        rewards: (B, R) per-token rewards (−β·KL_t, plus the score at the last token).
+        advantages: (B, R) advantages (whitened if so configured).
+        returns: (B, R) value targets (advantages before whitening + values).
+    """
+
+    rollout: Rollout
+    scores: torch.Tensor
+    rm_scores: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    trunks: Trunks = Trunks()
+    reused_forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    kl_coef: float | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """(B, R) bool, the rollout's valid response tokens."""
+        return self.rollout.response_mask
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of responses."""
+        return self.rollout.input_ids.shape[0]
 
 
 @torch.no_grad()
@@ -217,7 +261,7 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
     padding (not attended) in rows that did, so every response is read at an EOS. Earlier columns
     are unchanged, and with causal attention so are their hidden states: a trunk computed on these
     inputs serves the other networks through :meth:`~rlhf_lightning.models.trunk.TrunkOutput.columns`
-    (:func:`evaluate` does so).
+    (:func:`make_experience` does so).
 
     Returns:
         input_ids (B, T + 1) long and attention_mask (B, T + 1) long.
@@ -228,82 +272,70 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
     return torch.cat([ids, extra[:, None]], 1), torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
 
 
-def evaluate(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
-             ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
-             missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
-             score_eos_token_id: int | None = None) -> Rollout:
-    """Fill in scores, old log-probabilities, reference log-probabilities and values, without autograd.
+def make_experience(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
+                    ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
+                    missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
+                    score_eos_token_id: int | None = None) -> Experience:
+    """Scores, reference and old log-probabilities, and values of a rollout, without autograd.
 
     The reward model and the frozen reference run under ``torch.inference_mode``; the policy
     and critic (trainable) under ``torch.no_grad``. Results are plain tensors (usable as
-    constants in a later gradient step). Models passed as ``None`` are skipped.
+    constants in a later gradient step). Models passed as ``None`` are skipped (their fields stay
+    ``None``).
 
     Args:
+        rollout: the sampled sequences.
+        reward_model: scores each response at its last token (:func:`~rlhf_lightning.models.forward.sequence_scores`).
+        policy, ref_policy, critic: for ``logprobs``, ``ref_logprobs`` and ``values``.
+        temperature: the sampling temperature (log-probabilities are computed at it).
+        missing_eos_penalty: see :func:`~rlhf_lightning.rewards.apply_missing_eos_penalty`.
         trunk: frozen lower blocks shared by the networks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`,
             whose names are ``reward_model``, ``ref_policy``, ``policy``, ``critic``): run once, on
             the reward model's scoring inputs; each grouped network runs only its blocks above it,
             the others reading the first T columns (with causal attention, the trunk of the rollout
-            itself). The outputs are kept in ``rollout.extras["trunks"]`` (name →
-            :class:`~rlhf_lightning.models.trunk.TrunkOutput`, (B, T, H); the reward model's (B, T or
-            T + 1, H)) for the training forwards on the same rows.
+            itself). Kept in ``Experience.trunks`` for the training forwards on the same rows.
         score_eos_token_id: score responses cut without EOS with this token appended
             (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
 
     Returns:
-        The same rollout, updated in place.
+        A new :class:`Experience` (advantage fields ``None``).
     """
     ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
     valid = rollout.response_mask
     score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
-    trunks: dict[str, TrunkOutput] = {}
+    trunks = Trunks()
     if trunk is not None:
-        trunks = {name: out if name == "reward_model" else out.columns(ids.shape[1])
-                  for name, out in trunk.compute(score_ids, score_mask).items()}
-        rollout.extras["trunks"] = trunks
+        trunks = Trunks.of(trunk.compute(score_ids, score_mask), width=ids.shape[1])
     with torch.inference_mode():
-        scores = sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.get("reward_model"))  # (B,)
-        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.get("ref_policy"))
+        rm_scores = sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
+        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy)
                if ref_policy is not None else None)
-    scores = scores.clone()
-    rollout.rm_scores = scores
-    if missing_eos_penalty is not None:
-        scores = scores - missing_eos_penalty * (~rollout.ends_with_eos).float()
-    rollout.scores = scores
-    if ref is not None:
-        rollout.ref_logprobs = ref.clone().masked_fill(~valid, 0.0)
+    rm_scores = rm_scores.clone()  # out of inference mode
     with torch.no_grad():
-        if policy is not None:
-            rollout.logprobs = response_logprobs(policy, ids, mask, start, temperature,
-                                                 trunk=trunks.get("policy")).masked_fill(~valid, 0.0)
-        if critic is not None:
-            rollout.values = response_values(critic, ids, mask, start, trunk=trunks.get("critic")).masked_fill(~valid, 0.0)
-    return rollout
+        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy)
+                    .masked_fill(~valid, 0.0) if policy is not None else None)
+        values = (response_values(critic, ids, mask, start, trunk=trunks.critic).masked_fill(~valid, 0.0)
+                  if critic is not None else None)
+    return Experience(
+        rollout=rollout, scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
+        rm_scores=rm_scores, ref_logprobs=ref.clone().masked_fill(~valid, 0.0) if ref is not None else None,
+        logprobs=logprobs, values=values, trunks=trunks,
+    )
 
 
-def rewards_of(rollout: Rollout, kl_coef: float, estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards −β·KL_t plus the score at the last token, and the per-token KL.
-
-    Where the rollout has no reference log-probabilities (the policy is its own reference), the
-    KL is zero. Returns (rewards, kl), both (B, R) float32.
-    """
-    logprobs = rollout.logprobs if rollout.logprobs is not None else torch.zeros_like(rollout.response_mask, dtype=torch.float32)
-    ref = rollout.ref_logprobs if rollout.ref_logprobs is not None else logprobs
-    return compute_rewards(rollout.scores, logprobs, ref, rollout.response_mask, kl_coef, estimator)
-
-
-def logprob_diff(rollout: Rollout) -> torch.Tensor:
+def logprob_diff(exp: Experience) -> torch.Tensor:
     """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
 
-    The sampler's log-probabilities are recorded while decoding (``rollout.sampler_logprobs``), the
-    trainer's are the old log-probabilities of the PPO update (``rollout.logprobs``), both at the
-    sampling temperature. PPO's ratios assume they are the same distribution: on CPU in float32
-    with the HF sampler the difference is rounding (~1e-6 nats); a larger one means the trainer
-    computes another distribution than the one sampled (a model family's logit scaling skipped,
-    dropout on, a trunk that is not exact, or another inference engine's numerics).
+    The sampler's log-probabilities are recorded while decoding (``Rollout.sampler_logprobs``), the
+    trainer's are the old log-probabilities of the update (``Experience.logprobs``), both at the
+    sampling temperature. PPO's ratios assume they are one distribution: with the HF sampler on CPU
+    in float32 the difference is rounding; a larger one means the trainer computes another
+    distribution than the one sampled (a family's logit transform skipped, dropout on, a trunk that
+    is not exact, another inference engine's numerics).
 
     Returns:
         () float32 tensor, in nats; NaN when either side is missing.
     """
-    if rollout.sampler_logprobs is None or rollout.logprobs is None:
+    if exp.rollout.sampler_logprobs is None or exp.logprobs is None:
         return torch.tensor(float("nan"))
-    return masked_mean((rollout.sampler_logprobs - rollout.logprobs).abs(), rollout.response_mask)
+    return masked_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask)

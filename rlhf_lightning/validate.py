@@ -69,7 +69,7 @@ PPO_FP16_ERROR = ("trainer.precision={precision} is not supported for stage=ppo:
                   "optimization) before Lightning's GradScaler unscales them, and fused AdamW unscales inside its "
                   "step (Lightning raises); use trainer.precision=bf16-mixed (or 32-true)")
 #: The optimizer settings of each stage (their ``scheduler`` and ``warmup_steps`` are checked).
-OPTIM_KEYS = {"reward": ("reward.optim",), "value": ("value_optim",), "ppo": ("policy_optim", "value_optim")}
+OPTIM_KEYS = {"reward": ("reward.optim",), "value": ("critic_optim",), "ppo": ("policy_optim", "critic_optim")}
 
 _ABSENT = object()
 _MISSING = object()

@@ -28,6 +28,16 @@ def make_hh_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def ragged_prefix_mask(B: int, T: int, gen):
+    """Random (B, T) bool prefix mask with row 0 full and row 1 empty (``gen``: a torch.Generator)."""
+    import torch
+
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    lengths[1] = 0
+    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> str:
     from rlhf_lightning.models import resolve_pretrained

@@ -175,7 +175,7 @@ def test_ddp_cpu_value_model(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     module = LocalValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir, trainable_layers=1),
                               load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
-                              value={"generation": {"max_new_tokens": 4}}, optim={"lr": 1e-3})
+                              value={"generation": {"max_new_tokens": 4}}, critic_optim={"lr": 1e-3})
     dm = PromptDataModule(tokenizer, str(hh_file), batch_size=2, max_prompt_length=32)
     recorder = RankRecorder(str(tmp_path), ["value/loss", "objective/score"])
     trainer = _ddp_trainer(tmp_path, [recorder], max_steps=2, max_epochs=-1, limit_val_batches=0)
@@ -197,7 +197,7 @@ def test_ddp_cpu_ppo_with_uneven_response_lengths(tmp_path, tiny_dir, tokenizer,
         load_scalar_model(tiny_dir, trainable_layers=1), load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
         ppo={"ppo_epochs": epochs, "num_minibatches": minibatches, "num_sample_prompts": 1,
              "log_samples_every_n_steps": 0, "adaptive_kl": True, "kl_horizon": 10.0},
-        policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+        policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
     dm = PromptDataModule(tokenizer, str(hh_file), batch_size=2, max_prompt_length=32)
     recorder = RankRecorder(str(tmp_path), ["objective/score", "objective/kl", "response/length"])
     trainer = _ddp_trainer(tmp_path, [recorder], max_steps=iterations * module.optimizer_steps_per_iteration,

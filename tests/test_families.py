@@ -84,7 +84,7 @@ def test_one_ppo_iteration_with_the_trunk(family, tmp_path, hh_file):
                        load_scalar_model(source, frozen=True, seed=1), tokenizer,
                        ppo={"ppo_epochs": 1, "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
                             "generation": {"max_new_tokens": 6, "temperature": 0.8}},
-                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
     before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     trainer = L.Trainer(accelerator="cpu", max_steps=module.optimizer_steps_per_iteration, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

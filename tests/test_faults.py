@@ -99,7 +99,7 @@ def test_ppo_skips_policy_and_critic_together(tmp_path, tiny_dir, tokenizer, hh_
                        load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
                        ppo={"ppo_epochs": 1, "num_minibatches": 2, "generation": {"max_new_tokens": 6},
                             "num_sample_prompts": 0},
-                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
     # Iteration 1: only the critic's gradient is inf; the policy's update must be skipped with it.
     faults = Faults(["policy", "critic"], inf_grad={1: lambda m: m.critic.score.weight})
     guard = NonFiniteGuard(max_consecutive_bad_steps=5)
@@ -123,7 +123,7 @@ def test_value_checkpoint_with_rng_and_loader_state_loads_with_weights_only(tmp_
 
     module = ValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir),
                          load_scalar_model(tiny_dir, frozen=True), tokenizer,
-                         value={"generation": {"max_new_tokens": 4}}, optim={"lr": 1e-3})
+                         value={"generation": {"max_new_tokens": 4}}, critic_optim={"lr": 1e-3})
     trainer = _trainer(tmp_path, 1, [RNGStateCallback(), NonFiniteGuard()])
     trainer.fit(module, datamodule=PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=24))
     trainer.save_checkpoint(tmp_path / "value.ckpt")

@@ -92,8 +92,8 @@ def _padded_pair(tokenizer):
     response = [[253, 1345, 2], [1345, 30, 2]]
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id
-    ids = [[pad] * (width - len(p)) + p + r for p, r in zip(prompts, response)]
-    mask = [[0] * (width - len(p)) + [1] * (len(p) + len(r)) for p, r in zip(prompts, response)]
+    ids = [[pad] * (width - len(p)) + p + r for p, r in zip(prompts, response, strict=False)]
+    mask = [[0] * (width - len(p)) + [1] * (len(p) + len(r)) for p, r in zip(prompts, response, strict=False)]
     return torch.tensor(ids), torch.tensor(mask), width, prompts, response
 
 
@@ -102,7 +102,7 @@ def test_response_logprobs_match_a_full_forward_and_ignore_left_padding(tiny_dir
     ids, mask, start, prompts, response = _padded_pair(tokenizer)
     with torch.no_grad():
         ours, entropy = response_logprobs(policy, ids, mask, start, temperature=0.7, with_entropy=True)
-        for row, (p, r) in enumerate(zip(prompts, response)):
+        for row, (p, r) in enumerate(zip(prompts, response, strict=False)):
             alone = torch.tensor([p + r])  # no padding at all
             logits = policy(alone).logits[0, len(p) - 1 : -1] / 0.7
             expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None]).squeeze(-1)

@@ -17,7 +17,8 @@ from rlhf_lightning.modules import PPOModule, RewardModule, ValueModule
 def _trainer(tmp_path, max_steps: int, callbacks=(), limit_val_batches=0, logger=False, **kwargs) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=logger,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     limit_val_batches=limit_val_batches, num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=list(callbacks), **kwargs)
+                     limit_val_batches=limit_val_batches, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                     callbacks=list(callbacks), **kwargs)
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -83,7 +84,7 @@ def test_value_module_trains_critic_only(tmp_path, tiny_dir, tokenizer, prompt_d
     reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
     frozen = {"policy": _snapshot(policy), "reward_model": _snapshot(reward_model)}
     module = ValueModule(policy, critic, reward_model, tokenizer, value={"generation": {"max_new_tokens": 8}},
-                         optim={"lr": 1e-3}, export_dir=str(tmp_path / "critic"))
+                         critic_optim={"lr": 1e-3}, export_dir=str(tmp_path / "critic"))
     recorder = StepRecorder(["critic"])
     trainer = _trainer(tmp_path, max_steps=2, callbacks=[recorder])
     trainer.fit(module, datamodule=prompt_dm)
@@ -105,7 +106,7 @@ def test_ppo_module_steps_both_optimizers_every_step(tmp_path, tiny_dir, tokeniz
     module = PPOModule(policy, ref, critic, reward_model, tokenizer,
                        ppo={"ppo_epochs": 2, "num_minibatches": 2, "generation": {"max_new_tokens": 8},
                             "num_sample_prompts": 2, "log_samples_every_n_steps": 1},
-                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3},
+                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3},
                        export_dir=str(tmp_path / "model"), samples_path=str(tmp_path / "samples.jsonl"))
     steps = 3
     recorder = StepRecorder(["policy", "critic"])
@@ -149,12 +150,14 @@ def test_ppo_config_errors(bad, match):
 
 
 def test_ppo_one_minibatch_reuses_the_first_forward(tmp_path, tiny_dir, tokenizer, prompt_dm):
-    """With one minibatch, old logprobs/values come from epoch 0's forward: E critic forwards per iteration, not E + 1."""
+    """With one minibatch, old logprobs/values come from epoch 0's forward: E critic forwards per
+    iteration, not E + 1."""
     L.seed_everything(0)
     critic = load_scalar_model(tiny_dir)
     calls = []
     critic.model.register_forward_hook(lambda *_: calls.append(1))
-    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), critic, load_scalar_model(tiny_dir, frozen=True),
+    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), critic,
+                       load_scalar_model(tiny_dir, frozen=True),
                        tokenizer, ppo={"ppo_epochs": 3, "num_minibatches": 1, "num_sample_prompts": 0,
                                        "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}})
     trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration)
@@ -207,7 +210,7 @@ def _ppo_module(tiny_dir, tokenizer, joint: bool, **ppo):
                 "log_samples_every_n_steps": 0, "joint_optimizer": joint, **ppo}
     return PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
                      load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer, ppo=settings,
-                     policy_optim={"lr": 1e-3, "warmup_steps": 1}, value_optim={"lr": 3e-3, "warmup_steps": 3})
+                     policy_optim={"lr": 1e-3, "warmup_steps": 1}, critic_optim={"lr": 3e-3, "warmup_steps": 3})
 
 
 def _warmed(iteration: int) -> list[float]:
@@ -230,7 +233,8 @@ class OptimizerRecorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         def norm(module):
-            return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters() if p.grad is not None]))
+            norms = [p.grad.norm() for p in module.parameters() if p.grad is not None]
+            return torch.linalg.vector_norm(torch.stack(norms))
         policy, critic = norm(pl_module.policy), norm(pl_module.critic)
         self.norms.append((float(policy), float(critic), float(torch.hypot(policy, critic))))
 
@@ -255,7 +259,7 @@ def test_ppo_joint_optimizer_is_one_optimizer_with_two_groups_and_their_warmups(
     (optimizer,) = trainer.optimizers
     assert len(trainer.lr_scheduler_configs) == 1
     assert [group["name"] for group in optimizer.param_groups] == ["policy", "critic"]
-    for group, net in zip(optimizer.param_groups, (module.policy, module.critic)):
+    for group, net in zip(optimizer.param_groups, (module.policy, module.critic), strict=False):
         assert {id(p) for p in group["params"]} == {id(p) for p in net.parameters() if p.requires_grad}
     assert [group["initial_lr"] for group in optimizer.param_groups] == [1e-3, 3e-3]
     assert optimizer.param_groups[0]["fused"] and optimizer.param_groups[1]["fused"]
@@ -281,7 +285,7 @@ def test_ppo_two_optimizers_clip_each_network_on_its_own(tmp_path, tiny_dir, tok
     assert optim.lrs == [[[pytest.approx(lr)] for lr in _warmed(i)] for i in range(2)]
     # Two optimizer steps per backward; at the first, each network is clipped to 1e-3 on its own.
     assert 2 * optim.backwards == len(optim.norms) == trainer.global_step
-    for policy, critic, joint in optim.norms[::2]:
+    for policy, critic, _joint in optim.norms[::2]:
         assert policy <= 1e-3 * (1 + 1e-4) and critic <= 1e-3 * (1 + 1e-4)
     assert any(joint > 1e-3 * (1 + 1e-4) for _, _, joint in optim.norms[::2])  # together: more than one norm
 
@@ -311,7 +315,7 @@ def test_make_optimizer_is_plain_fused_adamw_with_linear_warmup():
     assert ours.defaults == plain.defaults and ours.param_groups[0]["fused"] is True
     assert ours.state_dict()["param_groups"] == plain.state_dict()["param_groups"]
     assert ours_sched.state_dict() == plain_sched.state_dict()
-    for a, b in zip(ours_net.parameters(), plain_net.parameters()):
+    for a, b in zip(ours_net.parameters(), plain_net.parameters(), strict=False):
         assert torch.equal(a, b)
 
 
@@ -364,7 +368,7 @@ def test_ppo_critic_warmup_leaves_the_policy_alone_then_trains_both(tmp_path, ti
                        load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
                        ppo={"ppo_epochs": 2, "critic_warmup_iterations": 1, "num_sample_prompts": 0,
                             "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 6}},
-                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
     recorder = StepRecorder(["policy", "critic"])
     trainer = _trainer(tmp_path, max_steps=2 * module.optimizer_steps_per_iteration, callbacks=[recorder])
     trainer.fit(module, datamodule=prompt_dm)

@@ -53,7 +53,7 @@ def test_ppo_weights_after_two_iterations_are_pinned(tmp_path, tiny_dir, tokeniz
                        load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
                        ppo={"ppo_epochs": 2, "num_minibatches": 2, "num_sample_prompts": 0,
                             "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 6}},
-                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
     dm = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=48)
     _trainer(tmp_path, 2 * module.optimizer_steps_per_iteration).fit(module, datamodule=dm)
     assert digest(module.policy, module.critic) == PPO_DIGEST

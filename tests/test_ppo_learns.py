@@ -71,7 +71,7 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
                             "joint_optimizer": joint_optimizer,
                             "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False}},
-                       policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
     trainer = L.Trainer(accelerator="cpu", max_steps=4 * module.optimizer_steps_per_iteration, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)

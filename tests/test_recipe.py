@@ -31,13 +31,13 @@ def _fp16_plugin() -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
 
 
-def _ppo_module(tiny_dir, tokenizer, policy_optim=None, value_optim=None, **ppo):
+def _ppo_module(tiny_dir, tokenizer, policy_optim=None, critic_optim=None, **ppo):
     settings = {"ppo_epochs": 1, "num_minibatches": 2, "generation": {"max_new_tokens": 4}, "num_sample_prompts": 0,
                 "log_samples_every_n_steps": 0, **ppo}
     return PPOModule(load_policy(tiny_dir, trainable_layers=1), load_reference(tiny_dir),
                      load_scalar_model(tiny_dir, trainable_layers=1), load_scalar_model(tiny_dir, frozen=True, seed=1),
                      tokenizer, ppo=settings, policy_optim=policy_optim or {"lr": 1e-3},
-                     value_optim=value_optim or {"lr": 1e-3})
+                     critic_optim=critic_optim or {"lr": 1e-3})
 
 
 class LRRecorder(L.Callback):
@@ -100,7 +100,7 @@ def test_ppo_joint_schedules_step_once_per_iteration_per_group(tmp_path, tiny_di
     L.seed_everything(0)
     module = _ppo_module(tiny_dir, tokenizer, joint_optimizer=True,
                          policy_optim={"lr": 1e-3, "warmup_steps": 1, "scheduler": "linear"},
-                         value_optim={"lr": 2e-3, "scheduler": "cosine"})
+                         critic_optim={"lr": 2e-3, "scheduler": "cosine"})
     iterations = 3
     recorder = LRRecorder()
     trainer = _trainer(tmp_path, iterations * module.optimizer_steps_per_iteration, [recorder])

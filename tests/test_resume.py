@@ -123,7 +123,7 @@ def test_reward_resume_matches_uninterrupted_run(tmp_path, hh_file):
 @pytest.mark.slow  # ~75 s
 def test_value_resume_matches_uninterrupted_run(tmp_path, hh_file, reward_dir):
     overrides = ["stage=value", *_fast(hh_file), f"reward_model_path={reward_dir}", "data.limit=12", "batch_size=4",
-                 "iterations=5", "value.generation.max_new_tokens=6", "max_prompt_length=32", "value_optim.lr=1e-3"]
+                 "iterations=5", "value.generation.max_new_tokens=6", "max_prompt_length=32", "critic_optim.lr=1e-3"]
     checkpoint = _resume_matches(tmp_path, overrides, kill_at=2, rows_after=3, step_key="value/loss")
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"critic"}
 
@@ -139,7 +139,7 @@ def test_ppo_resume_matches_uninterrupted_run(joint, tmp_path, hh_file, reward_d
     overrides = ["stage=ppo", *_fast(hh_file), f"reward_model_path={reward_dir}", "data.limit=8", "batch_size=4",
                  "iterations=4", "ppo.ppo_epochs=1", "ppo.num_minibatches=2", "ppo.generation.max_new_tokens=6",
                  "max_prompt_length=32", "ppo.adaptive_kl=true", "ppo.num_sample_prompts=1",
-                 "policy_optim.lr=1e-3", "value_optim.lr=1e-3", f"checkpoint.every_n_train_steps={per_iteration}",
+                 "policy_optim.lr=1e-3", "critic_optim.lr=1e-3", f"checkpoint.every_n_train_steps={per_iteration}",
                  f"ppo.joint_optimizer={str(joint).lower()}"]
     checkpoint = _resume_matches(tmp_path, overrides, kill_at=2 * per_iteration, rows_after=2,
                                  step_key="objective/score", exports=("model", "model_critic"))
@@ -168,7 +168,7 @@ def test_ppo_joint_optimizer_resume_matches_uninterrupted_run(tmp_path, hh_file,
                            load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
                            ppo={"joint_optimizer": True, "ppo_epochs": 1, "num_minibatches": 2, "num_sample_prompts": 0,
                                 "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}},
-                           policy_optim={"lr": 1e-3, "warmup_steps": 1}, value_optim={"lr": 3e-3, "warmup_steps": 3})
+                           policy_optim={"lr": 1e-3, "warmup_steps": 1}, critic_optim={"lr": 3e-3, "warmup_steps": 3})
         datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
         checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints",
                                       every_n_train_steps=module.optimizer_steps_per_iteration,

@@ -84,11 +84,11 @@ def test_generate_cuts_after_eos_and_restores_train_mode(tiny_dir, tokenizer):
     assert torch.equal(ro.attention_mask[:, 5:], ro.response_mask.long())
 
 
-def test_evaluate_applies_the_missing_eos_penalty_to_scores_only(tiny_dir, tokenizer):
+def test_make_experience_applies_the_missing_eos_penalty_to_scores_only(tiny_dir, tokenizer):
     """``scores`` = reward model − penalty on rows without EOS; ``rm_scores`` keeps the reward model's own."""
     from rlhf_lightning.models import load_scalar_model
     from rlhf_lightning.models.forward import sequence_scores
-    from rlhf_lightning.rollout import Rollout, evaluate
+    from rlhf_lightning.rollout import Rollout, make_experience
 
     reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
     ids = torch.randint(5, 1000, (3, 7))
@@ -96,10 +96,11 @@ def test_evaluate_applies_the_missing_eos_penalty_to_scores_only(tiny_dir, token
     ends = torch.tensor([True, False, True])
     ro = Rollout(input_ids=ids, attention_mask=mask, response_start=4, response_mask=torch.ones(3, 3, dtype=torch.bool),
                  ends_with_eos=ends)
-    evaluate(ro, reward_model, missing_eos_penalty=2.5)
+    exp = make_experience(ro, reward_model, missing_eos_penalty=2.5)
     expected = sequence_scores(reward_model, ids, mask)
-    torch.testing.assert_close(ro.rm_scores, expected)
-    torch.testing.assert_close(ro.scores, expected - 2.5 * (~ends).float())
+    torch.testing.assert_close(exp.rm_scores, expected)
+    torch.testing.assert_close(exp.scores, expected - 2.5 * (~ends).float())
+    assert exp.logprobs is None and exp.ref_logprobs is None and exp.values is None  # no such network given
 
 
 def test_scoring_inputs_append_eos_to_cut_responses_only():
@@ -114,13 +115,13 @@ def test_scoring_inputs_append_eos_to_cut_responses_only():
     assert score_ids[1, :4].tolist() == [5, 6, 2, 0] and score_mask[1].tolist() == [1, 1, 1, 0, 0]
 
 
-def test_evaluate_scores_cut_responses_at_an_appended_eos(tiny_dir, tokenizer):
+def test_make_experience_scores_cut_responses_at_an_appended_eos(tiny_dir, tokenizer):
     """With score_eos_token_id, a cut response's score is the reward model's at an EOS after it,
     with or without the shared trunk; a response that ended with EOS keeps its own score."""
     from rlhf_lightning.models import load_reference, load_scalar_model
     from rlhf_lightning.models.forward import sequence_scores
     from rlhf_lightning.models.trunk import SharedTrunk
-    from rlhf_lightning.rollout import evaluate
+    from rlhf_lightning.rollout import make_experience
 
     reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
     ref = load_reference(tiny_dir)
@@ -134,13 +135,12 @@ def test_evaluate_scores_cut_responses_at_an_appended_eos(tiny_dir, tokenizer):
     with_eos = torch.cat([ids[:1], torch.tensor([[eos]])], 1)
     expected = torch.stack([sequence_scores(reward_model, with_eos, torch.ones_like(with_eos))[0],
                             sequence_scores(reward_model, ids[1:, :7], mask[1:, :7])[0]])
-    evaluate(ro, reward_model, ref_policy=ref, score_eos_token_id=eos)
-    torch.testing.assert_close(ro.scores, expected, rtol=1e-5, atol=1e-5)
-    plain_ref = ro.ref_logprobs.clone()
+    plain = make_experience(ro, reward_model, ref_policy=ref, score_eos_token_id=eos)
+    torch.testing.assert_close(plain.scores, expected, rtol=1e-5, atol=1e-5)
 
     trunk = SharedTrunk({"ref_policy": ref, "reward_model": reward_model})
-    evaluate(ro, reward_model, ref_policy=ref, trunk=trunk, score_eos_token_id=eos)
-    trunks = ro.extras["trunks"]  # the reward model's covers the appended column, the reference's the rollout
-    assert trunks["reward_model"].hidden.shape[1] == 9 and trunks["ref_policy"].hidden.shape[1] == 8
-    torch.testing.assert_close(ro.scores, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ro.ref_logprobs, plain_ref, rtol=1e-5, atol=1e-5)
+    exp = make_experience(ro, reward_model, ref_policy=ref, trunk=trunk, score_eos_token_id=eos)
+    # the reward model's trunk covers the appended column, the reference's the rollout
+    assert exp.trunks.reward_model.hidden.shape[1] == 9 and exp.trunks.ref_policy.hidden.shape[1] == 8
+    torch.testing.assert_close(exp.scores, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exp.ref_logprobs, plain.ref_logprobs, rtol=1e-5, atol=1e-5)

@@ -90,7 +90,7 @@ def test_ppo_with_and_without_the_trunk_trains_the_same(tmp_path, tiny_dir, toke
                            ppo={"ppo_epochs": 2, "num_minibatches": num_minibatches, "share_trunk": share,
                                 "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
                                 "generation": {"max_new_tokens": 6}},
-                           policy_optim={"lr": 1e-3}, value_optim={"lr": 1e-3})
+                           policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
         trainer = L.Trainer(accelerator="cpu", max_steps=2 * module.optimizer_steps_per_iteration, max_epochs=-1,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
@@ -98,8 +98,9 @@ def test_ppo_with_and_without_the_trunk_trains_the_same(tmp_path, tiny_dir, toke
         assert bool(module.trunk) is share
         results.append({k: v.clone() for k, v in module.state_dict().items() if k.startswith(("policy.", "critic."))})
     shared, full = results
-    moved = [k for k in shared if not torch.equal(shared[k], _networks(tiny_dir)["policy" if k.startswith("policy.")
-                                                                               else "critic"].state_dict()[k.split(".", 1)[1]])]
+    initial = _networks(tiny_dir)
+    moved = [k for k in shared
+             if not torch.equal(shared[k], initial[k.split(".", 1)[0]].state_dict()[k.split(".", 1)[1]])]
     assert moved, "PPO did not train"
     for key in shared:
         torch.testing.assert_close(shared[key], full[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -115,7 +116,7 @@ def test_value_module_with_and_without_the_trunk_trains_the_same(tmp_path, tiny_
         module = ValueModule(load_reference(tiny_dir), nets["critic"], nets["reward_model"], tokenizer,
                              ref_policy=nets["ref_policy"],
                              value={"share_trunk": share, "lam": 0.95, "generation": {"max_new_tokens": 6}},
-                             optim={"lr": 1e-3})
+                             critic_optim={"lr": 1e-3})
         trainer = L.Trainer(accelerator="cpu", max_steps=2, max_epochs=-1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             default_root_dir=tmp_path)

@@ -207,8 +207,8 @@ def test_ppo_refuses_fp16_mixed_precision_and_names_bf16(precision, reward_dir, 
                              tmp_path))
 
 
-@pytest.mark.parametrize("stage, key", [("reward", "reward.optim"), ("value", "value_optim"),
-                                        ("ppo", "policy_optim"), ("ppo", "value_optim")])
+@pytest.mark.parametrize("stage, key", [("reward", "reward.optim"), ("value", "critic_optim"),
+                                        ("ppo", "policy_optim"), ("ppo", "critic_optim")])
 def test_unknown_scheduler_or_negative_warmup_is_an_error(stage, key, reward_dir, tmp_path):
     assert _error([*_ok(stage, reward_dir), f"{key}.scheduler=step"], tmp_path) == \
         f"{key}.scheduler='step' is not a learning-rate schedule (expected one of constant, linear, cosine)"

@@ -48,14 +48,42 @@ class TrunkOutput:
     hidden: torch.Tensor
     depth: int
 
-    def rows(self, index: torch.Tensor) -> "TrunkOutput":
+    def rows(self, index: torch.Tensor) -> TrunkOutput:
         """The same trunk output for a subset of rows (``index``: (b,) long)."""
         return TrunkOutput(self.hidden[index], self.depth)
 
-    def columns(self, width: int) -> "TrunkOutput":
+    def columns(self, width: int) -> TrunkOutput:
         """The first ``width`` columns: with causal attention, the trunk output of the sequences cut
         to that width (used when the reward model scores one column more than the others see)."""
         return self if self.hidden.shape[1] == width else TrunkOutput(self.hidden[:, :width], self.depth)
+
+
+@dataclass(frozen=True)
+class Trunks:
+    """The shared trunk's output for each network of an RLHF step (``None``: that network runs in full).
+
+    Attributes:
+        policy, ref_policy, critic: (B, T, H) trunk outputs for the rollout's sequences.
+        reward_model: (B, T or T + 1, H): the reward model reads the scoring inputs, which may carry
+            one appended EOS column (:func:`rlhf_lightning.rollout.scoring_inputs`).
+    """
+
+    policy: TrunkOutput | None = None
+    ref_policy: TrunkOutput | None = None
+    critic: TrunkOutput | None = None
+    reward_model: TrunkOutput | None = None
+
+    @classmethod
+    def of(cls, outputs: dict[str, TrunkOutput], width: int) -> Trunks:
+        """From :meth:`SharedTrunk.compute`'s name → output, computed on the scoring inputs: the reward
+        model keeps its columns, the other networks read the first ``width`` (= T) columns."""
+        return cls(**{name: out if name == "reward_model" else out.columns(width) for name, out in outputs.items()})
+
+    def rows(self, index: torch.Tensor) -> Trunks:
+        """The policy's and the critic's trunk outputs for a subset of rows (``index``: (b,) long),
+        what a minibatch's training forwards read; the frozen networks' are left out."""
+        pick = lambda out: out.rows(index) if out is not None else None  # noqa: E731
+        return Trunks(policy=pick(self.policy), critic=pick(self.critic))
 
 
 def backbone_of(model: nn.Module) -> nn.Module | None:
@@ -147,7 +175,7 @@ def frozen_depth(model: nn.Module) -> int:
 def _same(a: nn.Module, b: nn.Module) -> bool:
     pa, pb = list(a.parameters()), list(b.parameters())
     return len(pa) == len(pb) and all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
-                                      for x, y in zip(pa, pb))
+                                      for x, y in zip(pa, pb, strict=True))
 
 
 def common_depth(models: list[nn.Module]) -> int:
@@ -241,7 +269,7 @@ class SharedTrunk:
             ``None`` when every network agrees, else one line naming the first network that does not
             and by how much.
         """
-        for names, depth in self.groups:
+        for names, _depth in self.groups:
             first = self.models[names[0]]
             weight = first.get_input_embeddings().weight
             generator = torch.Generator().manual_seed(0)

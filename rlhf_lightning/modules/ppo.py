@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
 
-from rlhf_lightning.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
 from rlhf_lightning.models.forward import response_logprobs, response_values
-from rlhf_lightning.models.trunk import SharedTrunk, TrunkOutput
+from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
     OptimConfig,
     as_config,
@@ -25,7 +24,8 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
-from rlhf_lightning.rollout import GenerationConfig, Rollout, evaluate, generate, logprob_diff, rewards_of
+from rlhf_lightning.rewards import KL_ESTIMATORS, compute_rewards, make_kl_controller
+from rlhf_lightning.rollout import Experience, GenerationConfig, generate, logprob_diff, make_experience
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class PPOConfig:
             (the critic's gradients can then shrink the policy's step and the reverse).
         joint_optimizer: train the policy and the critic with ONE AdamW holding two parameter groups
             (policy: ``policy_optim``'s lr, weight decay, betas, eps and warm-up; critic:
-            ``value_optim``'s) and one LR scheduler with a warm-up per group, instead of two
+            ``critic_optim``'s) and one LR scheduler with a warm-up per group, instead of two
             optimizers. Each minibatch is then one backward, one joint gradient-norm clip, one step.
             Needed for strategies that take a single optimizer (Lightning's DeepSpeedStrategy: the
             ``deepspeed_*`` trainer presets turn it on for PPO); a step counts once in
@@ -126,8 +126,8 @@ class PPOConfig:
                 raise ValueError(f"ppo.{name}={getattr(self, name)} must be in [0, 1]")
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
         if self.critic_warmup_iterations < 0:
             raise ValueError(f"ppo.critic_warmup_iterations={self.critic_warmup_iterations} must be >= 0")
         for name in ("joint_optimizer", "whiten_across_ranks"):
@@ -207,18 +207,18 @@ class PPOModule(L.LightningModule):
     """PPO for language models, one iteration per ``training_step`` (manual optimization).
 
     Each iteration, for a batch of B prompts (``input_ids``/``attention_mask`` (B, P),
-    left-padded, from :class:`~rlhf_lightning.data.PromptCollator`):
+    left-padded, from :class:`~rlhf_lightning.data.PromptCollator`), runs four phases:
 
-    1. sample responses (KV-cached ``generate``), cut after EOS;
-    2. score each with the reward model at its last token (minus a missing-EOS penalty);
-    3. old log-probabilities, reference log-probabilities and values, without autograd;
-    4. per-token rewards −β·KL_t, plus the score at the last token;
-    5. GAE advantages (whitened) and returns;
-    6. ``ppo_epochs`` passes over minibatches: clipped policy loss and clipped value loss, one
-       ``manual_backward``, ``clip_gradients`` for each optimizer, then the policy optimizer and
-       the value optimizer both stepped and zeroed (``ppo.joint_optimizer``: one optimizer with a
-       policy and a critic parameter group, clipped over both, stepped and zeroed once);
-    7. the adaptive KL controller's update (if on), then logging.
+    1. :meth:`collect`: sample responses (KV-cached decoding, cut after EOS), score them with the
+       reward model (minus a missing-EOS penalty), and compute the old log-probabilities, the
+       reference log-probabilities and the values without autograd → :class:`~rlhf_lightning.rollout.Experience`;
+    2. :meth:`compute_advantages`: per-token rewards −β·KL_t plus the score at the last token
+       (:mod:`rlhf_lightning.rewards`), GAE advantages (whitened) and returns;
+    3. :meth:`update`: ``ppo_epochs`` passes over minibatches: clipped policy loss and clipped value
+       loss, one ``manual_backward``, ``clip_gradients`` per optimizer, then the policy and the
+       critic optimizers both stepped (``ppo.joint_optimizer``: one optimizer with a policy and a
+       critic parameter group), then the LR schedulers; then the adaptive KL controller's update;
+    4. :meth:`log_iteration`: metrics and sample generations.
 
     Args:
         policy: causal LM to train. ref_policy: frozen copy of its initial weights.
@@ -226,14 +226,14 @@ class PPOModule(L.LightningModule):
             — the ValueModule's network, loaded from its export.
         reward_model: frozen ``AutoModelForSequenceClassification`` (one label).
         tokenizer: for EOS/pad ids, decoding samples, and the export.
-        ppo: :class:`PPOConfig` or dict. policy_optim, value_optim: :class:`OptimConfig` or dict.
+        ppo: :class:`PPOConfig` or dict. policy_optim, critic_optim: :class:`OptimConfig` or dict.
         export_dir: where the trained policy is written at the end of fit (critic beside it in
             ``<export_dir>_critic``); samples_path: JSON-lines file for sample generations.
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module, critic: nn.Module, reward_model: nn.Module,
                  tokenizer, ppo: PPOConfig | dict | None = None, policy_optim: OptimConfig | dict | None = None,
-                 value_optim: OptimConfig | dict | None = None, export_dir: str | None = None,
+                 critic_optim: OptimConfig | dict | None = None, export_dir: str | None = None,
                  samples_path: str | None = None):
         super().__init__()
         self.automatic_optimization = False
@@ -242,12 +242,10 @@ class PPOModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.ppo = as_config(PPOConfig, ppo)
         self.policy_optim = as_config(OptimConfig, policy_optim)
-        self.value_optim = as_config(OptimConfig, value_optim)
+        self.critic_optim = as_config(OptimConfig, critic_optim)
         self.export_dir, self.samples_path = export_dir, samples_path
-        if self.ppo.adaptive_kl:
-            self.kl_ctl = AdaptiveKLController(self.ppo.kl_coef, self.ppo.kl_target, self.ppo.kl_horizon)
-        else:
-            self.kl_ctl = FixedKLController(self.ppo.kl_coef)
+        self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.kl_target,
+                                         self.ppo.kl_horizon)
         self.save_hyperparameters(ignore=["policy", "ref_policy", "critic", "reward_model", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
 
@@ -266,33 +264,9 @@ class PPOModule(L.LightningModule):
         """PPO iterations completed (rollout batches trained on)."""
         return self.global_step // self.optimizer_steps_per_iteration
 
-    # ------------------------------------------------------------------ rollout
-    def rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True,
-                with_old: bool = True) -> Rollout:
-        """Steps 1–3: sample, score, and evaluate ref log-probabilities (and, ``with_old``, the
-        policy's old log-probabilities and the critic's values) without autograd."""
-        gen = self.ppo.generation
-        rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, do_sample=do_sample)
-        score_eos = int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
-        # The shared frozen blocks run once, for all four networks and all PPO epochs (rollout.extras["trunks"]).
-        return evaluate(rollout, self.reward_model, self.policy if with_old else None, self.ref_policy,
-                        self.critic if with_old else None, gen.temperature, gen.missing_eos_penalty,
-                        trunk=self.trunk, score_eos_token_id=score_eos)
-
-    def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int,
-                       trunks: dict[str, TrunkOutput] | None = None):
-        """Policy log-probabilities and entropy, and critic values, with autograd: each (b, R).
-
-        ``trunks``: the shared frozen blocks' outputs for these rows (see :meth:`rollout`)."""
-        trunks = trunks or {}
-        logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
-                                              with_entropy=True, trunk=trunks.get("policy"))
-        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.get("critic"))
-
-    # ------------------------------------------------------------------ training
+    # ------------------------------------------------------------------ one iteration
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """One PPO iteration (steps 1-7 of the class docstring) on a batch of prompts.
+        """One PPO iteration on a batch of prompts: collect → compute_advantages → update → log.
 
         Args:
             batch: ``input_ids`` and ``attention_mask``, (B, P) int64, left-padded.
@@ -301,61 +275,94 @@ class PPOModule(L.LightningModule):
         Raises:
             ValueError: B is not a multiple of ``ppo.num_minibatches``.
         """
-        cfg = self.ppo
-        optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
-        warming_up = self.iteration < cfg.critic_warmup_iterations
         batch_size = batch["input_ids"].shape[0]
-        if batch_size % cfg.num_minibatches:
-            raise ValueError(f"prompt batch size {batch_size} is not divisible by ppo.num_minibatches={cfg.num_minibatches}")
+        if batch_size % self.ppo.num_minibatches:
+            raise ValueError(f"prompt batch size {batch_size} is not divisible by "
+                             f"ppo.num_minibatches={self.ppo.num_minibatches}")
+        exp = self.collect(batch["input_ids"], batch["attention_mask"])
+        exp = self.compute_advantages(exp)
+        stats = self.update(exp)
+        self.log_iteration(exp, stats)
 
-        # 1-3. Sample responses; score them; old logprobs, ref logprobs, values (no autograd).
-        # With one minibatch, the first PPO epoch's forward sees the whole batch before any update:
-        # its outputs, detached, are the old logprobs and values (one policy and one critic forward
-        # fewer per iteration), and its graph serves the first update.
-        reuse_first = cfg.num_minibatches == 1
-        ro = self.rollout(batch["input_ids"], batch["attention_mask"], with_old=not reuse_first)
-        mask = ro.response_mask  # (B, R)
-        trunks = ro.extras.get("trunks", {})  # name -> TrunkOutput (B, T, H), when the networks share one
-        first = None
-        if reuse_first:
-            first = self._train_forward(ro.input_ids, ro.attention_mask, ro.response_start, trunks)
-            ro.logprobs = first[0].detach().masked_fill(~mask, 0.0)
-            ro.values = first[2].detach().masked_fill(~mask, 0.0)
+    def collect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True,
+                for_update: bool = True) -> Experience:
+        """Phase 1: sample responses, score them, and compute old and reference log-probabilities and
+        values without autograd.
 
-        # 4. Per-token rewards: -β·KL_t, plus the score at the last token.
-        rewards, kl = rewards_of(ro, self.kl_ctl.value, cfg.kl_estimator)  # (B, R) each
+        With one minibatch (``for_update`` and ``ppo.num_minibatches == 1``) the first PPO epoch's
+        forward sees the whole batch before any update: it runs here, with autograd, and its
+        detached outputs are the old log-probabilities and values, its graph kept in
+        ``Experience.reused_forward`` for the first update (one policy and one critic forward fewer
+        per iteration). The shared frozen trunk, if any, runs once here for all four networks and
+        all PPO epochs (``Experience.trunks``).
 
-        # 5. Advantages from TD errors (GAE), whitened; returns = advantages + values.
-        advantages, returns = gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        Args:
+            input_ids, attention_mask: (B, P) left-padded prompts.
+            do_sample: False decodes greedily.
+            for_update: False for evaluation: old log-probabilities without autograd, no values.
+
+        Returns:
+            The :class:`~rlhf_lightning.rollout.Experience` (no advantages yet).
+        """
+        gen = self.ppo.generation
+        rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
+                           self.tokenizer.pad_token_id, do_sample=do_sample)
+        reuse = for_update and self.ppo.num_minibatches == 1
+        exp = make_experience(rollout, self.reward_model, policy=None if reuse else self.policy,
+                              ref_policy=self.ref_policy, critic=self.critic if for_update and not reuse else None,
+                              temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
+                              trunk=self.trunk,
+                              score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
+        if not reuse:
+            return exp
+        first = self._train_forward(rollout.input_ids, rollout.attention_mask, rollout.response_start, exp.trunks)
+        invalid = ~rollout.response_mask
+        return replace(exp, logprobs=first[0].detach().masked_fill(invalid, 0.0),
+                       values=first[2].detach().masked_fill(invalid, 0.0), reused_forward=first)
+
+    def compute_advantages(self, exp: Experience) -> Experience:
+        """Phase 2: per-token rewards −β·KL_t plus the score at the last token, GAE advantages
+        (whitened with ``ppo.whiten``, across ranks with ``ppo.whiten_across_ranks``) and returns.
+
+        Returns:
+            ``exp`` with ``kl_coef`` (the β used), ``kl``, ``rewards``, ``advantages`` and ``returns``.
+        """
+        cfg, mask = self.ppo, exp.response_mask
+        kl_coef = self.kl_ctl.value
+        rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten:
             advantages = self.whiten_advantages(advantages, mask)
+        return replace(exp, kl_coef=kl_coef, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
 
-        # 6. PPO epochs over minibatches; both optimizers (or the joint one) step on every minibatch.
+    def update(self, exp: Experience) -> dict[str, torch.Tensor]:
+        """Phase 3: ``ppo.ppo_epochs`` passes over ``ppo.num_minibatches`` shuffled minibatches, each one
+        backward of policy loss + ``vf_coef`` · value loss and one step of every optimizer; then the LR
+        schedulers (once per iteration) and the adaptive KL controller (on the KL averaged over ranks,
+        so every rank keeps the same β).
+
+        Returns:
+            The minibatch statistics averaged over the iteration, and ``ppo/policy_frozen`` (1 during
+            the critic warm-up), 0-d tensors by metric name.
+        """
+        cfg, ro, mask = self.ppo, exp.rollout, exp.response_mask
+        optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
+        policy_frozen = self.iteration < cfg.critic_warmup_iterations
+        batch_size, reused = exp.batch_size, exp.reused_forward
         stats: dict[str, list[torch.Tensor]] = {}
-        mb_size = batch_size // cfg.num_minibatches
-        for epoch in range(cfg.ppo_epochs):
+        for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch_size, device=mask.device) if cfg.num_minibatches > 1 else \
                 torch.arange(batch_size, device=mask.device)
-            for mb in order.split(mb_size):
-                ids, attn, m = ro.input_ids[mb], ro.attention_mask[mb], mask[mb]
-                if first is not None:  # epoch 0, whole batch: already computed in step 3
-                    (logprobs, entropy, values), first = first, None
+            for mb in order.split(batch_size // cfg.num_minibatches):
+                if reused is not None:  # epoch 0, whole batch: computed by collect
+                    (logprobs, entropy, values), reused = reused, None
                 else:
-                    logprobs, entropy, values = self._train_forward(
-                        ids, attn, ro.response_start,
-                        {name: trunks[name].rows(mb) for name in ("policy", "critic") if name in trunks})
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, ro.logprobs[mb], advantages[mb], m, cfg.clip_eps)
-                vf_loss, vf_stats = value_loss(values, returns[mb], m, ro.values[mb], cfg.cliprange_value)
-                self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
-                if warming_up:  # the critic learns alone: no policy update (AdamW skips params without grad)
-                    self.policy.zero_grad(set_to_none=True)
-                if cfg.max_grad_norm is not None:  # per optimizer: the joint one clips one norm over both groups
-                    for opt in optimizers:
-                        self.clip_gradients(opt, gradient_clip_val=cfg.max_grad_norm, gradient_clip_algorithm="norm")
-                for opt in optimizers:
-                    opt.step()
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
+                    logprobs, entropy, values = self._train_forward(ro.input_ids[mb], ro.attention_mask[mb],
+                                                                    ro.response_start, exp.trunks.rows(mb))
+                m = mask[mb]
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[mb], exp.advantages[mb], m, cfg.clip_eps)
+                vf_loss, vf_stats = value_loss(values, exp.returns[mb], m, exp.values[mb], cfg.cliprange_value)
+                self._step(optimizers, pg_loss + cfg.vf_coef * vf_loss, policy_frozen)
                 for key, value in (("ppo/policy_loss", pg_loss), ("value/loss", vf_loss),
                                    ("ppo/clipfrac", pg_stats["clipfrac"]), ("ppo/approx_kl", pg_stats["approx_kl"]),
                                    ("ppo/ratio", pg_stats["ratio_mean"]), ("value/clipfrac", vf_stats["clipfrac"]),
@@ -363,34 +370,64 @@ class PPOModule(L.LightningModule):
                     stats.setdefault(key, []).append(value.detach())
         for scheduler in _as_list(self.lr_schedulers()):
             scheduler.step()
-
-        # 7. Adaptive KL controller (on the KL averaged over ranks, so every rank keeps the same β), then logging.
-        kl_per_seq = (kl * mask).sum(1).mean()
-        kl_coef = self.kl_ctl.value
         if cfg.adaptive_kl:
+            kl_per_seq = (exp.kl * mask).sum(1).mean()
             kl_all_ranks = self.trainer.strategy.reduce(kl_per_seq.detach().clone(), reduce_op="mean")  # in place
             self.kl_ctl.update(float(kl_all_ranks), batch_size * self.trainer.world_size)
-        metrics = {key: torch.stack(values).mean() for key, values in stats.items()}
+        means = {key: torch.stack(values).mean() for key, values in stats.items()}
+        return {**means, "ppo/policy_frozen": torch.tensor(float(policy_frozen))}
+
+    def log_iteration(self, exp: Experience, stats: dict[str, torch.Tensor]) -> None:
+        """Phase 4: log the iteration's metrics (means over ranks) and, every
+        ``ppo.log_samples_every_n_steps`` iterations, sample generations."""
+        mask, kl_coef = exp.response_mask, exp.kl_coef
+        kl_per_seq = (exp.kl * mask).sum(1).mean()
+        metrics = dict(stats)
         metrics.update({
-            "objective/score": ro.scores.mean(),
-            "objective/rm_score": ro.rm_scores.mean(),  # without the missing-EOS penalty
+            "objective/score": exp.scores.mean(),
+            "objective/rm_score": exp.rm_scores.mean(),  # without the missing-EOS penalty
             "objective/kl": kl_per_seq,
-            "objective/non_score_reward": -(kl_coef * kl * mask).sum(1).mean(),
-            "objective/rlhf_reward": ro.scores.mean() - kl_coef * kl_per_seq,
-            "value/explained_var": explained_variance(ro.values, returns, mask),
+            "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
+            "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq,
+            "value/explained_var": explained_variance(exp.values, exp.returns, mask),
             "response/length": mask.sum(1).float().mean(),
-            "response/eos_frac": ro.ends_with_eos.float().mean(),
-            "rollout/logprob_diff": logprob_diff(ro),
+            "response/eos_frac": exp.rollout.ends_with_eos.float().mean(),
+            "rollout/logprob_diff": logprob_diff(exp),
             "ppo/kl_coef": torch.tensor(kl_coef),
             "ppo/iteration": torch.tensor(float(self.iteration)),
-            "ppo/policy_frozen": torch.tensor(float(warming_up)),
         })
+        batch_size = exp.batch_size
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,
                       logger=False, on_step=True, batch_size=batch_size, sync_dist=True)
-        every = cfg.log_samples_every_n_steps
+        every = self.ppo.log_samples_every_n_steps
         if every and (self.iteration - 1) % every == 0:
-            self._write_samples(ro, kl, phase="train")
+            self._write_samples(exp, phase="train")
+
+    # ------------------------------------------------------------------ pieces of the phases
+    def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int, trunks: Trunks):
+        """Policy log-probabilities and entropy, and critic values, with autograd: each (b, R).
+
+        ``trunks``: the shared frozen blocks' outputs for these rows (``Trunks()``: none)."""
+        logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
+                                              with_entropy=True, trunk=trunks.policy)
+        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.critic)
+
+    def _step(self, optimizers: list, loss: torch.Tensor, policy_frozen: bool) -> None:
+        """One backward of ``loss``, gradient-norm clipping per optimizer (``ppo.max_grad_norm``; the joint
+        optimizer clips one norm over both groups), then every optimizer stepped and zeroed. While
+        ``policy_frozen`` (critic warm-up) the policy's gradients are dropped first: AdamW skips
+        parameters without a gradient, and the step still counts in ``global_step``."""
+        self.manual_backward(loss)
+        if policy_frozen:
+            self.policy.zero_grad(set_to_none=True)
+        if self.ppo.max_grad_norm is not None:
+            for opt in optimizers:
+                self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
 
     def whiten_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Step 5's whitening: :func:`~rlhf_lightning.ops.masked_whiten` of ``advantages`` (B, R) float over
@@ -414,7 +451,7 @@ class PPOModule(L.LightningModule):
         Returns:
             ``[policy optimizer, critic optimizer], [policy scheduler, critic scheduler]``; with
             ``ppo.joint_optimizer``, ``[optimizer], [scheduler]``: one AdamW whose param groups are
-            ``"policy"`` (``policy_optim``) and ``"critic"`` (``value_optim``), one ``LambdaLR`` with
+            ``"policy"`` (``policy_optim``) and ``"critic"`` (``critic_optim``), one ``LambdaLR`` with
             each group's own warm-up.
 
         Raises:
@@ -423,15 +460,15 @@ class PPOModule(L.LightningModule):
         """
         trainer = self._trainer
         total = None
-        if trainer is not None and {self.policy_optim.scheduler, self.value_optim.scheduler} != {"constant"}:
+        if trainer is not None and {self.policy_optim.scheduler, self.critic_optim.scheduler} != {"constant"}:
             total = scheduler_total_steps(trainer, self.optimizer_steps_per_iteration)
         if self.ppo.joint_optimizer:
             optimizer, scheduler = make_grouped_optimizer([("policy", self.policy.parameters(), self.policy_optim),
-                                                           ("critic", self.critic.parameters(), self.value_optim)],
+                                                           ("critic", self.critic.parameters(), self.critic_optim)],
                                                           total)
             return [optimizer], [scheduler]
         opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim, total)
-        opt_value, sched_value = make_optimizer(self.critic.parameters(), self.value_optim, total)
+        opt_value, sched_value = make_optimizer(self.critic.parameters(), self.critic_optim, total)
         return [opt_policy, opt_value], [sched_policy, sched_value]
 
     def setup(self, stage: str) -> None:
@@ -446,15 +483,18 @@ class PPOModule(L.LightningModule):
         configure_deepspeed_clipping(self.trainer.strategy, self.ppo)
 
     # ------------------------------------------------------------------ samples
-    def _write_samples(self, ro: Rollout, kl: torch.Tensor | None, phase: str, limit: int | None = None) -> list[dict]:
-        n = min(limit or self.ppo.num_sample_prompts, ro.input_ids.shape[0])
+    def _write_samples(self, exp: Experience, phase: str, limit: int | None = None) -> list[dict]:
+        """Decode the first ``limit`` (default ``ppo.num_sample_prompts``) rows of ``exp`` (with its ``kl``)
+        to ``samples_path`` and to every logger with tables, on the global-zero rank; return the rows."""
+        ro = exp.rollout
+        n = min(limit or self.ppo.num_sample_prompts, exp.batch_size)
         prompts = self.tokenizer.batch_decode(ro.input_ids[:n, : ro.response_start], skip_special_tokens=True)
         responses = self.tokenizer.batch_decode(ro.response_ids[:n], skip_special_tokens=True)
-        kl_seq = (kl * ro.response_mask).sum(1) if kl is not None else torch.zeros(n)
+        kl_seq = (exp.kl * ro.response_mask).sum(1)
         rows = [{"phase": phase, "step": self.iteration, "prompt": p, "response": r,
-                 "score": float(ro.scores[i]), "rm_score": float(ro.rm_scores[i]),
+                 "score": float(exp.scores[i]), "rm_score": float(exp.rm_scores[i]),
                  "ends_with_eos": bool(ro.ends_with_eos[i]), "kl": float(kl_seq[i])}
-                for i, (p, r) in enumerate(zip(prompts, responses))]
+                for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
         if self.trainer.is_global_zero and self.samples_path:
             Path(self.samples_path).parent.mkdir(parents=True, exist_ok=True)
             with open(self.samples_path, "a", encoding="utf-8") as f:
@@ -490,18 +530,20 @@ class PPOModule(L.LightningModule):
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.ppo.eval_seed)
-            ro = self.rollout(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                              do_sample=not self.ppo.eval_greedy)
-        _, kl = rewards_of(ro, self.kl_ctl.value, self.ppo.kl_estimator)
-        self._write_samples(ro, kl, phase=phase, limit=ro.input_ids.shape[0])
-        result = {"eval/score": float(ro.scores.mean()), "eval/rm_score": float(ro.rm_scores.mean()),
-                  "eval/kl": float((kl * ro.response_mask).sum(1).mean()),
-                  "eval/eos_frac": float(ro.ends_with_eos.float().mean())}
+            exp = self.collect(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                               do_sample=not self.ppo.eval_greedy, for_update=False)
+        _, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, exp.response_mask, self.kl_ctl.value,
+                                self.ppo.kl_estimator)
+        exp = replace(exp, kl=kl)
+        self._write_samples(exp, phase=phase, limit=exp.batch_size)
+        result = {"eval/score": float(exp.scores.mean()), "eval/rm_score": float(exp.rm_scores.mean()),
+                  "eval/kl": float((kl * exp.response_mask).sum(1).mean()),
+                  "eval/eos_frac": float(exp.rollout.ends_with_eos.float().mean())}
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:  # self.log is not allowed in on_train_end
                 logger.log_metrics({f"{key}_{phase}": value for key, value in result.items()}, step=self.global_step)
         log.info("evaluation %s training on %d prompts: score %.4f (reward model %.4f), KL %.4f nats, "
-                 "%.0f%% ended with EOS", phase, ro.input_ids.shape[0], result["eval/score"], result["eval/rm_score"],
+                 "%.0f%% ended with EOS", phase, exp.batch_size, result["eval/score"], result["eval/rm_score"],
                  result["eval/kl"], 100 * result["eval/eos_frac"])
         return result
 

@@ -21,7 +21,8 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
 )
 from rlhf_lightning.ops import explained_variance
-from rlhf_lightning.rollout import GenerationConfig, evaluate, generate, rewards_of
+from rlhf_lightning.rewards import compute_rewards
+from rlhf_lightning.rollout import GenerationConfig, generate, make_experience
 
 
 @dataclass
@@ -76,12 +77,12 @@ class ValueModule(L.LightningModule):
         critic: ``AutoModelForSequenceClassification`` (one label) to train.
         reward_model: frozen scorer. ref_policy: frozen reference for the KL (``None``: the policy
             itself, KL = 0).
-        tokenizer, value (:class:`ValueConfig` or dict), optim (:class:`OptimConfig` or dict), export_dir.
+        tokenizer, value (:class:`ValueConfig` or dict), critic_optim (:class:`OptimConfig` or dict), export_dir.
     """
 
     def __init__(self, policy: nn.Module, critic: nn.Module, reward_model: nn.Module, tokenizer,
                  ref_policy: nn.Module | None = None, value: ValueConfig | dict | None = None,
-                 optim: OptimConfig | dict | None = None, export_dir: str | None = None):
+                 critic_optim: OptimConfig | dict | None = None, export_dir: str | None = None):
         super().__init__()
         self.strict_loading = False
         self.policy, self.critic, self.reward_model, self.ref_policy = policy, critic, reward_model, ref_policy
@@ -90,7 +91,7 @@ class ValueModule(L.LightningModule):
                 frozen.requires_grad_(False).eval()
         self.tokenizer = tokenizer
         self.value = as_config(ValueConfig, value)
-        self.optim = as_config(OptimConfig, optim)
+        self.critic_optim = as_config(OptimConfig, critic_optim)
         self.export_dir = export_dir
         self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
@@ -106,16 +107,17 @@ class ValueModule(L.LightningModule):
                       self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
         with_kl = self.ref_policy is not None and cfg.kl_coef > 0
         score_eos = int(self.tokenizer.eos_token_id) if cfg.generation.score_with_eos else None
-        evaluate(ro, self.reward_model, self.policy if with_kl else None, self.ref_policy if with_kl else None,
-                 None, cfg.generation.temperature, cfg.generation.missing_eos_penalty, trunk=self.trunk,
-                 score_eos_token_id=score_eos)
-        trunks = ro.extras.get("trunks", {})
+        exp = make_experience(ro, self.reward_model, self.policy if with_kl else None,
+                              self.ref_policy if with_kl else None, None, cfg.generation.temperature,
+                              cfg.generation.missing_eos_penalty, trunk=self.trunk, score_eos_token_id=score_eos)
         mask = ro.response_mask
-        # 2. Per-token rewards: -β·KL_t, plus the score at the last token.
-        rewards, kl = rewards_of(ro, cfg.kl_coef, cfg.kl_estimator)
+        # 2. Per-token rewards: -β·KL_t, plus the score at the last token (KL 0 without a reference).
+        logprobs = exp.logprobs if with_kl else torch.zeros_like(mask, dtype=torch.float32)
+        ref_logprobs = exp.ref_logprobs if with_kl else logprobs
+        rewards, kl = compute_rewards(exp.scores, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_estimator)
         # 3. V(s_t) with gradient; the target from the same values, detached.
         values = response_values(self.critic, ro.input_ids, ro.attention_mask, ro.response_start,
-                                 trunk=trunks.get("critic"))  # (B, R)
+                                 trunk=exp.trunks.critic)  # (B, R)
         if cfg.lam == 0:
             targets = td_targets(rewards, values, mask, cfg.gamma)
         else:
@@ -127,7 +129,7 @@ class ValueModule(L.LightningModule):
         self.log_dict({
             "value/loss": loss.detach(),
             "value/explained_var": explained_variance(values.detach(), targets, mask),
-            "objective/score": ro.scores.mean(),
+            "objective/score": exp.scores.mean(),
             "objective/kl": (kl * mask).sum(1).mean(),
             "response/length": mask.sum(1).float().mean(),
         }, on_step=True, batch_size=batch_size, sync_dist=True)
@@ -135,12 +137,13 @@ class ValueModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        """AdamW with ``optim``'s warm-up and schedule, stepped once per optimizer step
+        """AdamW with ``critic_optim``'s warm-up and schedule, stepped once per optimizer step
         (:func:`~rlhf_lightning.modules.common.make_optimizer`); fused unless 16-mixed clipping forbids it
         (:func:`~rlhf_lightning.modules.common.fused_adamw_allowed`)."""
         trainer = self._trainer
-        total = scheduler_total_steps(trainer) if trainer is not None and self.optim.scheduler != "constant" else None
-        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.optim, total,
+        decays = trainer is not None and self.critic_optim.scheduler != "constant"
+        total = scheduler_total_steps(trainer) if decays else None
+        optimizer, scheduler = make_optimizer(self.critic.parameters(), self.critic_optim, total,
                                               fused=fused_adamw_allowed(trainer))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_lightning.losses import bool_mask, check_2d, check_same_shape, float_dtype
-from rlhf_lightning.ops import last_valid_index
+from rlhf_lightning.ops import bool_mask, check_2d, check_same_shape, float_dtype, last_valid_index
 
 __all__ = [
     "KL_ESTIMATORS",
