@@ -470,6 +470,17 @@ def test_prompt_datamodule(tok, header_ids, tmp_path):
         b["prompt_index"].tolist() for b in batches]
 
 
+def test_prompt_datamodule_keeps_dataset_columns_for_reward_functions(tok, tmp_path):
+    """Every key but prompt/chosen/rejected is a column; columns() gives them per prompt, None where absent."""
+    rows = [{"prompt": "What is 2 + 3?", "answer": "5", "level": 1}, {"prompt": "What is 4 + 4?", "answer": "8"},
+            hh_row("hh question", "a", "b")]
+    path = write_lines(tmp_path / "tasks.jsonl", [json.dumps(r) for r in rows])
+    dm = PromptDataModule(tok, str(path), batch_size=1)
+    dm.setup()
+    assert dm.columns([1, 0, 2]) == {"answer": ["8", "5", None], "level": [None, 1, None]}
+    assert dm.columns([2]) == {}
+
+
 def test_prompt_rows_errors(tmp_path):
     assert extract_prompt({"chosen": [user("q"), assistant("a")]}, "f:1") == [user("q")]
     path = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "ok"}), json.dumps({"question": "x"}),

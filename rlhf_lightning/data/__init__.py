@@ -14,12 +14,14 @@ from rlhf_lightning.data.rows import (
     extract_prompt,
     normalize_row,
     parse_hh_dialogue,
+    prompt_columns,
 )
 from rlhf_lightning.data.sources import (
     DataSourceError,
     DataSourceNotFoundError,
     NoUsableRowError,
     load_examples,
+    load_prompt_rows,
     load_prompts,
     read_rows,
 )
@@ -29,5 +31,6 @@ __all__ = [
     "REASONS", "DataError", "DataSourceError", "DataSourceNotFoundError", "NoUsableRowError", "PreferenceCollator",
     "PreferenceDataModule", "PreferenceExample", "PromptCollator",
     "PromptDataModule", "encode_prompt", "encode_response", "extract_prompt", "hh_text", "load_examples",
-    "load_prompts", "normalize_row", "parse_hh_dialogue", "read_rows", "truncate_pair",
+    "load_prompt_rows", "load_prompts", "normalize_row", "parse_hh_dialogue", "prompt_columns", "read_rows",
+    "truncate_pair",
 ]

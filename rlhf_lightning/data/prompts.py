@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
 from rlhf_lightning.data.resumable import resumable_loader
-from rlhf_lightning.data.sources import load_prompts
+from rlhf_lightning.data.sources import load_prompt_rows
 from rlhf_lightning.data.tokenization import encode_prompt
 
 logger = logging.getLogger("rlhf_lightning.data")
@@ -108,6 +108,7 @@ class PromptDataModule(lightning.LightningDataModule):
         self.val_dataset: ListDataset | None = None
         self._prompts: list[list[dict]] = []
         self._prompt_ids: list[list[int]] = []
+        self._columns: list[dict] = []
         self.stats: dict = {}
 
     @property
@@ -121,6 +122,19 @@ class PromptDataModule(lightning.LightningDataModule):
         """Every kept prompt's token ids (after left truncation), indexed like ``prompt_index``."""
         self._require_setup()
         return self._prompt_ids
+
+    def columns(self, prompt_index: Sequence[int]) -> dict[str, list]:
+        """The dataset columns (:func:`~rlhf_lightning.data.rows.prompt_columns`, e.g. ``answer``) of the
+        given prompts, as TRL passes them to reward functions: column name → one value per prompt. A
+        column missing from some rows is ``None`` there.
+
+        Args:
+            prompt_index: indices into :attr:`prompts` (a batch's ``prompt_index``, as ints).
+        """
+        self._require_setup()
+        rows = [self._columns[int(i)] for i in prompt_index]
+        names = sorted({name for row in rows for name in row})
+        return {name: [row.get(name) for row in rows] for name in names}
 
     def decode_prompt(self, index: int, skip_special_tokens: bool = False) -> str:
         """The text of prompt ``index`` as the model sees it (its token ids decoded)."""
@@ -144,10 +158,11 @@ class PromptDataModule(lightning.LightningDataModule):
         """Load, encode, truncate and split (once; later calls return at once)."""
         if self.train_dataset is not None:
             return
-        prompts, skipped = load_prompts(self.path, split=self.split, data_dir=self.data_dir,
-                                        on_error=self.on_error)
-        rows = len(prompts)
-        prompts = seeded_subset(prompts, self.limit, self.seed)
+        loaded, skipped = load_prompt_rows(self.path, split=self.split, data_dir=self.data_dir,
+                                           on_error=self.on_error)
+        rows = len(loaded)
+        loaded = seeded_subset(loaded, self.limit, self.seed)
+        prompts = [messages for messages, _ in loaded]
         ids, truncated = [], 0
         for messages in prompts:
             encoded = encode_prompt(self.tokenizer, messages)
@@ -160,6 +175,7 @@ class PromptDataModule(lightning.LightningDataModule):
             raise ValueError(f"{len(train_idx)} training prompts in {self.path} is fewer than batch_size="
                              f"{self.batch_size}; the training loader (drop_last) would be empty")
         self._prompts, self._prompt_ids = prompts, ids
+        self._columns = [columns for _, columns in loaded]
         self.train_dataset = ListDataset([{"input_ids": ids[i], "prompt_index": i} for i in train_idx])
         self.val_dataset = ListDataset([{"input_ids": ids[i], "prompt_index": i} for i in val_idx])
         self.stats = {"rows": rows, "limited": len(prompts), "truncated": truncated,

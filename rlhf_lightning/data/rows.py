@@ -304,3 +304,15 @@ def extract_prompt(row: dict, where: str) -> list[dict]:
         return parse_hh_dialogue(chosen_text[:end])
     except ValueError as e:
         raise _fail(where, "chosen", "bad_dialogue", f"unparseable dialogue: {e}") from None
+
+
+#: Keys of a row that hold the prompt and responses; every other key is a dataset column.
+PROMPT_ROW_KEYS = ("prompt", "chosen", "rejected")
+
+
+def prompt_columns(row: dict) -> dict:
+    """The dataset columns of a prompt row: every key but ``prompt``/``chosen``/``rejected`` (e.g. a
+    verifiable task's ``answer``), passed to reward functions as keyword arguments, as TRL's
+    ``GRPOTrainer`` passes its dataset's extra columns."""
+    return {key: value for key, value in row.items() if key not in PROMPT_ROW_KEYS}
+

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from rlhf_lightning.data.rows import DataError, PreferenceExample, extract_prompt, normalize_row
+from rlhf_lightning.data.rows import DataError, PreferenceExample, extract_prompt, normalize_row, prompt_columns
 from rlhf_lightning.paths import looks_like_local_path
 
 logger = logging.getLogger("rlhf_lightning.data")
@@ -265,4 +265,19 @@ def load_prompts(source: str, split: str = "train", data_dir: str | None = None,
     Raises:
         Same as :func:`load_examples`.
     """
-    return _collect(source, split, data_dir, on_error, limit, extract_prompt)
+    rows, skipped = load_prompt_rows(source, split, data_dir, on_error, limit)
+    return [messages for messages, _ in rows], skipped
+
+
+def load_prompt_rows(source: str, split: str = "train", data_dir: str | None = None, on_error: str = "raise",
+                     limit: int | None = None) -> tuple[list[tuple[list[dict], dict]], Counter]:
+    """Like :func:`load_prompts`, with each prompt's other dataset columns (:func:`prompt_columns`).
+
+    Returns:
+        ``([(messages, columns), ...], skipped)``.
+
+    Raises:
+        Same as :func:`load_examples`.
+    """
+    return _collect(source, split, data_dir, on_error, limit,
+                    lambda row, where: (extract_prompt(row, where), prompt_columns(row)))
