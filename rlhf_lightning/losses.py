@@ -19,6 +19,7 @@ Python-number hyper-parameters.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 
@@ -34,11 +35,15 @@ from rlhf_lightning.ops import (
     float_dtype,
     last_valid_index,
     masked_mean,
+    masked_sum,
     masked_whiten,
 )
+from rlhf_lightning.rewards import KL_ESTIMATORS, kl_penalty
 
 __all__ = [
     "ADV_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "RATIO_LEVELS",
     "pairwise_reward_loss",
     "td_targets",
     "gae",
@@ -48,7 +53,9 @@ __all__ = [
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
     "value_loss",
+    "aggregate_loss",
     "ppo_policy_loss",
+    "kl_loss",
 ]
 
 #: Advantage estimators by name, each with the function that computes it (verl's ``algorithm.adv_estimator``
@@ -66,6 +73,12 @@ __all__ = [
 #: ``"grpo"``, ``"dr_grpo"`` and ``"rloo"`` give one advantage per sequence: broadcast it to tokens with
 #: :func:`sequence_to_token_advantages`.
 ADV_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+#: Names accepted by :func:`aggregate_loss` (and the ``loss_agg`` of :func:`ppo_policy_loss`, :func:`kl_loss`).
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+#: Names accepted by the ``ratio_level`` of :func:`ppo_policy_loss`.
+RATIO_LEVELS = ("token", "sequence")
 
 
 # --------------------------------------------------------------------------- #
@@ -557,20 +570,85 @@ def reinforce_pp_baseline_advantages(
 # --------------------------------------------------------------------------- #
 # Policy
 # --------------------------------------------------------------------------- #
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+    """Reduce a per-token loss to a 0-d loss over the valid tokens, in one of :data:`LOSS_AGG_MODES`.
+
+    * ``"token_mean"``: mean over all valid tokens of the batch, every token weighing the same
+      (DAPO's token-level loss, Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning
+      System at Scale"; PPO as implemented here so far).
+    * ``"seq_mean_token_mean"``: each sequence's mean over its valid tokens, then the mean over the
+      sequences that have at least one valid token (GRPO's ``1/G sum_i 1/|o_i| sum_t``, Shao et al.
+      2024, eq. 3); rows without a valid token are left out of the sequence mean.
+    * ``"seq_mean_token_sum_norm"``: each sequence's sum over its valid tokens divided by the mask's
+      width ``T``, then the mean over ALL ``B`` rows, i.e. ``masked_sum / (B * T)``: a constant
+      normaliser, independent of the responses' lengths (Dr. GRPO, Liu et al. 2025, "Understanding
+      R1-Zero-Like Training: A Critical Perspective"); rows without a valid token add 0 but count.
+
+    An all-masked batch gives exactly 0 with zero, finite gradients in every mode.
+
+    Args:
+        per_token_loss: ``(B, T)`` float loss per token (differentiable); ``"token_mean"`` also takes
+            any other shape (all valid entries pooled).
+        mask: bool or 0/1 mask of valid tokens, shaped like ``per_token_loss``.
+        loss_agg: one of :data:`LOSS_AGG_MODES`.
+
+    Returns:
+        0-d tensor with ``per_token_loss``'s dtype.  Values at masked positions are selected away
+        (``inf``/``NaN`` there cannot leak).
+
+    Raises:
+        ValueError: on mismatched shapes, a non-2-D input to a per-sequence mode, or an unknown
+            ``loss_agg``.
+    """
+    check_same_shape(per_token_loss=per_token_loss, mask=mask)
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
+    m = bool_mask(mask)
+    if loss_agg == "token_mean":
+        return masked_mean(per_token_loss, m)
+    check_2d("per_token_loss", per_token_loss)
+    if loss_agg == "seq_mean_token_mean":
+        return masked_mean(masked_mean(per_token_loss, m, dim=1), m.any(dim=1))
+    B, T = per_token_loss.shape
+    return masked_sum(per_token_loss, m) / max(B * T, 1)
+
+
 def ppo_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float,
+    clip_eps_high: float | None = None,
+    loss_agg: str = "token_mean",
+    ratio_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (Schulman et al. 2017, "Proximal Policy
-    Optimization Algorithms", eq. 7), negated to be minimised.
+    Optimization Algorithms", eq. 7), negated to be minimised, with DAPO's clip-higher,
+    a choice of loss aggregation and GSPO's sequence-level ratio.
 
-    ``rho = exp(logprobs - old_logprobs)``;
-    ``loss = masked_mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))``,
-    i.e. ``-masked_mean(min(rho A, clip(rho) A))`` averaged over all valid tokens.
-    ``old_logprobs`` and ``advantages`` are detached (constants).
+    Per valid token, with ratio ``rho`` and advantage ``A``:
+    ``l_t = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps_high))``, i.e. ``-min(rho A, clip(rho) A)``;
+    ``loss = aggregate_loss(l, mask, loss_agg)``.  ``old_logprobs`` and ``advantages`` are detached
+    (constants).  The defaults (``eps_high = eps``, ``"token_mean"``, ``"token"``) are the plain PPO
+    loss averaged over all valid tokens, computed exactly as before these options existed.
+
+    * ``clip_eps_high`` (DAPO clip-higher, Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement
+      Learning System at Scale", eq. 10): the upper clip bound ``1 + eps_high`` is decoupled from the
+      lower one, so low-probability tokens with ``A > 0`` can grow further.
+    * ``ratio_level="token"``: ``rho_t = exp(logprobs_t - old_logprobs_t)`` and ``A_t = advantages_t``.
+    * ``ratio_level="sequence"`` (GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization",
+      eq. 7): one length-normalised ratio per sequence,
+      ``s_i = exp(masked mean over t of (logprobs - old_logprobs))`` (the geometric mean of the token
+      ratios), clipped per sequence, with one advantage per sequence, ``A_i`` = the masked mean of
+      row ``i``'s ``advantages`` (equal to the per-token value when it is constant along the
+      sequence, as from :func:`sequence_to_token_advantages`; token-varying advantages are averaged).
+      It is applied per token in GSPO's "GSPO-token" form
+      ``s_{i,t} = sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)]`` (``sg``: stop-gradient): its value is
+      ``s_i`` at every token and ``d s_{i,t} = s_i * d log pi_theta(y_t)``, so with
+      ``loss_agg="seq_mean_token_mean"`` the loss and its gradient equal GSPO's
+      ``-1/G sum_i min(s_i A_i, clip(s_i) A_i)`` (eq. 5); other aggregations weight the sequences
+      differently (``"token_mean"``: by their lengths).
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the current
@@ -578,34 +656,56 @@ def ppo_policy_loss(
         old_logprobs: ``(B, T)`` log-probs under the policy that sampled them.
         advantages: ``(B, T)`` advantage estimates (e.g. whitened GAE).
         mask: ``(B, T)`` bool or 0/1 mask.
-        clip_eps: clipping range ``epsilon`` in ``(0, 1)``.
+        clip_eps: clipping range ``epsilon`` in ``(0, 1)`` (the lower bound ``1 - eps``).
+        clip_eps_high: ``> 0``, the upper bound is ``1 + clip_eps_high``; ``None``: ``clip_eps``.
+        loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
+        ratio_level: one of :data:`RATIO_LEVELS`, ``"token"`` (PPO/GRPO/DAPO) or ``"sequence"`` (GSPO).
 
     Returns:
         ``(loss, stats)``: ``loss`` is 0-d, dtype ``promote(inputs, float32)``.
-        ``stats`` (detached 0-d tensors, masked means over valid tokens):
+        ``stats`` (detached 0-d tensors, masked means over valid tokens whatever ``loss_agg``):
         ``clipfrac`` (fraction of tokens where the clipped term is strictly
-        the active one, i.e. the gradient is cut), ``approx_kl``
-        (``0.5 * (logprobs - old_logprobs)^2``: the k2 estimator of
+        the active one, i.e. the gradient is cut; with ``"sequence"`` every token of a clipped
+        sequence counts, the fraction of clipped tokens GSPO reports), ``approx_kl``
+        (``0.5 * (logprobs - old_logprobs)^2`` per token at both levels: the k2 estimator of
         ``KL(pi_old || pi_theta)`` for tokens sampled from ``pi_old``), and
-        ``ratio_mean`` (mean ``rho``).
+        ``ratio_mean`` (mean of the ratio used: ``rho_t``, or ``s_i`` at each token of sequence ``i``).
 
     Raises:
-        ValueError: on mismatched shapes or ``clip_eps`` outside ``(0, 1)``.
+        ValueError: on mismatched shapes (or not 2-D with ``"sequence"`` or a per-sequence
+            ``loss_agg``), ``clip_eps`` outside
+            ``(0, 1)``, ``clip_eps_high`` not a finite number ``> 0``, or an unknown ``loss_agg`` or
+            ``ratio_level``.
     """
     check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     clip_eps = float(clip_eps)
     if not (0.0 < clip_eps < 1.0):
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    clip_eps_high = clip_eps if clip_eps_high is None else float(clip_eps_high)
+    if not (0.0 < clip_eps_high < math.inf):
+        raise ValueError(f"clip_eps_high must be a finite number > 0, got {clip_eps_high}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of {RATIO_LEVELS}")
     m = bool_mask(mask)
     dtype = float_dtype(logprobs, old_logprobs, advantages)
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     # Zero the log-ratio at padding so exp() cannot overflow there (inf * 0 -> NaN grads).
     log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
     adv = torch.where(m, advantages.detach().to(dtype), zero)
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        check_2d("logprobs", logprobs)
+        seq_log_ratio = masked_mean(log_ratio.detach(), m, dim=1)  # log s_i, (B,)
+        logp = logprobs.to(dtype)
+        # GSPO-token: log s_{i,t} = sg[log s_i] + log pi_t - sg[log pi_t] (value log s_i, gradient d log pi_t)
+        ratio = torch.exp(torch.where(m, seq_log_ratio.unsqueeze(1) + (logp - logp.detach()), zero))
+        adv = torch.where(m, masked_mean(adv, m, dim=1).unsqueeze(1), zero)
+    else:
+        ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
+    loss = aggregate_loss(torch.maximum(pg_unclipped, pg_clipped), m, loss_agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
@@ -614,3 +714,47 @@ def ppo_policy_loss(
         }
     return loss, {k: v.detach() for k, v in stats.items()}
 
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    loss_agg: str = "token_mean",
+) -> Tensor:
+    """KL regulariser as a loss term: the per-token estimate of ``KL(pi_theta || pi_ref)`` aggregated
+    over the valid tokens (GRPO puts it in the loss instead of the reward, with the ``"k3"`` estimator:
+    Shao et al. 2024, "DeepSeekMath", eqs. 3-4).
+
+    ``loss = aggregate_loss(kl_penalty(logprobs, ref_logprobs, estimator), mask, loss_agg)`` with
+    :func:`rlhf_lightning.rewards.kl_penalty` (``"k1"``: ``log p - log q``; ``"k2"``:
+    ``0.5 (log q - log p)^2``; ``"k3"``: ``q/p - 1 - log(q/p)``).  Differentiable w.r.t. ``logprobs``;
+    ``ref_logprobs`` is detached.  Both are zeroed at padding first, so ``inf`` there cannot make
+    ``NaN`` values or gradients.  Add ``coef * kl_loss(...)`` to the policy loss.
+
+    Args:
+        logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy (nats,
+            differentiable).
+        ref_logprobs: ``(B, T)`` log-probs of the same tokens under the reference model.
+        mask: ``(B, T)`` bool or 0/1 mask.
+        estimator: one of :data:`rlhf_lightning.rewards.KL_ESTIMATORS`.
+        loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
+
+    Returns:
+        0-d loss in nats (per token, as aggregated), dtype ``promote(logprobs, ref_logprobs, float32)``.
+
+    Raises:
+        ValueError: on mismatched or non-2-D shapes, an unknown estimator or an unknown ``loss_agg``.
+    """
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    check_2d("logprobs", logprobs)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
+    m = bool_mask(mask)
+    dtype = float_dtype(logprobs, ref_logprobs)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    logp = torch.where(m, logprobs.to(dtype), zero)
+    ref = torch.where(m, ref_logprobs.detach().to(dtype), zero)
+    return aggregate_loss(kl_penalty(logp, ref, estimator), m, loss_agg)

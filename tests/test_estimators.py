@@ -25,6 +25,8 @@ from rlhf_lightning.rewards import compute_rewards
 
 def test_names_are_exported():
     assert ADV_ESTIMATORS == ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+    assert losses.LOSS_AGG_MODES == ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+    assert losses.RATIO_LEVELS == ("token", "sequence")
     for name in losses.__all__:
         assert hasattr(losses, name), name
 
