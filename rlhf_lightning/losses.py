@@ -7,12 +7,21 @@ means over *all* valid tokens of the batch; rows without a valid token add
 nothing and an all-masked batch gives a loss of exactly 0 with finite (zero)
 gradients.  Log-probabilities are natural logs (nats).
 
+Critic-free estimators (GRPO, Dr. GRPO, RLOO) work on ``(N,)`` per-sequence
+scores where the ``G = group_size`` samples of each prompt are contiguous
+(rows ``[k G, (k + 1) G)`` answer prompt ``k``); their ``(N,)`` advantages are
+broadcast to tokens with :func:`sequence_to_token_advantages`.
+
 Statistics dictionaries hold detached 0-d tensors; nothing here calls
 ``.item()`` or otherwise synchronises with the host, except for validating
 Python-number hyper-parameters.
 """
 
 from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +33,53 @@ from rlhf_lightning.ops import (
     check_same_shape,
     check_unit_interval,
     float_dtype,
+    last_valid_index,
     masked_mean,
+    masked_sum,
+    masked_whiten,
 )
+from rlhf_lightning.rewards import KL_ESTIMATORS, kl_penalty
 
 __all__ = [
+    "ADV_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "RATIO_LEVELS",
     "pairwise_reward_loss",
     "td_targets",
     "gae",
+    "group_advantages",
+    "rloo_advantages",
+    "sequence_to_token_advantages",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "value_loss",
+    "aggregate_loss",
     "ppo_policy_loss",
+    "kl_loss",
 ]
+
+#: Advantage estimators by name, each with the function that computes it (verl's ``algorithm.adv_estimator``
+#: name in brackets where it has one):
+#:
+#: * ``"gae"``: :func:`gae` with a critic (verl ``"gae"``);
+#: * ``"grpo"``: :func:`group_advantages` (verl ``"grpo"``);
+#: * ``"dr_grpo"``: :func:`group_advantages` with ``std_normalize=False`` (verl ``"grpo"`` with
+#:   ``norm_adv_by_std_in_grpo=False``);
+#: * ``"rloo"``: :func:`rloo_advantages` (verl ``"rloo"``);
+#: * ``"reinforce_pp"``: :func:`reinforce_pp_advantages` (verl ``"reinforce_plus_plus"``, OpenRLHF ``"reinforce"``);
+#: * ``"reinforce_pp_baseline"``: :func:`reinforce_pp_baseline_advantages` (verl ``"reinforce_plus_plus_baseline"``,
+#:   OpenRLHF ``"reinforce_baseline"``).
+#:
+#: ``"grpo"``, ``"dr_grpo"`` and ``"rloo"`` give one advantage per sequence: broadcast it to tokens with
+#: :func:`sequence_to_token_advantages`.
+ADV_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+#: Names accepted by :func:`aggregate_loss` (and the ``loss_agg`` of :func:`ppo_policy_loss`, :func:`kl_loss`).
+LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+#: Names accepted by the ``ratio_level`` of :func:`ppo_policy_loss`.
+RATIO_LEVELS = ("token", "sequence")
+
 
 # --------------------------------------------------------------------------- #
 # Reward model
@@ -291,22 +337,318 @@ def value_loss(
 
 
 # --------------------------------------------------------------------------- #
+# Critic-free advantages: group baselines and REINFORCE++
+# --------------------------------------------------------------------------- #
+def _grouped_scores(scores: Tensor, group_size: int) -> Tensor:
+    """Validate and return ``scores`` DETACHED as a ``(N / G, G)`` float (>= float32) tensor, shifted by
+    each group's first score.
+
+    The shift leaves every difference from a group statistic unchanged in exact arithmetic, and makes
+    an all-equal group exactly 0, so its advantages are exactly 0 (``r - mean(r)`` can be off by an
+    ulp: ``mean(0.1, 0.1, 0.1) != 0.1`` in floating point).
+    """
+    if not isinstance(scores, Tensor) or scores.dim() != 1:
+        raise ValueError(
+            "scores must be a 1-D (N,) tensor, got "
+            f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+        )
+    try:
+        group_size = operator.index(group_size)
+    except TypeError:
+        raise ValueError(f"group_size must be an int, got {type(group_size).__name__}") from None
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be >= 2 (the baseline comes from the other samples of the prompt), got {group_size}"
+        )
+    if scores.shape[0] % group_size:
+        raise ValueError(f"the number of scores ({scores.shape[0]}) is not a multiple of group_size ({group_size})")
+    r = scores.detach().to(float_dtype(scores)).reshape(-1, group_size)
+    return r - r[:, :1]
+
+
+def group_advantages(scores: Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, "DeepSeekMath: Pushing the Limits of
+    Mathematical Reasoning in Open Language Models", §4.1.2, outcome supervision) and Dr. GRPO
+    (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective").
+
+    For each group of the ``G`` samples of one prompt, with ``mean`` and ``std`` the group's mean and
+    sample standard deviation (unbiased, ``n - 1``, as TRL and verl compute it):
+
+    * ``std_normalize=True`` (GRPO): ``A_i = (r_i - mean) / (std + eps)``;
+    * ``std_normalize=False`` (Dr. GRPO, which drops the division as a source of bias toward
+      too-easy and too-hard prompts): ``A_i = r_i - mean``.
+
+    A group whose scores are all equal gets advantages exactly 0 (it carries no learning signal).
+    Broadcast the result to tokens with :func:`sequence_to_token_advantages`.
+
+    Args:
+        scores: ``(N,)`` float scores (reward units), the ``G`` samples of each prompt contiguous.
+        group_size: ``G >= 2``, samples per prompt; ``N`` must be a multiple of it.
+        std_normalize: divide by the group's standard deviation (GRPO) or not (Dr. GRPO).
+        eps: ``> 0``, added to the standard deviation (not the variance) before dividing.
+
+    Returns:
+        ``(N,)`` advantages, DETACHED, dtype ``promote(scores, float32)`` (scale-free with
+        ``std_normalize``, reward units without).
+
+    Raises:
+        ValueError: ``scores`` not 1-D, ``group_size`` not an int or ``< 2`` (no baseline without
+            another sample), ``N`` not a multiple of ``group_size``, or ``eps <= 0``.
+    """
+    eps = float(eps)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    d = _grouped_scores(scores, group_size)
+    adv = d - d.mean(dim=1, keepdim=True)
+    if std_normalize:
+        std = (adv.pow(2).sum(dim=1, keepdim=True) / (d.shape[1] - 1)).sqrt()  # unbiased, as torch.std
+        adv = adv / (std + eps)
+    return adv.reshape(-1)
+
+
+def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
+    """REINFORCE Leave-One-Out advantages (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline
+    for Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs", §3, the RLOO estimator).
+
+    ``A_i = r_i - (1 / (G - 1)) * sum_{j != i} r_j``: each sample's baseline is the mean score of the
+    other ``G - 1`` samples of its prompt, so it does not depend on ``r_i`` and the estimate stays
+    unbiased.  Equal to ``G / (G - 1) * (r_i - mean)``.  All-equal groups give exactly 0.
+
+    Args:
+        scores: ``(N,)`` float scores (reward units), the ``G`` samples of each prompt contiguous.
+        group_size: ``G >= 2``; ``N`` must be a multiple of it.
+
+    Returns:
+        ``(N,)`` advantages in reward units, DETACHED, dtype ``promote(scores, float32)``.
+
+    Raises:
+        ValueError: ``scores`` not 1-D, ``group_size`` not an int or ``< 2``, or ``N`` not a multiple
+            of ``group_size``.
+    """
+    d = _grouped_scores(scores, group_size)
+    others_mean = (d.sum(dim=1, keepdim=True) - d) / (d.shape[1] - 1)
+    return (d - others_mean).reshape(-1)
+
+
+def sequence_to_token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Broadcast one advantage per sequence to each of its valid tokens.
+
+    ``out[b, t] = advantages[b]`` where ``mask[b, t]``, exactly 0 elsewhere (every token of an
+    outcome-rewarded response shares its advantage, as in GRPO and RLOO).
+
+    Args:
+        advantages: ``(B,)`` float per-sequence advantages (e.g. from :func:`group_advantages`).
+        mask: ``(B, T)`` bool or 0/1 mask of valid response tokens.
+
+    Returns:
+        ``(B, T)`` advantages, DETACHED, dtype ``promote(advantages, float32)``.
+
+    Raises:
+        ValueError: ``mask`` not a 2-D tensor or ``advantages`` not shaped ``(B,)``.
+    """
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    check_2d("mask", mask)
+    if not isinstance(advantages, Tensor) or advantages.shape != mask.shape[:1]:
+        raise ValueError(
+            f"advantages must have shape ({mask.shape[0]},), got "
+            f"{tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__}"
+        )
+    dtype = float_dtype(advantages)
+    zero = torch.zeros((), dtype=dtype, device=advantages.device)
+    return torch.where(bool_mask(mask), advantages.detach().to(dtype).unsqueeze(1), zero)
+
+
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    *,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning
+    Large Language Models": a token-level KL penalty in the reward and advantages normalised over the
+    global batch).
+
+    The returns are the discounted rewards-to-go of each token,
+    ``G_t = sum_{k >= t} gamma^(k - t) r_k`` over the valid tokens of its row (GAE's advantage with
+    ``V = 0`` and ``lambda = 1``; the same episode-end rule as :func:`gae`), and the advantages are
+    those returns whitened over all valid tokens of the batch (:func:`rlhf_lightning.ops.masked_whiten`:
+    mean subtracted, divided by ``sqrt(unbiased variance + 1e-8)``), not per prompt: no critic, no
+    group.  With ``rewards`` from :func:`rlhf_lightning.rewards.compute_rewards` and ``gamma = 1``,
+    ``G_t = score - beta * sum_{k >= t} KL_k``.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards, KL penalty included and the score at the last valid
+            token (as :func:`rlhf_lightning.rewards.compute_rewards` gives them).
+        mask: ``(B, T)`` bool or 0/1 prefix mask of valid tokens.
+        gamma: discount factor in ``[0, 1]``.
+        all_reduce: keyword-only; passed to :func:`~rlhf_lightning.ops.masked_whiten` to whiten with the
+            statistics of every process's batch (``None``: this batch only).
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)``, DETACHED, dtype ``promote(rewards, float32)``, exactly
+        0 at masked positions (and all zeros for an all-masked batch).  ``returns`` are in reward units,
+        ``advantages`` are whitened.
+
+    Raises:
+        ValueError: on mismatched or non-2-D shapes, or ``gamma`` outside ``[0, 1]``.
+    """
+    gamma = check_unit_interval("gamma", gamma)
+    check_same_shape(rewards=rewards, mask=mask)
+    check_2d("rewards", rewards)
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    advantages = masked_whiten(returns, bool_mask(mask), all_reduce=all_reduce)
+    return advantages, returns
+
+
+def reinforce_pp_baseline_advantages(
+    scores: Tensor,
+    kl_rewards: Tensor,
+    mask: Tensor,
+    group_size: int,
+    gamma: float = 1.0,
+    *,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++ with a group baseline ("REINFORCE++-baseline", Hu 2025, "REINFORCE++: A Simple and
+    Efficient Approach for Aligning Large Language Models"; OpenRLHF's ``reinforce_baseline``).
+
+    Exactly:
+
+    1. ``c_i = score_i - mean of the G scores of its prompt`` (:func:`group_advantages` with
+       ``std_normalize=False``; no division by the group's std);
+    2. per-token rewards ``r[i, t] = kl_rewards[i, t]`` at valid tokens, plus ``c_i`` at the last valid
+       token of row ``i`` (rows without a valid token get nothing; their score still counts in their
+       group's mean);
+    3. ``(advantages, returns) = reinforce_pp_advantages(r, mask, gamma)``: discounted rewards-to-go,
+       whitened over the batch's valid tokens.
+
+    So with ``gamma = 1``, ``returns[i, t] = c_i + sum_{k >= t} kl_rewards[i, k]``.  The KL penalty is
+    not centred per group; only the score is.
+
+    Args:
+        scores: ``(B,)`` float sequence scores (reward units, e.g. after
+            :func:`~rlhf_lightning.rewards.apply_missing_eos_penalty`), the ``G`` samples of each prompt
+            contiguous.
+        kl_rewards: ``(B, T)`` per-token KL penalty rewards WITHOUT the score, ``-beta * KL_t`` (e.g.
+            ``-kl_coef * kl`` with ``kl`` from :func:`~rlhf_lightning.rewards.compute_rewards`); all
+            zeros for no penalty.
+        mask: ``(B, T)`` bool or 0/1 prefix mask.
+        group_size: ``G >= 2``; ``B`` must be a multiple of it.
+        gamma: discount factor in ``[0, 1]``.
+        all_reduce: keyword-only, as in :func:`reinforce_pp_advantages` (whitening across processes;
+            the groups themselves must be whole on each process).
+
+    Returns:
+        ``(advantages, returns)``, both ``(B, T)``, DETACHED, dtype ``promote(scores, kl_rewards,
+        float32)``, exactly 0 at masked positions.
+
+    Raises:
+        ValueError: on mismatched or non-2-D shapes (``scores`` must be ``(B,)``), ``group_size`` not an
+            int or ``< 2``, ``B`` not a multiple of it, or ``gamma`` outside ``[0, 1]``.
+    """
+    gamma = check_unit_interval("gamma", gamma)
+    check_same_shape(kl_rewards=kl_rewards, mask=mask)
+    check_2d("kl_rewards", kl_rewards)
+    if not isinstance(scores, Tensor) or scores.shape != kl_rewards.shape[:1]:
+        raise ValueError(
+            f"scores must have shape ({kl_rewards.shape[0]},), got "
+            f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
+        )
+    centred = group_advantages(scores, group_size, std_normalize=False)
+    m = bool_mask(mask)
+    dtype = float_dtype(scores, kl_rewards)
+    zero = torch.zeros((), dtype=dtype, device=kl_rewards.device)
+    rewards = torch.where(m, kl_rewards.detach().to(dtype), zero)
+    row_score = torch.where(m.any(dim=1), centred.to(dtype), zero)
+    rewards = rewards.scatter_add(1, last_valid_index(m).unsqueeze(1), row_score.unsqueeze(1))
+    return reinforce_pp_advantages(rewards, m, gamma, all_reduce=all_reduce)
+
+
+# --------------------------------------------------------------------------- #
 # Policy
 # --------------------------------------------------------------------------- #
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+    """Reduce a per-token loss to a 0-d loss over the valid tokens, in one of :data:`LOSS_AGG_MODES`.
+
+    * ``"token_mean"``: mean over all valid tokens of the batch, every token weighing the same
+      (DAPO's token-level loss, Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning
+      System at Scale"; PPO as implemented here so far).
+    * ``"seq_mean_token_mean"``: each sequence's mean over its valid tokens, then the mean over the
+      sequences that have at least one valid token (GRPO's ``1/G sum_i 1/|o_i| sum_t``, Shao et al.
+      2024, eq. 3); rows without a valid token are left out of the sequence mean.
+    * ``"seq_mean_token_sum_norm"``: each sequence's sum over its valid tokens divided by the mask's
+      width ``T``, then the mean over ALL ``B`` rows, i.e. ``masked_sum / (B * T)``: a constant
+      normaliser, independent of the responses' lengths (Dr. GRPO, Liu et al. 2025, "Understanding
+      R1-Zero-Like Training: A Critical Perspective"); rows without a valid token add 0 but count.
+
+    An all-masked batch gives exactly 0 with zero, finite gradients in every mode.
+
+    Args:
+        per_token_loss: ``(B, T)`` float loss per token (differentiable); ``"token_mean"`` also takes
+            any other shape (all valid entries pooled).
+        mask: bool or 0/1 mask of valid tokens, shaped like ``per_token_loss``.
+        loss_agg: one of :data:`LOSS_AGG_MODES`.
+
+    Returns:
+        0-d tensor with ``per_token_loss``'s dtype.  Values at masked positions are selected away
+        (``inf``/``NaN`` there cannot leak).
+
+    Raises:
+        ValueError: on mismatched shapes, a non-2-D input to a per-sequence mode, or an unknown
+            ``loss_agg``.
+    """
+    check_same_shape(per_token_loss=per_token_loss, mask=mask)
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
+    m = bool_mask(mask)
+    if loss_agg == "token_mean":
+        return masked_mean(per_token_loss, m)
+    check_2d("per_token_loss", per_token_loss)
+    if loss_agg == "seq_mean_token_mean":
+        return masked_mean(masked_mean(per_token_loss, m, dim=1), m.any(dim=1))
+    B, T = per_token_loss.shape
+    return masked_sum(per_token_loss, m) / max(B * T, 1)
+
+
 def ppo_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float,
+    clip_eps_high: float | None = None,
+    loss_agg: str = "token_mean",
+    ratio_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (Schulman et al. 2017, "Proximal Policy
-    Optimization Algorithms", eq. 7), negated to be minimised.
+    Optimization Algorithms", eq. 7), negated to be minimised, with DAPO's clip-higher,
+    a choice of loss aggregation and GSPO's sequence-level ratio.
 
-    ``rho = exp(logprobs - old_logprobs)``;
-    ``loss = masked_mean(max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)))``,
-    i.e. ``-masked_mean(min(rho A, clip(rho) A))`` averaged over all valid tokens.
-    ``old_logprobs`` and ``advantages`` are detached (constants).
+    Per valid token, with ratio ``rho`` and advantage ``A``:
+    ``l_t = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps_high))``, i.e. ``-min(rho A, clip(rho) A)``;
+    ``loss = aggregate_loss(l, mask, loss_agg)``.  ``old_logprobs`` and ``advantages`` are detached
+    (constants).  The defaults (``eps_high = eps``, ``"token_mean"``, ``"token"``) are the plain PPO
+    loss averaged over all valid tokens, computed exactly as before these options existed.
+
+    * ``clip_eps_high`` (DAPO clip-higher, Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement
+      Learning System at Scale", eq. 10): the upper clip bound ``1 + eps_high`` is decoupled from the
+      lower one, so low-probability tokens with ``A > 0`` can grow further.
+    * ``ratio_level="token"``: ``rho_t = exp(logprobs_t - old_logprobs_t)`` and ``A_t = advantages_t``.
+    * ``ratio_level="sequence"`` (GSPO, Zheng et al. 2025, "Group Sequence Policy Optimization",
+      eq. 7): one length-normalised ratio per sequence,
+      ``s_i = exp(masked mean over t of (logprobs - old_logprobs))`` (the geometric mean of the token
+      ratios), clipped per sequence, with one advantage per sequence, ``A_i`` = the masked mean of
+      row ``i``'s ``advantages`` (equal to the per-token value when it is constant along the
+      sequence, as from :func:`sequence_to_token_advantages`; token-varying advantages are averaged).
+      It is applied per token in GSPO's "GSPO-token" form
+      ``s_{i,t} = sg[s_i] * pi_theta(y_t) / sg[pi_theta(y_t)]`` (``sg``: stop-gradient): its value is
+      ``s_i`` at every token and ``d s_{i,t} = s_i * d log pi_theta(y_t)``, so with
+      ``loss_agg="seq_mean_token_mean"`` the loss and its gradient equal GSPO's
+      ``-1/G sum_i min(s_i A_i, clip(s_i) A_i)`` (eq. 5); other aggregations weight the sequences
+      differently (``"token_mean"``: by their lengths).
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the current
@@ -314,34 +656,56 @@ def ppo_policy_loss(
         old_logprobs: ``(B, T)`` log-probs under the policy that sampled them.
         advantages: ``(B, T)`` advantage estimates (e.g. whitened GAE).
         mask: ``(B, T)`` bool or 0/1 mask.
-        clip_eps: clipping range ``epsilon`` in ``(0, 1)``.
+        clip_eps: clipping range ``epsilon`` in ``(0, 1)`` (the lower bound ``1 - eps``).
+        clip_eps_high: ``> 0``, the upper bound is ``1 + clip_eps_high``; ``None``: ``clip_eps``.
+        loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
+        ratio_level: one of :data:`RATIO_LEVELS`, ``"token"`` (PPO/GRPO/DAPO) or ``"sequence"`` (GSPO).
 
     Returns:
         ``(loss, stats)``: ``loss`` is 0-d, dtype ``promote(inputs, float32)``.
-        ``stats`` (detached 0-d tensors, masked means over valid tokens):
+        ``stats`` (detached 0-d tensors, masked means over valid tokens whatever ``loss_agg``):
         ``clipfrac`` (fraction of tokens where the clipped term is strictly
-        the active one, i.e. the gradient is cut), ``approx_kl``
-        (``0.5 * (logprobs - old_logprobs)^2``: the k2 estimator of
+        the active one, i.e. the gradient is cut; with ``"sequence"`` every token of a clipped
+        sequence counts, the fraction of clipped tokens GSPO reports), ``approx_kl``
+        (``0.5 * (logprobs - old_logprobs)^2`` per token at both levels: the k2 estimator of
         ``KL(pi_old || pi_theta)`` for tokens sampled from ``pi_old``), and
-        ``ratio_mean`` (mean ``rho``).
+        ``ratio_mean`` (mean of the ratio used: ``rho_t``, or ``s_i`` at each token of sequence ``i``).
 
     Raises:
-        ValueError: on mismatched shapes or ``clip_eps`` outside ``(0, 1)``.
+        ValueError: on mismatched shapes (or not 2-D with ``"sequence"`` or a per-sequence
+            ``loss_agg``), ``clip_eps`` outside
+            ``(0, 1)``, ``clip_eps_high`` not a finite number ``> 0``, or an unknown ``loss_agg`` or
+            ``ratio_level``.
     """
     check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
     clip_eps = float(clip_eps)
     if not (0.0 < clip_eps < 1.0):
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    clip_eps_high = clip_eps if clip_eps_high is None else float(clip_eps_high)
+    if not (0.0 < clip_eps_high < math.inf):
+        raise ValueError(f"clip_eps_high must be a finite number > 0, got {clip_eps_high}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; expected one of {RATIO_LEVELS}")
     m = bool_mask(mask)
     dtype = float_dtype(logprobs, old_logprobs, advantages)
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     # Zero the log-ratio at padding so exp() cannot overflow there (inf * 0 -> NaN grads).
     log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
     adv = torch.where(m, advantages.detach().to(dtype), zero)
-    ratio = torch.exp(log_ratio)
+    if ratio_level == "sequence":
+        check_2d("logprobs", logprobs)
+        seq_log_ratio = masked_mean(log_ratio.detach(), m, dim=1)  # log s_i, (B,)
+        logp = logprobs.to(dtype)
+        # GSPO-token: log s_{i,t} = sg[log s_i] + log pi_t - sg[log pi_t] (value log s_i, gradient d log pi_t)
+        ratio = torch.exp(torch.where(m, seq_log_ratio.unsqueeze(1) + (logp - logp.detach()), zero))
+        adv = torch.where(m, masked_mean(adv, m, dim=1).unsqueeze(1), zero)
+    else:
+        ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
-    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
+    loss = aggregate_loss(torch.maximum(pg_unclipped, pg_clipped), m, loss_agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
@@ -350,3 +714,47 @@ def ppo_policy_loss(
         }
     return loss, {k: v.detach() for k, v in stats.items()}
 
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    loss_agg: str = "token_mean",
+) -> Tensor:
+    """KL regulariser as a loss term: the per-token estimate of ``KL(pi_theta || pi_ref)`` aggregated
+    over the valid tokens (GRPO puts it in the loss instead of the reward, with the ``"k3"`` estimator:
+    Shao et al. 2024, "DeepSeekMath", eqs. 3-4).
+
+    ``loss = aggregate_loss(kl_penalty(logprobs, ref_logprobs, estimator), mask, loss_agg)`` with
+    :func:`rlhf_lightning.rewards.kl_penalty` (``"k1"``: ``log p - log q``; ``"k2"``:
+    ``0.5 (log q - log p)^2``; ``"k3"``: ``q/p - 1 - log(q/p)``).  Differentiable w.r.t. ``logprobs``;
+    ``ref_logprobs`` is detached.  Both are zeroed at padding first, so ``inf`` there cannot make
+    ``NaN`` values or gradients.  Add ``coef * kl_loss(...)`` to the policy loss.
+
+    Args:
+        logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy (nats,
+            differentiable).
+        ref_logprobs: ``(B, T)`` log-probs of the same tokens under the reference model.
+        mask: ``(B, T)`` bool or 0/1 mask.
+        estimator: one of :data:`rlhf_lightning.rewards.KL_ESTIMATORS`.
+        loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
+
+    Returns:
+        0-d loss in nats (per token, as aggregated), dtype ``promote(logprobs, ref_logprobs, float32)``.
+
+    Raises:
+        ValueError: on mismatched or non-2-D shapes, an unknown estimator or an unknown ``loss_agg``.
+    """
+    check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    check_2d("logprobs", logprobs)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
+    m = bool_mask(mask)
+    dtype = float_dtype(logprobs, ref_logprobs)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    logp = torch.where(m, logprobs.to(dtype), zero)
+    ref = torch.where(m, ref_logprobs.detach().to(dtype), zero)
+    return aggregate_loss(kl_penalty(logp, ref, estimator), m, loss_agg)

@@ -10,12 +10,17 @@ import torch
 
 from conftest import ragged_prefix_mask
 from rlhf_lightning.losses import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
     gae,
+    kl_loss,
     pairwise_reward_loss,
     ppo_policy_loss,
     td_targets,
     value_loss,
 )
+from rlhf_lightning.ops import masked_mean
+from rlhf_lightning.rewards import kl_penalty
 
 
 def softplus_neg(x: float) -> float:
@@ -467,3 +472,322 @@ def test_ppo_policy_loss_errors():
         ppo_policy_loss(x, torch.zeros(2, 4), x, m, 0.2)
     with pytest.raises(ValueError):
         ppo_policy_loss(x, x, x, torch.ones(3, 3, dtype=torch.bool), 0.2)
+
+
+# --------------------------------------------------------------------------- #
+# aggregate_loss
+# --------------------------------------------------------------------------- #
+def aggregate_loop_reference(x, mask, loss_agg):
+    B, T = x.shape
+    rows = [[float(x[b, t]) for t in range(T) if mask[b, t]] for b in range(B)]
+    if loss_agg == "token_mean":
+        tokens = [v for row in rows for v in row]
+        return sum(tokens) / len(tokens) if tokens else 0.0
+    if loss_agg == "seq_mean_token_mean":
+        means = [sum(row) / len(row) for row in rows if row]
+        return sum(means) / len(means) if means else 0.0
+    return sum(sum(row) / T for row in rows) / B
+
+
+def test_aggregate_loss_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("inf"), float("nan")], [9.0, 9.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    # token_mean: (1 + 2 + 3 + 4) / 4 = 2.5
+    # seq_mean_token_mean: rows' means 2 and 4 (row 2 has no valid token: left out) -> 3
+    # seq_mean_token_sum_norm: (6 / 3 + 4 / 3 + 0) / 3 rows = 10 / 9
+    expected = {"token_mean": 2.5, "seq_mean_token_mean": 3.0, "seq_mean_token_sum_norm": 10 / 9}
+    grads = {"token_mean": [[1 / 4] * 3, [1 / 4, 0, 0], [0] * 3],
+             "seq_mean_token_mean": [[1 / 6] * 3, [1 / 2, 0, 0], [0] * 3],
+             "seq_mean_token_sum_norm": [[1 / 9] * 3, [1 / 9, 0, 0], [0] * 3]}
+    assert aggregate_loss(x, mask).item() == pytest.approx(2.5)  # default: token_mean
+    for mode in LOSS_AGG_MODES:
+        x.grad = None
+        loss = aggregate_loss(x, mask, mode)
+        assert loss.dim() == 0 and loss.item() == pytest.approx(expected[mode])
+        loss.backward()
+        torch.testing.assert_close(x.grad, torch.tensor(grads[mode]))
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_aggregate_loss_matches_loop_reference(mode):
+    gen = torch.Generator().manual_seed(60)
+    B, T = 6, 7
+    x = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    assert aggregate_loss(x, mask, mode).item() == pytest.approx(aggregate_loop_reference(x, mask, mode))
+    assert aggregate_loss(x, mask.int(), mode).item() == pytest.approx(aggregate_loop_reference(x, mask, mode))
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_aggregate_loss_all_masked_and_empty(mode):
+    x = torch.full((2, 3), float("inf"), requires_grad=True)
+    loss = aggregate_loss(x, torch.zeros(2, 3, dtype=torch.bool), mode)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert (x.grad == 0).all()
+    assert aggregate_loss(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.bool), mode).item() == 0.0
+    assert aggregate_loss(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), mode).item() == 0.0
+
+
+def test_aggregate_loss_errors():
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="loss_agg"):
+        aggregate_loss(x, m, "seq_mean")
+    with pytest.raises(ValueError):
+        aggregate_loss(x, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        aggregate_loss(torch.zeros(6), torch.ones(6, dtype=torch.bool), "seq_mean_token_mean")
+    # token_mean pools any shape, as ppo_policy_loss always did
+    assert aggregate_loss(torch.arange(6.0), torch.ones(6, dtype=torch.bool)).item() == pytest.approx(2.5)
+
+
+# --------------------------------------------------------------------------- #
+# ppo_policy_loss: clip-higher, loss aggregation, sequence-level ratio (GSPO)
+# --------------------------------------------------------------------------- #
+def _old_ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps):
+    """The implementation before clip_eps_high / loss_agg / ratio_level existed, verbatim."""
+    m = mask.bool()
+    dtype = torch.promote_types(torch.float32, logprobs.dtype)
+    zero = torch.zeros((), dtype=dtype)
+    log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
+    adv = torch.where(m, advantages.detach().to(dtype), zero)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    return masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ppo_policy_loss_defaults_are_bit_identical_to_before(dtype):
+    gen = torch.Generator().manual_seed(61)
+    B, T = 6, 9
+    old = -3 * torch.rand(B, T, generator=gen, dtype=dtype)
+    logp = (old + 0.5 * torch.randn(B, T, generator=gen, dtype=dtype)).requires_grad_(True)
+    adv = torch.randn(B, T, generator=gen, dtype=dtype)
+    mask = ragged_prefix_mask(B, T, gen)
+    ref = _old_ppo_policy_loss(logp, old, adv, mask, 0.2)
+    (g_ref,) = torch.autograd.grad(ref, logp)
+    for kwargs in ({}, {"clip_eps_high": None, "loss_agg": "token_mean", "ratio_level": "token"},
+                   {"clip_eps_high": 0.2}):
+        loss, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, **kwargs)
+        (g,) = torch.autograd.grad(loss, logp)
+        assert torch.equal(loss, ref) and torch.equal(g, g_ref)
+
+
+def test_ppo_policy_loss_clip_higher_by_hand():
+    # eps = 0.2, eps_high = 0.28: rho is clipped to [0.8, 1.28]
+    #   (1.25, +1) -> min(1.25, 1.25) =  1.25 no   (with eps_high = eps it would be clipped to 1.2)
+    #   (1.5,  +1) -> min(1.5, 1.28)  =  1.28 yes
+    #   (0.5,  -1) -> min(-0.5, -0.8) = -0.8  yes (the lower bound is unchanged)
+    #   (1.5,  -1) -> min(-1.5, -1.28) = -1.5 no
+    # loss = -(1.25 + 1.28 - 0.8 - 1.5) / 4 = -0.0575 ; clipfrac = 2/4
+    ratios = torch.tensor([[1.25, 1.5, 0.5, 1.5]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    old = torch.full((1, 4), -1.0, dtype=torch.float64)
+    logp = (old + ratios.log()).requires_grad_(True)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    assert loss.item() == pytest.approx(-0.0575)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.25 / 4, 0.0, 0.0, 1.5 / 4]], dtype=torch.float64))
+    symmetric, stats_sym = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert symmetric.item() == pytest.approx(-(1.2 + 1.2 - 0.8 - 1.5) / 4)
+    assert stats_sym["clipfrac"].item() == pytest.approx(0.75)
+
+
+def ppo_loop_reference(logp, old, adv, mask, eps, eps_high, loss_agg, ratio_level):
+    """Per-token objectives in plain Python, then aggregated by aggregate_loop_reference."""
+    B, T = logp.shape
+    obj = torch.zeros(B, T, dtype=torch.float64)
+    nclip, ntok, ratios = 0, 0, []
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        if not valid:
+            continue
+        if ratio_level == "sequence":
+            s = math.exp(sum(float(logp[b, t] - old[b, t]) for t in valid) / len(valid))
+            a = sum(float(adv[b, t]) for t in valid) / len(valid)
+        for t in valid:
+            if ratio_level == "token":
+                s, a = math.exp(float(logp[b, t] - old[b, t])), float(adv[b, t])
+            unclipped, clipped = s * a, min(max(s, 1 - eps), 1 + eps_high) * a
+            obj[b, t] = -min(unclipped, clipped)
+            nclip += clipped < unclipped
+            ntok += 1
+            ratios.append(s)
+    return aggregate_loop_reference(obj, mask, loss_agg), nclip / ntok, sum(ratios) / ntok
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+def test_ppo_policy_loss_options_match_loop_reference(loss_agg, ratio_level):
+    gen = torch.Generator().manual_seed(62)
+    B, T, eps, eps_high = 8, 7, 0.2, 0.28
+    old = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    logp = old + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps, eps_high, loss_agg, ratio_level)
+    ref_loss, ref_clipfrac, ref_ratio = ppo_loop_reference(logp, old, adv, mask, eps, eps_high, loss_agg, ratio_level)
+    assert loss.item() == pytest.approx(ref_loss)
+    assert stats["clipfrac"].item() == pytest.approx(ref_clipfrac)
+    assert stats["ratio_mean"].item() == pytest.approx(ref_ratio)
+    # approx_kl is the per-token k2 at both levels
+    kl = masked_mean(0.5 * (logp - old).pow(2), mask)
+    assert stats["approx_kl"].item() == pytest.approx(kl.item())
+    assert 0 < ref_clipfrac < 1
+
+
+def test_ppo_policy_loss_sequence_level_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    delta = torch.tensor([[0.2, 0.0, 5.0], [0.6, 0.2, -9.0]], dtype=torch.float64)  # last column padding in row 0
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    adv = torch.tensor([[1.0, 1.0, 7.0], [1.0, 3.0, 7.0]], dtype=torch.float64)
+    logp = (old + delta).requires_grad_(True)
+    # row 0: s = exp(mean(0.2, 0)) = exp(0.1) = 1.105171 ; A = 1 ; not clipped ; objective 1.105171
+    # row 1: s = exp(mean(0.6, 0.2)) = exp(0.4) = 1.491825 ; A = mean(1, 3) = 2 ; clipped to 1.2 -> 2.4
+    # seq_mean_token_mean: -(1.105171 + 2.4) / 2 ; clipfrac: 2 of 4 tokens ; ratio_mean (2 s0 + 2 s1) / 4
+    s0, s1 = math.exp(0.1), math.exp(0.4)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, 0.2, loss_agg="seq_mean_token_mean", ratio_level="sequence")
+    assert loss.item() == pytest.approx(-(s0 + 2.4) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    assert stats["ratio_mean"].item() == pytest.approx((s0 + s1) / 2)
+    loss.backward()
+    # GSPO: d(-s0 A / 2) / d logp_t = -A s0 (1/2) (1/2) for each of row 0's tokens ; row 1 clipped: 0
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0 / 4, -s0 / 4, 0.0], [0.0, 0.0, 0.0]],
+                                                       dtype=torch.float64))
+
+
+def test_ppo_policy_loss_sequence_level_gradient_equals_gspo():
+    gen = torch.Generator().manual_seed(63)
+    B, T, eps, eps_high = 8, 6, 0.1, 0.15
+    old = -3 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    shift = 0.2 * torch.randn(B, 1, generator=gen, dtype=torch.float64)  # moves whole sequences past the clip
+    logp = (old + shift + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    seq_adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    adv = seq_adv.unsqueeze(1).expand(B, T)
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, eps, eps_high, "seq_mean_token_mean", "sequence")
+    (g,) = torch.autograd.grad(loss, logp)
+    # GSPO's sequence objective, differentiated through s_i itself: -1/G sum_i min(s_i A_i, clip(s_i) A_i)
+    valid = mask.any(1)
+    s = torch.exp(((logp - old) * mask).sum(1) / mask.sum(1).clamp(min=1))
+    obj = torch.minimum(s * seq_adv, s.clamp(1 - eps, 1 + eps_high) * seq_adv)
+    gspo = -(obj * valid).sum() / valid.sum()
+    (g_ref,) = torch.autograd.grad(gspo, logp)
+    torch.testing.assert_close(loss, gspo)
+    torch.testing.assert_close(g, g_ref)
+    clipped = (s.clamp(1 - eps, 1 + eps_high) * seq_adv < s * seq_adv) & valid
+    assert 0 < clipped.sum() < valid.sum()  # both branches exercised
+
+
+def test_ppo_policy_loss_sequence_level_averages_token_advantages():
+    gen = torch.Generator().manual_seed(64)
+    B, T = 4, 5
+    old = -2 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    logp = old + 0.1 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    mask = ragged_prefix_mask(B, T, gen)
+    row_mean = masked_mean(adv, mask, dim=1).unsqueeze(1).expand(B, T)
+    for mode in LOSS_AGG_MODES:
+        a, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, loss_agg=mode, ratio_level="sequence")
+        b, _ = ppo_policy_loss(logp, old, row_mean, mask, 0.2, loss_agg=mode, ratio_level="sequence")
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+def test_ppo_policy_loss_options_padding_and_all_masked(loss_agg, ratio_level):
+    logp = torch.tensor([[-1.0, -2.0], [80.0, float("inf")]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0], [-80.0, 0.0]])
+    adv = torch.tensor([[1.0, -1.0], [3.0, 3.0]])
+    mask = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, 0.2, 0.3, loss_agg, ratio_level)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and (logp.grad[1] == 0).all()
+    logp.grad = None
+    loss, stats = ppo_policy_loss(logp, old, adv, torch.zeros_like(mask), 0.2, 0.3, loss_agg, ratio_level)
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in stats.values())
+    loss.backward()
+    assert torch.isfinite(logp.grad).all() and (logp.grad == 0).all()
+
+
+def test_ppo_policy_loss_option_errors():
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_eps_high"):
+            ppo_policy_loss(x, x, x, m, 0.2, clip_eps_high=bad)
+    with pytest.raises(ValueError, match="loss_agg"):
+        ppo_policy_loss(x, x, x, m, 0.2, loss_agg="sum")
+    with pytest.raises(ValueError, match="ratio_level"):
+        ppo_policy_loss(x, x, x, m, 0.2, ratio_level="sequence_token")
+    flat, flat_mask = torch.zeros(6), torch.ones(6, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        ppo_policy_loss(flat, flat, flat, flat_mask, 0.2, ratio_level="sequence")
+    with pytest.raises(ValueError):
+        ppo_policy_loss(flat, flat, flat, flat_mask, 0.2, loss_agg="seq_mean_token_sum_norm")
+    assert ppo_policy_loss(flat, flat, flat, flat_mask, 0.2)[0].item() == 0.0  # token level takes any shape
+
+
+# --------------------------------------------------------------------------- #
+# kl_loss
+# --------------------------------------------------------------------------- #
+def test_kl_loss_by_hand():
+    ln2 = math.log(2.0)
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.5, 0.5, 0.5]])).requires_grad_(True)
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.1], [0.5, 0.5, 0.5]]))
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    # k3 per valid token: (q/p - 1) - log(q/p) = (-0.5 + ln 2, 0) -> token mean (ln 2 - 0.5) / 2
+    loss = kl_loss(logp, ref, mask)  # default k3, token_mean
+    assert loss.dim() == 0 and loss.item() == pytest.approx((ln2 - 0.5) / 2, rel=1e-6)
+    loss.backward()
+    # d k3 / d logp = 1 - q/p: (1 - 0.5) / 2 and 0 ; padding and row 1: 0
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.25, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert kl_loss(logp, ref, mask, "k1").item() == pytest.approx(ln2 / 2, rel=1e-6)
+    assert kl_loss(logp, ref, mask, "k2").item() == pytest.approx(0.25 * ln2**2, rel=1e-6)
+    # seq_mean_token_sum_norm: sum (ln 2 - 0.5) / T = 3, over B = 2 rows
+    assert kl_loss(logp, ref, mask, loss_agg="seq_mean_token_sum_norm").item() == pytest.approx(
+        (ln2 - 0.5) / 6, rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGG_MODES)
+def test_kl_loss_matches_kl_penalty_and_loop(estimator, loss_agg):
+    gen = torch.Generator().manual_seed(65)
+    B, T = 5, 6
+    logp = (-3 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    ref = (-3 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    mask = ragged_prefix_mask(B, T, gen)
+    loss = kl_loss(logp, ref, mask, estimator, loss_agg)
+    per_token = kl_penalty(logp.detach(), ref.detach(), estimator)
+    assert loss.item() == pytest.approx(aggregate_loop_reference(per_token, mask, loss_agg))
+    loss.backward()
+    assert ref.grad is None  # the reference is a constant
+    (g_ref,) = torch.autograd.grad(aggregate_loss(kl_penalty(logp, ref.detach(), estimator), mask, loss_agg),
+                                   logp)
+    torch.testing.assert_close(logp.grad, g_ref)
+
+
+def test_kl_loss_padding_all_masked_dtype_and_errors():
+    logp = torch.tensor([[-1.0, 50.0]], dtype=torch.bfloat16, requires_grad=True)
+    ref = torch.tensor([[-1.0, -float("inf")]])
+    mask = torch.tensor([[1, 0]], dtype=torch.bool)
+    loss = kl_loss(logp, ref, mask)
+    assert loss.dtype == torch.float32 and loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert kl_loss(logp, ref, torch.zeros_like(mask)).item() == 0.0
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="estimator"):
+        kl_loss(x, x, m, estimator="k4")
+    with pytest.raises(ValueError, match="loss_agg"):
+        kl_loss(x, x, m, loss_agg="mean")
+    with pytest.raises(ValueError):
+        kl_loss(x, torch.zeros(2, 4), m)
+    with pytest.raises(ValueError):
+        kl_loss(torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.bool))
