@@ -117,3 +117,28 @@ def test_prompt_data_module_reads_the_task(tmp_path, tokenizer):
     held = PromptDataModule(tokenizer, str(tmp_path), split="heldout", batch_size=4)
     held.setup()
     assert held.stats["rows"] == 8
+
+
+def test_bench_measurement_runs_on_the_tiny_model(tiny_dir, tokenizer):
+    """bench/rlvr_task.py's measurement loop end to end (random model: only the bookkeeping is checked)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from rlhf_lightning.models import load_policy
+    from rlhf_lightning.reward_functions import load_reward_functions
+    from rlhf_lightning.rollout import GenerationConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from rlvr_task import SPECS, run
+
+    torch.manual_seed(0)
+    rows = make_rows("add_mix", 3, seed=0)
+    specs = [s for s in SPECS["add_mix"] if not s["fn"].endswith("math_answer")]  # math-verify is optional
+    out = run(load_policy(tiny_dir), tokenizer, rows, load_reward_functions(specs), samples=2,
+              config=GenerationConfig(max_new_tokens=4), do_sample=True, seed=0, chunk=4)
+    assert out["samples"] == 6 and len(out["all"]) == 6 and sum(out["pass_per_prompt"]) == 3
+    assert [r["prompt"] for r in out["all"]] == [r["prompt"] for r in rows for _ in range(2)]
+    assert all(-1.0 <= r["soft_overlong_penalty"] <= 0.0 for r in out["all"])
+    assert 0.0 <= out["mixed_groups"] <= 1.0
