@@ -42,6 +42,8 @@ from rlhf_lightning.rewards import KL_ESTIMATORS, kl_penalty
 
 __all__ = [
     "ADV_ESTIMATORS",
+    "CRITIC_ESTIMATORS",
+    "GROUP_ESTIMATORS",
     "LOSS_AGG_MODES",
     "RATIO_LEVELS",
     "pairwise_reward_loss",
@@ -73,6 +75,10 @@ __all__ = [
 #: ``"grpo"``, ``"dr_grpo"`` and ``"rloo"`` give one advantage per sequence: broadcast it to tokens with
 #: :func:`sequence_to_token_advantages`.
 ADV_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+#: The estimators that need a critic (V(s_t) in GAE); the others are critic-free.
+CRITIC_ESTIMATORS = ("gae",)
+#: The estimators whose baseline is the other samples of the same prompt (``num_generations`` ≥ 2).
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 #: Names accepted by :func:`aggregate_loss` (and the ``loss_agg`` of :func:`ppo_policy_loss`, :func:`kl_loss`).
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

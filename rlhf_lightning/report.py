@@ -1,16 +1,17 @@
 """Report of a PPO sweep: ``python -m rlhf_lightning.report <multirun dir> [--out DIR]``.
 
 For every run of a Hydra multirun (each job directory with ``csv/metrics.csv``, i.e. run with the
-``csv`` logger) it reads β = ``ppo.kl_coef`` and ε = ``ppo.clip_eps`` from the job's
-``.hydra/config.yaml`` (or its ``.hydra/overrides.yaml``) and the logged reward-model score and KL
+``csv`` logger) it reads β = ``ppo.kl_coef``, ε = ``ppo.clip_eps`` and the advantage estimator
+``ppo.adv_estimator`` from the job's ``.hydra/config.yaml`` (or its ``.hydra/overrides.yaml``) and the
+logged score and KL
 to the reference (``objective/score``, ``objective/kl``: nats per response), and writes into the
 multirun directory (or ``--out``):
 
 - ``report.md`` and ``report.csv``: one row per run with β, ε, first and final score, final KL, and
   the score gain per nat of KL, (final score − first score) / final KL;
-- ``report.png``: final score against final KL, one point per run, the Pareto frontier (highest
-  score for its KL) highlighted — the reward–KL trade-off of Gao et al. 2022, "Scaling Laws for
-  Reward Model Overoptimization".
+- ``report.png``: final score against final KL, one point per run and one colour per estimator, with
+  each estimator's Pareto frontier (highest score for its KL) — the reward–KL trade-off of Gao et al.
+  2022, "Scaling Laws for Reward Model Overoptimization".
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RunResult:
     Attributes:
         run_dir: the job directory.
         kl_coef: β (None when the job's config has no ``ppo.kl_coef``). clip_eps: ε (likewise).
+        adv_estimator: ``ppo.adv_estimator`` (``gae`` when the config predates it).
         first_score, final_score: reward-model score (reward units) at the first and last logged iteration.
         final_kl: KL to the reference at the last logged iteration, nats per response.
         gain_per_kl: (final_score − first_score) / final_kl, reward units per nat; None when
@@ -48,6 +50,7 @@ class RunResult:
     run_dir: str
     kl_coef: float | None
     clip_eps: float | None
+    adv_estimator: str
     first_score: float
     final_score: float
     final_kl: float
@@ -72,24 +75,27 @@ def find_runs(multirun_dir: str | Path) -> list[Path]:
     return runs
 
 
-def run_params(run_dir: str | Path) -> dict[str, float | None]:
-    """β and ε of a job: ``{"kl_coef": ..., "clip_eps": ...}`` from ``.hydra/config.yaml``, else from
-    the ``ppo.kl_coef=``/``ppo.clip_eps=`` entries of ``.hydra/overrides.yaml``; None where absent."""
+def run_params(run_dir: str | Path) -> dict[str, float | str | None]:
+    """β, ε and the estimator of a job: ``{"kl_coef", "clip_eps", "adv_estimator"}`` from
+    ``.hydra/config.yaml``, else from the ``ppo.<key>=`` entries of ``.hydra/overrides.yaml``; β and
+    ε None where absent, the estimator ``gae``."""
     hydra_dir = Path(run_dir) / ".hydra"
-    params: dict[str, float | None] = {"kl_coef": None, "clip_eps": None}
+    kinds = {"kl_coef": float, "clip_eps": float, "adv_estimator": str}
+    params: dict[str, float | str | None] = dict.fromkeys(kinds)
     config = hydra_dir / "config.yaml"
     if config.exists():
         ppo = OmegaConf.load(config).get("ppo") or {}
-        for key in params:
+        for key, kind in kinds.items():
             if ppo.get(key) is not None:
-                params[key] = float(ppo[key])
+                params[key] = kind(ppo[key])
     overrides = hydra_dir / "overrides.yaml"
     if overrides.exists():
         for item in OmegaConf.load(overrides):
             key, _, value = str(item).lstrip("+~").partition("=")
             name = key.removeprefix("ppo.")
             if key.startswith("ppo.") and name in params and params[name] is None:
-                params[name] = float(value)
+                params[name] = kinds[name](value)
+    params["adv_estimator"] = params["adv_estimator"] or "gae"
     return params
 
 
@@ -131,11 +137,12 @@ def _cell(value) -> str:
 
 
 def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.md`` (markdown table, Pareto runs marked) and ``report.csv`` (every field of
-    :class:`RunResult` plus ``pareto``) into ``out_dir``. Returns the two paths."""
+    """Write ``report.md`` (markdown table, the runs on their estimator's Pareto frontier marked) and
+    ``report.csv`` (every field of :class:`RunResult` plus ``pareto``) into ``out_dir``. Returns the two paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    front = {r.run_dir for r in pareto_front(results)}
+    front = {r.run_dir for estimator in {r.adv_estimator for r in results}
+             for r in pareto_front([r for r in results if r.adv_estimator == estimator])}
     names = [f.name for f in fields(RunResult)]
     csv_path = out_dir / "report.csv"
     with csv_path.open("w", newline="") as f:
@@ -143,11 +150,11 @@ def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, P
         writer.writeheader()
         for r in results:
             writer.writerow({**asdict(r), "pareto": r.run_dir in front})
-    header = ["run", "β (kl_coef)", "ε (clip_eps)", "first score", "final score", "final KL (nats)",
+    header = ["run", "estimator", "β (kl_coef)", "ε (clip_eps)", "first score", "final score", "final KL (nats)",
               "score gain / nat KL", "Pareto"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [Path(r.run_dir).name, r.kl_coef, r.clip_eps, r.first_score, r.final_score, r.final_kl,
+        cells = [Path(r.run_dir).name, r.adv_estimator, r.kl_coef, r.clip_eps, r.first_score, r.final_score, r.final_kl,
                  r.gain_per_kl, "✓" if r.run_dir in front else ""]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     md_path = out_dir / "report.md"
@@ -156,25 +163,30 @@ def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, P
 
 
 def plot(results: list[RunResult], path: str | Path) -> Path:
-    """Scatter final score against final KL (nats per response), one labelled point (β, ε) per run,
-    the Pareto frontier drawn as a line (Gao et al. 2022). Writes a PNG (matplotlib, Agg backend)."""
+    """Scatter final score against final KL (nats per response), one labelled point (β, ε) per run and
+    one colour per estimator, each estimator's Pareto frontier drawn as a line in its colour (Gao et
+    al. 2022). Writes a PNG (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    front = pareto_front(results)
+    estimators = sorted({r.adv_estimator for r in results})
+    colours = dict(zip(estimators, plt.get_cmap("tab10").colors, strict=False))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     try:
-        ax.scatter([r.final_kl for r in results], [r.final_score for r in results], color="tab:gray", label="runs")
-        ax.plot([r.final_kl for r in front], [r.final_score for r in front], "o-", color="tab:red",
-                label="Pareto frontier")
+        for estimator in estimators:
+            runs = [r for r in results if r.adv_estimator == estimator]
+            front = pareto_front(runs)
+            ax.scatter([r.final_kl for r in runs], [r.final_score for r in runs], color=colours[estimator], alpha=0.5)
+            ax.plot([r.final_kl for r in front], [r.final_score for r in front], "o-", color=colours[estimator],
+                    label=f"{estimator}: Pareto frontier")
         for r in results:
             ax.annotate(f"β={_cell(r.kl_coef)}, ε={_cell(r.clip_eps)}", (r.final_kl, r.final_score), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel("KL to the reference (nats per response)")
-        ax.set_ylabel("reward-model score")
-        ax.set_title("PPO sweep: score against KL")
+        ax.set_ylabel("score")
+        ax.set_title("Sweep: score against KL, by estimator")
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=120)

@@ -9,7 +9,7 @@ appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -93,8 +93,9 @@ class Experience:
 
     Attributes:
         rollout: the sampled sequences (:class:`Rollout`).
-        scores: (B,) float32 score of each response: the reward model's minus the missing-EOS penalty.
-        rm_scores: (B,) float32 the reward model's own score.
+        scores: (B,) float32 score of each response: the reward model's minus the missing-EOS penalty,
+            plus the weighted reward functions' (``reward_components``).
+        rm_scores: (B,) float32 the reward model's own score (0 without a reward model).
         ref_logprobs: (B, R) reference log-probabilities of the response tokens (``None``: no reference).
         logprobs: (B, R) old log-probabilities, under the policy that sampled (``None`` until computed).
         values: (B, R) old critic values V(s_t) (``None`` without a critic).
@@ -109,6 +110,8 @@ class Experience:
         rewards: (B, R) per-token rewards (−β·KL_t, plus the score at the last token).
         advantages: (B, R) advantages (whitened if so configured).
         returns: (B, R) value targets (advantages before whitening + values).
+        reward_components: reward function name → (B,) float32 unweighted rewards (empty without functions).
+        sampling_stats: counts from dynamic sampling (``resampled_groups``, ``dropped_groups``), if on.
     """
 
     rollout: Rollout
@@ -124,6 +127,8 @@ class Experience:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+    sampling_stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def response_mask(self) -> torch.Tensor:
@@ -254,6 +259,57 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     )
 
 
+def pad_responses(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
+    """The rollout with its response columns padded to ``width`` (≥ R): pad tokens, masked, log-probability 0."""
+    extra = width - rollout.response_mask.shape[1]
+    if extra <= 0:
+        return rollout
+    batch = rollout.input_ids.shape[0]
+
+    def widen(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([t, t.new_full((batch, extra), value)], 1)
+
+    return Rollout(input_ids=widen(rollout.input_ids, pad_token_id), attention_mask=widen(rollout.attention_mask, 0),
+                   response_start=rollout.response_start, response_mask=widen(rollout.response_mask, False),
+                   ends_with_eos=rollout.ends_with_eos,
+                   sampler_logprobs=(widen(rollout.sampler_logprobs, 0.0) if rollout.sampler_logprobs is not None
+                                     else None))
+
+
+def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
+    """The rollout restricted to rows ``index`` ((n,) long), in that order."""
+    pick = lambda t: t[index] if t is not None else None  # noqa: E731
+    return Rollout(input_ids=pick(rollout.input_ids), attention_mask=pick(rollout.attention_mask),
+                   response_start=rollout.response_start, response_mask=pick(rollout.response_mask),
+                   ends_with_eos=pick(rollout.ends_with_eos), sampler_logprobs=pick(rollout.sampler_logprobs))
+
+
+def replace_rows(rollout: Rollout, rows: torch.Tensor, new: Rollout, pad_token_id: int) -> Rollout:
+    """The rollout with rows ``rows`` ((n,) long) replaced by the n rows of ``new`` (same prompts, new
+    responses); responses are padded to the wider of the two (:func:`pad_responses`).
+
+    Raises:
+        ValueError: ``new`` has another prompt width or not n rows.
+    """
+    if new.response_start != rollout.response_start or new.input_ids.shape[0] != rows.numel():
+        raise ValueError("replace_rows: the new rows must answer the same prompts (same prompt width and count)")
+    width = max(rollout.response_mask.shape[1], new.response_mask.shape[1])
+    old, new = pad_responses(rollout, width, pad_token_id), pad_responses(new, width, pad_token_id)
+
+    def put(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        if a is None or b is None:
+            return None
+        out = a.clone()
+        out[rows] = b
+        return out
+
+    return Rollout(input_ids=put(old.input_ids, new.input_ids),
+                   attention_mask=put(old.attention_mask, new.attention_mask),
+                   response_start=old.response_start, response_mask=put(old.response_mask, new.response_mask),
+                   ends_with_eos=put(old.ends_with_eos, new.ends_with_eos),
+                   sampler_logprobs=put(old.sampler_logprobs, new.sampler_logprobs))
+
+
 def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout's sequences with ``eos_token_id`` appended to responses cut without one.
 
@@ -272,7 +328,7 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
     return torch.cat([ids, extra[:, None]], 1), torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
 
 
-def make_experience(rollout: Rollout, reward_model: nn.Module, policy: nn.Module | None = None,
+def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn.Module | None = None,
                     ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
                     missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
                     score_eos_token_id: int | None = None) -> Experience:
@@ -285,7 +341,8 @@ def make_experience(rollout: Rollout, reward_model: nn.Module, policy: nn.Module
 
     Args:
         rollout: the sampled sequences.
-        reward_model: scores each response at its last token (:func:`~rlhf_lightning.models.forward.sequence_scores`).
+        reward_model: scores each response at its last token (:func:`~rlhf_lightning.models.forward.sequence_scores`);
+            ``None``: scores 0 (the reward comes from reward functions, added by the caller).
         policy, ref_policy, critic: for ``logprobs``, ``ref_logprobs`` and ``values``.
         temperature: the sampling temperature (log-probabilities are computed at it).
         missing_eos_penalty: see :func:`~rlhf_lightning.rewards.apply_missing_eos_penalty`.
@@ -307,7 +364,8 @@ def make_experience(rollout: Rollout, reward_model: nn.Module, policy: nn.Module
     if trunk is not None:
         trunks = Trunks.of(trunk.compute(score_ids, score_mask), width=ids.shape[1])
     with torch.inference_mode():
-        rm_scores = sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
+        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
+                     if reward_model is not None else torch.zeros(ids.shape[0], device=ids.device))
         ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy)
                if ref_policy is not None else None)
     rm_scores = rm_scores.clone()  # out of inference mode

@@ -1,8 +1,9 @@
 """End to end, PPO moves the policy the right way: a reward it can learn goes up.
 
 The unit tests check each formula against loops; this one checks the direction of learning
-through the whole iteration (sampling, scoring, rewards, GAE, whitening, the clipped loss, both
-optimizers), which a sign or alignment error anywhere would reverse or erase.
+through the whole iteration (sampling, scoring, rewards, the advantage estimator: GAE with its
+critic, or GRPO, RLOO and REINFORCE++ without one; the clipped loss, the optimizers), which a sign or
+alignment error anywhere would reverse or erase.
 
 The reward counts the response tokens that fall in a fixed half of the vocabulary (the tokens
 whose output embedding has a positive first coordinate), so the policy can raise it along one
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.data import PromptDataModule
+from rlhf_lightning.losses import GROUP_ESTIMATORS
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import PPOModule
 
@@ -59,19 +61,29 @@ def _sharpened(model: nn.Module, factor: float = 20.0) -> nn.Module:
     return model
 
 
-def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int) -> dict:
+def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int,
+                       adv_estimator: str = "gae") -> dict:
     """Four PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`;
-    returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them."""
+    returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them.
+    Critic-free estimators load no critic; the group ones (GRPO, RLOO) answer 2 prompts 4 times
+    each instead of 8 prompts once (8 responses either way), their baseline the other responses to
+    the same prompt. The policy is then sharpened less (× 10: the 4 responses to a prompt must
+    differ for a group to carry a signal; × 20 makes them identical) and steps with lr 3e-3."""
     L.seed_everything(seed)
-    policy, ref = _sharpened(load_policy(tiny_dir)), _sharpened(load_reference(tiny_dir))
+    critic_free = adv_estimator != "gae"
+    factor = 10.0 if critic_free else 20.0
+    policy, ref = _sharpened(load_policy(tiny_dir), factor), _sharpened(load_reference(tiny_dir), factor)
     target = policy.get_output_embeddings().weight[:, 0].detach() > 0
+    group = 4 if adv_estimator in GROUP_ESTIMATORS else 1
     # Responses never end early (EOS is rare) and are scored as they are: the window holds their 8 tokens.
-    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=8, max_prompt_length=48, val_size=16)
-    module = PPOModule(policy, ref, load_scalar_model(tiny_dir), TargetTokenReward(target), tokenizer,
+    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=8 // group, max_prompt_length=48, val_size=16)
+    critic = None if critic_free else load_scalar_model(tiny_dir)
+    module = PPOModule(policy, ref, critic, TargetTokenReward(target), tokenizer,
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
-                            "joint_optimizer": joint_optimizer,
+                            "joint_optimizer": joint_optimizer, "adv_estimator": adv_estimator,
+                            "num_generations": group,
                             "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False}},
-                       policy_optim={"lr": 1e-3}, critic_optim={"lr": 1e-3})
+                       policy_optim={"lr": 3e-3 if critic_free else 1e-3}, critic_optim={"lr": 1e-3})
     trainer = L.Trainer(accelerator="cpu", max_steps=4 * module.optimizer_steps_per_iteration, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
@@ -82,14 +94,15 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
     return evaluations
 
 
-@pytest.mark.parametrize("joint_optimizer", [False, True])
-def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer):
+@pytest.mark.parametrize("joint_optimizer, adv_estimator", [(False, "gae"), (True, "gae"), (False, "grpo"),
+                                                            (False, "rloo"), (False, "reinforce_pp")])
+def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer, adv_estimator):
     """On held-out prompts with the same sampling seed, the policy picks many more target tokens
     (of 8) after 4 iterations, having moved away from the reference, in at least 2 of 3 seeded
     runs. The sharpened policy starts almost deterministic, so whether its first samples hit a
     target is luck (1 run in 12 of seeds 0-5 did not take off); a sign or alignment error
     would keep every run from rising."""
-    runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, joint_optimizer, seed)
+    runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, joint_optimizer, seed, adv_estimator)
             for seed in range(3)]
     rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
             and r["before"]["eval/kl"] == 0.0 for r in runs]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job(root: Path, name: str, kl_coef: float, clip_eps: float, scores: list[float], kls: list[float],
-         in_config: bool = True) -> Path:
+         in_config: bool = True, adv_estimator: str | None = None) -> Path:
     """A job directory as train.py writes it: csv/metrics.csv (score and KL rows interleaved with other
     metrics' rows, as Lightning's CSVLogger does) and .hydra/{config,overrides}.yaml."""
     job = root / name
@@ -29,7 +29,9 @@ def _job(root: Path, name: str, kl_coef: float, clip_eps: float, scores: list[fl
             writer.writerow({"step": step, "objective/score": "", "objective/kl": "", "value/loss": 0.5})
     ppo = f"ppo:\n  kl_coef: {kl_coef}\n  clip_eps: {clip_eps}\n" if in_config else "seed: 0\n"
     (job / ".hydra" / "config.yaml").write_text(ppo)
-    (job / ".hydra" / "overrides.yaml").write_text(f"- ppo.kl_coef={kl_coef}\n- ppo.clip_eps={clip_eps}\n- stage=ppo\n")
+    estimator = f"- ppo.adv_estimator={adv_estimator}\n" if adv_estimator else ""
+    (job / ".hydra" / "overrides.yaml").write_text(f"- ppo.kl_coef={kl_coef}\n- ppo.clip_eps={clip_eps}\n- stage=ppo\n"
+                                                   + estimator)
     return job
 
 
@@ -56,7 +58,17 @@ def test_gain_per_nat_is_none_when_the_kl_is_about_zero(sweep):
 
 
 def test_beta_eps_fall_back_to_the_overrides(sweep):
-    assert run_params(sweep / "10") == {"kl_coef": 0.2, "clip_eps": 0.3}
+    assert run_params(sweep / "10") == {"kl_coef": 0.2, "clip_eps": 0.3, "adv_estimator": "gae"}
+
+
+def test_the_pareto_frontier_is_per_estimator(sweep, tmp_path):
+    """A GRPO run dominated by a GAE run is still on GRPO's frontier; the plot and table group by estimator."""
+    _job(sweep, "11", 0.05, 0.2, scores=[1.0, 1.1], kls=[0.0, 6.0], adv_estimator="grpo")
+    results = report(sweep, tmp_path / "out")
+    assert [r.adv_estimator for r in results] == ["gae", "gae", "gae", "gae", "grpo"]
+    rows = {r["run_dir"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "out" / "report.csv").open())}
+    assert rows["11"]["pareto"] == "True" and rows["1"]["pareto"] == "False"
+    assert "| 11 | grpo | 0.05 | 0.2 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_pareto_front_keeps_the_undominated_runs_sorted_by_kl(sweep):
@@ -73,7 +85,7 @@ def test_report_writes_table_csv_and_png(sweep, tmp_path):
     assert [(r["kl_coef"], r["clip_eps"], r["pareto"]) for r in rows] == [
         ("0.01", "0.1", "True"), ("0.01", "0.3", "False"), ("0.2", "0.1", "True"), ("0.2", "0.3", "True")]
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert markdown.count("\n") == 2 + 4 and "| 0 | 0.01 | 0.1 | 1 | 3 | 4 | 0.5 | ✓ |" in markdown
+    assert markdown.count("\n") == 2 + 4 and "| 0 | gae | 0.01 | 0.1 | 1 | 3 | 4 | 0.5 | ✓ |" in markdown
     assert "| n/a |" in markdown  # the KL-0 run's gain
     assert (tmp_path / "out" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,22 @@ import lightning as L
 import torch
 from torch import nn
 
-from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
+from rlhf_lightning.losses import (
+    ADV_ESTIMATORS,
+    CRITIC_ESTIMATORS,
+    GROUP_ESTIMATORS,
+    LOSS_AGG_MODES,
+    RATIO_LEVELS,
+    gae,
+    group_advantages,
+    kl_loss,
+    ppo_policy_loss,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    sequence_to_token_advantages,
+    value_loss,
+)
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
@@ -24,8 +39,18 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
+from rlhf_lightning.reward_functions import load_reward_functions, score_with_functions
 from rlhf_lightning.rewards import KL_ESTIMATORS, compute_rewards, make_kl_controller
-from rlhf_lightning.rollout import Experience, GenerationConfig, generate, logprob_diff, make_experience
+from rlhf_lightning.rollout import (
+    Experience,
+    GenerationConfig,
+    Rollout,
+    generate,
+    logprob_diff,
+    make_experience,
+    replace_rows,
+    select_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +109,26 @@ class PPOConfig:
             values can be a worse baseline than none (explained variance −3 to −9 in the demo); the
             policy then learns from the critic's noise. Not supported under DeepSpeed, which keeps
             gradients in its own buffers. OpenRLHF calls this ``freezing_actor_steps``.
+        adv_estimator: how advantages are estimated (verl's ``adv_estimator``): ``gae`` (critic, Schulman
+            et al. 2016), or critic-free: ``grpo`` (group-normalised scores, Shao et al. 2024), ``dr_grpo``
+            (group mean only, Liu et al. 2025), ``rloo`` (leave-one-out mean, Ahmadian et al. 2024),
+            ``reinforce_pp`` (whitened returns-to-go, Hu 2025), ``reinforce_pp_baseline`` (group-mean
+            baseline, then as reinforce_pp). Critic-free estimators load no critic and step one optimizer.
+        num_generations: G responses sampled per prompt (each prompt of a batch repeated G times,
+            contiguous); ≥ 2 for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline).
+        clip_eps_high: upper clip ε_high of the ratio (DAPO clip-higher, Yu et al. 2025); None: ``clip_eps``.
+        loss_agg: how per-token policy losses become one number: ``token_mean`` (all valid tokens of
+            the batch), ``seq_mean_token_mean`` (mean of each sequence's mean), ``seq_mean_token_sum_norm``
+            (Dr. GRPO: sequence sums over the padded width, mean over sequences).
+        ratio_level: ``token`` (PPO) or ``sequence`` (GSPO, Zheng et al. 2025: one ratio per response).
+        kl_loss_coef: weight of a KL-to-reference term in the loss (GRPO's β; 0: off). Independent of
+            ``kl_coef``, the KL penalty in the reward (set it to 0 to use only the loss term).
+        kl_loss_estimator: k1, k2 or k3 (GRPO's) for the KL loss.
+        dynamic_sampling: DAPO's dynamic sampling: groups whose scores are all equal (no learning
+            signal for a group estimator) are sampled again, up to ``max_resample_rounds`` times;
+            those still all equal are left out of the loss; counted in ``rollout/resampled_groups``
+            and ``rollout/dropped_groups``.
+        max_resample_rounds: bound on the rounds of re-sampling with ``dynamic_sampling``.
         share_trunk: when the policy, reference, critic and reward model have identical frozen
             lower blocks (``model.trainable_layers`` with one base model), run those blocks once
             per iteration and only the blocks above them in each network
@@ -114,6 +159,15 @@ class PPOConfig:
     share_trunk: bool = True
     joint_optimizer: bool = False
     critic_warmup_iterations: int = 0
+    adv_estimator: str = "gae"
+    num_generations: int = 1
+    clip_eps_high: float | None = None
+    loss_agg: str = "token_mean"
+    ratio_level: str = "token"
+    kl_loss_coef: float = 0.0
+    kl_loss_estimator: str = "k3"
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 2
 
     def __post_init__(self):
         self.generation = as_config(GenerationConfig, self.generation)
@@ -130,9 +184,30 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
         if self.critic_warmup_iterations < 0:
             raise ValueError(f"ppo.critic_warmup_iterations={self.critic_warmup_iterations} must be >= 0")
-        for name in ("joint_optimizer", "whiten_across_ranks"):
+        for name in ("joint_optimizer", "whiten_across_ranks", "dynamic_sampling"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ppo.{name}={getattr(self, name)!r} must be true or false")
+        for name, allowed in (("adv_estimator", ADV_ESTIMATORS), ("loss_agg", LOSS_AGG_MODES),
+                              ("ratio_level", RATIO_LEVELS), ("kl_loss_estimator", KL_ESTIMATORS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ppo.{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.num_generations < 1:
+            raise ValueError(f"ppo.num_generations={self.num_generations} must be >= 1")
+        if self.adv_estimator in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ValueError(f"ppo.adv_estimator={self.adv_estimator} compares the responses to one prompt: "
+                             f"set ppo.num_generations >= 2 (got {self.num_generations})")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            raise ValueError(f"ppo.clip_eps_high={self.clip_eps_high} must be > 0 (or null: clip_eps)")
+        if self.kl_loss_coef < 0 or self.max_resample_rounds < 0:
+            raise ValueError("ppo.kl_loss_coef and ppo.max_resample_rounds must be >= 0")
+        if self.critic_warmup_iterations and not self.uses_critic:
+            raise ValueError(f"ppo.critic_warmup_iterations needs a critic; ppo.adv_estimator={self.adv_estimator} "
+                             "uses none")
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether ``adv_estimator`` needs a critic (GAE) or is critic-free."""
+        return self.adv_estimator in CRITIC_ESTIMATORS
 
 
 def _as_list(value) -> list:
@@ -220,27 +295,45 @@ class PPOModule(L.LightningModule):
        critic parameter group), then the LR schedulers; then the adaptive KL controller's update;
     4. :meth:`log_iteration`: metrics and sample generations.
 
+    With a critic-free ``ppo.adv_estimator`` (GRPO, RLOO, REINFORCE++, ...) there is no critic: phase
+    2 takes its baseline from the other responses to the same prompt (``ppo.num_generations``) or from
+    the batch, and phase 3 steps the policy's optimizer alone.
+
     Args:
         policy: causal LM to train. ref_policy: frozen copy of its initial weights.
         critic: ``AutoModelForSequenceClassification`` (one label) giving V(s_t) at every token
-            — the ValueModule's network, loaded from its export.
-        reward_model: frozen ``AutoModelForSequenceClassification`` (one label).
+            — the ValueModule's network, loaded from its export; ``None`` with a critic-free estimator.
+        reward_model: frozen ``AutoModelForSequenceClassification`` (one label); ``None`` when the
+            reward comes from ``reward_functions`` alone.
+        reward_functions: ``[{"fn": "module.function", "weight": w}, ...]`` with TRL's signature
+            (:func:`~rlhf_lightning.reward_functions.load_reward_functions`), added to the reward
+            model's score (weighted sum), each logged as ``reward/<name>``.
         tokenizer: for EOS/pad ids, decoding samples, and the export.
         ppo: :class:`PPOConfig` or dict. policy_optim, critic_optim: :class:`OptimConfig` or dict.
         export_dir: where the trained policy is written at the end of fit (critic beside it in
             ``<export_dir>_critic``); samples_path: JSON-lines file for sample generations.
     """
 
-    def __init__(self, policy: nn.Module, ref_policy: nn.Module, critic: nn.Module, reward_model: nn.Module,
-                 tokenizer, ppo: PPOConfig | dict | None = None, policy_optim: OptimConfig | dict | None = None,
-                 critic_optim: OptimConfig | dict | None = None, export_dir: str | None = None,
-                 samples_path: str | None = None):
+    def __init__(self, policy: nn.Module, ref_policy: nn.Module, critic: nn.Module | None,
+                 reward_model: nn.Module | None, tokenizer, ppo: PPOConfig | dict | None = None,
+                 policy_optim: OptimConfig | dict | None = None, critic_optim: OptimConfig | dict | None = None,
+                 export_dir: str | None = None, samples_path: str | None = None,
+                 reward_functions: list[dict] | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # frozen networks are not in checkpoints
         self.policy, self.ref_policy, self.critic, self.reward_model = policy, ref_policy, critic, reward_model
         self.tokenizer = tokenizer
         self.ppo = as_config(PPOConfig, ppo)
+        if self.ppo.uses_critic and critic is None:
+            raise ValueError(f"ppo.adv_estimator={self.ppo.adv_estimator} needs a critic (got none)")
+        if not self.ppo.uses_critic and critic is not None:
+            raise ValueError(f"ppo.adv_estimator={self.ppo.adv_estimator} is critic-free: pass critic=None "
+                             "(the configs load none for it)")
+        self.reward_functions = load_reward_functions(reward_functions) if reward_functions else []
+        if reward_model is None and not self.reward_functions:
+            raise ValueError("PPO needs a reward: a reward model (reward_model_path), reward functions "
+                             "(reward.functions), or both")
         self.policy_optim = as_config(OptimConfig, policy_optim)
         self.critic_optim = as_config(OptimConfig, critic_optim)
         self.export_dir, self.samples_path = export_dir, samples_path
@@ -256,8 +349,9 @@ class PPOModule(L.LightningModule):
     @property
     def optimizer_steps_per_iteration(self) -> int:
         """Lightning counts every optimizer step in ``global_step``: optimizers × epochs × minibatches,
-        with 2 optimizers (policy, critic), or 1 with ``ppo.joint_optimizer``."""
-        return (1 if self.ppo.joint_optimizer else 2) * self.ppo.ppo_epochs * self.ppo.num_minibatches
+        with 2 optimizers (policy, critic), or 1 with ``ppo.joint_optimizer`` or a critic-free estimator."""
+        return (2 if self.ppo.uses_critic and not self.ppo.joint_optimizer else 1) * self.ppo.ppo_epochs \
+            * self.ppo.num_minibatches
 
     @property
     def iteration(self) -> int:
@@ -279,60 +373,98 @@ class PPOModule(L.LightningModule):
         if batch_size % self.ppo.num_minibatches:
             raise ValueError(f"prompt batch size {batch_size} is not divisible by "
                              f"ppo.num_minibatches={self.ppo.num_minibatches}")
-        exp = self.collect(batch["input_ids"], batch["attention_mask"])
+        exp = self.collect(batch["input_ids"], batch["attention_mask"], batch.get("prompt_index"))
         exp = self.compute_advantages(exp)
         stats = self.update(exp)
         self.log_iteration(exp, stats)
 
-    def collect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, do_sample: bool = True,
-                for_update: bool = True) -> Experience:
+    def collect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor | None = None,
+                do_sample: bool = True, for_update: bool = True) -> Experience:
         """Phase 1: sample responses, score them, and compute old and reference log-probabilities and
         values without autograd.
 
-        With one minibatch (``for_update`` and ``ppo.num_minibatches == 1``) the first PPO epoch's
-        forward sees the whole batch before any update: it runs here, with autograd, and its
-        detached outputs are the old log-probabilities and values, its graph kept in
-        ``Experience.reused_forward`` for the first update (one policy and one critic forward fewer
-        per iteration). The shared frozen trunk, if any, runs once here for all four networks and
-        all PPO epochs (``Experience.trunks``).
+        For an update each prompt is answered ``ppo.num_generations`` times (rows repeated, each
+        prompt's responses contiguous). The score is the reward model's (minus the missing-EOS
+        penalty) plus the weighted reward functions. With ``ppo.dynamic_sampling``, groups whose
+        scores are all equal are sampled again (:meth:`_resample_flat_groups`). With one minibatch
+        (``for_update`` and ``ppo.num_minibatches == 1``) the first PPO epoch's forward sees the whole
+        batch before any update: it runs here, with autograd, and its detached outputs are the old
+        log-probabilities and values, its graph kept in ``Experience.reused_forward`` for the first
+        update (one policy and one critic forward fewer per iteration). The shared frozen trunk, if
+        any, runs once here for all four networks and all PPO epochs (``Experience.trunks``).
 
         Args:
             input_ids, attention_mask: (B, P) left-padded prompts.
+            prompt_index: (B,) long, the prompts' indices in the datamodule (for the reward
+                functions' dataset columns); ``None`` when there are no reward functions.
             do_sample: False decodes greedily.
-            for_update: False for evaluation: old log-probabilities without autograd, no values.
+            for_update: False for evaluation: one response per prompt, old log-probabilities without
+                autograd, no values.
 
         Returns:
             The :class:`~rlhf_lightning.rollout.Experience` (no advantages yet).
         """
-        gen = self.ppo.generation
+        cfg, gen = self.ppo, self.ppo.generation
+        group = cfg.num_generations if for_update else 1
+        if group > 1:
+            input_ids = input_ids.repeat_interleave(group, 0)
+            attention_mask = attention_mask.repeat_interleave(group, 0)
+            prompt_index = prompt_index.repeat_interleave(group, 0) if prompt_index is not None else None
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample)
-        reuse = for_update and self.ppo.num_minibatches == 1
+        stats: dict[str, float] = {}
+        if for_update and cfg.dynamic_sampling and group > 1:
+            rollout, prompt_index, stats = self._resample_flat_groups(rollout, prompt_index)
+        reuse = for_update and cfg.num_minibatches == 1
         exp = make_experience(rollout, self.reward_model, policy=None if reuse else self.policy,
                               ref_policy=self.ref_policy, critic=self.critic if for_update and not reuse else None,
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
                               trunk=self.trunk,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
+        if self.reward_functions:
+            total, per_function = self._function_rewards(rollout, prompt_index)
+            exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
+        exp = replace(exp, sampling_stats=stats)
         if not reuse:
             return exp
         first = self._train_forward(rollout.input_ids, rollout.attention_mask, rollout.response_start, exp.trunks)
         invalid = ~rollout.response_mask
-        return replace(exp, logprobs=first[0].detach().masked_fill(invalid, 0.0),
-                       values=first[2].detach().masked_fill(invalid, 0.0), reused_forward=first)
+        values = first[2].detach().masked_fill(invalid, 0.0) if first[2] is not None else None
+        return replace(exp, logprobs=first[0].detach().masked_fill(invalid, 0.0), values=values, reused_forward=first)
 
     def compute_advantages(self, exp: Experience) -> Experience:
-        """Phase 2: per-token rewards −β·KL_t plus the score at the last token, GAE advantages
-        (whitened with ``ppo.whiten``, across ranks with ``ppo.whiten_across_ranks``) and returns.
+        """Phase 2: per-token rewards −β·KL_t plus the score at the last token, then the advantages of
+        ``ppo.adv_estimator``:
+
+        - ``gae``: GAE advantages and returns with the critic's values (whitened with ``ppo.whiten``,
+          across ranks with ``ppo.whiten_across_ranks``);
+        - ``grpo`` / ``dr_grpo`` / ``rloo``: each response's total reward (score − β·Σ_t KL_t) against
+          the other responses to its prompt, the same advantage at every token;
+        - ``reinforce_pp`` / ``reinforce_pp_baseline``: whitened returns-to-go of the per-token rewards
+          (the latter with the group's mean score subtracted first).
 
         Returns:
-            ``exp`` with ``kl_coef`` (the β used), ``kl``, ``rewards``, ``advantages`` and ``returns``.
+            ``exp`` with ``kl_coef`` (the β used), ``kl``, ``rewards``, ``advantages`` and ``returns``
+            (critic-free: the returns are the advantages' targets only for logging).
         """
         cfg, mask = self.ppo, exp.response_mask
         kl_coef = self.kl_ctl.value
         rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
-        advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten:
-            advantages = self.whiten_advantages(advantages, mask)
+        estimator, group = cfg.adv_estimator, cfg.num_generations
+        if estimator == "gae":
+            advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten:
+                advantages = self.whiten_advantages(advantages, mask)
+        elif estimator in ("grpo", "dr_grpo", "rloo"):
+            totals = rewards.sum(1)  # (N,): score − β·Σ KL_t
+            per_sequence = (rloo_advantages(totals, group) if estimator == "rloo"
+                            else group_advantages(totals, group, std_normalize=estimator == "grpo"))
+            advantages = returns = sequence_to_token_advantages(per_sequence, mask)
+        elif estimator == "reinforce_pp":
+            advantages, returns = reinforce_pp_advantages(rewards, mask, cfg.gamma, all_reduce=self._rank_sum())
+        else:  # reinforce_pp_baseline
+            advantages, returns = reinforce_pp_baseline_advantages(exp.scores, -kl_coef * kl, mask, group, cfg.gamma,
+                                                                   all_reduce=self._rank_sum())
         return replace(exp, kl_coef=kl_coef, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
 
     def update(self, exp: Experience) -> dict[str, torch.Tensor]:
@@ -353,20 +485,29 @@ class PPOModule(L.LightningModule):
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch_size, device=mask.device) if cfg.num_minibatches > 1 else \
                 torch.arange(batch_size, device=mask.device)
-            for mb in order.split(batch_size // cfg.num_minibatches):
+            for mb in order.tensor_split(cfg.num_minibatches):
                 if reused is not None:  # epoch 0, whole batch: computed by collect
                     (logprobs, entropy, values), reused = reused, None
                 else:
                     logprobs, entropy, values = self._train_forward(ro.input_ids[mb], ro.attention_mask[mb],
                                                                     ro.response_start, exp.trunks.rows(mb))
                 m = mask[mb]
-                pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[mb], exp.advantages[mb], m, cfg.clip_eps)
-                vf_loss, vf_stats = value_loss(values, exp.returns[mb], m, exp.values[mb], cfg.cliprange_value)
-                self._step(optimizers, pg_loss + cfg.vf_coef * vf_loss, policy_frozen)
-                for key, value in (("ppo/policy_loss", pg_loss), ("value/loss", vf_loss),
-                                   ("ppo/clipfrac", pg_stats["clipfrac"]), ("ppo/approx_kl", pg_stats["approx_kl"]),
-                                   ("ppo/ratio", pg_stats["ratio_mean"]), ("value/clipfrac", vf_stats["clipfrac"]),
-                                   ("objective/entropy", masked_mean(entropy, m))):
+                pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[mb], exp.advantages[mb], m, cfg.clip_eps,
+                                                    cfg.clip_eps_high, cfg.loss_agg, cfg.ratio_level)
+                step_stats = {"ppo/policy_loss": pg_loss, "ppo/clipfrac": pg_stats["clipfrac"],
+                              "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio": pg_stats["ratio_mean"],
+                              "objective/entropy": masked_mean(entropy, m)}
+                loss = pg_loss
+                if values is not None:
+                    vf_loss, vf_stats = value_loss(values, exp.returns[mb], m, exp.values[mb], cfg.cliprange_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    step_stats.update({"value/loss": vf_loss, "value/clipfrac": vf_stats["clipfrac"]})
+                if cfg.kl_loss_coef:
+                    kl_term = kl_loss(logprobs, exp.ref_logprobs[mb], m, cfg.kl_loss_estimator, cfg.loss_agg)
+                    loss = loss + cfg.kl_loss_coef * kl_term
+                    step_stats["ppo/kl_loss"] = kl_term
+                self._step(optimizers, loss, policy_frozen)
+                for key, value in step_stats.items():
                     stats.setdefault(key, []).append(value.detach())
         for scheduler in _as_list(self.lr_schedulers()):
             scheduler.step()
@@ -389,13 +530,19 @@ class PPOModule(L.LightningModule):
             "objective/kl": kl_per_seq,
             "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
             "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq,
-            "value/explained_var": explained_variance(exp.values, exp.returns, mask),
             "response/length": mask.sum(1).float().mean(),
             "response/eos_frac": exp.rollout.ends_with_eos.float().mean(),
             "rollout/logprob_diff": logprob_diff(exp),
             "ppo/kl_coef": torch.tensor(kl_coef),
             "ppo/iteration": torch.tensor(float(self.iteration)),
         })
+        if exp.values is not None:
+            metrics["value/explained_var"] = explained_variance(exp.values, exp.returns, mask)
+        metrics.update({f"reward/{name}": values.mean() for name, values in exp.reward_components.items()})
+        metrics.update({f"rollout/{name}": torch.tensor(float(value)) for name, value in exp.sampling_stats.items()})
+        if self.ppo.num_generations > 1:
+            groups = exp.scores.view(-1, self.ppo.num_generations)
+            metrics["rollout/mixed_groups"] = (groups.amax(1) > groups.amin(1)).float().mean()
         batch_size = exp.batch_size
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,
@@ -406,12 +553,82 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ pieces of the phases
     def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int, trunks: Trunks):
-        """Policy log-probabilities and entropy, and critic values, with autograd: each (b, R).
+        """Policy log-probabilities and entropy, and critic values (``None`` without a critic), with
+        autograd: each (b, R).
 
         ``trunks``: the shared frozen blocks' outputs for these rows (``Trunks()``: none)."""
         logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
                                               with_entropy=True, trunk=trunks.policy)
+        if self.critic is None:
+            return logprobs, entropy, None
         return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.critic)
+
+    def _function_rewards(self, rollout: Rollout, prompt_index: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reward functions' weighted total (N,) and unweighted rewards by name, on the rollout's
+        decoded responses, with TRL's arguments: ``completions`` (text), ``prompts`` (the dataset's chat
+        messages when the datamodule has them, else the decoded prompt), ``completion_ids`` and the
+        dataset columns (``PromptDataModule.columns``).
+
+        Raises:
+            RewardFunctionError: a function raised or returned a bad value (one line naming it and the row).
+        """
+        completions = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+        completion_ids = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask,
+                                                                  strict=True)]
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        rows = prompt_index.tolist() if prompt_index is not None else None
+        if rows is not None and datamodule is not None and hasattr(datamodule, "columns"):
+            prompts, columns = [datamodule.prompts[i] for i in rows], datamodule.columns(rows)
+        else:
+            prompts = self.tokenizer.batch_decode(rollout.input_ids[:, : rollout.response_start],
+                                                  skip_special_tokens=True)
+            columns = {}
+        total, per_function = score_with_functions(self.reward_functions, completions, prompts, columns,
+                                                   completion_ids=completion_ids, row_ids=rows)
+        device = rollout.input_ids.device
+        return total.to(device), {name: values.to(device) for name, values in per_function.items()}
+
+    def _scores(self, rollout: Rollout, prompt_index: torch.Tensor | None) -> torch.Tensor:
+        """The responses' scores (reward model minus the missing-EOS penalty, plus reward functions), (N,)."""
+        gen = self.ppo.generation
+        scores = make_experience(rollout, self.reward_model, missing_eos_penalty=gen.missing_eos_penalty,
+                                 score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
+                                 ).scores
+        return scores + self._function_rewards(rollout, prompt_index)[0] if self.reward_functions else scores
+
+    def _resample_flat_groups(self, rollout: Rollout, prompt_index: torch.Tensor | None
+                              ) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
+        """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores are all equal give a group
+        estimator no signal; their prompts are answered again, up to ``ppo.max_resample_rounds`` times,
+        and groups still flat after that are left out (unless that would leave fewer rows than
+        minibatches, which keeps every optimizer step of the iteration).
+
+        Returns:
+            ``(rollout, prompt_index, stats)`` with the kept rows (whole groups, in order) and
+            ``{"resampled_groups", "dropped_groups"}`` (counts of groups).
+        """
+        cfg, gen, group = self.ppo, self.ppo.generation, self.ppo.num_generations
+        start = rollout.response_start
+        resampled = 0
+        for round_ in range(cfg.max_resample_rounds + 1):
+            scores = self._scores(rollout, prompt_index).view(-1, group)
+            flat = scores.amax(1) == scores.amin(1)  # (groups,)
+            if round_ == cfg.max_resample_rounds or not bool(flat.any()):
+                break
+            rows = flat.repeat_interleave(group).nonzero().squeeze(1)
+            new = generate(self.policy, rollout.input_ids[rows, :start], rollout.attention_mask[rows, :start], gen,
+                           self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+            rollout = replace_rows(rollout, rows, new, self.tokenizer.pad_token_id)
+            resampled += int(flat.sum())
+        keep = (~flat).repeat_interleave(group).nonzero().squeeze(1)
+        dropped = int(flat.sum())
+        if dropped and keep.numel() >= cfg.num_minibatches:
+            rollout = select_rows(rollout, keep)
+            prompt_index = prompt_index[keep] if prompt_index is not None else None
+        else:
+            dropped = 0
+        return rollout, prompt_index, {"resampled_groups": resampled, "dropped_groups": dropped}
 
     def _step(self, optimizers: list, loss: torch.Tensor, policy_frozen: bool) -> None:
         """One backward of ``loss``, gradient-norm clipping per optimizer (``ppo.max_grad_norm``; the joint
@@ -433,13 +650,15 @@ class PPOModule(L.LightningModule):
         """Step 5's whitening: :func:`~rlhf_lightning.ops.masked_whiten` of ``advantages`` (B, R) float over
         ``mask`` (B, R) bool, with the statistics of every rank's valid tokens when
         ``ppo.whiten_across_ranks`` and the world size is > 1 (summed with the strategy's ``reduce``)."""
-        all_reduce = None
-        if self.ppo.whiten_across_ranks and self.trainer.world_size > 1:
-            strategy = self.trainer.strategy
+        return masked_whiten(advantages, mask, all_reduce=self._rank_sum())
 
-            def all_reduce(stats: torch.Tensor) -> torch.Tensor:
-                return strategy.reduce(stats, reduce_op="sum")
-        return masked_whiten(advantages, mask, all_reduce=all_reduce)
+    def _rank_sum(self):
+        """A sum over ranks for whitening statistics (``strategy.reduce``), when ``ppo.whiten_across_ranks``
+        and the world size is > 1; else ``None`` (each rank whitens its own batch)."""
+        if not (self.ppo.whiten_across_ranks and self.trainer.world_size > 1):
+            return None
+        strategy = self.trainer.strategy
+        return lambda stats: strategy.reduce(stats, reduce_op="sum")
 
     def configure_optimizers(self):
         """AdamW and LR schedules for the policy and the critic (:mod:`~rlhf_lightning.modules.common`).
@@ -452,7 +671,7 @@ class PPOModule(L.LightningModule):
             ``[policy optimizer, critic optimizer], [policy scheduler, critic scheduler]``; with
             ``ppo.joint_optimizer``, ``[optimizer], [scheduler]``: one AdamW whose param groups are
             ``"policy"`` (``policy_optim``) and ``"critic"`` (``critic_optim``), one ``LambdaLR`` with
-            each group's own warm-up.
+            each group's own warm-up; with a critic-free estimator ``[policy optimizer], [policy scheduler]``.
 
         Raises:
             ValueError: the policy or the critic has no trainable parameter; a decaying schedule in a run
@@ -462,6 +681,9 @@ class PPOModule(L.LightningModule):
         total = None
         if trainer is not None and {self.policy_optim.scheduler, self.critic_optim.scheduler} != {"constant"}:
             total = scheduler_total_steps(trainer, self.optimizer_steps_per_iteration)
+        if self.critic is None:  # critic-free estimator: the policy alone
+            opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim, total)
+            return [opt_policy], [sched_policy]
         if self.ppo.joint_optimizer:
             optimizer, scheduler = make_grouped_optimizer([("policy", self.policy.parameters(), self.policy_optim),
                                                            ("critic", self.critic.parameters(), self.critic_optim)],
@@ -518,8 +740,11 @@ class PPOModule(L.LightningModule):
         response, estimator ``ppo.kl_estimator``) and ``eval/eos_frac`` go to every logger, suffixed
         ``_<phase>``, at the current step.
 
+        With reward functions, each one's mean is in ``eval/reward/<name>`` too (a verifier's mean is
+        the held-out accuracy).
+
         Returns:
-            ``{"eval/score", "eval/rm_score", "eval/kl", "eval/eos_frac"}`` as floats, or ``None``
+            ``{"eval/score", "eval/rm_score", "eval/kl", "eval/eos_frac", ...}`` as floats, or ``None``
             when there is nothing to evaluate
             (``num_sample_prompts`` 0 or a datamodule without ``sample_batch``).
         """
@@ -531,7 +756,7 @@ class PPOModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.ppo.eval_seed)
             exp = self.collect(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                               do_sample=not self.ppo.eval_greedy, for_update=False)
+                               batch.get("prompt_index"), do_sample=not self.ppo.eval_greedy, for_update=False)
         _, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, exp.response_mask, self.kl_ctl.value,
                                 self.ppo.kl_estimator)
         exp = replace(exp, kl=kl)
@@ -539,6 +764,7 @@ class PPOModule(L.LightningModule):
         result = {"eval/score": float(exp.scores.mean()), "eval/rm_score": float(exp.rm_scores.mean()),
                   "eval/kl": float((kl * exp.response_mask).sum(1).mean()),
                   "eval/eos_frac": float(exp.rollout.ends_with_eos.float().mean())}
+        result.update({f"eval/reward/{name}": float(values.mean()) for name, values in exp.reward_components.items()})
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:  # self.log is not allowed in on_train_end
                 logger.log_metrics({f"{key}_{phase}": value for key, value in result.items()}, step=self.global_step)
@@ -555,7 +781,8 @@ class PPOModule(L.LightningModule):
         self.evaluate_samples("after")
         if self.trainer.is_global_zero and self.export_dir:
             export_pretrained(self.policy, self.tokenizer, self.export_dir)
-            export_pretrained(self.critic, self.tokenizer, str(self.export_dir).rstrip("/") + "_critic")
+            if self.critic is not None:
+                export_pretrained(self.critic, self.tokenizer, str(self.export_dir).rstrip("/") + "_critic")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
