@@ -77,7 +77,7 @@ def test_ppo_max_steps_follows_the_joint_optimizer(tmp_path):
     from types import SimpleNamespace
 
     from rlhf_lightning.modules import PPOConfig, PPOModule
-    from rlhf_lightning.modules.common import as_config
+    from rlhf_lightning.schema import as_config
 
     for extra, optimizers in (([], 2), (["ppo.joint_optimizer=true"], 1), (["trainer=ddp_cpu"], 2)):
         cfg = _compose(["iterations=5", "ppo.num_minibatches=2", *extra], tmp_path)

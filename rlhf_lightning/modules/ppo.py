@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -15,8 +15,6 @@ from rlhf_lightning.losses import gae, ppo_policy_loss, value_loss
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
-    OptimConfig,
-    as_config,
     export_pretrained,
     find_shared_trunk,
     make_grouped_optimizer,
@@ -24,115 +22,14 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
-from rlhf_lightning.rewards import KL_ESTIMATORS, compute_rewards, make_kl_controller
-from rlhf_lightning.rollout import Experience, GenerationConfig, generate, logprob_diff, make_experience
+from rlhf_lightning.rewards import compute_rewards, make_kl_controller
+from rlhf_lightning.rollout import Experience, generate, logprob_diff, make_experience
+from rlhf_lightning.schema import OptimConfig, PPOConfig, as_config
 
 log = logging.getLogger(__name__)
 
 #: Keys of the frozen networks, left out of checkpoints (they are reloaded from their sources).
 FROZEN_PREFIXES = ("ref_policy.", "reward_model.")
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyperparameters (``ppo.*`` in the configs). Defaults follow Huang et al. 2024,
-    "The N+ Implementation Details of RLHF with PPO".
-
-    Attributes:
-        kl_coef: β, the per-token KL penalty coefficient (≥ 0), initial value if adaptive.
-        clip_eps: ε of the clipped surrogate, in (0, 1).
-        cliprange_value: clip range of the value loss around the rollout's values (None: off).
-        vf_coef: weight of the value loss in the backward (the critic has its own optimizer, or its
-            own parameter group with ``joint_optimizer``).
-        gamma, lam: discount γ and GAE λ, in [0, 1].
-        whiten: whiten advantages over the batch's valid tokens.
-        whiten_across_ranks: under a multi-process strategy (DDP, FSDP, DeepSpeed), whiten with the mean
-            and variance of the valid tokens of all ranks' batches (one all-reduce of their sum, sum of
-            squares and count per iteration), so every rank scales its advantages alike, as one process
-            with the union of the batches would (OpenRLHF's choice); false: each rank whitens its own
-            batch. No effect in one process or with ``whiten`` false.
-        ppo_epochs: passes over each rollout batch.
-        num_minibatches: minibatches per pass; must divide the prompt batch size.
-        kl_estimator: k1, k2 or k3 (Schulman 2020) for the per-token KL in the reward.
-        adaptive_kl: use the adaptive controller (Ziegler et al. 2019) with kl_target (nats per
-            sequence) and kl_horizon (samples).
-        max_grad_norm: gradient-norm clip (None: off): the policy's and the critic's gradient norms
-            are clipped separately with two optimizers; with ``joint_optimizer`` one norm over both
-            (the critic's gradients can then shrink the policy's step and the reverse).
-        joint_optimizer: train the policy and the critic with ONE AdamW holding two parameter groups
-            (policy: ``policy_optim``'s lr, weight decay, betas, eps and warm-up; critic:
-            ``critic_optim``'s) and one LR scheduler with a warm-up per group, instead of two
-            optimizers. Each minibatch is then one backward, one joint gradient-norm clip, one step.
-            Needed for strategies that take a single optimizer (Lightning's DeepSpeedStrategy: the
-            ``deepspeed_*`` trainer presets turn it on for PPO); a step counts once in
-            ``global_step`` instead of twice. Checkpoints of the two modes are not interchangeable
-            (one optimizer state instead of two).
-        generation: sampling settings (:class:`GenerationConfig`).
-        num_sample_prompts: the fixed evaluation prompts (the datamodule's ``sample_batch``: the
-            first held-out prompts) answered before the first and after the last iteration, their
-            responses, scores and KL written to ``samples_path`` and their means logged as
-            ``eval/score`` and ``eval/kl`` (before/after comparison).
-        eval_seed: seed of the evaluation's sampling. The RNG is forked, so the training's random
-            stream is untouched, and before and after draw the same random numbers (common random
-            numbers: the difference measures the policy's change, not sampling noise).
-        eval_greedy: decode the evaluation greedily instead of sampling.
-        log_samples_every_n_steps: also write that many sampled rollouts every N iterations (0: off).
-        critic_warmup_iterations: during the first N iterations only the critic learns: the
-            policy's gradients are dropped before its optimizer steps (the step still runs and
-            counts, so ``global_step`` and ``trainer.max_steps`` are unchanged). A critic started
-            from the reward model reads it at every token, where it was not trained, so its first
-            values can be a worse baseline than none (explained variance −3 to −9 in the demo); the
-            policy then learns from the critic's noise. Not supported under DeepSpeed, which keeps
-            gradients in its own buffers. OpenRLHF calls this ``freezing_actor_steps``.
-        share_trunk: when the policy, reference, critic and reward model have identical frozen
-            lower blocks (``model.trainable_layers`` with one base model), run those blocks once
-            per iteration and only the blocks above them in each network
-            (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same results, fewer forwards).
-            Off under FSDP and DeepSpeed (sharded parameters).
-    """
-
-    kl_coef: float = 0.05
-    clip_eps: float = 0.2
-    cliprange_value: float | None = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: bool = True
-    whiten_across_ranks: bool = True
-    ppo_epochs: int = 4
-    num_minibatches: int = 1
-    kl_estimator: str = "k1"
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: float = 10000.0
-    max_grad_norm: float | None = 1.0
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    num_sample_prompts: int = 3
-    eval_seed: int = 1234
-    eval_greedy: bool = False
-    log_samples_every_n_steps: int = 10
-    share_trunk: bool = True
-    joint_optimizer: bool = False
-    critic_warmup_iterations: int = 0
-
-    def __post_init__(self):
-        self.generation = as_config(GenerationConfig, self.generation)
-        if self.kl_coef < 0:
-            raise ValueError(f"ppo.kl_coef={self.kl_coef} must be >= 0")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"ppo.clip_eps={self.clip_eps} must be in (0, 1)")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"ppo.{name}={getattr(self, name)} must be in [0, 1]")
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
-        if self.critic_warmup_iterations < 0:
-            raise ValueError(f"ppo.critic_warmup_iterations={self.critic_warmup_iterations} must be >= 0")
-        for name in ("joint_optimizer", "whiten_across_ranks"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ppo.{name}={getattr(self, name)!r} must be true or false")
 
 
 def _as_list(value) -> list:
@@ -240,9 +137,9 @@ class PPOModule(L.LightningModule):
         self.strict_loading = False  # frozen networks are not in checkpoints
         self.policy, self.ref_policy, self.critic, self.reward_model = policy, ref_policy, critic, reward_model
         self.tokenizer = tokenizer
-        self.ppo = as_config(PPOConfig, ppo)
-        self.policy_optim = as_config(OptimConfig, policy_optim)
-        self.critic_optim = as_config(OptimConfig, critic_optim)
+        self.ppo = as_config(PPOConfig, ppo, "ppo")
+        self.policy_optim = as_config(OptimConfig, policy_optim, "policy_optim")
+        self.critic_optim = as_config(OptimConfig, critic_optim, "critic_optim")
         self.export_dir, self.samples_path = export_dir, samples_path
         self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.kl_target,
                                          self.ppo.kl_horizon)
@@ -255,9 +152,9 @@ class PPOModule(L.LightningModule):
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
-        """Lightning counts every optimizer step in ``global_step``: optimizers × epochs × minibatches,
-        with 2 optimizers (policy, critic), or 1 with ``ppo.joint_optimizer``."""
-        return (1 if self.ppo.joint_optimizer else 2) * self.ppo.ppo_epochs * self.ppo.num_minibatches
+        """Optimizer steps per iteration, as Lightning's ``global_step`` counts them (``ppo``'s
+        :attr:`~rlhf_lightning.schema.PPOConfig.optimizer_steps_per_iteration`)."""
+        return self.ppo.optimizer_steps_per_iteration
 
     @property
     def iteration(self) -> int:
