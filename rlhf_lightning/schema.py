@@ -111,7 +111,7 @@ def unknown_key_message(cls: type, name: str, key: str | None = None) -> str:
     closest field (``difflib``) as a suggestion, or else the list of fields:
     ``ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)``."""
     names = [f.name for f in fields(cls)]
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, names, n=1)
     hint = f"did you mean {close[0]}?" if close else f"allowed keys: {', '.join(names)}"
     return f"{f'{key}.' if key else ''}{name} is not a setting of {cls.__name__} ({hint})"
 

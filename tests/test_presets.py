@@ -93,6 +93,7 @@ def test_ppo_optimizers_resolver():
     from rlhf_lightning.config import _ppo_optimizers
 
     assert [_ppo_optimizers(v) for v in (True, False, "TRUE", "false")] == [1, 2, 1, 2]
+    assert _ppo_optimizers(False, 4, 2) == 16 and _ppo_optimizers("true", 3, "2") == 6  # per iteration
     with pytest.raises(TypeError, match="ppo.joint_optimizer"):
         _ppo_optimizers("yes")
 
