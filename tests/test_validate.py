@@ -461,12 +461,14 @@ def test_train_py_prints_one_error_line_and_exits_2_before_loading(reward_dir, t
     (["value_optim.lr=1e-3"], "error: value_optim was renamed critic_optim: use critic_optim.lr=1e-3"),
     # a YAML file of one's own (an experiment preset on an added search path) with the old key
     (["experiment=old_keys"], "error: value_optim was renamed critic_optim: use critic_optim.lr=0.001"),
+    (["experiment=typo"], "error: ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)"),
 ])
 def test_train_py_refuses_unknown_and_renamed_keys_in_one_line(overrides, expected, reward_dir, tmp_path):
     """Hydra refuses an unknown key of a typed node while composing; train.py still prints one line."""
     user_conf = tmp_path / "user_conf"
     (user_conf / "experiment").mkdir(parents=True)
     (user_conf / "experiment" / "old_keys.yaml").write_text("# @package _global_\nvalue_optim:\n  lr: 1.0e-3\n")
+    (user_conf / "experiment" / "typo.yaml").write_text("# @package _global_\nppo:\n  kl_coeff: 0.1\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=ppo", "model=tiny",
