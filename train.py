@@ -13,9 +13,12 @@
     python train.py -m stage=ppo reward_model_path=... ppo.kl_coef=0.01,0.05,0.2 ppo.clip_eps=0.1,0.2,0.3
 
 Every key of conf/ can be overridden on the command line; outputs go to Hydra's run directory.
+A bad config stops before anything loads with one line, ``error: <key>...``, and exit status 2.
 """
 
+import os
 import sys
+from types import TracebackType
 
 import hydra
 from omegaconf import DictConfig
@@ -23,7 +26,7 @@ from omegaconf import DictConfig
 from rlhf_lightning.callbacks import TrainingDiverged
 from rlhf_lightning.config import run
 from rlhf_lightning.data import DataError, DataSourceError
-from rlhf_lightning.validate import ConfigError
+from rlhf_lightning.validate import ConfigError, composition_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -43,5 +46,62 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(objective) if objective else None
 
 
+def cli() -> None:
+    """Run :func:`main` under Hydra; a config Hydra cannot compose because of a key or a value (an unknown
+    key such as ``ppo.kl_coeff=0.1``, a value of the wrong type, the renamed ``value_optim``) ends with one
+    line, ``error: ...`` (:func:`rlhf_lightning.validate.composition_error`), and exit status 2.
+
+    Hydra prints the errors it meets itself, in several lines, unless ``HYDRA_FULL_ERROR`` is set: then
+    they reach this function. Every other error, and any error raised while a job runs, is handed back to
+    Hydra's report (exit status 1), as without this function, or raised as it is when ``HYDRA_FULL_ERROR``
+    was set before.
+    """
+    from hydra._internal.utils import run_and_report
+
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except Exception as err:
+        _restore_env("HYDRA_FULL_ERROR", full_error)
+        job_traceback = _job_traceback(err)
+        config_error = None if job_traceback else composition_error(err, sys.argv[1:])
+        if config_error is not None:
+            print(f"error: {config_error}", file=sys.stderr)
+            sys.exit(2)
+        if full_error == "1":
+            raise
+
+        failure = err.with_traceback(job_traceback) if job_traceback else err  # from run_job: Hydra trims there
+
+        def reraise() -> None:
+            raise failure
+
+        run_and_report(reraise)  # prints as Hydra does and exits with status 1
+        raise
+    finally:
+        _restore_env("HYDRA_FULL_ERROR", full_error)
+
+
+def _job_traceback(err: BaseException) -> TracebackType | None:
+    """The part of ``err``'s traceback from Hydra's ``run_job`` (which calls :func:`main`) on, or ``None``
+    when ``err`` did not come out of a job (it came out of composing a job's config). Hydra's report looks
+    for the same frame to leave its own frames out."""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "run_job" and f"{os.sep}hydra{os.sep}" in code.co_filename:
+            return tb
+        tb = tb.tb_next
+    return None
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 if __name__ == "__main__":
-    main()
+    cli()

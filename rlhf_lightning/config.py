@@ -1,4 +1,5 @@
-"""Hydra/OmegaConf glue: custom resolvers and the assembly of a run from a composed config."""
+"""Hydra/OmegaConf glue: custom resolvers, the settings dataclasses in the ConfigStore, and the assembly of a
+run from a composed config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning import launch, tracking
+from rlhf_lightning.losses import ADV_ESTIMATORS
+from rlhf_lightning.schema import OptimConfig, PPOConfig, RewardConfig, ValueConfig, ppo_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +20,18 @@ def _mul(*factors) -> int:
     return math.prod(int(f) for f in factors)
 
 
-def _ppo_optimizers(joint) -> int:
-    """``${ppo_optimizers:${ppo.joint_optimizer}}``: optimizer steps PPO takes per minibatch, the factor
-    Lightning's ``global_step`` (so ``trainer.max_steps``) counts them with: 1 with the joint optimizer,
-    2 otherwise (policy and critic). As :attr:`PPOModule.optimizer_steps_per_iteration`.
+def _ppo_optimizers(joint, ppo_epochs=1, num_minibatches=1, adv_estimator=ADV_ESTIMATORS[0]) -> int:
+    """``${ppo_optimizers:${ppo.joint_optimizer},${ppo.ppo_epochs},${ppo.num_minibatches},${ppo.adv_estimator}}``:
+    the optimizer steps PPO takes per iteration, the factor Lightning's ``global_step`` (so ``trainer.max_steps``)
+    counts them with
+    (:func:`rlhf_lightning.schema.ppo_optimizer_steps`, as ``PPOModule.optimizer_steps_per_iteration``);
+    ``${ppo_optimizers:${ppo.joint_optimizer}}``: per minibatch, i.e. the number of optimizers (1 with the
+    joint optimizer or a critic-free estimator, 2 otherwise).
 
     Args:
         joint: a bool, or the strings ``true``/``false`` (any case).
+        ppo_epochs, num_minibatches: integers.
+        adv_estimator: ``ppo.adv_estimator`` (a critic-free one steps one optimizer).
 
     Raises:
         TypeError: anything else (the message names ``ppo.joint_optimizer``).
@@ -32,7 +40,7 @@ def _ppo_optimizers(joint) -> int:
         joint = joint.lower() == "true"
     if not isinstance(joint, bool):
         raise TypeError(f"ppo.joint_optimizer={joint!r} must be true or false")
-    return 1 if joint else 2
+    return ppo_optimizer_steps(joint, int(ppo_epochs), int(num_minibatches), str(adv_estimator))
 
 
 def _tiny_source(family) -> str:
@@ -40,6 +48,23 @@ def _tiny_source(family) -> str:
     Llama) when ``family`` is null, else ``tiny-<family>`` (a 4-layer random model of that decoder family,
     :data:`rlhf_lightning.models.loading.TINY_FAMILIES`)."""
     return "tiny" if family in (None, "", "null") else f"tiny-{family}"
+
+
+#: The settings dataclasses in Hydra's ConfigStore, group ``schema``: ``conf/stage/*.yaml`` place them with
+#: defaults-list entries such as ``- /schema/ppo@ppo`` and ``- /schema/optim@policy_optim``.
+SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "optim": OptimConfig}
+
+
+def register_configs() -> None:
+    """Store :data:`SCHEMAS` in Hydra's ConfigStore (group ``schema``; idempotent). Call before composing the
+    configs: the stage configs' defaults lists name them, and Hydra then types their nodes (an unknown key or
+    a value of the wrong type is refused while composing; :func:`rlhf_lightning.validate.composition_error`
+    says so in one line)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(group="schema", name=name, node=node)
 
 
 def register_resolvers() -> None:
@@ -61,6 +86,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+register_configs()
 
 
 def instantiate_group(node: DictConfig | None) -> list:

@@ -18,39 +18,7 @@ from rlhf_lightning.models.forward import position_ids_from_mask, response_logpr
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.ops import logprobs_from_logits, masked_mean, response_mask_from_eos, sample_from_logits
 from rlhf_lightning.rewards import apply_missing_eos_penalty
-
-
-@dataclass
-class GenerationConfig:
-    """Sampling settings for rollouts (``ppo.generation.*`` / ``value.generation.*``).
-
-    Attributes:
-        max_new_tokens: response length cap R, in tokens.
-        temperature: softmax temperature (> 0); log-probabilities are computed at the same one.
-        top_p: nucleus sampling mass in (0, 1].
-        top_k: sample among the k likeliest tokens (0: off).
-        missing_eos_penalty: subtracted from the score of a response cut at max_new_tokens
-            without EOS (``None``: no penalty).
-        score_with_eos: score a response cut at max_new_tokens with an EOS token appended, so that
-            the reward model reads it at an EOS, where it was trained to read complete responses
-            (:func:`scoring_inputs`; why it matters is measured in the README's demo section).
-            Responses that ended with their own EOS are scored as they are.
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    missing_eos_penalty: float | None = None
-    score_with_eos: bool = True
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"generation.temperature={self.temperature} must be > 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"generation.top_p={self.top_p} must be in (0, 1]")
+from rlhf_lightning.schema import GenerationConfig
 
 
 @dataclass(frozen=True)

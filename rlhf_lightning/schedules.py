@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-#: The ``scheduler`` values of :class:`~rlhf_lightning.modules.common.OptimConfig`; the first is the default.
+#: The ``scheduler`` values of :class:`~rlhf_lightning.schema.OptimConfig`; the first is the default.
 SCHEDULERS = ("constant", "linear", "cosine")
 
 

@@ -5,8 +5,10 @@ config, looks at the file system (``exists``, ``config.json``), reads the small 
 tokenizers and, for an online W&B logger, looks up W&B credentials in the environment and local files;
 it never builds a network, never converts a GGUF file and never touches the network.
 Each problem is a :class:`ConfigError` whose message is one line naming the offending key, e.g.
-``ppo.clip_eps=1.5 must be in (0, 1) (the clip range epsilon of the PPO surrogate)``; ``train.py``
-prints it as ``error: <message>`` and exits with status 2.
+``ppo.clip_eps=1.5 must be in (0, 1)``; ``train.py`` prints it as ``error: <message>`` and exits with
+status 2. The ranges of the stages' settings are not restated here: :func:`validate_config` builds their
+dataclasses (:mod:`rlhf_lightning.schema`), whose checks word the message; what Hydra already refuses while
+composing (an unknown key, a value of the wrong type) :func:`composition_error` words in one line.
 
 Tokenizer compatibility (``reward_model_path`` and ``critic_path`` against the policy): the reward
 model and the critic read the token ids the policy samples, so their tokenizers must give every token
@@ -43,17 +45,27 @@ Safe loading notes (checked for Lightning 2.6.6 and torch 2.13):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationToMissingValueError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
+from rlhf_lightning.losses import CRITIC_ESTIMATORS
 from rlhf_lightning.paths import looks_like_local_path
+from rlhf_lightning.schema import as_config, check_range, describe_type, field_type, unknown_key_message
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +80,8 @@ FP16_MIXED = ("16-mixed", "16", 16)
 PPO_FP16_ERROR = ("trainer.precision={precision} is not supported for stage=ppo: PPO clips its gradients (manual "
                   "optimization) before Lightning's GradScaler unscales them, and fused AdamW unscales inside its "
                   "step (Lightning raises); use trainer.precision=bf16-mixed (or 32-true)")
-#: The optimizer settings of each stage (their ``scheduler`` and ``warmup_steps`` are checked).
-OPTIM_KEYS = {"reward": ("reward.optim",), "value": ("critic_optim",), "ppo": ("policy_optim", "critic_optim")}
+#: Keys that were renamed, old -> new: a config that still sets the old one is refused, naming the new one.
+RENAMED_KEYS = {"value_optim": "critic_optim"}
 
 _ABSENT = object()
 _MISSING = object()
@@ -93,42 +105,18 @@ def _get(cfg: DictConfig, key: str) -> Any:
         raise ConfigError(f"{key}: cannot resolve the value ({_one_line(err)})") from None
 
 
-def _number(cfg: DictConfig, key: str, integer: bool = False) -> float | int | None:
-    """The number at ``key`` (``None`` when the key is absent or null)."""
+def _check_number(cfg: DictConfig, key: str, what: str = "", **bounds: Any) -> float | int | None:
+    """The number at dotted ``key``, checked by :func:`rlhf_lightning.schema.check_range` with ``bounds``
+    (``None`` when the key is absent or null); ``what``, if given, ends the message in parentheses."""
     value = _get(cfg, key)
     if value is _ABSENT or value is None:
         return None
     if value is _MISSING:
         raise ConfigError(f"{key} is required (it is '???' in the config)")
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ConfigError(f"{key}={value!r} must be {'an integer' if integer else 'a number'}")
-    return value
-
-
-def _check_range(cfg: DictConfig, key: str, low: float | None, high: float | None,
-                 low_open: bool = False, high_open: bool = False, what: str = "") -> None:
-    value = _number(cfg, key)
-    if value is None:
-        return
-    ok = not math.isnan(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if ok:
-        return
-    if high is None:
-        bound = f"{'>' if low_open else '>='} {low:g}"
-    else:
-        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    raise ConfigError(f"{key}={value} must be {bound}" + (f" ({what})" if what else ""))
-
-
-def _check_positive_int(cfg: DictConfig, key: str, what: str = "") -> int | None:
-    value = _number(cfg, key, integer=True)
-    if value is not None and value < 1:
-        raise ConfigError(f"{key}={value} must be a positive integer" + (f" ({what})" if what else ""))
+    try:
+        check_range(key, value, **bounds)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{err}" + (f" ({what})" if what else "")) from None
     return value
 
 
@@ -185,8 +173,9 @@ def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
     value = _get(cfg, key)
     if value is _MISSING or value is None:
         if key == "reward_model_path":
+            extra = " (or reward.functions, with reward_model_path=null)" if stage == "ppo" else ""
             raise ConfigError(f"reward_model_path is required for stage={stage}: "
-                              "pass reward_model_path=<reward run dir>/model")
+                              f"pass reward_model_path=<reward run dir>/model{extra}")
         raise ConfigError(f"{key} is required for stage={stage}: pass {key}=<run dir>/model")
     if value is _ABSENT:
         return None
@@ -209,23 +198,6 @@ def _is_deepspeed(cfg: DictConfig) -> str | None:
     strategy = _get(cfg, "trainer.strategy")
     target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
     return target if isinstance(target, str) and "deepspeed" in target.lower() else None
-
-
-def _check_optim(cfg: DictConfig, prefix: str) -> None:
-    """``<prefix>.scheduler`` is a known schedule and ``<prefix>.warmup_steps`` an integer >= 0."""
-    from rlhf_lightning.schedules import check_scheduler
-
-    scheduler = _get(cfg, f"{prefix}.scheduler")
-    if scheduler is _MISSING:
-        raise ConfigError(f"{prefix}.scheduler is required (it is '???' in the config)")
-    if scheduler is not _ABSENT:
-        try:
-            check_scheduler(scheduler, f"{prefix}.scheduler")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    warmup = _number(cfg, f"{prefix}.warmup_steps", integer=True)
-    if warmup is not None and warmup < 0:
-        raise ConfigError(f"{prefix}.warmup_steps={warmup} must be >= 0 (scheduler steps of linear warm-up)")
 
 
 def _check_ckpt_path(cfg: DictConfig) -> None:
@@ -470,6 +442,142 @@ def _check_wandb_login(cfg: DictConfig) -> None:
         return  # one lookup answers for every W&B logger
 
 
+# --------------------------------------------------------------------------- settings
+
+
+def renamed_key_message(old: str, settings: list[str]) -> str:
+    """The refusal of a renamed top-level key (:data:`RENAMED_KEYS`), with the settings given under the old
+    name (``["value_optim.lr=1e-3"]``) rewritten to the new one:
+    ``value_optim was renamed critic_optim: use critic_optim.lr=1e-3``."""
+    new = RENAMED_KEYS[old]
+    use = " ".join(new + text[len(old):] for text in settings) if settings else f"{new}.<setting>=<value>"
+    return f"{old} was renamed {new}: use {use}"
+
+
+def _flat_settings(prefix: str, node: Any) -> list[str]:
+    """``["<prefix>.<key>=<value>", ...]`` for the leaves of ``node`` (a resolved container or a value)."""
+    if isinstance(node, dict):
+        return [text for key, value in node.items() for text in _flat_settings(f"{prefix}.{key}", value)]
+    return [] if node is None else [f"{prefix}={node}"]
+
+
+def _check_renamed_keys(cfg: DictConfig) -> None:
+    """A renamed key (:data:`RENAMED_KEYS`) added on the command line (``+value_optim.lr=...``) or by a YAML
+    file of one's own is refused with the new name (without ``+``, Hydra refuses it while composing:
+    :func:`composition_error`)."""
+    for old in RENAMED_KEYS:
+        if old in cfg:
+            try:
+                node = OmegaConf.to_container(cfg[old], resolve=True) if OmegaConf.is_config(cfg[old]) else cfg[old]
+            except OmegaConfBaseException:
+                node = None
+            raise ConfigError(renamed_key_message(old, _flat_settings(old, node)))
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Build every top-level node that Hydra typed with a settings dataclass of :mod:`rlhf_lightning.schema`
+    (``reward``, ``value``, ``ppo``, ``policy_optim``, ``critic_optim``: the ``schema`` entries of the stage's
+    defaults list), as the modules will (:func:`rlhf_lightning.schema.as_config`), so that its
+    ``__post_init__`` checks the ranges now; its ``ValueError`` or ``TypeError`` becomes a
+    :class:`ConfigError` naming the full key (``ppo.clip_eps=1.5 must be in (0, 1)``)."""
+    for key in cfg:
+        if key == "hydra" or not dataclasses.is_dataclass(cls := OmegaConf.get_type(cfg, key)):
+            continue
+        try:
+            settings = OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True)
+        except (MissingMandatoryValue, InterpolationToMissingValueError) as err:
+            raise ConfigError(f"{getattr(err, 'full_key', None) or key} is required (it is '???' in the config)") \
+                from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{key}: cannot resolve the value ({_one_line(err)})") from None
+        try:
+            as_config(cls, settings, key)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(_one_line(err)) from None
+
+
+def _task_overrides(cfg: DictConfig) -> list[str]:
+    """The command-line overrides of this job (Hydra's ``hydra.overrides.task``; none outside Hydra)."""
+    if "hydra" in cfg:
+        return list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _check_bool_overrides(cfg: DictConfig) -> None:
+    """A ``bool`` field of a settings dataclass given on the command line as anything but ``true`` or
+    ``false`` (``ppo.joint_optimizer=1``) is refused: OmegaConf turns ``1``, ``yes`` or ``on`` into ``true``
+    when it merges the value into the typed node, so the composed config cannot tell."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for text in _task_overrides(cfg):
+        try:
+            override = parser.parse_override(text)
+        except Exception:  # noqa: BLE001 - Hydra parsed it already; anything it did not is not ours to check
+            continue
+        if override.is_delete() or override.is_sweep_override():
+            continue
+        parent_key, _, name = override.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else None
+        cls = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if dataclasses.is_dataclass(cls) and field_type(cls, name) is bool and not isinstance(override.value(), bool):
+            raise ConfigError(f"{override.key_or_group}={override.value()!r} must be {describe_type(bool)}")
+
+
+def composition_error(err: BaseException, overrides: Sequence[str] = ()) -> ConfigError | None:
+    """The one-line :class:`ConfigError` for a config Hydra could not compose because of a key or a value.
+
+    With the settings dataclasses in the ConfigStore (:func:`rlhf_lightning.config.register_configs`), Hydra
+    refuses while composing what OmegaConf refuses in a typed node, and reports it in several lines. Found in
+    ``err``'s chain of causes, an OmegaConf error naming a key becomes:
+
+    - a renamed key (:data:`RENAMED_KEYS`): :func:`renamed_key_message`, with the matching ``overrides``
+      rewritten (``value_optim.lr=1e-3`` → ``critic_optim.lr=1e-3``);
+    - a key that is not a field: :func:`rlhf_lightning.schema.unknown_key_message`
+      (``ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)``); an unknown key outside the
+      dataclasses: ``<key> is not a key of the config ...``;
+    - a value of the wrong type: ``ppo.kl_coef='big' must be a number`` (the field's type,
+      :func:`rlhf_lightning.schema.describe_type`).
+
+    Args:
+        err: what Hydra's ``compose`` (or ``@hydra.main`` with ``HYDRA_FULL_ERROR=1``) raised.
+        overrides: the command-line overrides.
+
+    Returns:
+        The error, or ``None`` when ``err`` is of another kind (a config group option that does not exist, a
+        YAML syntax error, an error raised while the job ran, which Hydra wraps in ``HydraJobException``):
+        Hydra's own report says more about those.
+    """
+    cause: BaseException | None = err
+    while cause is not None and not (isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None)):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    key = str(cause.full_key)
+    root = key.split(".", 1)[0]
+    given = [text.lstrip("+~") for text in overrides]
+    given = [text for text in given if text.split("=", 1)[0] == key or text.startswith(f"{key}.")]
+    if root in RENAMED_KEYS:
+        return ConfigError(renamed_key_message(root, given))
+    cls = getattr(cause, "object_type", None)
+    cls = cls if dataclasses.is_dataclass(cls) else None
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        parent, _, name = key.rpartition(".")
+        if cls is not None:
+            return ConfigError(unknown_key_message(cls, name, parent or None))
+        text = given[0] if given else f"{key}=..."
+        return ConfigError(f"{text.split('=', 1)[0]} is not a key of the config (to add a new key: +{text})")
+    if isinstance(cause, ValidationError):
+        value = getattr(cause, "value", None)
+        annotation = field_type(cls, str(cause.key)) if cls is not None and cause.key is not None else None
+        if annotation is not None:
+            return ConfigError(f"{key}={value!r} must be {describe_type(annotation)}")
+        return ConfigError(f"{key}={value!r}: {_one_line(str(cause.msg).splitlines()[0])}")
+    return None
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -480,23 +588,24 @@ def validate_config(cfg: DictConfig) -> None:
 
     1. the stage: ``module._target_`` is one of the three modules, Hydra's stage choice (when known)
        is ``reward``, ``value`` or ``ppo`` and agrees with it;
-    2. hyperparameter ranges: β = ``ppo.kl_coef``/``value.kl_coef`` >= 0, ε = ``ppo.clip_eps`` in
-       (0, 1), γ and λ (``ppo.gamma``, ``ppo.lam``, ``value.gamma``, ``value.lam``) in [0, 1],
-       ``reward.center_coef`` >= 0;
-    3. sizes: batch sizes, ``iterations``, ``ppo.ppo_epochs``, ``ppo.num_minibatches``,
-       ``*.generation.max_new_tokens`` and maximum lengths are positive integers, and
-       ``batch_size`` is a multiple of ``ppo.num_minibatches``; ``ppo.joint_optimizer`` and
-       ``ppo.whiten_across_ranks`` are bools, the former true under a DeepSpeed strategy (Lightning's
-       takes one optimizer; the ``deepspeed_*`` presets set it for PPO through ``conf/stage_trainer/``,
-       so this catches an explicit ``ppo.joint_optimizer=false`` or a DeepSpeed strategy of one's own);
-       PPO does not run under ``trainer.precision=16-mixed`` (:data:`PPO_FP16_ERROR`; DeepSpeed
-       excepted); the stage's optimizer settings (:data:`OPTIM_KEYS`) have a known ``scheduler``
-       (:data:`rlhf_lightning.schedules.SCHEDULERS`) and ``warmup_steps`` >= 0;
+    2. no renamed key (:data:`RENAMED_KEYS`: ``value_optim``, now ``critic_optim``);
+    3. the stage's settings: every top-level node typed by a dataclass of :mod:`rlhf_lightning.schema`
+       (``reward``, ``value``, ``ppo``, ``policy_optim``, ``critic_optim``) builds, i.e. passes that
+       dataclass's checks (β >= 0, ε in (0, 1), γ and λ in [0, 1], positive sizes, known schedules and KL
+       estimators, ...); a ``bool`` field set on the command line is ``true`` or ``false``;
+       value/PPO: ``batch_size``, ``iterations`` and ``max_prompt_length`` are positive integers;
+       PPO: ``batch_size`` is a multiple of ``ppo.num_minibatches``; ``ppo.joint_optimizer`` is true
+       under a DeepSpeed strategy (Lightning's takes one optimizer; the ``deepspeed_*`` presets set it for
+       PPO through ``conf/stage_trainer/``, so this catches an explicit ``ppo.joint_optimizer=false`` or a
+       DeepSpeed strategy of one's own); PPO does not run under ``trainer.precision=16-mixed``
+       (:data:`PPO_FP16_ERROR`; DeepSpeed excepted);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
        may be null);
-    5. value/PPO: ``reward_model_path`` is given; it and ``critic_path``, when existing or local-looking
+    5. value/PPO: ``reward_model_path`` is given (PPO: or null with ``reward.functions``), the value stage
+       is not asked for with a critic-free ``ppo.adv_estimator``; it and ``critic_path`` (only for an
+       estimator with a critic), when existing or local-looking
        (:func:`rlhf_lightning.paths.looks_like_local_path`: not a Hub id), are directories with
        ``config.json``;
     6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know.
@@ -508,59 +617,51 @@ def validate_config(cfg: DictConfig) -> None:
         ConfigError: one line naming the offending key.
     """
     stage = config_stage(cfg)
+    _check_renamed_keys(cfg)
+    _check_settings(cfg)
+    _check_bool_overrides(cfg)
 
-    if stage == "reward":
-        _check_range(cfg, "reward.center_coef", 0, None, what="reward centering coefficient")
-        for key in ("reward.batch_size", "reward.eval_batch_size", "reward.max_length"):
-            _check_positive_int(cfg, key)
-    else:
-        prefix = stage  # "value" or "ppo"
-        _check_range(cfg, f"{prefix}.kl_coef", 0, None, what="beta, the KL penalty coefficient")
-        if stage == "ppo":
-            _check_range(cfg, "ppo.clip_eps", 0, 1, low_open=True, high_open=True,
-                         what="the clip range epsilon of the PPO surrogate")
-        _check_range(cfg, f"{prefix}.gamma", 0, 1, what="the discount gamma")
-        _check_range(cfg, f"{prefix}.lam", 0, 1, what="the GAE lambda")
-        batch_size = _check_positive_int(cfg, "batch_size", "prompts per rollout batch")
-        _check_positive_int(cfg, "iterations", "rollout batches to train on")
-        _check_positive_int(cfg, "max_prompt_length")
-        _check_positive_int(cfg, f"{prefix}.generation.max_new_tokens", "response length cap")
-        if stage == "ppo":
-            _check_positive_int(cfg, "ppo.ppo_epochs")
-            minibatches = _check_positive_int(cfg, "ppo.num_minibatches")
-            if batch_size is not None and minibatches is not None and batch_size % minibatches:
-                raise ConfigError(f"batch_size={batch_size} is not divisible by ppo.num_minibatches={minibatches} "
-                                  "(each PPO epoch splits the rollout batch into equal minibatches)")
-            for key in ("ppo.joint_optimizer", "ppo.whiten_across_ranks"):
-                flag = _get(cfg, key)
-                if flag is _MISSING or (flag is not _ABSENT and not isinstance(flag, bool)):
-                    shown = "???" if flag is _MISSING else repr(flag)
-                    raise ConfigError(f"{key}={shown} must be true or false")
-            joint = _get(cfg, "ppo.joint_optimizer")
-            target = _is_deepspeed(cfg)
-            if target is not None and joint is not True:
-                raise ConfigError(f"trainer.strategy={target} takes one optimizer and PPO has two (policy, critic): "
-                                  "set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
-            precision = _get(cfg, "trainer.precision")
-            if precision in FP16_MIXED and target is None:  # DeepSpeed scales and clips in its engine
-                raise ConfigError(PPO_FP16_ERROR.format(precision=precision))
-    for prefix in OPTIM_KEYS[stage]:
-        _check_optim(cfg, prefix)
+    if stage in ("value", "ppo"):
+        batch_size = _check_number(cfg, "batch_size", "prompts per rollout batch", low=1, integer=True)
+        _check_number(cfg, "iterations", "rollout batches to train on", low=1, integer=True)
+        _check_number(cfg, "max_prompt_length", low=1, integer=True)
+    if stage == "ppo":
+        minibatches = _get(cfg, "ppo.num_minibatches")  # a positive integer: checked by PPOConfig
+        if batch_size is not None and isinstance(minibatches, int) and batch_size % minibatches:
+            raise ConfigError(f"batch_size={batch_size} is not divisible by ppo.num_minibatches={minibatches} "
+                              "(each PPO epoch splits the rollout batch into equal minibatches)")
+        target = _is_deepspeed(cfg)
+        if target is not None and _get(cfg, "ppo.joint_optimizer") is not True:
+            raise ConfigError(f"trainer.strategy={target} takes one optimizer and PPO has two (policy, critic): "
+                              "set ppo.joint_optimizer=true (one optimizer with two parameter groups)")
+        precision = _get(cfg, "trainer.precision")
+        if precision in FP16_MIXED and target is None:  # DeepSpeed scales and clips in its engine
+            raise ConfigError(PPO_FP16_ERROR.format(precision=precision))
 
     on_error = _get(cfg, "data.on_error")
     if on_error is _MISSING or (on_error is not _ABSENT and on_error not in ON_ERROR):
         shown = "???" if on_error is _MISSING else repr(on_error)
         raise ConfigError(f"data.on_error={shown} must be 'raise' or 'skip'")
     _check_ckpt_path(cfg)
-    _check_positive_int(cfg, "checkpoint.every_n_train_steps", "optimizer steps between checkpoints")
-    _check_range(cfg, "checkpoint.every_n_minutes", 0, None, low_open=True, what="minutes between checkpoints")
-    value = _number(cfg, "max_consecutive_bad_steps", integer=True)
-    if value is not None and value < 0:
-        raise ConfigError(f"max_consecutive_bad_steps={value} must be >= 0 (0 or null: never stop)")
+    _check_number(cfg, "checkpoint.every_n_train_steps", "optimizer steps between checkpoints", low=1, integer=True)
+    _check_number(cfg, "checkpoint.every_n_minutes", "minutes between checkpoints", low=0, low_open=True)
+    _check_number(cfg, "max_consecutive_bad_steps", "0 or null: never stop", low=0, integer=True)
 
+    estimator = _get(cfg, "ppo.adv_estimator")
+    critic_free = isinstance(estimator, str) and estimator not in CRITIC_ESTIMATORS
+    if stage == "value" and critic_free:
+        raise ConfigError(f"stage=value trains a critic for GAE, and ppo.adv_estimator={estimator} uses none: "
+                          "skip the value stage (run stage=ppo directly)")
     if stage in ("value", "ppo"):
+        keys = ["reward_model_path"]
+        functions = _get(cfg, "reward.functions") if stage == "ppo" else None
+        if stage == "ppo" and _get(cfg, "reward_model_path") is None and functions not in (_ABSENT, _MISSING, None) \
+                and len(functions):
+            keys = []  # the reward functions alone give the reward
+        if not critic_free:
+            keys.append("critic_path")
         model_dirs = {}
-        for key in ("reward_model_path", "critic_path"):
+        for key in keys:
             directory = _check_model_dir(cfg, key, stage)
             if directory is not None and directory.resolve() not in {d.resolve() for d in model_dirs.values()}:
                 model_dirs[key] = directory

@@ -77,7 +77,7 @@ def test_ppo_max_steps_follows_the_joint_optimizer(tmp_path):
     from types import SimpleNamespace
 
     from rlhf_lightning.modules import PPOConfig, PPOModule
-    from rlhf_lightning.modules.common import as_config
+    from rlhf_lightning.schema import as_config
 
     for extra, optimizers in (([], 2), (["ppo.joint_optimizer=true"], 1), (["trainer=ddp_cpu"], 2)):
         cfg = _compose(["iterations=5", "ppo.num_minibatches=2", *extra], tmp_path)
@@ -93,6 +93,7 @@ def test_ppo_optimizers_resolver():
     from rlhf_lightning.config import _ppo_optimizers
 
     assert [_ppo_optimizers(v) for v in (True, False, "TRUE", "false")] == [1, 2, 1, 2]
+    assert _ppo_optimizers(False, 4, 2) == 16 and _ppo_optimizers("true", 3, "2") == 6  # per iteration
     with pytest.raises(TypeError, match="ppo.joint_optimizer"):
         _ppo_optimizers("yes")
 

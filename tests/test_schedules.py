@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from rlhf_lightning.modules.common import (
-    OptimConfig,
     fused_adamw_allowed,
     make_grouped_optimizer,
     make_optimizer,
     scheduler_total_steps,
 )
 from rlhf_lightning.schedules import SCHEDULERS, lr_multiplier
+from rlhf_lightning.schema import OptimConfig, as_config
 
 C = math.cos(math.pi / 4)  # 0.7071...
 
@@ -52,10 +52,15 @@ def test_lr_multiplier_errors():
     for total in (None, float("inf")):
         with pytest.raises(ValueError, match="scheduler=cosine decays .* set trainer.max_steps"):
             lr_multiplier(0, 0, total, "cosine")
-    with pytest.raises(ValueError, match="optim.scheduler='exp'"):
+    # A dataclass names its own field; as_config names the node it sits in, as the run config does.
+    with pytest.raises(ValueError, match="^scheduler='exp' is not a learning-rate schedule"):
         OptimConfig(scheduler="exp")
-    with pytest.raises(ValueError, match="optim.warmup_steps=-1"):
+    with pytest.raises(ValueError, match="^reward.optim.scheduler='exp' is not a learning-rate schedule"):
+        as_config(OptimConfig, {"scheduler": "exp"}, "reward.optim")
+    with pytest.raises(ValueError, match=r"^warmup_steps=-1 must be >= 0$"):
         OptimConfig(warmup_steps=-1)
+    with pytest.raises(TypeError, match=r"^critic_optim.warmup_steps=1.5 must be an integer$"):
+        as_config(OptimConfig, {"warmup_steps": 1.5}, "critic_optim")
 
 
 def _lrs(optimizer) -> list[float]:

@@ -46,7 +46,7 @@ def test_stage_configs_compose_and_instantiate(stage, tmp_path, hh_file, tokeniz
 def test_ppo_overrides_reach_the_module_config(tmp_path):
     cfg = _compose(["stage=ppo", "model=tiny", "reward_model_path=x", "ppo.kl_coef=0.2", "ppo.clip_eps=0.1"], tmp_path)
     from rlhf_lightning.modules import PPOConfig
-    from rlhf_lightning.modules.common import as_config
+    from rlhf_lightning.schema import as_config
 
     ppo = as_config(PPOConfig, OmegaConf.to_container(cfg.module.ppo, resolve=True))
     assert (ppo.kl_coef, ppo.clip_eps) == (0.2, 0.1)

@@ -15,7 +15,7 @@ from omegaconf import read_write
 
 import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
 from conftest import compose_run_config
-from rlhf_lightning.validate import ConfigError, tokenizer_fingerprint, validate_config
+from rlhf_lightning.validate import ConfigError, composition_error, tokenizer_fingerprint, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -26,11 +26,19 @@ def _compose(overrides: list[str], tmp_path: Path):
 
 
 def _error(overrides: list[str], tmp_path: Path) -> str:
-    """The ConfigError message of the composed config (fails the test when it validates)."""
-    cfg = _compose(overrides, tmp_path)
-    with pytest.raises(ConfigError) as info:
-        validate_config(cfg)
-    message = str(info.value)
+    """The one-line error train.py prints for ``overrides`` (fails the test when the config is valid): Hydra's
+    refusal while composing (a key or a type the settings dataclasses do not have), as
+    :func:`composition_error` words it, or else :func:`validate_config`'s ConfigError."""
+    try:
+        cfg = _compose(overrides, tmp_path)
+    except Exception as err:  # noqa: BLE001 - whatever Hydra raises: composition_error sorts it out
+        error = composition_error(err, overrides)
+        assert error is not None, err
+        message = str(error)
+    else:
+        with pytest.raises(ConfigError) as info:
+            validate_config(cfg)
+        message = str(info.value)
     assert "\n" not in message
     return message
 
@@ -139,6 +147,14 @@ def test_stage_choice_disagreeing_with_the_module_is_an_error(tmp_path):
     ("value", "value.gamma", -0.5),
     ("value", "value.lam", 2),
     ("reward", "reward.center_coef", -0.01),
+    # checked before anything loads since validate_config builds the dataclasses (before: at instantiation)
+    ("ppo", "ppo.kl_estimator", "k9"),
+    ("value", "value.kl_estimator", "k0"),
+    ("ppo", "ppo.generation.temperature", 0),
+    ("value", "value.generation.top_p", 1.5),
+    ("ppo", "ppo.critic_warmup_iterations", -1),
+    ("ppo", "policy_optim.lr", 0),
+    ("reward", "reward.optim.lr", -1e-5),
 ])
 def test_out_of_range_hyperparameter_is_an_error(stage, key, value, reward_dir, tmp_path):
     message = _error([*_ok(stage, reward_dir), f"{key}={value}"], tmp_path)
@@ -152,6 +168,64 @@ def test_boundary_values_are_valid(key, value, reward_dir, tmp_path):
 
 def test_non_numeric_hyperparameter_is_an_error(reward_dir, tmp_path):
     assert _error([*_ok("ppo", reward_dir), "ppo.kl_coef=big"], tmp_path).startswith("ppo.kl_coef='big'")
+
+
+@pytest.mark.parametrize("stage, node, cls, setting, value", [
+    ("ppo", "ppo", "PPOConfig", "clip_eps", 1.5),
+    ("ppo", "ppo", "PPOConfig", "generation.max_new_tokens", 0),
+    ("ppo", "critic_optim", "OptimConfig", "lr", 0.0),  # a float field: 0 would read as 0.0
+    ("value", "value", "ValueConfig", "lam", 2.0),
+    ("reward", "reward", "RewardConfig", "optim.warmup_steps", -2),
+    ("reward", "reward", "RewardConfig", "eval_batch_size", 0),
+])
+def test_ranges_are_the_dataclasses_own(stage, node, cls, setting, value, reward_dir, tmp_path):
+    """validate_config restates no range: its message is the one the module's settings raise when built."""
+    import rlhf_lightning.schema as schema
+
+    message = _error([*_ok(stage, reward_dir), f"{node}.{setting}={value}"], tmp_path)
+    settings: dict = {}
+    *parents, name = setting.split(".")
+    leaf = settings
+    for parent in parents:
+        leaf = leaf.setdefault(parent, {})
+    leaf[name] = value
+    with pytest.raises((TypeError, ValueError)) as info:
+        schema.as_config(getattr(schema, cls), settings, node)
+    assert message == str(info.value)
+    assert message.startswith(f"{node}.{setting}={value} must be ")
+
+
+@pytest.mark.parametrize("stage, override, expected", [
+    ("ppo", "ppo.kl_coeff=0.1", "ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)"),
+    ("ppo", "+ppo.kl_coeff=0.1", "ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)"),
+    ("value", "value.generation.topk=3", "value.generation.topk is not a setting of GenerationConfig "
+                                         "(did you mean top_k?)"),
+    ("ppo", "policy_optim.learning_rate=1e-4", "policy_optim.learning_rate is not a setting of OptimConfig "
+                                               "(allowed keys: lr, weight_decay, betas, eps, warmup_steps, "
+                                               "scheduler)"),
+    ("reward", "reward.optim.warmup=2", "reward.optim.warmup is not a setting of OptimConfig "
+                                        "(did you mean warmup_steps?)"),
+    ("ppo", "ppo.ppo_epochs=2.5", "ppo.ppo_epochs=2.5 must be an integer"),
+    ("ppo", "ppo.generation.missing_eos_penalty=some", "ppo.generation.missing_eos_penalty='some' must be a number "
+                                                       "or null"),
+    ("ppo", "ppo.joint_optimizer=maybe", "ppo.joint_optimizer='maybe' must be true or false"),
+    ("ppo", "ppo.adaptive_kl=1", "ppo.adaptive_kl=1 must be true or false"),  # OmegaConf would read it as true
+    ("ppo", "ppo.generation.score_with_eos=yes", "ppo.generation.score_with_eos='yes' must be true or false"),
+    ("reward", "no_such_key.lr=1", "no_such_key.lr is not a key of the config (to add a new key: +no_such_key.lr=1)"),
+])
+def test_unknown_key_or_wrong_type_is_one_line_naming_the_key(stage, override, expected, reward_dir, tmp_path):
+    assert _error([*_ok(stage, reward_dir), override], tmp_path) == expected
+
+
+@pytest.mark.parametrize("stage", ["value", "ppo"])
+def test_renamed_value_optim_names_critic_optim(stage, reward_dir, tmp_path):
+    # On the command line: Hydra refuses the key while composing (the config has no value_optim).
+    assert _error([*_ok(stage, reward_dir), "value_optim.lr=1e-3"], tmp_path) == \
+        "value_optim was renamed critic_optim: use critic_optim.lr=1e-3"
+    # Added with +, or by a YAML file of one's own: the composed config has it, validate_config refuses it.
+    assert _error([*_ok(stage, reward_dir), "+value_optim.lr=1e-3", "+value_optim.warmup_steps=2"], tmp_path) == \
+        "value_optim was renamed critic_optim: use critic_optim.lr=0.001 critic_optim.warmup_steps=2"
+    validate_config(_compose([*_ok(stage, reward_dir), "critic_optim.lr=1e-3"], tmp_path))  # the new key
 
 
 # --------------------------------------------------------------------------- sizes
@@ -267,8 +341,23 @@ def test_remote_or_missing_ckpt_path_is_an_error(reward_dir, tmp_path):
 @pytest.mark.parametrize("stage", ["value", "ppo"])
 def test_missing_reward_model_path_is_an_error(stage, tmp_path):
     message = _error([f"stage={stage}", "model=tiny"], tmp_path)
+    extra = " (or reward.functions, with reward_model_path=null)" if stage == "ppo" else ""
     assert message == (f"reward_model_path is required for stage={stage}: "
-                       "pass reward_model_path=<reward run dir>/model")
+                       f"pass reward_model_path=<reward run dir>/model{extra}")
+
+
+def test_critic_free_ppo_needs_no_critic_and_no_reward_model_with_functions(tmp_path):
+    """algorithm=grpo: no critic_path check; reward_model_path=null is fine with reward functions only;
+    the value stage is refused for a critic-free estimator."""
+    from rlhf_lightning.validate import validate_config
+
+    functions = "reward.functions=[{fn: rlhf_lightning.verifiers.last_number_answer, weight: 1.0}]"
+    validate_config(compose_run_config(["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null",
+                                        functions], tmp_path / "ok"))
+    message = _error(["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null"], tmp_path)
+    assert message.startswith("reward_model_path is required for stage=ppo")
+    message = _error(["stage=value", "model=tiny", "algorithm=grpo", "reward_model_path=/nonexistent"], tmp_path)
+    assert message.startswith("stage=value trains a critic for GAE, and ppo.adv_estimator=grpo uses none")
 
 
 @pytest.mark.parametrize("key, value", [
@@ -380,6 +469,45 @@ def test_train_py_prints_one_error_line_and_exits_2_before_loading(reward_dir, t
     assert len(errors) == 1 and errors[0].startswith("error: ppo.clip_eps=1.5"), out[-3000:]
     assert "Traceback" not in out
     assert "Loading weights" not in out  # transformers' from_pretrained progress: no model was loaded
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["ppo.kl_coeff=0.1"], "error: ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)"),
+    (["value_optim.lr=1e-3"], "error: value_optim was renamed critic_optim: use critic_optim.lr=1e-3"),
+    # a YAML file of one's own (an experiment preset on an added search path) with the old key
+    (["experiment=old_keys"], "error: value_optim was renamed critic_optim: use critic_optim.lr=0.001"),
+    (["experiment=typo"], "error: ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)"),
+])
+def test_train_py_refuses_unknown_and_renamed_keys_in_one_line(overrides, expected, reward_dir, tmp_path):
+    """Hydra refuses an unknown key of a typed node while composing; train.py still prints one line."""
+    user_conf = tmp_path / "user_conf"
+    (user_conf / "experiment").mkdir(parents=True)
+    (user_conf / "experiment" / "old_keys.yaml").write_text("# @package _global_\nvalue_optim:\n  lr: 1.0e-3\n")
+    (user_conf / "experiment" / "typo.yaml").write_text("# @package _global_\nppo:\n  kl_coeff: 0.1\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=ppo", "model=tiny",
+                           f"reward_model_path={reward_dir}", f"hydra.searchpath=[file://{user_conf}]", *overrides,
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert proc.stderr.strip().splitlines() == [expected], out[-3000:]
+    assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out
+
+
+def test_errors_of_the_job_itself_keep_hydras_report(tmp_path):
+    """Only errors of composing become one line: an OmegaConf error raised while the job runs (here: the
+    tokenizer node deleted, read by config.run) is reported by Hydra as before, with exit status 1."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "stage=reward", "model=tiny", "~tokenizer",
+                           f"hydra.run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Error executing job with overrides" in proc.stderr and "full_key: tokenizer" in proc.stderr
+    assert "HYDRA_FULL_ERROR=1 for a complete stack trace" in proc.stderr  # Hydra's own report, unchanged
+    assert not any(line.startswith("error:") for line in proc.stderr.splitlines())
 
 
 def test_train_py_with_wandb_and_no_api_key_prints_one_line(tmp_path):

@@ -3,8 +3,10 @@
 from rlhf_lightning.models.builders import (
     disable_dropout,
     freeze,
+    load_critic,
     load_policy,
     load_reference,
+    load_reward_model,
     load_scalar_model,
     load_tokenizer,
     score_head,
@@ -13,6 +15,7 @@ from rlhf_lightning.models.builders import (
 from rlhf_lightning.models.loading import SMOLLM2, SMOLLM2_GGUF, TINY, cache_root, convert_gguf, resolve_pretrained
 
 __all__ = [
-    "SMOLLM2", "SMOLLM2_GGUF", "TINY", "cache_root", "convert_gguf", "disable_dropout", "freeze", "load_policy",
-    "load_reference", "load_scalar_model", "load_tokenizer", "resolve_pretrained", "score_head", "train_top_layers",
+    "SMOLLM2", "SMOLLM2_GGUF", "TINY", "cache_root", "convert_gguf", "disable_dropout", "freeze", "load_critic",
+    "load_policy", "load_reference", "load_reward_model", "load_scalar_model", "load_tokenizer", "resolve_pretrained",
+    "score_head", "train_top_layers",
 ]

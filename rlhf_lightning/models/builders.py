@@ -254,6 +254,30 @@ def register_scalar_model(config_class: type) -> type:
     return cls
 
 
+def load_critic(adv_estimator: str, **kwargs) -> nn.Module | None:
+    """The critic of an RLHF stage: :func:`load_scalar_model` with ``kwargs`` when ``adv_estimator`` uses one
+    (:data:`rlhf_lightning.losses.CRITIC_ESTIMATORS`), else ``None`` (critic-free estimators load none).
+
+    Raises:
+        As :func:`load_scalar_model`.
+    """
+    from rlhf_lightning.losses import CRITIC_ESTIMATORS
+
+    return load_scalar_model(**kwargs) if adv_estimator in CRITIC_ESTIMATORS else None
+
+
+def load_reward_model(name_or_path: str | None, **kwargs) -> nn.Module | None:
+    """The frozen reward model: :func:`load_scalar_model` (``frozen=True`` unless given) from ``name_or_path``,
+    or ``None`` when it is null (PPO's reward then comes from reward functions alone).
+
+    Raises:
+        As :func:`load_scalar_model`.
+    """
+    if name_or_path is None:
+        return None
+    return load_scalar_model(name_or_path, **{"frozen": True, **kwargs})
+
+
 def score_head(model: nn.Module) -> nn.Linear:
     """The scalar head of a sequence-classification model (``score`` or ``classifier``).
 

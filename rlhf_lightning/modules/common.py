@@ -1,70 +1,18 @@
-"""Pieces shared by the three LightningModules: optimizer settings and model export."""
+"""Pieces shared by the three LightningModules: optimizers and schedules, model export, the shared trunk."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf_lightning.schedules import SCHEDULERS, check_scheduler, lr_multiplier
+from rlhf_lightning.schedules import lr_multiplier
+from rlhf_lightning.schema import OptimConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW settings (``*.optim.*`` in the configs).
-
-    Attributes:
-        lr: peak learning rate.
-        weight_decay: decoupled weight decay (Loshchilov & Hutter 2019).
-        betas, eps: Adam moments and epsilon.
-        warmup_steps: linear warm-up to ``lr`` over this many scheduler steps (the first step at
-            ``lr / (warmup_steps + 1)``), then ``scheduler``.
-        scheduler: after the warm-up, ``constant`` (``lr``), ``linear`` (linear decay to 0) or ``cosine``
-            (cosine decay to 0) over the run's total number of scheduler steps
-            (:func:`~rlhf_lightning.schedules.lr_multiplier`). One scheduler step is one optimizer step in
-            the reward and value stages (automatic optimization; total: ``trainer.estimated_stepping_batches``)
-            and one PPO iteration in PPO, whichever its optimizer steps per iteration (total:
-            ``trainer.max_steps`` / ``PPOModule.optimizer_steps_per_iteration``, i.e. ``iterations``).
-            :func:`scheduler_total_steps` gives the total.
-    """
-
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    scheduler: str = SCHEDULERS[0]
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
-        check_scheduler(self.scheduler)
-        self.betas = tuple(self.betas)
-
-
-def as_config(cls, value):
-    """Build dataclass ``cls`` from a dict (Hydra node converted with ``_convert_: all``) or pass it through.
-
-    Raises:
-        TypeError: unknown keys (the message lists the allowed ones).
-    """
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    try:
-        return cls(**dict(value))
-    except TypeError as err:
-        allowed = ", ".join(cls.__dataclass_fields__)
-        raise TypeError(f"{cls.__name__}: {err} (allowed keys: {allowed})") from None
 
 
 def schedule_lambda(config: OptimConfig, total_steps: float | None = None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -12,11 +12,6 @@ import torch
 from torch import nn
 
 from rlhf_lightning.losses import (
-    ADV_ESTIMATORS,
-    CRITIC_ESTIMATORS,
-    GROUP_ESTIMATORS,
-    LOSS_AGG_MODES,
-    RATIO_LEVELS,
     gae,
     group_advantages,
     kl_loss,
@@ -30,8 +25,6 @@ from rlhf_lightning.losses import (
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
-    OptimConfig,
-    as_config,
     export_pretrained,
     find_shared_trunk,
     make_grouped_optimizer,
@@ -40,10 +33,9 @@ from rlhf_lightning.modules.common import (
 )
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
 from rlhf_lightning.reward_functions import load_reward_functions, score_with_functions
-from rlhf_lightning.rewards import KL_ESTIMATORS, compute_rewards, make_kl_controller
+from rlhf_lightning.rewards import compute_rewards, make_kl_controller
 from rlhf_lightning.rollout import (
     Experience,
-    GenerationConfig,
     Rollout,
     generate,
     logprob_diff,
@@ -51,163 +43,12 @@ from rlhf_lightning.rollout import (
     replace_rows,
     select_rows,
 )
+from rlhf_lightning.schema import OptimConfig, PPOConfig, as_config
 
 log = logging.getLogger(__name__)
 
 #: Keys of the frozen networks, left out of checkpoints (they are reloaded from their sources).
 FROZEN_PREFIXES = ("ref_policy.", "reward_model.")
-
-
-@dataclass
-class PPOConfig:
-    """PPO hyperparameters (``ppo.*`` in the configs). Defaults follow Huang et al. 2024,
-    "The N+ Implementation Details of RLHF with PPO".
-
-    Attributes:
-        kl_coef: β, the per-token KL penalty coefficient (≥ 0), initial value if adaptive.
-        clip_eps: ε of the clipped surrogate, in (0, 1).
-        cliprange_value: clip range of the value loss around the rollout's values (None: off).
-        vf_coef: weight of the value loss in the backward (the critic has its own optimizer, or its
-            own parameter group with ``joint_optimizer``).
-        gamma, lam: discount γ and GAE λ, in [0, 1].
-        whiten: whiten advantages over the batch's valid tokens.
-        whiten_across_ranks: under a multi-process strategy (DDP, FSDP, DeepSpeed), whiten with the mean
-            and variance of the valid tokens of all ranks' batches (one all-reduce of their sum, sum of
-            squares and count per iteration), so every rank scales its advantages alike, as one process
-            with the union of the batches would (OpenRLHF's choice); false: each rank whitens its own
-            batch. No effect in one process or with ``whiten`` false.
-        ppo_epochs: passes over each rollout batch.
-        num_minibatches: minibatches per pass; must divide the prompt batch size.
-        kl_estimator: k1, k2 or k3 (Schulman 2020) for the per-token KL in the reward.
-        adaptive_kl: use the adaptive controller (Ziegler et al. 2019) with kl_target (nats per
-            sequence) and kl_horizon (samples).
-        max_grad_norm: gradient-norm clip (None: off): the policy's and the critic's gradient norms
-            are clipped separately with two optimizers; with ``joint_optimizer`` one norm over both
-            (the critic's gradients can then shrink the policy's step and the reverse).
-        joint_optimizer: train the policy and the critic with ONE AdamW holding two parameter groups
-            (policy: ``policy_optim``'s lr, weight decay, betas, eps and warm-up; critic:
-            ``critic_optim``'s) and one LR scheduler with a warm-up per group, instead of two
-            optimizers. Each minibatch is then one backward, one joint gradient-norm clip, one step.
-            Needed for strategies that take a single optimizer (Lightning's DeepSpeedStrategy: the
-            ``deepspeed_*`` trainer presets turn it on for PPO); a step counts once in
-            ``global_step`` instead of twice. Checkpoints of the two modes are not interchangeable
-            (one optimizer state instead of two).
-        generation: sampling settings (:class:`GenerationConfig`).
-        num_sample_prompts: the fixed evaluation prompts (the datamodule's ``sample_batch``: the
-            first held-out prompts) answered before the first and after the last iteration, their
-            responses, scores and KL written to ``samples_path`` and their means logged as
-            ``eval/score`` and ``eval/kl`` (before/after comparison).
-        eval_seed: seed of the evaluation's sampling. The RNG is forked, so the training's random
-            stream is untouched, and before and after draw the same random numbers (common random
-            numbers: the difference measures the policy's change, not sampling noise).
-        eval_greedy: decode the evaluation greedily instead of sampling.
-        log_samples_every_n_steps: also write that many sampled rollouts every N iterations (0: off).
-        critic_warmup_iterations: during the first N iterations only the critic learns: the
-            policy's gradients are dropped before its optimizer steps (the step still runs and
-            counts, so ``global_step`` and ``trainer.max_steps`` are unchanged). A critic started
-            from the reward model reads it at every token, where it was not trained, so its first
-            values can be a worse baseline than none (explained variance −3 to −9 in the demo); the
-            policy then learns from the critic's noise. Not supported under DeepSpeed, which keeps
-            gradients in its own buffers. OpenRLHF calls this ``freezing_actor_steps``.
-        adv_estimator: how advantages are estimated (verl's ``adv_estimator``): ``gae`` (critic, Schulman
-            et al. 2016), or critic-free: ``grpo`` (group-normalised scores, Shao et al. 2024), ``dr_grpo``
-            (group mean only, Liu et al. 2025), ``rloo`` (leave-one-out mean, Ahmadian et al. 2024),
-            ``reinforce_pp`` (whitened returns-to-go, Hu 2025), ``reinforce_pp_baseline`` (group-mean
-            baseline, then as reinforce_pp). Critic-free estimators load no critic and step one optimizer.
-        num_generations: G responses sampled per prompt (each prompt of a batch repeated G times,
-            contiguous); ≥ 2 for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline).
-        clip_eps_high: upper clip ε_high of the ratio (DAPO clip-higher, Yu et al. 2025); None: ``clip_eps``.
-        loss_agg: how per-token policy losses become one number: ``token_mean`` (all valid tokens of
-            the batch), ``seq_mean_token_mean`` (mean of each sequence's mean), ``seq_mean_token_sum_norm``
-            (Dr. GRPO: sequence sums over the padded width, mean over sequences).
-        ratio_level: ``token`` (PPO) or ``sequence`` (GSPO, Zheng et al. 2025: one ratio per response).
-        kl_loss_coef: weight of a KL-to-reference term in the loss (GRPO's β; 0: off). Independent of
-            ``kl_coef``, the KL penalty in the reward (set it to 0 to use only the loss term).
-        kl_loss_estimator: k1, k2 or k3 (GRPO's) for the KL loss.
-        dynamic_sampling: DAPO's dynamic sampling: groups whose scores are all equal (no learning
-            signal for a group estimator) are sampled again, up to ``max_resample_rounds`` times;
-            those still all equal are left out of the loss; counted in ``rollout/resampled_groups``
-            and ``rollout/dropped_groups``.
-        max_resample_rounds: bound on the rounds of re-sampling with ``dynamic_sampling``.
-        share_trunk: when the policy, reference, critic and reward model have identical frozen
-            lower blocks (``model.trainable_layers`` with one base model), run those blocks once
-            per iteration and only the blocks above them in each network
-            (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same results, fewer forwards).
-            Off under FSDP and DeepSpeed (sharded parameters).
-    """
-
-    kl_coef: float = 0.05
-    clip_eps: float = 0.2
-    cliprange_value: float | None = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten: bool = True
-    whiten_across_ranks: bool = True
-    ppo_epochs: int = 4
-    num_minibatches: int = 1
-    kl_estimator: str = "k1"
-    adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: float = 10000.0
-    max_grad_norm: float | None = 1.0
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    num_sample_prompts: int = 3
-    eval_seed: int = 1234
-    eval_greedy: bool = False
-    log_samples_every_n_steps: int = 10
-    share_trunk: bool = True
-    joint_optimizer: bool = False
-    critic_warmup_iterations: int = 0
-    adv_estimator: str = "gae"
-    num_generations: int = 1
-    clip_eps_high: float | None = None
-    loss_agg: str = "token_mean"
-    ratio_level: str = "token"
-    kl_loss_coef: float = 0.0
-    kl_loss_estimator: str = "k3"
-    dynamic_sampling: bool = False
-    max_resample_rounds: int = 2
-
-    def __post_init__(self):
-        self.generation = as_config(GenerationConfig, self.generation)
-        if self.kl_coef < 0:
-            raise ValueError(f"ppo.kl_coef={self.kl_coef} must be >= 0")
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"ppo.clip_eps={self.clip_eps} must be in (0, 1)")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"ppo.{name}={getattr(self, name)} must be in [0, 1]")
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("ppo.ppo_epochs and ppo.num_minibatches must be >= 1")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
-        if self.critic_warmup_iterations < 0:
-            raise ValueError(f"ppo.critic_warmup_iterations={self.critic_warmup_iterations} must be >= 0")
-        for name in ("joint_optimizer", "whiten_across_ranks", "dynamic_sampling"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ppo.{name}={getattr(self, name)!r} must be true or false")
-        for name, allowed in (("adv_estimator", ADV_ESTIMATORS), ("loss_agg", LOSS_AGG_MODES),
-                              ("ratio_level", RATIO_LEVELS), ("kl_loss_estimator", KL_ESTIMATORS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ppo.{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
-        if self.num_generations < 1:
-            raise ValueError(f"ppo.num_generations={self.num_generations} must be >= 1")
-        if self.adv_estimator in GROUP_ESTIMATORS and self.num_generations < 2:
-            raise ValueError(f"ppo.adv_estimator={self.adv_estimator} compares the responses to one prompt: "
-                             f"set ppo.num_generations >= 2 (got {self.num_generations})")
-        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
-            raise ValueError(f"ppo.clip_eps_high={self.clip_eps_high} must be > 0 (or null: clip_eps)")
-        if self.kl_loss_coef < 0 or self.max_resample_rounds < 0:
-            raise ValueError("ppo.kl_loss_coef and ppo.max_resample_rounds must be >= 0")
-        if self.critic_warmup_iterations and not self.uses_critic:
-            raise ValueError(f"ppo.critic_warmup_iterations needs a critic; ppo.adv_estimator={self.adv_estimator} "
-                             "uses none")
-
-    @property
-    def uses_critic(self) -> bool:
-        """Whether ``adv_estimator`` needs a critic (GAE) or is critic-free."""
-        return self.adv_estimator in CRITIC_ESTIMATORS
 
 
 def _as_list(value) -> list:
@@ -324,7 +165,7 @@ class PPOModule(L.LightningModule):
         self.strict_loading = False  # frozen networks are not in checkpoints
         self.policy, self.ref_policy, self.critic, self.reward_model = policy, ref_policy, critic, reward_model
         self.tokenizer = tokenizer
-        self.ppo = as_config(PPOConfig, ppo)
+        self.ppo = as_config(PPOConfig, ppo, "ppo")
         if self.ppo.uses_critic and critic is None:
             raise ValueError(f"ppo.adv_estimator={self.ppo.adv_estimator} needs a critic (got none)")
         if not self.ppo.uses_critic and critic is not None:
@@ -334,8 +175,8 @@ class PPOModule(L.LightningModule):
         if reward_model is None and not self.reward_functions:
             raise ValueError("PPO needs a reward: a reward model (reward_model_path), reward functions "
                              "(reward.functions), or both")
-        self.policy_optim = as_config(OptimConfig, policy_optim)
-        self.critic_optim = as_config(OptimConfig, critic_optim)
+        self.policy_optim = as_config(OptimConfig, policy_optim, "policy_optim")
+        self.critic_optim = as_config(OptimConfig, critic_optim, "critic_optim")
         self.export_dir, self.samples_path = export_dir, samples_path
         self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.kl_target,
                                          self.ppo.kl_horizon)
@@ -348,10 +189,9 @@ class PPOModule(L.LightningModule):
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
-        """Lightning counts every optimizer step in ``global_step``: optimizers × epochs × minibatches,
-        with 2 optimizers (policy, critic), or 1 with ``ppo.joint_optimizer`` or a critic-free estimator."""
-        return (2 if self.ppo.uses_critic and not self.ppo.joint_optimizer else 1) * self.ppo.ppo_epochs \
-            * self.ppo.num_minibatches
+        """Optimizer steps per iteration, as Lightning's ``global_step`` counts them (``ppo``'s
+        :attr:`~rlhf_lightning.schema.PPOConfig.optimizer_steps_per_iteration`)."""
+        return self.ppo.optimizer_steps_per_iteration
 
     @property
     def iteration(self) -> int:
@@ -526,7 +366,6 @@ class PPOModule(L.LightningModule):
         metrics = dict(stats)
         metrics.update({
             "objective/score": exp.scores.mean(),
-            "objective/rm_score": exp.rm_scores.mean(),  # without the missing-EOS penalty
             "objective/kl": kl_per_seq,
             "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
             "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq,
@@ -536,6 +375,8 @@ class PPOModule(L.LightningModule):
             "ppo/kl_coef": torch.tensor(kl_coef),
             "ppo/iteration": torch.tensor(float(self.iteration)),
         })
+        if self.reward_model is not None:
+            metrics["objective/rm_score"] = exp.rm_scores.mean()  # without the missing-EOS penalty and functions
         if exp.values is not None:
             metrics["value/explained_var"] = explained_variance(exp.values, exp.returns, mask)
         metrics.update({f"reward/{name}": values.mean() for name, values in exp.reward_components.items()})

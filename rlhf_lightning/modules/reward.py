@@ -8,14 +8,8 @@ from torch import nn
 
 from rlhf_lightning.losses import pairwise_reward_loss
 from rlhf_lightning.models.forward import right_padded_scores
-from rlhf_lightning.modules.common import (
-    OptimConfig,
-    as_config,
-    export_pretrained,
-    fused_adamw_allowed,
-    make_optimizer,
-    scheduler_total_steps,
-)
+from rlhf_lightning.modules.common import export_pretrained, fused_adamw_allowed, make_optimizer, scheduler_total_steps
+from rlhf_lightning.schema import OptimConfig, RewardConfig, as_config
 
 
 class RewardModule(L.LightningModule):
@@ -37,21 +31,26 @@ class RewardModule(L.LightningModule):
         model: ``AutoModelForSequenceClassification`` with ``num_labels=1``
             (:func:`~rlhf_lightning.models.load_scalar_model`).
         tokenizer: saved beside the model.
-        optim: :class:`OptimConfig` or dict.
-        center_coef: c ≥ 0 of the centering term.
-        margin: optional constant margin (in reward units) subtracted inside the sigmoid.
+        optim: :class:`~rlhf_lightning.schema.OptimConfig` or dict (``reward.optim``).
+        center_coef, margin: as :class:`~rlhf_lightning.schema.RewardConfig`'s (``reward.center_coef``,
+            ``reward.margin``), which checks them.
         export_dir: where to write the trained model (``None``: don't).
+
+    Raises:
+        ValueError, TypeError: a setting :class:`~rlhf_lightning.schema.RewardConfig` refuses (one line
+            naming its key, e.g. ``reward.center_coef=-1.0 must be >= 0``).
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, optim: OptimConfig | dict | None = None,
-                 center_coef: float = 0.01, margin: float | None = None, export_dir: str | None = None):
+                 center_coef: float = RewardConfig.center_coef, margin: float | None = RewardConfig.margin,
+                 export_dir: str | None = None):
         super().__init__()
-        if center_coef < 0:
-            raise ValueError(f"reward.center_coef={center_coef} must be >= 0")
+        settings = {"center_coef": center_coef, "margin": margin} | ({} if optim is None else {"optim": optim})
+        config = as_config(RewardConfig, settings, "reward")
         self.model = model
         self.tokenizer = tokenizer
-        self.optim = as_config(OptimConfig, optim)
-        self.center_coef, self.margin, self.export_dir = center_coef, margin, export_dir
+        self.optim = config.optim
+        self.center_coef, self.margin, self.export_dir = config.center_coef, config.margin, export_dir
         self.save_hyperparameters(ignore=["model", "tokenizer"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

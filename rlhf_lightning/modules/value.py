@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import lightning as L
 import torch
 from torch import nn
@@ -12,8 +10,6 @@ from rlhf_lightning.losses import gae, td_targets, value_loss
 from rlhf_lightning.models.forward import response_values
 from rlhf_lightning.models.trunk import SharedTrunk
 from rlhf_lightning.modules.common import (
-    OptimConfig,
-    as_config,
     export_pretrained,
     find_shared_trunk,
     fused_adamw_allowed,
@@ -22,42 +18,8 @@ from rlhf_lightning.modules.common import (
 )
 from rlhf_lightning.ops import explained_variance
 from rlhf_lightning.rewards import compute_rewards
-from rlhf_lightning.rollout import GenerationConfig, generate, make_experience
-
-
-@dataclass
-class ValueConfig:
-    """Critic-training settings (``value.*`` in the configs).
-
-    Attributes:
-        kl_coef: β of the per-token reward −β·KL to the reference (as in PPO). When the reference
-            is the rollout policy itself, the KL is 0 and only the score at the last token remains.
-        gamma: discount γ in [0, 1].
-        lam: 0 regresses on the one-step TD target r_t + γ·V(s_{t+1}); λ in (0, 1] on the
-            λ-return (GAE returns). Both targets are held fixed (no gradient).
-        cliprange_value: PPO-style value clipping around the rollout's values (None: off).
-        kl_estimator: k1, k2 or k3.
-        generation: sampling settings for the rollouts.
-        share_trunk: run the frozen lower blocks that the policy, reference, critic and reward
-            model share once per step (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same
-            results). Off under FSDP and DeepSpeed.
-    """
-
-    kl_coef: float = 0.05
-    gamma: float = 1.0
-    lam: float = 0.0
-    cliprange_value: float | None = None
-    kl_estimator: str = "k1"
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    share_trunk: bool = True
-
-    def __post_init__(self):
-        self.generation = as_config(GenerationConfig, self.generation)
-        if self.kl_coef < 0:
-            raise ValueError(f"value.kl_coef={self.kl_coef} must be >= 0")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"value.{name}={getattr(self, name)} must be in [0, 1]")
+from rlhf_lightning.rollout import generate, make_experience
+from rlhf_lightning.schema import OptimConfig, ValueConfig, as_config
 
 
 class ValueModule(L.LightningModule):
@@ -90,8 +52,8 @@ class ValueModule(L.LightningModule):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
         self.tokenizer = tokenizer
-        self.value = as_config(ValueConfig, value)
-        self.critic_optim = as_config(OptimConfig, critic_optim)
+        self.value = as_config(ValueConfig, value, "value")
+        self.critic_optim = as_config(OptimConfig, critic_optim, "critic_optim")
         self.export_dir = export_dir
         self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start

@@ -1,0 +1,424 @@
+"""The settings of the three stages as dataclasses: their defaults, ranges and meaning, written once.
+
+:mod:`rlhf_lightning.config` registers them with Hydra's ConfigStore (group ``schema``), and the stage
+configs place them in the run config (``- /schema/ppo@ppo`` in ``conf/stage/ppo.yaml``): the YAML holds only
+what a stage sets differently, and Hydra refuses a key that is not a field or a value of the wrong type.
+The ranges are checked in ``__post_init__``, when a module builds its settings (:func:`as_config`) and
+before anything loads (:func:`rlhf_lightning.validate.validate_config` builds the same dataclasses).
+
+Every check raises a one-line ``ValueError`` (a value out of range) or ``TypeError`` (a value of the wrong
+kind, an unknown key) whose message begins with the setting's name relative to its dataclass
+(``clip_eps=1.5 must be in (0, 1)``); :func:`as_config` prefixes the node's key, so the message names the
+setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
+
+- :class:`RewardConfig`: ``reward`` (``RewardModule``'s ``center_coef``, ``margin`` and ``optim``; the
+  reward datamodule's lengths and batch sizes);
+- :class:`ValueConfig`: ``value`` (``ValueModule``'s ``value``);
+- :class:`PPOConfig`: ``ppo`` (``PPOModule``'s ``ppo``);
+- :class:`OptimConfig`: ``reward.optim``, ``critic_optim``, ``policy_optim``;
+- :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from rlhf_lightning.losses import (
+    ADV_ESTIMATORS,
+    CRITIC_ESTIMATORS,
+    GROUP_ESTIMATORS,
+    LOSS_AGG_MODES,
+    RATIO_LEVELS,
+)
+from rlhf_lightning.rewards import KL_ESTIMATORS
+from rlhf_lightning.schedules import SCHEDULERS, check_scheduler
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_range(name: str, value: object, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
+    """Check that ``value`` is a number (an integer with ``integer``) in the interval from ``low`` to ``high``.
+
+    Args:
+        name: the setting's key, first word of the message.
+        value: the value to check; ``bool`` is not a number here. NaN is in no interval.
+        low, high: the bounds (``None``: unbounded on that side); ``low_open``/``high_open`` exclude them.
+        integer: ``value`` must be an ``int``.
+
+    Raises:
+        TypeError: not a number (``"<name>=<value!r> must be a number"``, or ``an integer``).
+        ValueError: outside the interval, e.g. ``"clip_eps=1.5 must be in (0, 1)"``, ``"lr=0 must be > 0"``,
+            ``"warmup_steps=-2 must be >= 0"``; for integers with ``low`` 1 and no ``high``:
+            ``"ppo_epochs=0 must be a positive integer"``.
+    """
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name}={value!r} must be {'an integer' if integer else 'a number'}")
+    ok = not math.isnan(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return
+    if integer and low == 1 and high is None and not low_open:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    if high is None:
+        bound = f"{'>' if low_open else '>='} {low:g}"
+    elif low is None:
+        bound = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name}={value!r} must be {bound}")
+
+
+def check_choice(name: str, value: object, choices: typing.Sequence[str]) -> None:
+    """Raises ``ValueError`` (``"<name>=<value!r>: expected one of a, b, c"``) unless ``value`` is in ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """Raises ``TypeError`` (``"<name>=<value!r> must be true or false"``) unless ``value`` is a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be {describe_type(bool)}")
+
+
+def describe_type(annotation: object) -> str:
+    """What a field's type annotation accepts, in words: ``bool`` → ``true or false``, ``int`` → ``an integer``,
+    ``float`` → ``a number``, ``str`` → ``a string``, ``X | None`` → ``... or null``; other annotations:
+    their name. Used in the messages about values of the wrong type."""
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return f"{describe_type(rest[0]) if len(rest) == 1 else 'a value'} or null"
+    if annotation in words:
+        return words[annotation]
+    if typing.get_origin(annotation) in (tuple, list):
+        return "a list"
+    return f"a {getattr(annotation, '__name__', annotation)}"
+
+
+def field_type(cls: type, name: str) -> object | None:
+    """The resolved type annotation of field ``name`` of dataclass ``cls`` (``None``: no such field)."""
+    return typing.get_type_hints(cls).get(name) if name in {f.name for f in fields(cls)} else None
+
+
+def unknown_key_message(cls: type, name: str, key: str | None = None) -> str:
+    """One line saying that ``name`` is not a field of dataclass ``cls`` (at ``key``, when given), with the
+    closest field (``difflib``) as a suggestion, or else the list of fields:
+    ``ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)``."""
+    names = [f.name for f in fields(cls)]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"allowed keys: {', '.join(names)}"
+    return f"{f'{key}.' if key else ''}{name} is not a setting of {cls.__name__} ({hint})"
+
+
+def _names_own_setting(message: str, cls: type) -> bool:
+    """Whether a check's message begins with a field of ``cls`` (``clip_eps=...``, ``generation.top_p=...``)."""
+    head = message.replace("=", " ").split(" ", 1)[0]
+    return head.split(".", 1)[0] in {f.name for f in fields(cls)}
+
+
+def as_config(cls: type[T], value: T | typing.Mapping[str, Any] | None, key: str | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping (a Hydra node converted with ``_convert_: all``, a dict), or pass
+    an instance through; ``None`` gives the defaults.
+
+    Args:
+        cls: one of this module's dataclasses.
+        value: its settings.
+        key: where the settings sit in the run config (``ppo``, ``reward.optim``); the messages of
+            the errors then name each setting's full key (``ppo.clip_eps=...``).
+
+    Raises:
+        TypeError: a key that is not a field (:func:`unknown_key_message`), a value of the wrong kind.
+        ValueError: a value out of its range (the dataclass's ``__post_init__``).
+    """
+    if value is None:
+        value = {}
+    if isinstance(value, cls):
+        return value
+    value = dict(value)
+    for name in value:
+        if name not in {f.name for f in fields(cls)}:
+            raise TypeError(unknown_key_message(cls, str(name), key))
+    try:
+        return cls(**value)
+    except (TypeError, ValueError) as err:
+        if key and _names_own_setting(str(err), cls):
+            raise type(err)(f"{key}.{err}") from None
+        raise
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings (Loshchilov & Hutter 2019) and the learning-rate schedule of one network:
+    ``reward.optim``, ``critic_optim``, ``policy_optim``.
+
+    One scheduler step is one optimizer step in the reward and value stages (automatic optimization;
+    total: ``trainer.estimated_stepping_batches``) and one PPO iteration in PPO, whichever its optimizer
+    steps per iteration (total: ``iterations``); see
+    :func:`~rlhf_lightning.modules.common.scheduler_total_steps`.
+    """
+
+    lr: float = 1e-5
+    """Peak learning rate, > 0."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW's)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's decay rates of the first and second moments."""
+    eps: float = 1e-8
+    """Adam's epsilon, added to the root of the second moment."""
+    warmup_steps: int = 0
+    """Linear warm-up to ``lr`` over this many scheduler steps (an integer >= 0), the first step at
+    ``lr / (warmup_steps + 1)``; then ``scheduler``."""
+    scheduler: str = SCHEDULERS[0]
+    """After the warm-up: ``constant`` (``lr``), ``linear`` (linear decay to 0) or ``cosine`` (cosine decay
+    to 0, Loshchilov & Hutter 2017) over the run's scheduler steps
+    (:func:`~rlhf_lightning.schedules.lr_multiplier`)."""
+
+    def __post_init__(self):
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("warmup_steps", self.warmup_steps, 0, integer=True)
+        check_scheduler(self.scheduler, "scheduler")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class GenerationConfig:
+    """How the policy samples its responses (``ppo.generation``, ``value.generation``):
+    :func:`~rlhf_lightning.rollout.generate`."""
+
+    max_new_tokens: int = 32
+    """Response length cap R, in tokens (a positive integer)."""
+    temperature: float = 1.0
+    """Softmax temperature, > 0; the log-probabilities of the update are computed at the same one."""
+    top_p: float = 1.0
+    """Nucleus sampling (Holtzman et al. 2020): sample from the smallest set of tokens whose probability
+    mass reaches ``top_p``, in (0, 1] (1: off)."""
+    top_k: int = 0
+    """Sample among the ``top_k`` likeliest tokens (0: off)."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a response cut at ``max_new_tokens`` without EOS (``None``: no penalty;
+    TRL's ``missing_eos_penalty``)."""
+    score_with_eos: bool = True
+    """Score a response cut at ``max_new_tokens`` with an EOS token appended, so that the reward model reads
+    it at an EOS, where it was trained to read complete responses
+    (:func:`~rlhf_lightning.rollout.scoring_inputs`). Responses that ended with their own EOS are scored as
+    they are."""
+
+    def __post_init__(self):
+        check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("top_p", self.top_p, 0, 1, low_open=True)
+
+
+@dataclass
+class RewardConfig:
+    """The reward-model stage (``reward``): the settings of the Bradley–Terry loss with a centering term
+    (:class:`~rlhf_lightning.modules.RewardModule`, which gives the loss), of its data and of its optimizer."""
+
+    center_coef: float = 0.01
+    """c >= 0 of the centering term, which keeps scores near 0 (the Bradley–Terry term sees only their
+    difference)."""
+    margin: float | None = None
+    """Constant margin subtracted inside the sigmoid, in reward units (``None``: 0)."""
+    max_length: int = 512
+    """Prompt + response tokens per sequence (a positive integer); longer ones keep the prompt's end and
+    the responses."""
+    batch_size: int = 8
+    """Preference pairs per training batch (a positive integer)."""
+    eval_batch_size: int = 16
+    """Preference pairs per validation batch (a positive integer)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The reward model's optimizer and schedule."""
+
+    def __post_init__(self):
+        check_range("center_coef", self.center_coef, 0)
+        for name in ("max_length", "batch_size", "eval_batch_size"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        self.optim = as_config(OptimConfig, self.optim, "optim")
+
+
+@dataclass
+class RolloutConfig:
+    """What the two stages that train a critic on sampled responses share (``value``, ``ppo``): the
+    per-token reward, the return targets, the sampling, the shared frozen trunk."""
+
+    kl_coef: float = 0.05
+    """β >= 0 of the per-token reward −β·KL_t to the reference (Ziegler et al. 2019; Ouyang et al. 2022 eq. 2);
+    PPO: the initial β with ``adaptive_kl``."""
+    kl_estimator: str = KL_ESTIMATORS[0]
+    """The per-token KL estimator: k1 (log ratio), k2 (½ log ratio²) or k3 (ratio − 1 − log ratio)
+    (Schulman 2020, "Approximating KL Divergence"); :func:`~rlhf_lightning.rewards.kl_penalty`."""
+    gamma: float = 1.0
+    """Discount γ, in [0, 1]."""
+    lam: float = 0.95
+    """λ of generalized advantage estimation (Schulman et al. 2016), in [0, 1]."""
+    cliprange_value: float | None = 0.2
+    """Clip range of the value loss around the rollout's values, in value units (``None``: off)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How the responses are sampled."""
+    share_trunk: bool = True
+    """Run the frozen lower blocks that the policy, reference, critic and reward model share (same weights,
+    ``model.trainable_layers`` with one base model) once per rollout batch, and in each network only the
+    blocks above them (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same results, fewer forwards).
+    Never under FSDP and DeepSpeed (sharded parameters)."""
+
+    def __post_init__(self):
+        check_range("kl_coef", self.kl_coef, 0)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for name in ("gamma", "lam"):
+            check_range(name, getattr(self, name), 0, 1)
+        self.generation = as_config(GenerationConfig, self.generation, "generation")
+
+
+@dataclass
+class ValueConfig(RolloutConfig):
+    """The critic warm-up stage (``value``): the critic regressed on the frozen policy's rollouts."""
+
+    lam: float = 0.0
+    """0: regress on the one-step TD target r_t + γ·V(s_{t+1}) (Sutton & Barto eq. 6.2); in (0, 1]: on the
+    λ-return (the GAE returns, Schulman et al. 2016). Both targets are held fixed (no gradient)."""
+    cliprange_value: float | None = None
+    """As in :class:`RolloutConfig`; off by default here."""
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    """PPO (``ppo``; Schulman et al. 2017, with the per-token KL penalty of Ziegler et al. 2019). Defaults
+    follow Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"."""
+
+    clip_eps: float = 0.2
+    """ε of the clipped surrogate −min(ρA, clip(ρ, 1−ε, 1+ε)A), in (0, 1)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the backward (the critic has its own optimizer, or its own parameter group
+    with ``joint_optimizer``)."""
+    whiten: bool = True
+    """Whiten the advantages over the batch's valid tokens."""
+    whiten_across_ranks: bool = True
+    """Under a multi-process strategy (DDP, FSDP, DeepSpeed), whiten with the mean and variance of the valid
+    tokens of all ranks' batches (one all-reduce per iteration), as one process with the union of the
+    batches would (OpenRLHF's choice); false: each rank whitens its own batch. No effect in one process or
+    with ``whiten`` false."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (a positive integer)."""
+    num_minibatches: int = 1
+    """Minibatches per pass (a positive integer); must divide the prompt batch size."""
+    adaptive_kl: bool = False
+    """Adapt β towards ``kl_target`` (the adaptive controller of Ziegler et al. 2019)."""
+    kl_target: float = 6.0
+    """The adaptive controller's target KL, in nats per response."""
+    kl_horizon: float = 10000.0
+    """The adaptive controller's horizon, in samples."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clip (``None``: off): the policy's and the critic's gradient norms are clipped
+    separately with two optimizers; with ``joint_optimizer`` one norm over both (the critic's gradients can
+    then shrink the policy's step and the reverse)."""
+    num_sample_prompts: int = 3
+    """The fixed evaluation prompts (the datamodule's ``sample_batch``: the first held-out prompts) answered
+    before the first and after the last iteration; their responses, scores and KL go to ``samples_path`` and
+    their means are logged as ``eval/*_before`` and ``eval/*_after``."""
+    eval_seed: int = 1234
+    """Seed of the evaluation's sampling, in a forked RNG: the training's random stream is untouched, and
+    before and after draw the same random numbers (the difference measures the policy's change)."""
+    eval_greedy: bool = False
+    """Decode the evaluation greedily instead of sampling."""
+    log_samples_every_n_steps: int = 10
+    """Also write ``num_sample_prompts`` sampled training rollouts every N iterations (0: off)."""
+    joint_optimizer: bool = False
+    """Train the policy and the critic with one AdamW holding two parameter groups (``policy_optim``'s
+    settings and ``critic_optim``'s) and one LR scheduler with a warm-up per group, instead of two
+    optimizers: each minibatch is one backward, one joint gradient-norm clip, one step, and counts once in
+    ``global_step`` instead of twice (:func:`ppo_optimizer_steps`). Needed by strategies that take one
+    optimizer (Lightning's DeepSpeedStrategy). Checkpoints of the two modes are not interchangeable."""
+    critic_warmup_iterations: int = 0
+    """During the first N iterations only the critic learns: the policy's gradients are dropped before its
+    optimizer steps (the step still runs and counts, so ``global_step`` and ``trainer.max_steps`` are
+    unchanged). For a critic started from the reward model, which read at every token gives values that
+    are mostly noise. Not under DeepSpeed (it keeps gradients in its own buffers). OpenRLHF's
+    ``freezing_actor_steps``."""
+    adv_estimator: str = ADV_ESTIMATORS[0]
+    """How advantages are estimated (verl's ``adv_estimator``): ``gae`` (with the critic; Schulman et al.
+    2016), or critic-free: ``grpo`` (scores normalised by their prompt's group, Shao et al. 2024), ``dr_grpo``
+    (group mean only, Liu et al. 2025), ``rloo`` (leave-one-out mean, Ahmadian et al. 2024), ``reinforce_pp``
+    (whitened returns-to-go, Hu 2025), ``reinforce_pp_baseline`` (group mean, then as reinforce_pp).
+    Critic-free estimators load no critic and step one optimizer (:mod:`rlhf_lightning.losses`)."""
+    num_generations: int = 1
+    """G, responses sampled per prompt (each prompt repeated G times, contiguous; a prompt's responses stay on
+    one rank); >= 2 for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline)."""
+    clip_eps_high: float | None = None
+    """Upper clip of the ratio, 1 + ε_high (DAPO's clip-higher, Yu et al. 2025 eq. 10); ``None``: ``clip_eps``."""
+    loss_agg: str = LOSS_AGG_MODES[0]
+    """How per-token policy losses become one number: ``token_mean`` (all valid tokens of the batch),
+    ``seq_mean_token_mean`` (the mean of each response's mean), ``seq_mean_token_sum_norm`` (Dr. GRPO: each
+    response's sum over the padded width, mean over responses); :func:`~rlhf_lightning.losses.aggregate_loss`."""
+    ratio_level: str = RATIO_LEVELS[0]
+    """``token`` (PPO's per-token ratio) or ``sequence`` (GSPO, Zheng et al. 2025: one length-normalised ratio
+    per response)."""
+    kl_loss_coef: float = 0.0
+    """Weight >= 0 of a KL-to-reference term in the loss (GRPO's β, Shao et al. 2024 eq. 3; 0: off),
+    independent of ``kl_coef``, the KL penalty in the reward."""
+    kl_loss_estimator: str = "k3"
+    """The KL loss's estimator (k1, k2 or k3; GRPO uses k3)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores are all equal (no signal for a group
+    baseline) are sampled again, up to ``max_resample_rounds`` times; those still all equal are left out
+    (``rollout/resampled_groups``, ``rollout/dropped_groups``)."""
+    max_resample_rounds: int = 2
+    """Bound on the rounds of re-sampling with ``dynamic_sampling`` (>= 0)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("clip_eps", self.clip_eps, 0, 1, low_open=True, high_open=True)
+        for name in ("ppo_epochs", "num_minibatches", "num_generations"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("critic_warmup_iterations", self.critic_warmup_iterations, 0, integer=True)
+        check_range("max_resample_rounds", self.max_resample_rounds, 0, integer=True)
+        check_range("kl_loss_coef", self.kl_loss_coef, 0)
+        if self.clip_eps_high is not None:
+            check_range("clip_eps_high", self.clip_eps_high, 0, low_open=True)
+        for name in ("joint_optimizer", "whiten_across_ranks", "dynamic_sampling"):
+            check_bool(name, getattr(self, name))
+        for name, choices in (("adv_estimator", ADV_ESTIMATORS), ("loss_agg", LOSS_AGG_MODES),
+                              ("ratio_level", RATIO_LEVELS), ("kl_loss_estimator", KL_ESTIMATORS)):
+            check_choice(name, getattr(self, name), choices)
+        if self.adv_estimator in GROUP_ESTIMATORS and self.num_generations < 2:
+            raise ValueError(f"adv_estimator={self.adv_estimator} compares the responses to one prompt: "
+                             f"set num_generations >= 2 (got {self.num_generations})")
+        if self.critic_warmup_iterations and not self.uses_critic:
+            raise ValueError(f"critic_warmup_iterations needs a critic; adv_estimator={self.adv_estimator} uses none")
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether ``adv_estimator`` needs a critic (GAE) or is critic-free."""
+        return self.adv_estimator in CRITIC_ESTIMATORS
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        """Optimizer steps per PPO iteration, as Lightning's ``global_step`` counts them
+        (:func:`ppo_optimizer_steps`)."""
+        return ppo_optimizer_steps(self.joint_optimizer, self.ppo_epochs, self.num_minibatches, self.adv_estimator)
+
+
+def ppo_optimizer_steps(joint_optimizer: bool, ppo_epochs: int = 1, num_minibatches: int = 1,
+                        adv_estimator: str = ADV_ESTIMATORS[0]) -> int:
+    """Optimizer steps PPO takes per iteration: optimizers × ``ppo_epochs`` × ``num_minibatches``, with two
+    optimizers (policy, critic), or one under ``joint_optimizer`` or with a critic-free ``adv_estimator``.
+    Lightning counts every optimizer step in ``global_step``, so ``trainer.max_steps`` = ``iterations`` × this
+    (the ``${ppo_optimizers:...}`` resolver, :mod:`rlhf_lightning.config`); with the defaults of the
+    middle two, the number of optimizers."""
+    optimizers = 2 if adv_estimator in CRITIC_ESTIMATORS and not joint_optimizer else 1
+    return optimizers * ppo_epochs * num_minibatches
