@@ -30,6 +30,7 @@ from torch import Tensor
 from rlhf_lightning.ops import (
     bool_mask,
     check_2d,
+    check_per_row,
     check_same_shape,
     check_unit_interval,
     float_dtype,
@@ -456,11 +457,7 @@ def sequence_to_token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
     if not isinstance(mask, Tensor):
         raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     check_2d("mask", mask)
-    if not isinstance(advantages, Tensor) or advantages.shape != mask.shape[:1]:
-        raise ValueError(
-            f"advantages must have shape ({mask.shape[0]},), got "
-            f"{tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__}"
-        )
+    check_per_row("advantages", advantages, mask)
     dtype = float_dtype(advantages)
     zero = torch.zeros((), dtype=dtype, device=advantages.device)
     return torch.where(bool_mask(mask), advantages.detach().to(dtype).unsqueeze(1), zero)

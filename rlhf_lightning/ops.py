@@ -95,6 +95,14 @@ def check_2d(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must be 2-D (B, T), got shape {tuple(t.shape)}")
 
 
+def check_per_row(name: str, t: object, like: Tensor) -> None:
+    """Raise ValueError unless ``t`` is a tensor of shape ``(B,)``, one value per row of ``like`` ``(B, ...)``
+    (the message names it and both shapes)."""
+    if not isinstance(t, Tensor) or t.shape != like.shape[:1]:
+        raise ValueError(f"{name} must have shape ({like.shape[0]},), got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+
+
 def bool_mask(mask: Tensor) -> Tensor:
     """``mask`` as a bool tensor (a 0/1 tensor is compared with 0)."""
     return mask if mask.dtype == torch.bool else mask != 0

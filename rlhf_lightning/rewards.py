@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_lightning.ops import bool_mask, check_2d, check_same_shape, float_dtype, last_valid_index
+from rlhf_lightning.ops import bool_mask, check_2d, check_per_row, check_same_shape, float_dtype, last_valid_index
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -124,11 +124,7 @@ def compute_rewards(
     """
     check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     check_2d("logprobs", logprobs)
-    if not isinstance(score, Tensor) or score.shape != logprobs.shape[:1]:
-        raise ValueError(
-            f"score must have shape ({logprobs.shape[0]},), got "
-            f"{tuple(score.shape) if isinstance(score, Tensor) else type(score).__name__}"
-        )
+    check_per_row("score", score, logprobs)
     kl_coef = float(kl_coef)
     m = bool_mask(mask)
     with torch.no_grad():

@@ -1,10 +1,12 @@
-"""Summary of a reward → PPO run: ``python -m rlhf_lightning.summary <reward run dir> <ppo run dir>``.
+"""Summary of a reward → PPO run: ``python -m rlhf_lightning.summary [<reward run dir>] <ppo run dir>``.
 
 Reads the CSV metrics each stage wrote (``<run dir>/csv/metrics.csv``) and the PPO sample file
 (``<run dir>/samples.jsonl``) and prints: the reward model's validation accuracy, the mean
 score and KL at the first and last PPO iterations (training batches, and the fixed held-out
 evaluation prompts before the first and after the last iteration), and sample prompts with the
-policy's responses before and after PPO.
+policy's responses before and after PPO. Without a reward run (PPO with reward functions alone, e.g.
+the RLVR demo) the reward model's line is left out; each reward function's mean on the held-out prompts
+before and after (``eval/reward/<name>``: a verifier's is the held-out accuracy) is shown when logged.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def series(rows: list[dict[str, float]], key: str) -> list[float]:
     return [r[key] for r in rows if key in r and math.isfinite(r[key])]
 
 
-def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samples_shown: int = 3) -> dict:
+def summarize(reward_dir: str | Path | None, ppo_dir: str | Path, window: int = 5, samples_shown: int = 3) -> dict:
     """Collect the demo's figures as a dict (see module docstring).
 
     ``ppo[metric]``: ``first``/``last`` are single training iterations, each on a different random
@@ -54,15 +56,20 @@ def summarize(reward_dir: str | Path, ppo_dir: str | Path, window: int = 5, samp
     on the fixed held-out evaluation prompts, answered before the first iteration and after the last
     one with the same sampling seed (``PPOModule.evaluate_samples``): the like-for-like before/after comparison.
     ``samples``: the first ``samples_shown`` evaluation prompts with both responses.
+    ``eval_rewards``: reward function name → ``{"before", "after"}`` held-out means (empty without functions).
+    ``reward_dir`` ``None``: no reward-model stage (``reward_val_accuracy`` None).
 
     Raises:
         FileNotFoundError: a run directory without ``csv/metrics.csv``.
     """
-    reward_rows = read_metrics(reward_dir)
-    val_acc = series(reward_rows, "val/accuracy")
+    val_acc = series(read_metrics(reward_dir), "val/accuracy") if reward_dir is not None else []
     ppo_rows = read_metrics(ppo_dir)
     out: dict = {"reward_val_accuracy": val_acc[-1] if val_acc else None,
                  "reward_val_accuracy_history": val_acc, "ppo": {}}
+    names = sorted({key.removeprefix("eval/reward/").rsplit("_", 1)[0] for row in ppo_rows for key in row
+                    if key.startswith("eval/reward/")})
+    out["eval_rewards"] = {name: {phase: (series(ppo_rows, f"eval/reward/{name}_{phase}") or [math.nan])[-1]
+                                  for phase in ("before", "after")} for name in names}
     for key in ("objective/score", "objective/rm_score", "objective/kl"):
         values = series(ppo_rows, key)
         if values:
@@ -97,11 +104,18 @@ def render(summary: dict) -> None:
 
     console = Console()
     acc = summary["reward_val_accuracy"]
-    console.rule("[bold]RLHF demo summary")
-    console.print(f"Reward model validation accuracy: [bold]{acc:.3f}[/bold]" if acc is not None
-                  else "Reward model validation accuracy: (not logged)")
-    table = Table(title="PPO training batches (score = reward model − missing-EOS penalty; KL to the reference, "
-                        "nats per response)")
+    console.rule("[bold]Run summary")
+    if acc is not None:
+        console.print(f"Reward model validation accuracy: [bold]{acc:.3f}[/bold]")
+    if summary.get("eval_rewards"):
+        table = Table(title="Reward functions on the held-out prompts (a verifier's mean is the accuracy)")
+        for column in ("function", "before", "after", "change"):
+            table.add_column(column)
+        for name, v in summary["eval_rewards"].items():
+            table.add_row(name, f"{v['before']:.3f}", f"{v['after']:.3f}", f"{v['after'] - v['before']:+.3f}")
+        console.print(table)
+    table = Table(title="Training batches (score: the reward, i.e. reward model − missing-EOS penalty + reward "
+                        "functions; KL to the reference, nats per response)")
     table.add_column("metric", no_wrap=True, min_width=18)
     for column in ("first iteration", "last iteration", "mean of first 5", "mean of last 5"):
         table.add_column(column)
@@ -110,12 +124,14 @@ def render(summary: dict) -> None:
     console.print(table)
     evaluation = summary.get("eval", {})
     if evaluation:
-        table = Table(title="PPO evaluation: the same held-out prompts and sampling seed before and after training")
-        for column in ("", "prompts", "mean score", "reward model alone", "ended with EOS", "mean KL (nats)"):
+        with_rm = acc is not None  # a reward-model stage ran: its score alone is a column
+        table = Table(title="Evaluation: the same held-out prompts and sampling seed before and after training")
+        for column in ("", "prompts", "mean score", *(["reward model alone"] if with_rm else []), "ended with EOS",
+                       "mean KL (nats)"):
             table.add_column(column)
         for phase, v in evaluation.items():
-            table.add_row(f"{phase} PPO", str(v["prompts"]), f"{v['score']:.3f}", f"{v['rm_score']:.3f}",
-                          f"{v['eos_frac']:.0%}", f"{v['kl']:.3f}")
+            table.add_row(f"{phase} training", str(v["prompts"]), f"{v['score']:.3f}",
+                          *([f"{v['rm_score']:.3f}"] if with_rm else []), f"{v['eos_frac']:.0%}", f"{v['kl']:.3f}")
         console.print(table)
     for i, s in enumerate(summary["samples"], 1):
         console.rule(f"sample {i}")
@@ -127,11 +143,14 @@ def render(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reward_dir")
-    parser.add_argument("ppo_dir")
+    parser.add_argument("run_dirs", nargs="+", metavar="run_dir",
+                        help="<reward run dir> <ppo run dir>, or <ppo run dir> alone (no reward-model stage)")
     parser.add_argument("--json", help="also write the summary to this JSON file")
     args = parser.parse_args(argv)
-    summary = summarize(args.reward_dir, args.ppo_dir)
+    if len(args.run_dirs) > 2:
+        parser.error("expected [<reward run dir>] <ppo run dir>")
+    reward_dir, ppo_dir = ([None] + args.run_dirs)[-2:]
+    summary = summarize(reward_dir, ppo_dir)
     render(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# The demo: set up, train a reward model on HH-RLHF harmless pairs, run PPO with it on
-# SmolLM2-135M-Instruct, and print a summary. About 18 minutes on 2 CPU cores (setup excluded).
-#   bash scripts/demo.sh            # outputs in outputs/demo (replaced on each run)
+# The demos: set up, train, and print a summary (wall times below exclude the setup).
+#   bash scripts/demo.sh          # RLHF: a reward model on HH-RLHF harmless pairs, then PPO with it on
+#                                 # SmolLM2-135M-Instruct (about 18 minutes on 2 CPU cores); outputs/demo
+#   bash scripts/demo.sh rlvr     # RLVR: GRPO with verifiable rewards (no reward model, no critic) on a generated
+#                                 # arithmetic task, held-out accuracy before/after; outputs/demo_rlvr
+# (scripts/demo_rlvr.sh is the second.) Outputs are replaced on each run; RUN=<dir> moves them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEMO=${1:-rlhf}
+case "$DEMO" in rlhf) RUN=${RUN:-outputs/demo} ;; rlvr) RUN=${RUN:-outputs/demo_rlvr} ;;
+  *) echo "error: unknown demo '$DEMO' (expected rlhf or rlvr)" >&2; exit 2 ;; esac
 bash scripts/setup.sh
-RUN=${RUN:-outputs/demo}
 PY=.venv/bin/python
 rm -rf "$RUN"
 start=$(date +%s)
-"$PY" train.py stage=reward experiment=demo_reward hydra.run.dir="$RUN/reward"
-"$PY" train.py stage=ppo experiment=demo_ppo reward_model_path="$RUN/reward/model" hydra.run.dir="$RUN/ppo"
-"$PY" -m rlhf_lightning.summary "$RUN/reward" "$RUN/ppo" --json "$RUN/summary.json"
-echo "demo wall time: $(( $(date +%s) - start )) s (setup excluded); outputs in $RUN"
+if [ "$DEMO" = rlhf ]; then
+  "$PY" train.py stage=reward experiment=demo_reward hydra.run.dir="$RUN/reward"
+  "$PY" train.py stage=ppo experiment=demo_ppo reward_model_path="$RUN/reward/model" hydra.run.dir="$RUN/ppo"
+  "$PY" -m rlhf_lightning.summary "$RUN/reward" "$RUN/ppo" --json "$RUN/summary.json"
+else
+  "$PY" -m rlhf_lightning.data.rlvr --task add_mix --out outputs/rlvr_add_mix --train 131 --heldout 40 --seed 0
+  "$PY" train.py stage=ppo experiment=demo_rlvr hydra.run.dir="$RUN/grpo"
+  "$PY" -m rlhf_lightning.summary "$RUN/grpo" --json "$RUN/summary.json"
+fi
+echo "demo ($DEMO) wall time: $(( $(date +%s) - start )) s (setup excluded); outputs in $RUN"

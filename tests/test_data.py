@@ -481,6 +481,20 @@ def test_prompt_datamodule_keeps_dataset_columns_for_reward_functions(tok, tmp_p
     assert dm.columns([2]) == {}
 
 
+def test_prompt_datamodule_reads_held_out_prompts_from_another_split(tok, tmp_path):
+    """val_split=heldout: every train.jsonl row trains, every heldout.jsonl row is held out (with its columns)."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"train {i}", "answer": str(i)}) + "\n"
+                                                  for i in range(5)))
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({"prompt": f"held out {i}", "answer": str(-i)}) + "\n"
+                                                    for i in range(3)))
+    dm = PromptDataModule(tok, str(tmp_path), batch_size=2, val_size=2, val_split="heldout")
+    dm.setup()
+    assert dm.stats["train"] == 5 and dm.stats["val"] == 3
+    batch = dm.sample_batch(3)
+    assert dm.columns(batch["prompt_index"].tolist()) == {"answer": ["0", "-1", "-2"]}
+    assert [dm.prompts[i][-1]["content"] for i in batch["prompt_index"].tolist()] == [f"held out {i}" for i in range(3)]
+
+
 def test_prompt_rows_errors(tmp_path):
     assert extract_prompt({"chosen": [user("q"), assistant("a")]}, "f:1") == [user("q")]
     path = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "ok"}), json.dumps({"question": "x"}),

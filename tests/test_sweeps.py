@@ -144,3 +144,25 @@ def test_ppo_optuna_preset_runs_trials_and_reports_the_best_point(tmp_path, hh_f
     # The best value is the objective (objective/rlhf_reward) of one of the trials.
     finals = [series(read_metrics(job), "objective/rlhf_reward")[-1] for job in _job_dirs(sweep_dir)]
     assert max(finals) == pytest.approx(results.best_value, rel=1e-5)
+
+
+@pytest.mark.slow  # about 50 s alone on 2 cores (4 PPO jobs)
+def test_estimator_by_beta_multirun_and_report_by_estimator(tmp_path, hh_file, tiny_dir):
+    """ppo.adv_estimator=gae,grpo x ppo.kl_coef: GAE jobs load and export a critic, GRPO jobs do not; the
+    report gives each run its estimator and each estimator its own Pareto frontier."""
+    sweep = tmp_path / "sweep"
+    _multirun(sweep, hh_file, tiny_dir, "ppo.adv_estimator=gae,grpo", "ppo.kl_coef=0.01,0.2", "ppo.num_generations=2")
+    jobs = _job_dirs(sweep)
+    assert len(jobs) == 4
+    estimators = [OmegaConf.load(job / ".hydra" / "config.yaml").ppo.adv_estimator for job in jobs]
+    assert sorted(estimators) == ["gae", "gae", "grpo", "grpo"]
+    for job, estimator in zip(jobs, estimators, strict=True):
+        assert (job / "model" / "config.json").exists()
+        assert (job / "model_critic").exists() == (estimator == "gae")
+        assert len(series(read_metrics(job), "objective/score")) == 2
+    proc = subprocess.run([sys.executable, "-m", "rlhf_lightning.report", str(sweep)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert sorted(r["adv_estimator"] for r in rows) == ["gae", "gae", "grpo", "grpo"]
+    assert {r["adv_estimator"] for r in rows if r["pareto"] == "True"} == {"gae", "grpo"}

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lightning.data.resumable import resumable_loader
 from rlhf_lightning.data.rows import DataError, PreferenceExample
 from rlhf_lightning.data.sources import NoUsableRowError, load_examples
-from rlhf_lightning.data.tokenization import encode_prompt, encode_response, truncate_pair
+from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt, encode_response, truncate_pair
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -73,7 +73,7 @@ def seeded_subset(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in sorted(picked.tolist())]
 
 
-class PreferenceCollator:
+class PreferenceCollator(PaddingCollator):
     """Batch preference pairs for a scalar (reward) model.
 
     Each item is a dict with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int).
@@ -90,22 +90,10 @@ class PreferenceCollator:
         ValueError: ``pad_token_id`` is None; an empty batch.
     """
 
-    def __init__(self, pad_token_id: int):
-        if pad_token_id is None:
-            raise ValueError("PreferenceCollator needs a pad_token_id")
-        self.pad_token_id = int(pad_token_id)
-
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if not items:
-            raise ValueError("cannot collate an empty batch")
         sequences = ([it["prompt_ids"] + it["chosen_ids"] for it in items]
                      + [it["prompt_ids"] + it["rejected_ids"] for it in items])
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, :len(seq)] = 1
+        input_ids, attention_mask = self.pad(sequences, side="right")
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

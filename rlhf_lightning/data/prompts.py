@@ -13,12 +13,12 @@ from torch.utils.data import DataLoader
 from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
 from rlhf_lightning.data.resumable import resumable_loader
 from rlhf_lightning.data.sources import load_prompt_rows
-from rlhf_lightning.data.tokenization import encode_prompt
+from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt
 
 logger = logging.getLogger("rlhf_lightning.data")
 
 
-class PromptCollator:
+class PromptCollator(PaddingCollator):
     """Batch encoded prompts for generation.
 
     Each item is a dict with ``input_ids`` (list of int) and ``prompt_index`` (int). For B items::
@@ -34,21 +34,8 @@ class PromptCollator:
         ValueError: ``pad_token_id`` is None; an empty batch.
     """
 
-    def __init__(self, pad_token_id: int):
-        if pad_token_id is None:
-            raise ValueError("PromptCollator needs a pad_token_id")
-        self.pad_token_id = int(pad_token_id)
-
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if not items:
-            raise ValueError("cannot collate an empty batch")
-        length = max(len(it["input_ids"]) for it in items)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, it in enumerate(items):
-            ids = it["input_ids"]
-            input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, length - len(ids):] = 1
+        input_ids, attention_mask = self.pad([it["input_ids"] for it in items], side="left")
         prompt_index = torch.tensor([it["prompt_index"] for it in items], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_index": prompt_index}
 
@@ -66,7 +53,9 @@ class PromptDataModule(lightning.LightningDataModule):
         tokenizer: a Hugging Face tokenizer with a pad token.
         path: the data source; ``split``/``data_dir`` as in ``read_rows``.
         max_prompt_length: maximum prompt tokens.
-        val_size: validation prompts, an int count or a float fraction (0: none).
+        val_size: validation prompts, an int count or a float fraction (0: none), held out of ``split``.
+        val_split: read the validation prompts from this split of the same source instead (e.g.
+            ``heldout``: ``<path>/heldout.jsonl``), all of them; ``val_size`` then holds nothing out.
         limit: use only a seeded random subset of this many prompts (before the split).
         batch_size: prompts per batch; the training loader drops the last incomplete batch.
         seed: seeds the subset, the split and the training shuffle.
@@ -84,7 +73,8 @@ class PromptDataModule(lightning.LightningDataModule):
 
     def __init__(self, tokenizer, path: str, split: str = "train", data_dir: str | None = None,
                  max_prompt_length: int = 256, val_size: int | float = 0, limit: int | None = None,
-                 batch_size: int = 8, num_workers: int = 0, seed: int = 0, on_error: str = "raise"):
+                 batch_size: int = 8, num_workers: int = 0, seed: int = 0, on_error: str = "raise",
+                 val_split: str | None = None):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -98,6 +88,7 @@ class PromptDataModule(lightning.LightningDataModule):
         self.data_dir = data_dir
         self.max_prompt_length = max_prompt_length
         self.val_size = val_size
+        self.val_split = val_split
         self.limit = limit
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -162,6 +153,12 @@ class PromptDataModule(lightning.LightningDataModule):
                                            on_error=self.on_error)
         rows = len(loaded)
         loaded = seeded_subset(loaded, self.limit, self.seed)
+        held_out = []
+        if self.val_split is not None:
+            held_out, held_skipped = load_prompt_rows(self.path, split=self.val_split, data_dir=self.data_dir,
+                                                      on_error=self.on_error)
+            skipped = skipped + held_skipped
+        loaded = loaded + held_out
         prompts = [messages for messages, _ in loaded]
         ids, truncated = [], 0
         for messages in prompts:
@@ -170,7 +167,11 @@ class PromptDataModule(lightning.LightningDataModule):
                 encoded = encoded[-self.max_prompt_length:]
                 truncated += 1
             ids.append(encoded)
-        train_idx, val_idx = split_indices(len(ids), self.val_size, self.seed)
+        if self.val_split is None:
+            train_idx, val_idx = split_indices(len(ids), self.val_size, self.seed)
+        else:  # the training rows first, then the held-out split's
+            first_val = len(ids) - len(held_out)
+            train_idx, val_idx = list(range(first_val)), list(range(first_val, len(ids)))
         if len(train_idx) < self.batch_size:
             raise ValueError(f"{len(train_idx)} training prompts in {self.path} is fewer than batch_size="
                              f"{self.batch_size}; the training loader (drop_last) would be empty")

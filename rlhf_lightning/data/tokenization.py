@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from rlhf_lightning.data.rows import ASSISTANT, HUMAN, DataError
 
 
@@ -97,3 +99,38 @@ def truncate_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
     budget = max_length - max(len(chosen), len(rejected))
     prompt = prompt[len(prompt) - budget:] if budget < len(prompt) else prompt
     return prompt, chosen, rejected, True
+
+
+class PaddingCollator:
+    """Base of the collators: pads token-id lists into one batch.
+
+    Args:
+        pad_token_id: the tokenizer's padding id.
+
+    Raises:
+        ValueError: ``pad_token_id`` is None (the message names the collator).
+    """
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ValueError(f"{type(self).__name__} needs a pad_token_id")
+        self.pad_token_id = int(pad_token_id)
+
+    def pad(self, sequences: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` (N, L) long padded with ``pad_token_id`` on ``side`` (``"left"`` or ``"right"``) and
+        ``attention_mask`` (N, L) long (1 on real tokens), L the longest sequence.
+
+        Raises:
+            ValueError: no sequence (an empty batch).
+        """
+        if not sequences:
+            raise ValueError("cannot collate an empty batch")
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            cols = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+            input_ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, cols] = 1
+        return input_ids, attention_mask
+

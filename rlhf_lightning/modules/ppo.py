@@ -609,9 +609,11 @@ class PPOModule(L.LightningModule):
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:  # self.log is not allowed in on_train_end
                 logger.log_metrics({f"{key}_{phase}": value for key, value in result.items()}, step=self.global_step)
-        log.info("evaluation %s training on %d prompts: score %.4f (reward model %.4f), KL %.4f nats, "
-                 "%.0f%% ended with EOS", phase, exp.batch_size, result["eval/score"], result["eval/rm_score"],
-                 result["eval/kl"], 100 * result["eval/eos_frac"])
+        parts = ([f"reward model {result['eval/rm_score']:.4f}"] if self.reward_model is not None else []) + \
+            [f"{name} {float(values.mean()):.4f}" for name, values in exp.reward_components.items()]
+        log.info("evaluation %s training on %d prompts: score %.4f (%s), KL %.4f nats, %.0f%% ended with EOS", phase,
+                 exp.batch_size, result["eval/score"], ", ".join(parts), result["eval/kl"],
+                 100 * result["eval/eos_frac"])
         return result
 
     def on_train_start(self) -> None:
