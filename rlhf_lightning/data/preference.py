@@ -7,11 +7,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import lightning
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from rlhf_lightning.data.resumable import resumable_loader
+from rlhf_lightning.data.datamodule import SourceDataModule
 from rlhf_lightning.data.rows import DataError, PreferenceExample
 from rlhf_lightning.data.sources import NoUsableRowError, load_examples
 from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt, encode_response, truncate_pair
@@ -97,7 +96,7 @@ class PreferenceCollator(PaddingCollator):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-class PreferenceDataModule(lightning.LightningDataModule):
+class PreferenceDataModule(SourceDataModule):
     """Preference pairs from a file, directory or Hub dataset (see ``sources.read_rows``), tokenized,
     truncated and split into train/validation.
 
@@ -132,27 +131,10 @@ class PreferenceDataModule(lightning.LightningDataModule):
                  max_length: int = 512, val_size: int | float = 200, limit: int | None = None,
                  batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
                  seed: int = 0, on_error: str = "raise"):
-        super().__init__()
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token")
-        self.tokenizer = tokenizer
-        self.path = str(path)
-        self.split = split
-        self.data_dir = data_dir
+        super().__init__(tokenizer, path, split, data_dir, val_size, limit, batch_size, num_workers, seed, on_error,
+                         PreferenceCollator(tokenizer.pad_token_id))
         self.max_length = max_length
-        self.val_size = val_size
-        self.limit = limit
-        self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.on_error = on_error
-        self.collator = PreferenceCollator(tokenizer.pad_token_id)
-        self.train_dataset: ListDataset | None = None
-        self.val_dataset: ListDataset | None = None
-        self.stats: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Load, tokenize, truncate and split (once; later calls return at once)."""
@@ -196,12 +178,6 @@ class PreferenceDataModule(lightning.LightningDataModule):
         except DataError as e:
             raise DataError(f"{ex.where}: {e}", e.reason, ex.where, "chosen") from None
         return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "where": ex.where}, cut
-
-    def _loader(self, dataset: ListDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return resumable_loader(dataset, batch_size, shuffle, self.seed, self.collator, self.num_workers,
-                                trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches of ``batch_size`` pairs, order seeded by (seed, epoch) and resumable mid-epoch

@@ -6,12 +6,11 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 
-import lightning
 import torch
 from torch.utils.data import DataLoader
 
+from rlhf_lightning.data.datamodule import SourceDataModule
 from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
-from rlhf_lightning.data.resumable import resumable_loader
 from rlhf_lightning.data.sources import load_prompt_rows
 from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt
 
@@ -40,7 +39,7 @@ class PromptCollator(PaddingCollator):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_index": prompt_index}
 
 
-class PromptDataModule(lightning.LightningDataModule):
+class PromptDataModule(SourceDataModule):
     """Prompts from a file, directory or Hub dataset (see ``sources.read_rows`` / ``extract_prompt``),
     encoded with ``encode_prompt`` (chat template with generation prompt) and split into train/validation.
 
@@ -75,28 +74,12 @@ class PromptDataModule(lightning.LightningDataModule):
                  max_prompt_length: int = 256, val_size: int | float = 0, limit: int | None = None,
                  batch_size: int = 8, num_workers: int = 0, seed: int = 0, on_error: str = "raise",
                  val_split: str | None = None):
-        super().__init__()
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if tokenizer.pad_token_id is None:
-            raise ValueError("the tokenizer has no pad token")
         if max_prompt_length < 1:
             raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-        self.tokenizer = tokenizer
-        self.path = str(path)
-        self.split = split
-        self.data_dir = data_dir
+        super().__init__(tokenizer, path, split, data_dir, val_size, limit, batch_size, num_workers, seed, on_error,
+                         PromptCollator(tokenizer.pad_token_id))
         self.max_prompt_length = max_prompt_length
-        self.val_size = val_size
         self.val_split = val_split
-        self.limit = limit
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.on_error = on_error
-        self.collator = PromptCollator(tokenizer.pad_token_id)
-        self.train_dataset: ListDataset | None = None
-        self.val_dataset: ListDataset | None = None
         self._prompts: list[list[dict]] = []
         self._prompt_ids: list[list[int]] = []
         self._columns: list[dict] = []
@@ -184,17 +167,11 @@ class PromptDataModule(lightning.LightningDataModule):
         logger.info("prompt data %s: %d prompts, %d used, %d cut to %d tokens, %d train / %d val",
                     self.path, rows, len(prompts), truncated, self.max_prompt_length, len(train_idx), len(val_idx))
 
-    def _loader(self, dataset: ListDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return resumable_loader(dataset, self.batch_size, shuffle, self.seed, self.collator, self.num_workers,
-                                drop_last=shuffle, trainer=self.trainer)
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches of ``batch_size`` prompts (drop_last), order seeded by (seed, epoch) and
         resumable mid-epoch (:func:`~rlhf_lightning.data.resumable.resumable_loader`): see :class:`PromptCollator`."""
-        return self._loader(self.train_dataset, shuffle=True)
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation prompts in fixed order, last batch possibly smaller (none when val_size is 0)."""
-        return self._loader(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset, self.batch_size, shuffle=False)
