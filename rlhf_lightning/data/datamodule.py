@@ -42,6 +42,28 @@ class SourceDataModule(lightning.LightningDataModule):
         self.val_dataset = None
         self.stats: dict = {}
 
+    def setup(self, stage: str | None = None) -> None:
+        """Read, encode and split the data once (:meth:`build`); later calls return at once."""
+        if self.train_dataset is None:
+            self.build()
+
+    def build(self) -> None:
+        """Fill ``train_dataset``, ``val_dataset`` and ``stats`` (the subclass's reading and encoding)."""
+        raise NotImplementedError
+
+    def read(self, load, split: str | None = None) -> tuple[int, list, object]:
+        """Read the source's ``split`` (default: ``self.split``) with ``load`` (``load_examples`` or
+        ``load_prompt_rows``) and keep the seeded ``limit`` subset
+        (:func:`~rlhf_lightning.data.preference.seeded_subset`; ``split`` given: all of it).
+
+        Returns:
+            ``(rows read, kept items, skipped reason counts)``.
+        """
+        from rlhf_lightning.data.preference import seeded_subset
+
+        items, skipped = load(self.path, split=split or self.split, data_dir=self.data_dir, on_error=self.on_error)
+        return len(items), (items if split else seeded_subset(items, self.limit, self.seed)), skipped
+
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         """A resumable loader over ``dataset`` (:func:`~rlhf_lightning.data.resumable.resumable_loader`), seeded
         by ``seed`` (and the epoch).

@@ -136,15 +136,10 @@ class PreferenceDataModule(SourceDataModule):
         self.max_length = max_length
         self.eval_batch_size = eval_batch_size or batch_size
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load, tokenize, truncate and split (once; later calls return at once)."""
-        if self.train_dataset is not None:
-            return
-        examples, skipped = load_examples(self.path, split=self.split, data_dir=self.data_dir,
-                                          on_error=self.on_error)
+    def build(self) -> None:
+        """Load, tokenize, truncate and split (``setup`` calls it once)."""
+        rows, examples, skipped = self.read(load_examples)
         dropped = Counter(skipped)
-        rows = len(examples)
-        examples = seeded_subset(examples, self.limit, self.seed)
         items, truncated = [], 0
         for ex in examples:
             try:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lightning.data.datamodule import SourceDataModule
-from rlhf_lightning.data.preference import ListDataset, seeded_subset, split_indices
+from rlhf_lightning.data.preference import ListDataset, split_indices
 from rlhf_lightning.data.sources import load_prompt_rows
 from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt
 
@@ -128,18 +128,12 @@ class PromptDataModule(SourceDataModule):
         if self.train_dataset is None:
             raise RuntimeError("call setup() first")
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load, encode, truncate and split (once; later calls return at once)."""
-        if self.train_dataset is not None:
-            return
-        loaded, skipped = load_prompt_rows(self.path, split=self.split, data_dir=self.data_dir,
-                                           on_error=self.on_error)
-        rows = len(loaded)
-        loaded = seeded_subset(loaded, self.limit, self.seed)
+    def build(self) -> None:
+        """Load, encode, truncate and split (``setup`` calls it once)."""
+        rows, loaded, skipped = self.read(load_prompt_rows)
         held_out = []
         if self.val_split is not None:
-            held_out, held_skipped = load_prompt_rows(self.path, split=self.val_split, data_dir=self.data_dir,
-                                                      on_error=self.on_error)
+            _, held_out, held_skipped = self.read(load_prompt_rows, self.val_split)
             skipped = skipped + held_skipped
         loaded = loaded + held_out
         prompts = [messages for messages, _ in loaded]
