@@ -68,7 +68,8 @@ class RankRecorder(L.Callback):
         torch.save({"initial": self.initial, "final": _trainable(pl_module), "rows": self.rows,
                     "logged": self.logged, "local": pl_module.local_metrics, "backward_calls": self.backward_calls,
                     "kl_updates": getattr(pl_module, "kl_updates", []),
-                    "whitening": getattr(pl_module, "whitening", [])},
+                    "whitening": getattr(pl_module, "whitening", []),
+                    "groups": getattr(pl_module, "groups", [])},
                    Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
@@ -109,6 +110,21 @@ class UnevenPPOModule(LocalMetrics, PPOModule):
         whitened = super().whiten_advantages(advantages, mask)
         self.whitening.append((advantages.clone(), mask.clone(), whitened.clone()))
         return whitened
+
+
+class GroupPPOModule(LocalMetrics, PPOModule):
+    """Critic-free PPO recording, per iteration, the prompt of each response and the batch's prompt indices."""
+
+    def training_step(self, batch, batch_idx):
+        self.__dict__.setdefault("groups", [])
+        self._prompt_index = batch["prompt_index"].tolist()
+        return super().training_step(batch, batch_idx)
+
+    def compute_advantages(self, exp):
+        exp = super().compute_advantages(exp)
+        prompts = exp.rollout.input_ids[:, : exp.rollout.response_start]
+        self.groups.append((self._prompt_index, prompts.clone(), exp.advantages[:, 0].clone()))
+        return exp
 
 
 def _ddp_trainer(tmp_path: Path, callbacks: list, **overrides) -> L.Trainer:
@@ -283,3 +299,35 @@ def test_ddp_cpu_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, t
         assert rank["changed"] == [True, False, True] and rank["skipped"] == 1 and rank["adam_steps"] == 2
     for key, value in ranks[0]["final"].items():
         torch.testing.assert_close(ranks[1]["final"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_ddp_cpu_grpo_keeps_each_prompts_group_on_its_rank(tmp_path, tiny_dir, tokenizer, hh_file):
+    """GRPO under 2-process DDP: each rank answers its own prompts num_generations times, each group of
+    responses is contiguous and on one rank (its advantages sum to 0), one optimizer, equal weights."""
+    L.seed_everything(0)
+    group = 3
+    module = GroupPPOModule(load_policy(tiny_dir, trainable_layers=1), load_reference(tiny_dir), None,
+                            load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
+                            ppo={"adv_estimator": "grpo", "num_generations": group, "ppo_epochs": 1,
+                                 "num_sample_prompts": 1, "log_samples_every_n_steps": 0,
+                                 "generation": {"max_new_tokens": 4}},
+                            policy_optim={"lr": 1e-3})
+    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=2, max_prompt_length=32)
+    recorder = RankRecorder(str(tmp_path), ["objective/score"])
+    trainer = _ddp_trainer(tmp_path, [recorder], max_steps=2 * module.optimizer_steps_per_iteration, max_epochs=-1,
+                           limit_val_batches=0)
+    trainer.fit(module, datamodule=dm)
+
+    ranks = _ranks(tmp_path)
+    _assert_same_trained_parameters(ranks)
+    _assert_disjoint_rows(ranks, expected_per_rank=2 * 2)
+    assert [r["backward_calls"] for r in ranks] == [2, 2]  # one optimizer: one backward per iteration
+    for rank in ranks:
+        assert len(rank["groups"]) == 2
+        for prompt_index, prompts, advantages in rank["groups"]:
+            assert prompts.shape[0] == len(prompt_index) * group
+            for g in range(len(prompt_index)):
+                rows = prompts[g * group:(g + 1) * group]
+                assert all(torch.equal(rows[0], row) for row in rows)
+                assert abs(float(advantages[g * group:(g + 1) * group].sum())) < 1e-4
+
