@@ -309,7 +309,8 @@ class PPOModule(L.LightningModule):
 
     def update(self, exp: Experience) -> dict[str, torch.Tensor]:
         """Phase 3: ``ppo.ppo_epochs`` passes over ``ppo.num_minibatches`` shuffled minibatches, each one
-        backward of policy loss + ``vf_coef`` · value loss and one step of every optimizer; then the LR
+        backward of policy loss (+ ``vf_coef`` · value loss with a critic, + ``kl_loss_coef`` · KL loss when
+        set) and one step of every optimizer; then the LR
         schedulers (once per iteration) and the adaptive KL controller (on the KL averaged over ranks,
         so every rank keeps the same β).
 
