@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demos: set up, train, and print a summary (wall times below exclude the setup).
 #   bash scripts/demo.sh          # RLHF: a reward model on HH-RLHF harmless pairs, then PPO with it on
-#                                 # SmolLM2-135M-Instruct (about 10 minutes on 2 CPU cores); outputs/demo
+#                                 # SmolLM2-135M-Instruct (about 9 minutes on 2 CPU cores); outputs/demo
 #   bash scripts/demo.sh rlvr     # RLVR: GRPO with verifiable rewards (no reward model, no critic) on a generated
 #                                 # arithmetic task, held-out accuracy before/after; outputs/demo_rlvr
 # (scripts/demo_rlvr.sh is the second.) Outputs are replaced on each run; RUN=<dir> moves them.
