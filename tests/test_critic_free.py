@@ -17,9 +17,13 @@ def response_length(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
+CALLS: list[int] = []
+
+
 def constant_on_even_prompts(completions, prompts=None, prompt_id=None, **kwargs):
     """1.0 for every response to a prompt with an even ``prompt_id`` column, else the length: the
-    groups of even prompts are flat (all equal)."""
+    groups of even prompts are flat (all equal). Each call is counted in CALLS."""
+    CALLS.append(len(completions))
     return [1.0 if pid % 2 == 0 else float(len(c)) for c, pid in zip(completions, prompt_id, strict=True)]
 
 
@@ -106,8 +110,10 @@ def test_dynamic_sampling_resamples_then_drops_flat_groups(tmp_path, tiny_dir, t
     _fit(module, tmp_path, dm)  # the module needs its trainer's datamodule for the columns
     batch = next(iter(dm.train_dataloader()))
     even = int((batch["prompt_index"] % 2 == 0).sum())
+    CALLS.clear()
     exp = module.collect(batch["input_ids"], batch["attention_mask"], batch["prompt_index"])
     assert exp.sampling_stats == {"resampled_groups": even, "dropped_groups": even}
+    assert len(CALLS) == 2  # one scoring per round (max_resample_rounds=1): collect reuses the last one
     assert exp.batch_size == 2 * (4 - even)
 
 

@@ -253,8 +253,9 @@ class PPOModule(L.LightningModule):
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample)
         stats: dict[str, float] = {}
+        functions = None  # the reward functions' results, when dynamic sampling already has them
         if for_update and cfg.dynamic_sampling and group > 1:
-            rollout, prompt_index, stats = self._resample_flat_groups(rollout, prompt_index)
+            rollout, prompt_index, stats, functions = self._resample_flat_groups(rollout, prompt_index)
         reuse = for_update and cfg.num_minibatches == 1
         exp = make_experience(rollout, self.reward_model, policy=None if reuse else self.policy,
                               ref_policy=self.ref_policy, critic=self.critic if for_update and not reuse else None,
@@ -262,7 +263,7 @@ class PPOModule(L.LightningModule):
                               trunk=self.trunk,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
         if self.reward_functions:
-            total, per_function = self._function_rewards(rollout, prompt_index)
+            total, per_function = functions or self._function_rewards(rollout, prompt_index)
             exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
         exp = replace(exp, sampling_stats=stats)
         if not reuse:
@@ -431,30 +432,35 @@ class PPOModule(L.LightningModule):
         device = rollout.input_ids.device
         return total.to(device), {name: values.to(device) for name, values in per_function.items()}
 
-    def _scores(self, rollout: Rollout, prompt_index: torch.Tensor | None) -> torch.Tensor:
-        """The responses' scores (reward model minus the missing-EOS penalty, plus reward functions), (N,)."""
+    def _scores(self, rollout: Rollout, prompt_index: torch.Tensor | None):
+        """The responses' scores (reward model minus the missing-EOS penalty, plus reward functions), (N,),
+        and the reward functions' :meth:`_function_rewards` (``None`` without functions)."""
         gen = self.ppo.generation
         scores = make_experience(rollout, self.reward_model, missing_eos_penalty=gen.missing_eos_penalty,
                                  score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
                                  ).scores
-        return scores + self._function_rewards(rollout, prompt_index)[0] if self.reward_functions else scores
+        functions = self._function_rewards(rollout, prompt_index) if self.reward_functions else None
+        return (scores + functions[0] if functions else scores), functions
 
     def _resample_flat_groups(self, rollout: Rollout, prompt_index: torch.Tensor | None
-                              ) -> tuple[Rollout, torch.Tensor | None, dict[str, float]]:
+                              ) -> tuple[Rollout, torch.Tensor | None, dict[str, float], tuple | None]:
         """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores are all equal give a group
         estimator no signal; their prompts are answered again, up to ``ppo.max_resample_rounds`` times,
         and groups still flat after that are left out (unless that would leave fewer rows than
         minibatches, which keeps every optimizer step of the iteration).
 
         Returns:
-            ``(rollout, prompt_index, stats)`` with the kept rows (whole groups, in order) and
-            ``{"resampled_groups", "dropped_groups"}`` (counts of groups).
+            ``(rollout, prompt_index, stats, functions)`` with the kept rows (whole groups, in order),
+            ``{"resampled_groups", "dropped_groups"}`` (counts of groups), and the kept rows' reward
+            function results (:meth:`_function_rewards`; ``None`` without functions), so that
+            :meth:`collect` does not call the functions again on the same responses.
         """
         cfg, gen, group = self.ppo, self.ppo.generation, self.ppo.num_generations
         start = rollout.response_start
         resampled = 0
         for round_ in range(cfg.max_resample_rounds + 1):
-            scores = self._scores(rollout, prompt_index).view(-1, group)
+            scores, functions = self._scores(rollout, prompt_index)
+            scores = scores.view(-1, group)
             flat = scores.amax(1) == scores.amin(1)  # (groups,)
             if round_ == cfg.max_resample_rounds or not bool(flat.any()):
                 break
@@ -468,9 +474,11 @@ class PPOModule(L.LightningModule):
         if dropped and keep.numel() >= cfg.num_minibatches:
             rollout = select_rows(rollout, keep)
             prompt_index = prompt_index[keep] if prompt_index is not None else None
+            if functions is not None:
+                functions = (functions[0][keep], {name: values[keep] for name, values in functions[1].items()})
         else:
             dropped = 0
-        return rollout, prompt_index, {"resampled_groups": resampled, "dropped_groups": dropped}
+        return rollout, prompt_index, {"resampled_groups": resampled, "dropped_groups": dropped}, functions
 
     def _step(self, optimizers: list, loss: torch.Tensor, policy_frozen: bool) -> None:
         """One backward of ``loss``, gradient-norm clipping per optimizer (``ppo.max_grad_norm``; the joint
