@@ -226,6 +226,32 @@ class GenerationConfig:
 
 
 @dataclass
+class AlarmsConfig:
+    """Warnings when a PPO run looks like it is hacking its reward (``ppo.alarms``): each iteration
+    :func:`~rlhf_lightning.diagnostics.rollout_diagnostics` measures the training batch (logged as
+    ``diagnostics/*``), and the first time a signal exceeds its threshold a warning line names what to change
+    (:func:`~rlhf_lightning.diagnostics.check_alarms`; each kind once per run). ``None`` turns an alarm off."""
+
+    length_score_corr: float | None = 0.5
+    """Pearson correlation of the responses' scores with their lengths in tokens, in [-1, 1]."""
+    repeated_ngram_frac: float | None = 0.25
+    """Share of responses that repeat an n-gram of ``ngram`` tokens, in [0, 1]."""
+    ngram: int = 4
+    """n of the repetition check, in tokens (a positive integer)."""
+    kl_per_token: float | None = 0.125
+    """KL to the reference per response token, nats (the default: a 3-nat budget over 24 tokens)."""
+
+    def __post_init__(self):
+        check_range("ngram", self.ngram, 1, integer=True)
+        if self.length_score_corr is not None:
+            check_range("length_score_corr", self.length_score_corr, -1, 1)
+        if self.repeated_ngram_frac is not None:
+            check_range("repeated_ngram_frac", self.repeated_ngram_frac, 0, 1)
+        if self.kl_per_token is not None:
+            check_range("kl_per_token", self.kl_per_token, 0)
+
+
+@dataclass
 class RewardConfig:
     """The reward-model stage (``reward``): the settings of the Bradley–Terry loss with a centering term
     (:class:`~rlhf_lightning.modules.RewardModule`, which gives the loss), of its data and of its optimizer."""
@@ -379,9 +405,12 @@ class PPOConfig(RolloutConfig):
     (``rollout/resampled_groups``, ``rollout/dropped_groups``)."""
     max_resample_rounds: int = 2
     """Bound on the rounds of re-sampling with ``dynamic_sampling`` (>= 0)."""
+    alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
+    """Reward-hacking diagnostics logged each iteration and their warning thresholds."""
 
     def __post_init__(self):
         super().__post_init__()
+        self.alarms = as_config(AlarmsConfig, self.alarms, "alarms")
         check_range("clip_eps", self.clip_eps, 0, 1, low_open=True, high_open=True)
         for name in ("ppo_epochs", "num_minibatches", "num_generations"):
             check_range(name, getattr(self, name), 1, integer=True)

@@ -339,7 +339,8 @@ def test_preference_collator_shapes_padding_and_alignment():
     items = [{"prompt_ids": [11, 12], "chosen_ids": [21, 22, 23], "rejected_ids": [31]},
              {"prompt_ids": [13], "chosen_ids": [24], "rejected_ids": [32, 33, 34, 35, 36]}]
     batch = PreferenceCollator(pad_token_id=0)(items)
-    assert set(batch) == {"input_ids", "attention_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "response_lengths"}
+    assert batch["response_lengths"].tolist() == [3, 1, 1, 5]
     ids, mask = batch["input_ids"], batch["attention_mask"]
     assert ids.shape == mask.shape == (4, 6) and ids.dtype == mask.dtype == torch.long
     assert ids.tolist() == [[11, 12, 21, 22, 23, 0], [13, 24, 0, 0, 0, 0],

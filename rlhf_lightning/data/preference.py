@@ -81,6 +81,7 @@ class PreferenceCollator(PaddingCollator):
         input_ids       (2B, L) long  rows 0..B-1: prompt+chosen; rows B..2B-1: prompt+rejected
                                       (row i and row B+i are the same pair); RIGHT-padded with pad_token_id
         attention_mask  (2B, L) long  1 on real tokens, 0 on padding
+        response_lengths (2B,) long   tokens of each row's response (for the length diagnostics)
 
     L is the longest sequence of the batch. With right padding each row's last attended token
     (the response's EOS unless truncated) is at ``attention_mask.sum(1) - 1``.
@@ -93,7 +94,9 @@ class PreferenceCollator(PaddingCollator):
         sequences = ([it["prompt_ids"] + it["chosen_ids"] for it in items]
                      + [it["prompt_ids"] + it["rejected_ids"] for it in items])
         input_ids, attention_mask = self.pad(sequences, side="right")
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        lengths = [len(it["chosen_ids"]) for it in items] + [len(it["rejected_ids"]) for it in items]
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "response_lengths": torch.tensor(lengths, dtype=torch.long)}
 
 
 class PreferenceDataModule(SourceDataModule):

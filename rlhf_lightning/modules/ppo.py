@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from rlhf_lightning.diagnostics import check_alarms, rollout_diagnostics
 from rlhf_lightning.losses import (
     gae,
     group_advantages,
@@ -134,7 +135,8 @@ class PPOModule(L.LightningModule):
        loss, one ``manual_backward``, ``clip_gradients`` per optimizer, then the policy and the
        critic optimizers both stepped (``ppo.joint_optimizer``: one optimizer with a policy and a
        critic parameter group), then the LR schedulers; then the adaptive KL controller's update;
-    4. :meth:`log_iteration`: metrics and sample generations.
+    4. :meth:`log_iteration`: metrics (with the reward-hacking ``diagnostics/*`` and the ``ppo.alarms``
+       warnings, :mod:`rlhf_lightning.diagnostics`) and sample generations.
 
     With a critic-free ``ppo.adv_estimator`` (GRPO, RLOO, REINFORCE++, ...) there is no critic: phase
     2 takes its baseline from the other responses to the same prompt (``ppo.num_generations``) or from
@@ -182,6 +184,7 @@ class PPOModule(L.LightningModule):
                                          self.ppo.kl_horizon)
         self.save_hyperparameters(ignore=["policy", "ref_policy", "critic", "reward_model", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
+        self._alarms_fired: set[str] = set()  # ppo.alarms kinds that warned already
 
     def on_fit_start(self) -> None:
         """Find the frozen lower blocks the four networks share (``ppo.share_trunk``)."""
@@ -386,6 +389,10 @@ class PPOModule(L.LightningModule):
         if self.ppo.num_generations > 1:
             groups = exp.scores.view(-1, self.ppo.num_generations)
             metrics["rollout/mixed_groups"] = (groups.amax(1) > groups.amin(1)).float().mean()
+        diagnostics = rollout_diagnostics(exp.scores, exp.rollout.response_ids, mask, exp.kl, self.ppo.alarms.ngram)
+        metrics.update({f"diagnostics/{name}": torch.tensor(value) for name, value in diagnostics.items()})
+        for line in check_alarms(diagnostics, self.ppo.alarms, self._alarms_fired):  # each kind once per run
+            log.warning("iteration %d: %s", self.iteration, line)
         batch_size = exp.batch_size
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
         self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from rlhf_lightning.diagnostics import preference_diagnostics
 from rlhf_lightning.losses import pairwise_reward_loss
 from rlhf_lightning.models.forward import right_padded_scores
 from rlhf_lightning.modules.common import export_pretrained, fused_adamw_allowed, make_optimizer, scheduler_total_steps
@@ -23,7 +24,11 @@ class RewardModule(L.LightningModule):
     ``attention_mask`` (2B, L), rows 0..B−1 prompt+chosen, rows B..2B−1 prompt+rejected.
 
     Logs ``{train,val}/loss``, ``/accuracy`` (fraction with r_w > r_l), ``/margin`` (mean r_w − r_l),
-    ``/reward_mean`` and ``/reward_abs_mean`` (score-inflation monitor). At the end of fit the
+    ``/reward_mean`` and ``/reward_abs_mean`` (score-inflation monitor). After each validation epoch (not the
+    sanity check) the diagnostics of :func:`~rlhf_lightning.diagnostics.preference_diagnostics` on the
+    validation pairs: ``val/accuracy_ci_low``/``_high`` (bootstrap 95%), ``val/ece``,
+    ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson) and ``val/score_std`` (under
+    several processes each rank's, averaged; ``python -m rlhf_lightning.rm_eval`` gives them all). At the end of fit the
     model and tokenizer are written to ``export_dir`` with ``save_pretrained`` (reload with
     ``AutoModelForSequenceClassification.from_pretrained``; its one logit is the reward).
 
@@ -52,6 +57,7 @@ class RewardModule(L.LightningModule):
         self.optim = config.optim
         self.center_coef, self.margin, self.export_dir = config.center_coef, config.margin, export_dir
         self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self._val_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rewards (2B,), response_lengths (2B,))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards (N,) float32 for N sequences (N, L), read at each row's last attended token.
@@ -70,6 +76,8 @@ class RewardModule(L.LightningModule):
                    f"{stage}/margin": stats["margin_mean"],
                    f"{stage}/reward_mean": 0.5 * (stats["chosen_mean"] + stats["rejected_mean"]),
                    f"{stage}/reward_abs_mean": stats["reward_abs_mean"]}
+        if stage == "val" and "response_lengths" in batch:
+            self._val_scores.append((rewards.detach().float().cpu(), batch["response_lengths"].cpu()))
         on_step = stage == "train"
         self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=n_pairs, sync_dist=not on_step,
                       prog_bar=False)
@@ -82,6 +90,28 @@ class RewardModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_scores = []
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation pairs' :func:`~rlhf_lightning.diagnostics.preference_diagnostics` (see the class)."""
+        if self.trainer.sanity_checking or not self._val_scores:
+            return
+        chosen, rejected, chosen_len, rejected_len = [], [], [], []
+        for rewards, lengths in self._val_scores:
+            n = rewards.shape[0] // 2
+            chosen.append(rewards[:n]), rejected.append(rewards[n:])
+            chosen_len.append(lengths[:n]), rejected_len.append(lengths[n:])
+        d = preference_diagnostics(torch.cat(chosen), torch.cat(rejected), torch.cat(chosen_len),
+                                   torch.cat(rejected_len))
+        bias = d["length_bias"]
+        metrics = {"val/accuracy_ci_low": d["accuracy_ci"][0], "val/accuracy_ci_high": d["accuracy_ci"][1],
+                   "val/ece": d["calibration"]["ece"], "val/acc_chosen_shorter": bias["acc_chosen_shorter"],
+                   "val/acc_chosen_longer": bias["acc_chosen_longer"], "val/length_score_corr": bias["pearson"],
+                   "val/score_std": d["scores"]["std"]}
+        self.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, sync_dist=True)
+        self._val_scores = []
 
     def configure_optimizers(self):
         """AdamW with ``optim``'s warm-up and schedule, stepped once per optimizer step
