@@ -8,22 +8,30 @@ to the reference (``objective/score``, ``objective/kl``: nats per response), and
 multirun directory (or ``--out``):
 
 - ``report.md`` and ``report.csv``: one row per run with β, ε, first and final score, final KL, and
-  the score gain per nat of KL, (final score − first score) / final KL;
-- ``report.png``: final score against final KL, one point per run and one colour per estimator, with
-  each estimator's Pareto frontier (highest score for its KL) — the reward–KL trade-off of Gao et al.
-  2022, "Scaling Laws for Reward Model Overoptimization".
+  the score gain per nat of KL, (final score − first score) / final KL; then, when the run has them, the
+  fixed-prompt evaluation after training (``eval/score_after``, ``eval/kl_after``: the held-out prompts
+  answered with the same sampling seed before and after) with bootstrap 95% intervals over its prompts
+  (:func:`eval_after`), and the reward-hacking diagnostics at the last iteration
+  (``diagnostics/length_score_corr``, ``diagnostics/repeated_ngram_frac``; :mod:`rlhf_lightning.diagnostics`);
+- ``report.png``: score against KL, one point per run and one colour per estimator, with each estimator's
+  Pareto frontier (highest score for its KL) — the reward–KL trade-off of Gao et al. 2022, "Scaling Laws
+  for Reward Model Overoptimization". When every run has the fixed-prompt evaluation its score and KL
+  after training are plotted, with their intervals as error bars (the same prompts for every run: a fair
+  comparison); otherwise the last training batch's (``objective/score``, ``objective/kl``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from rlhf_lightning.diagnostics import BOOTSTRAP_RESAMPLES, bootstrap_ci
 from rlhf_lightning.summary import read_metrics, series
 
 SCORE_KEY = "objective/score"
@@ -45,6 +53,12 @@ class RunResult:
         gain_per_kl: (final_score − first_score) / final_kl, reward units per nat; None when
             final_kl < :data:`MIN_KL`.
         iterations: logged iterations.
+        eval_score_before, eval_score_after: mean score of the fixed evaluation prompts before and after
+            training (``eval/score_before``/``_after``); eval_kl_after: their KL (nats per response).
+        eval_score_low, eval_score_high, eval_kl_low, eval_kl_high: bootstrap 95% intervals of those means
+            over the prompts (from ``samples.jsonl``).
+        length_score_corr, repeated_ngram_frac: ``diagnostics/*`` at the last logged iteration.
+        Each None when the run did not record it.
     """
 
     run_dir: str
@@ -56,6 +70,22 @@ class RunResult:
     final_kl: float
     gain_per_kl: float | None
     iterations: int
+    eval_score_before: float | None = None
+    eval_score_after: float | None = None
+    eval_score_low: float | None = None
+    eval_score_high: float | None = None
+    eval_kl_after: float | None = None
+    eval_kl_low: float | None = None
+    eval_kl_high: float | None = None
+    length_score_corr: float | None = None
+    repeated_ngram_frac: float | None = None
+
+    def point(self, use_eval: bool) -> tuple[float, float]:
+        """(KL, score) plotted and compared for the Pareto frontier: the fixed-prompt evaluation after
+        training with ``use_eval``, else the last training batch's."""
+        if use_eval:
+            return self.eval_kl_after, self.eval_score_after
+        return self.final_kl, self.final_score
 
 
 def find_runs(multirun_dir: str | Path) -> list[Path]:
@@ -99,8 +129,32 @@ def run_params(run_dir: str | Path) -> dict[str, float | str | None]:
     return params
 
 
+def eval_after(run_dir: str | Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, float] | None:
+    """The fixed-prompt evaluation after training from ``<run_dir>/samples.jsonl`` (the rows of phase
+    ``after`` with the highest ``step``, one per prompt, written by ``PPOModule.evaluate_samples``): mean
+    score and KL with their :func:`~rlhf_lightning.diagnostics.bootstrap_ci` (95%, fixed seed) over the
+    prompts, as ``{"score", "score_low", "score_high", "kl", "kl_low", "kl_high", "prompts"}``; None when the
+    file or the rows are missing."""
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("phase") == "after"]
+    if not rows:
+        return None
+    last = max(r.get("step", 0) for r in rows)
+    rows = [r for r in rows if r.get("step", 0) == last]
+    out: dict[str, float] = {"prompts": len(rows)}
+    for key in ("score", "kl"):
+        values = [float(r[key]) for r in rows]
+        out[key] = sum(values) / len(values)
+        out[f"{key}_low"], out[f"{key}_high"] = bootstrap_ci(values, n_resamples)
+    return out
+
+
 def summarize_run(run_dir: str | Path, score_key: str = SCORE_KEY, kl_key: str = KL_KEY) -> RunResult:
-    """Read one job's metrics and parameters into a :class:`RunResult`.
+    """Read one job's metrics and parameters into a :class:`RunResult` (with the fixed-prompt evaluation
+    and the diagnostics when the run logged them).
 
     Raises:
         FileNotFoundError: no ``csv/metrics.csv`` in ``run_dir``.
@@ -113,19 +167,37 @@ def summarize_run(run_dir: str | Path, score_key: str = SCORE_KEY, kl_key: str =
                          "(is it a PPO run?)")
     final_kl = kls[-1]
     gain = (scores[-1] - scores[0]) / final_kl if final_kl >= MIN_KL else None
+
+    def last(key: str) -> float | None:
+        values = series(rows, key)
+        return values[-1] if values else None
+
+    extra = {"eval_score_before": last("eval/score_before"), "eval_score_after": last("eval/score_after"),
+             "eval_kl_after": last("eval/kl_after"), "length_score_corr": last("diagnostics/length_score_corr"),
+             "repeated_ngram_frac": last("diagnostics/repeated_ngram_frac")}
+    evaluation = eval_after(run_dir) if extra["eval_score_after"] is not None else None
+    if evaluation is not None:
+        extra.update(eval_score_low=evaluation["score_low"], eval_score_high=evaluation["score_high"],
+                     eval_kl_low=evaluation["kl_low"], eval_kl_high=evaluation["kl_high"])
     return RunResult(str(run_dir), **run_params(run_dir), first_score=scores[0], final_score=scores[-1],
-                     final_kl=final_kl, gain_per_kl=gain, iterations=len(scores))
+                     final_kl=final_kl, gain_per_kl=gain, iterations=len(scores), **extra)
 
 
-def pareto_front(results: list[RunResult]) -> list[RunResult]:
+def uses_eval(results: list[RunResult]) -> bool:
+    """Whether every run has the fixed-prompt evaluation after training (then it is what is compared)."""
+    return bool(results) and all(r.eval_score_after is not None and r.eval_kl_after is not None for r in results)
+
+
+def pareto_front(results: list[RunResult], use_eval: bool = False) -> list[RunResult]:
     """The runs no other run dominates (a run dominates another with a KL no higher and a score no
-    lower, one of them strictly), sorted by KL: the best score reached for each KL budget."""
+    lower, one of them strictly), sorted by KL: the best score reached for each KL budget. KL and score
+    are :meth:`RunResult.point`'s (the fixed-prompt evaluation with ``use_eval``)."""
     def dominates(a: RunResult, b: RunResult) -> bool:
-        return (a.final_kl <= b.final_kl and a.final_score >= b.final_score
-                and (a.final_kl < b.final_kl or a.final_score > b.final_score))
+        (ka, sa), (kb, sb) = a.point(use_eval), b.point(use_eval)
+        return ka <= kb and sa >= sb and (ka < kb or sa > sb)
 
     front = [r for r in results if not any(dominates(o, r) for o in results)]
-    return sorted(front, key=lambda r: (r.final_kl, r.final_score))
+    return sorted(front, key=lambda r: r.point(use_eval))
 
 
 def _cell(value) -> str:
@@ -136,13 +208,22 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _interval(value: float | None, low: float | None, high: float | None, before: float | None = None) -> str:
+    """``"before → value [low, high]"`` with the parts that exist; ``n/a`` without a value."""
+    if value is None:
+        return "n/a"
+    text = (f"{_cell(before)} → " if before is not None else "") + _cell(value)
+    return text + (f" [{_cell(low)}, {_cell(high)}]" if low is not None and high is not None else "")
+
+
 def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.md`` (markdown table, the runs on their estimator's Pareto frontier marked) and
     ``report.csv`` (every field of :class:`RunResult` plus ``pareto``) into ``out_dir``. Returns the two paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    use_eval = uses_eval(results)
     front = {r.run_dir for estimator in {r.adv_estimator for r in results}
-             for r in pareto_front([r for r in results if r.adv_estimator == estimator])}
+             for r in pareto_front([r for r in results if r.adv_estimator == estimator], use_eval)}
     names = [f.name for f in fields(RunResult)]
     csv_path = out_dir / "report.csv"
     with csv_path.open("w", newline="") as f:
@@ -151,11 +232,14 @@ def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, P
         for r in results:
             writer.writerow({**asdict(r), "pareto": r.run_dir in front})
     header = ["run", "estimator", "β (kl_coef)", "ε (clip_eps)", "first score", "final score", "final KL (nats)",
-              "score gain / nat KL", "Pareto"]
+              "score gain / nat KL", "Pareto", "held-out score before → after [95% CI]", "held-out KL after [95% CI]",
+              "length–score corr.", "repeated n-gram"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [Path(r.run_dir).name, r.adv_estimator, r.kl_coef, r.clip_eps, r.first_score, r.final_score, r.final_kl,
-                 r.gain_per_kl, "✓" if r.run_dir in front else ""]
+                 r.gain_per_kl, "✓" if r.run_dir in front else "",
+                 _interval(r.eval_score_after, r.eval_score_low, r.eval_score_high, r.eval_score_before),
+                 _interval(r.eval_kl_after, r.eval_kl_low, r.eval_kl_high), r.length_score_corr, r.repeated_ngram_frac]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
@@ -163,9 +247,10 @@ def write_tables(results: list[RunResult], out_dir: str | Path) -> tuple[Path, P
 
 
 def plot(results: list[RunResult], path: str | Path) -> Path:
-    """Scatter final score against final KL (nats per response), one labelled point (β, ε) per run and
-    one colour per estimator, each estimator's Pareto frontier drawn as a line in its colour (Gao et
-    al. 2022). Writes a PNG (matplotlib, Agg backend)."""
+    """Scatter score against KL (nats per response), one labelled point (β, ε) per run and one colour per
+    estimator, each estimator's Pareto frontier drawn as a line in its colour (Gao et al. 2022): the
+    fixed-prompt evaluation after training, with bootstrap 95% error bars, when every run has it
+    (:func:`uses_eval`), else the last training batch. Writes a PNG (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,18 +258,28 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
 
     estimators = sorted({r.adv_estimator for r in results})
     colours = dict(zip(estimators, plt.get_cmap("tab10").colors, strict=False))
+    use_eval = uses_eval(results)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     try:
         for estimator in estimators:
             runs = [r for r in results if r.adv_estimator == estimator]
-            front = pareto_front(runs)
-            ax.scatter([r.final_kl for r in runs], [r.final_score for r in runs], color=colours[estimator], alpha=0.5)
-            ax.plot([r.final_kl for r in front], [r.final_score for r in front], "o-", color=colours[estimator],
+            front = pareto_front(runs, use_eval)
+            kls, scores = zip(*(r.point(use_eval) for r in runs), strict=True)
+            ax.scatter(kls, scores, color=colours[estimator], alpha=0.5)
+            if use_eval:
+                for r in runs:
+                    if r.eval_score_low is not None:
+                        score, kl = r.eval_score_after, r.eval_kl_after
+                        ax.errorbar(kl, score, color=colours[estimator], alpha=0.5,
+                                    yerr=[[score - r.eval_score_low], [r.eval_score_high - score]],
+                                    xerr=[[kl - r.eval_kl_low], [r.eval_kl_high - kl]])
+            ax.plot(*zip(*(r.point(use_eval) for r in front), strict=True), "o-", color=colours[estimator],
                     label=f"{estimator}: Pareto frontier")
         for r in results:
-            ax.annotate(f"β={_cell(r.kl_coef)}, ε={_cell(r.clip_eps)}", (r.final_kl, r.final_score), fontsize=7,
+            ax.annotate(f"β={_cell(r.kl_coef)}, ε={_cell(r.clip_eps)}", r.point(use_eval), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel("KL to the reference (nats per response)")
+        where = "held-out prompts after training (95% bootstrap CI)" if use_eval else "last training batch"
+        ax.set_xlabel(f"KL to the reference (nats per response), {where}")
         ax.set_ylabel("score")
         ax.set_title("Sweep: score against KL, by estimator")
         ax.legend()

@@ -21,7 +21,6 @@ from rlhf_lightning.diagnostics import (
     spearman,
 )
 
-
 # ----------------------------------------------------------------------------- bootstrap
 
 
