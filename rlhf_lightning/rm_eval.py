@@ -69,7 +69,7 @@ def score_pairs(model, items: list[dict], pad_token_id: int, batch_size: int = 1
 
 def heldout_settings(model_dir: str | Path) -> dict:
     """The reward stage's data settings from ``<model dir>/../.hydra/config.yaml``: ``{"limit", "val_size",
-    "seed", "max_length", "split"}``.
+    "seed", "max_length", "split", "path"}`` (``path`` as written in the config, relative to where it ran).
 
     Raises:
         FileNotFoundError: no such config (the model was not exported by ``train.py stage=reward``).
@@ -83,7 +83,7 @@ def heldout_settings(model_dir: str | Path) -> dict:
     data = cfg.get("data") or {}
     return {"limit": data.get("limit"), "val_size": data.get("val_size", 200), "seed": int(cfg.get("seed", 0)),
             "max_length": int((cfg.get("reward") or {}).get("max_length", RewardConfig.max_length)),
-            "split": data.get("split", "train")}
+            "split": data.get("split", "train"), "path": data.get("path")}
 
 
 def render(result: dict) -> None:
@@ -191,11 +191,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     settings = {"limit": None, "val_size": 0, "seed": 0, "max_length": RewardConfig.max_length, "split": "train"}
-    try:
-        if args.heldout:
-            settings.update(heldout_settings(args.model_dir))
-    except FileNotFoundError as err:
-        parser.exit(2, f"error: {err}\n")
+    if args.heldout:
+        try:
+            run = heldout_settings(args.model_dir)
+        except FileNotFoundError as err:
+            parser.exit(2, f"error: {err}\n")
+        trained_on = run.pop("path")
+        if trained_on and Path(trained_on).name != Path(args.data).name:
+            print(f"warning: the reward stage read {trained_on}, not {args.data}: --heldout's split is of that data")
+        settings.update(run)
     for key in ("limit", "val_size", "seed", "max_length", "split"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)

@@ -16,6 +16,8 @@ rm -rf "$RUN"
 start=$(date +%s)
 if [ "$DEMO" = rlhf ]; then
   "$PY" train.py stage=reward experiment=demo_reward hydra.run.dir="$RUN/reward"
+  # the reward model's diagnostics on its 200 held-out pairs: $RUN/reward/rm_eval.{json,png}
+  "$PY" -m rlhf_lightning.rm_eval "$RUN/reward/model" ../shared/data/hh-rlhf-harmless/pairs.jsonl.gz --heldout
   "$PY" train.py stage=ppo experiment=demo_ppo reward_model_path="$RUN/reward/model" hydra.run.dir="$RUN/ppo"
   "$PY" -m rlhf_lightning.summary "$RUN/reward" "$RUN/ppo" --json "$RUN/summary.json"
 else

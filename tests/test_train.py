@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
 from conftest import compose_run_config
+from rlhf_lightning import rm_eval
 from rlhf_lightning.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,12 @@ def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
     _train("stage=reward", *common, "data.val_size=8", "reward.max_length=64", "reward.batch_size=4",
            "trainer.max_epochs=1", run_dir=reward_dir)
     assert (reward_dir / "model" / "model.safetensors").exists()
+    reward_header = (reward_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert all(key in reward_header for key in ("val/accuracy_ci_low", "val/ece", "val/acc_chosen_shorter"))
+    evaluation = rm_eval.main([str(reward_dir / "model"), str(hh_file), "--heldout", "--resamples", "200"])
+    assert evaluation["subset"] == "val" and evaluation["pairs"] == 8 and evaluation["max_length"] == 64
+    assert json.loads((reward_dir / "rm_eval.json").read_text())["accuracy"] == evaluation["accuracy"]
+    assert (reward_dir / "rm_eval.png").read_bytes()[:4] == b"\x89PNG"
     _train("stage=value", *common, f"reward_model_path={reward_dir}/model", "iterations=2", "batch_size=4",
            "value.generation.max_new_tokens=8", run_dir=value_dir)
     assert (value_dir / "model" / "model.safetensors").exists()
@@ -89,6 +96,8 @@ def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
     assert summary["ppo"]["objective/score"]["iterations"] == 2
     assert len(summary["samples"]) == 3 and all(s["after"] is not None for s in summary["samples"])
     assert summary["eval"]["before"]["prompts"] == summary["eval"]["after"]["prompts"] == 3
+    assert summary["reward_diagnostics"]["source"] == "rm_eval" and len(summary["eval_change"]["ci"]) == 2
+    assert set(summary["diagnostics"]) >= {"repeated_ngram_frac", "kl_per_token"}
     header = (ppo_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "eval/score_before" in header and "eval/score_after" in header  # logged after on_train_end too
     out = subprocess.run([sys.executable, "-m", "rlhf_lightning.summary", str(reward_dir), str(ppo_dir), "--json",
