@@ -266,9 +266,9 @@ def rollout_diagnostics(scores: torch.Tensor, response_ids: torch.Tensor, respon
 
 #: For each signal of :func:`rollout_diagnostics`: its ``AlarmsConfig`` threshold field, and what to change.
 ALARMS = {
-    "length_score_corr": ("length_score_corr", "the reward pays for response length: check the reward model's "
-                          "length bias (python -m rlhf_lightning.rm_eval), or add a length penalty or "
-                          "ppo.generation.missing_eos_penalty"),
+    "length_score_corr": ("length_score_corr", "the reward pays for response length (or for brevity, when "
+                          "negative): check the reward model's length bias (python -m rlhf_lightning.rm_eval), "
+                          "or add a length penalty or ppo.generation.missing_eos_penalty"),
     "repeated_ngram_frac": ("repeated_ngram_frac", "responses repeat themselves: raise ppo.kl_coef, lower "
                             "policy_optim.lr, or check what the reward model pays for repeated text"),
     "kl_per_token": ("kl_per_token", "the policy is moving far from the reference: raise ppo.kl_coef (or set "
@@ -278,6 +278,7 @@ ALARMS = {
 
 def check_alarms(values: dict[str, float], thresholds, fired: set[str]) -> list[str]:
     """Warning lines for the signals above their threshold that have not fired yet (each kind once).
+    ``length_score_corr`` is compared in absolute value: a reward that pays for brevity is hacked as easily.
 
     Args:
         values: :func:`rollout_diagnostics`'s result (a NaN never fires).
@@ -286,13 +287,16 @@ def check_alarms(values: dict[str, float], thresholds, fired: set[str]) -> list[
         fired: kinds that already fired; updated in place.
 
     Returns:
-        One line per new alarm: ``"<kind> = <value> > <threshold> (ppo.alarms.<field>): <what to change>"``.
+        One line per new alarm: ``"<kind> = <value> > <threshold> (ppo.alarms.<field>): <what to change>"``
+        (``|<kind>| = <value>`` for the correlation).
     """
     lines = []
     for kind, (field_name, advice) in ALARMS.items():
         limit, value = getattr(thresholds, field_name), values.get(kind, math.nan)
-        if kind in fired or limit is None or not math.isfinite(value) or value <= limit:
+        size = abs(value) if kind == "length_score_corr" else value
+        if kind in fired or limit is None or not math.isfinite(value) or size <= limit:
             continue
         fired.add(kind)
-        lines.append(f"{kind} = {value:.3g} > {limit:g} (ppo.alarms.{field_name}): {advice}")
+        shown = f"|{kind}| = {size:.3g}" if kind == "length_score_corr" else f"{kind} = {value:.3g}"
+        lines.append(f"{shown} > {limit:g} (ppo.alarms.{field_name}): {advice}")
     return lines

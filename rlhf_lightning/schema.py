@@ -233,7 +233,8 @@ class AlarmsConfig:
     (:func:`~rlhf_lightning.diagnostics.check_alarms`; each kind once per run). ``None`` turns an alarm off."""
 
     length_score_corr: float | None = 0.5
-    """Pearson correlation of the responses' scores with their lengths in tokens, in [-1, 1]."""
+    """Pearson correlation of the responses' scores with their lengths in tokens, in absolute value (a reward
+    that pays for brevity is hacked too), in [0, 1]."""
     repeated_ngram_frac: float | None = 0.25
     """Share of responses that repeat an n-gram of ``ngram`` tokens, in [0, 1]."""
     ngram: int = 4
@@ -244,7 +245,7 @@ class AlarmsConfig:
     def __post_init__(self):
         check_range("ngram", self.ngram, 1, integer=True)
         if self.length_score_corr is not None:
-            check_range("length_score_corr", self.length_score_corr, -1, 1)
+            check_range("length_score_corr", self.length_score_corr, 0, 1)
         if self.repeated_ngram_frac is not None:
             check_range("repeated_ngram_frac", self.repeated_ngram_frac, 0, 1)
         if self.kl_per_token is not None:

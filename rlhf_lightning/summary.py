@@ -152,7 +152,8 @@ def _ppo_diagnostics(ppo_dir, ppo_rows: list[dict[str, float]]) -> dict:
         if not values:
             continue
         limit = thresholds.get(field_name)
-        crossed = next((i + 1 for i, v in enumerate(values) if limit is not None and v > limit), None)
+        size = [abs(v) for v in values] if kind == "length_score_corr" else values  # as check_alarms compares
+        crossed = next((i + 1 for i, v in enumerate(size) if limit is not None and v > limit), None)
         out[kind] = {"first": values[0], "last": values[-1], "max": max(values), "threshold": limit,
                      "crossed_at": crossed}
     return out

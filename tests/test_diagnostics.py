@@ -197,12 +197,14 @@ def test_check_alarms_fires_once_per_kind_and_skips_nan_and_off():
     fired: set[str] = set()
     lines = check_alarms({"length_score_corr": 0.9, "repeated_ngram_frac": 1.0, "kl_per_token": math.nan},
                          thresholds, fired)
-    assert len(lines) == 1 and lines[0].startswith("length_score_corr = 0.9 > 0.5 (ppo.alarms.length_score_corr)")
+    assert len(lines) == 1 and lines[0].startswith("|length_score_corr| = 0.9 > 0.5 (ppo.alarms.length_score_corr)")
     assert "length" in lines[0].split(":", 1)[1]
     assert check_alarms({"length_score_corr": 0.95, "kl_per_token": 0.05}, thresholds, fired) == []
     lines = check_alarms({"length_score_corr": 0.95, "kl_per_token": 0.2}, thresholds, fired)
     assert [line.split(" ")[0] for line in lines] == ["kl_per_token"] and "ppo.kl_coef" in lines[0]
     assert fired == {"length_score_corr", "kl_per_token"}
+    assert len(check_alarms({"length_score_corr": -0.7}, thresholds, set())) == 1  # pays for brevity
+    assert check_alarms({"length_score_corr": -0.3}, thresholds, set()) == []
 
 
 def test_alarms_config_checks_its_ranges():
