@@ -192,6 +192,8 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
     - ``length_bias``: ``acc_chosen_shorter``/``acc_chosen_longer`` = accuracy on the pairs whose chosen
       response has fewer / more tokens than the rejected one (``n_*`` pairs each; NaN when none; pairs of
       equal length in neither). A model that rewards length does well on the second and badly on the first.
+      ``shorter_wins_accuracy``: the accuracy of the rule "the shorter response is preferred" (a tie in length
+      counts half; 1 − it is the rule "the longer"): the baseline a length-only model reaches.
       ``pearson``/``spearman``: correlation of score with response length over all 2n responses;
       ``pearson_margin_vs_length_diff``: of r_w − r_l with len_w − len_l.
     - ``scores``: mean, std (population), min, quantiles 0.05/0.25/0.5/0.75/0.95, max of all 2n scores, and
@@ -232,6 +234,7 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
         "length_bias": {"acc_chosen_shorter": acc(shorter), "n_chosen_shorter": int(shorter.sum()),
                         "acc_chosen_longer": acc(longer), "n_chosen_longer": int(longer.sum()),
                         "n_same_length": int((lw == ll).sum()),
+                        "shorter_wins_accuracy": float((shorter.double() + 0.5 * (lw == ll).double()).mean()),
                         "pearson": pearson(scores, lengths), "spearman": spearman(scores, lengths),
                         "pearson_margin_vs_length_diff": pearson(margin, lw - ll)},
         "scores": {"mean": float(scores.mean()), "std": float(scores.std(unbiased=False)),

@@ -156,6 +156,7 @@ def test_preference_diagnostics_by_hand():
     bias = d["length_bias"]
     assert (bias["n_chosen_shorter"], bias["n_chosen_longer"], bias["n_same_length"]) == (1, 2, 1)
     assert bias["acc_chosen_shorter"] == 1.0 and bias["acc_chosen_longer"] == 0.5
+    assert bias["shorter_wins_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
     assert bias["pearson"] == pytest.approx(pearson(torch.cat([chosen, rejected]), torch.cat([chosen_len,
                                                                                                rejected_len])))
     # calibration: σ(|margin|) = σ(1), σ(1), σ(0)=0.5, σ(3) against 1, 0, 0.5, 1
