@@ -390,7 +390,7 @@ class PPOModule(L.LightningModule):
             groups = exp.scores.view(-1, self.ppo.num_generations)
             metrics["rollout/mixed_groups"] = (groups.amax(1) > groups.amin(1)).float().mean()
         diagnostics = rollout_diagnostics(exp.scores, exp.rollout.response_ids, mask, exp.kl, self.ppo.alarms.ngram)
-        metrics.update({f"diagnostics/{name}": torch.tensor(value) for name, value in diagnostics.items()})
+        metrics.update({f"diagnostics/{name}": value for name, value in diagnostics.items()})  # floats: on self.device
         for line in check_alarms(diagnostics, self.ppo.alarms, self._alarms_fired):  # each kind once per run
             log.warning("iteration %d: %s", self.iteration, line)
         batch_size = exp.batch_size

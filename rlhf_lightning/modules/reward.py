@@ -110,7 +110,7 @@ class RewardModule(L.LightningModule):
                    "val/ece": d["calibration"]["ece"], "val/acc_chosen_shorter": bias["acc_chosen_shorter"],
                    "val/acc_chosen_longer": bias["acc_chosen_longer"], "val/length_score_corr": bias["pearson"],
                    "val/score_std": d["scores"]["std"]}
-        self.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, sync_dist=True)
+        self.log_dict(metrics, sync_dist=True)  # floats: Lightning makes them tensors on self.device
         self._val_scores = []
 
     def configure_optimizers(self):
