@@ -278,9 +278,8 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
         for r in results:
             ax.annotate(f"β={_cell(r.kl_coef)}, ε={_cell(r.clip_eps)}", r.point(use_eval), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
-        where = "held-out prompts after training (95% bootstrap CI)" if use_eval else "last training batch"
-        ax.set_xlabel(f"KL to the reference (nats per response), {where}")
-        ax.set_ylabel("score")
+        ax.set_xlabel("KL to the reference (nats per response)")
+        ax.set_ylabel("held-out score after training (95% CI)" if use_eval else "score, last training batch")
         ax.set_title("Sweep: score against KL, by estimator")
         ax.legend()
         fig.tight_layout()
