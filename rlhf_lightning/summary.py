@@ -222,7 +222,8 @@ def render(summary: dict) -> None:
                       "prompts", highlight=False)
     if summary.get("diagnostics"):
         table = Table(title="Reward hacking? Training batches (ppo.alarms: a warning when one exceeds its threshold)")
-        for column in ("diagnostic", "first iteration", "last iteration", "max", "threshold", "first exceeded at"):
+        table.add_column("diagnostic", no_wrap=True)
+        for column in ("first iteration", "last iteration", "max", "threshold", "first exceeded at"):
             table.add_column(column)
         for kind, v in summary["diagnostics"].items():
             crossed = "never" if v["crossed_at"] is None else f"iteration {v['crossed_at']}"
