@@ -161,7 +161,8 @@ class DPOModule(L.LightningModule):
         loss = losses.mean()
         prefix = "" if stage == "train" else f"{stage}/"
         values = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                  "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean(),
+                  "rewards/margins": (chosen - rejected).mean(),
+                  "rewards/accuracies": (chosen > rejected).float().mean(),
                   "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
         metrics = {f"{stage}/loss": loss} | {f"{prefix}{name}": value for name, value in values.items()}
         on_step = stage == "train"
