@@ -37,11 +37,10 @@ def test_ppo_and_dpo_share_one_frontier(tmp_path, hh_file):
     rm = f"reward_model_path={reward_dir}/model"
     _run("train.py", "stage=ppo", *common, rm, "iterations=2", "batch_size=4", "ppo.ppo_epochs=1",
          "ppo.generation.max_new_tokens=8", f"hydra.run.dir={sweep / 'ppo'}")
-    _run("train.py", "stage=dpo", *common, rm, "data.val_size=4", "dpo.max_length=64", "dpo.batch_size=4",
-         "dpo.optim.lr=1e-4", "trainer.max_steps=3", "dpo.generation.max_new_tokens=8", f"hydra.run.dir={sweep / 'dpo'}")
-    _run("train.py", "stage=dpo", *common, rm, "data.val_size=4", "dpo.max_length=64", "dpo.batch_size=4",
-         "dpo.optim.lr=1e-4", "trainer.max_steps=3", "dpo.generation.max_new_tokens=8", "dpo.loss_type=ipo",
-         f"hydra.run.dir={sweep / 'ipo'}")
+    dpo = ["stage=dpo", *common, rm, "data.val_size=4", "dpo.max_length=64", "dpo.batch_size=4", "dpo.optim.lr=1e-4",
+           "trainer.max_steps=3", "dpo.generation.max_new_tokens=8"]
+    _run("train.py", *dpo, f"hydra.run.dir={sweep / 'dpo'}")
+    _run("train.py", *dpo, "dpo.loss_type=ipo", f"hydra.run.dir={sweep / 'ipo'}")
     dpo_dir = sweep / "dpo"
     assert (dpo_dir / "model" / "model.safetensors").exists() and (dpo_dir / "ref_logps.pt").exists()
     # the same held-out prompts, answered before training by the same (initial) policy with the same seed
