@@ -153,6 +153,18 @@ def test_stage_dpo_composes(tmp_path):
         compose_run_config(["stage=dpo", "model=tiny", "dpo.beta=big"], tmp_path)
 
 
+def test_stage_dpo_datamodule_instantiates(tmp_path, hh_file, tokenizer):
+    from hydra.utils import instantiate
+
+    cfg = compose_run_config(["stage=dpo", "model=tiny", f"data.path={hh_file}", "data.val_size=4",
+                              "dpo.batch_size=2"], tmp_path)
+    dm = instantiate(OmegaConf.to_container(cfg.datamodule, resolve=True), tokenizer=tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and len(batch["keys"]) == 2
+    assert dm.sample_batch(3)["input_ids"].shape[0] == 3
+
+
 def test_dpo_beta_sweep_preset(tmp_path):
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
