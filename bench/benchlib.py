@@ -214,9 +214,14 @@ def start(description: str, argv: list[str] | None, add_arguments=None):
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    import importlib.util
+
     import lightning  # noqa: F401
     import torch
-    import trl.experimental.ppo  # noqa: F401
+    import trl
+
+    if importlib.util.find_spec("trl.experimental.ppo") is not None:  # gone after trl 1.12 (bench/dpo_step.py: 1.16)
+        import trl.experimental.ppo  # noqa: F401
 
     from rlhf_lightning.models import load_tokenizer
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning import launch, tracking
 from rlhf_lightning.losses import ADV_ESTIMATORS
-from rlhf_lightning.schema import OptimConfig, PPOConfig, RewardConfig, ValueConfig, ppo_optimizer_steps
+from rlhf_lightning.schema import DPOConfig, OptimConfig, PPOConfig, RewardConfig, ValueConfig, ppo_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def _tiny_source(family) -> str:
 
 #: The settings dataclasses in Hydra's ConfigStore, group ``schema``: ``conf/stage/*.yaml`` place them with
 #: defaults-list entries such as ``- /schema/ppo@ppo`` and ``- /schema/optim@policy_optim``.
-SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "optim": OptimConfig}
+SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+           "optim": OptimConfig}
 
 
 def register_configs() -> None:

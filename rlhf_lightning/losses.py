@@ -43,11 +43,13 @@ from rlhf_lightning.rewards import KL_ESTIMATORS, kl_penalty
 
 __all__ = [
     "ADV_ESTIMATORS",
+    "DPO_LOSS_TYPES",
     "CRITIC_ESTIMATORS",
     "GROUP_ESTIMATORS",
     "LOSS_AGG_MODES",
     "RATIO_LEVELS",
     "pairwise_reward_loss",
+    "dpo_loss",
     "td_targets",
     "gae",
     "group_advantages",
@@ -86,6 +88,9 @@ LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"
 
 #: Names accepted by the ``ratio_level`` of :func:`ppo_policy_loss`.
 RATIO_LEVELS = ("token", "sequence")
+
+#: Preference-optimisation losses of :func:`dpo_loss` (TRL's ``loss_type`` names).
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 # --------------------------------------------------------------------------- #
@@ -761,3 +766,72 @@ def kl_loss(
     logp = torch.where(m, logprobs.to(dtype), zero)
     ref = torch.where(m, ref_logprobs.detach().to(dtype), zero)
     return aggregate_loss(kl_penalty(logp, ref, estimator), m, loss_agg)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Direct preference losses on the log-probabilities of a chosen and a rejected response.
+
+    With the log-ratio margin ``h = (π_c − π_r) − (ref_c − ref_r)`` (π: the policy's summed — for IPO
+    length-averaged — response log-probabilities, ref: the reference's):
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023, "Direct Preference Optimization", eq. 7):
+      ``−log σ(β h)``; with ``label_smoothing`` ε > 0 the conservative DPO of Mitchell 2023 ("A note on
+      DPO with noisy preferences", cDPO), which assumes the labels are flipped with probability ε:
+      ``−(1 − ε)·log σ(β h) − ε·log σ(−β h)``;
+    - ``ipo`` (IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+      Preferences", eq. 17): ``(h − 1/(2β))²``, β playing the role of the paper's τ; the paper's h is
+      built from length-averaged log-probabilities (the caller averages them);
+    - ``hinge`` (SLiC, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
+      eq. 1 with the margin δ = 1/β on the log ratios): ``relu(1 − β h)``.
+
+    The implicit rewards are ``β·(π − ref)`` (Rafailov et al. 2023, §5), detached.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``(B,)`` float,
+            log-probabilities of each response given its prompt (nats); only the policy's need gradients.
+        beta: β > 0 (the KL coefficient of the DPO objective; IPO's τ).
+        loss_type: one of :data:`DPO_LOSS_TYPES`.
+        label_smoothing: ε in [0, 0.5], only for ``sigmoid``.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)`` in the inputs' float dtype: the
+        per-pair losses (differentiable; the caller takes the mean), and the detached implicit rewards.
+
+    Raises:
+        ValueError: an unknown ``loss_type``; β <= 0; ε outside [0, 0.5], or ε > 0 with another loss than
+            ``sigmoid``; inputs that are not four ``(B,)`` tensors of one shape.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: loss_type={loss_type!r}: expected one of {', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"dpo_loss: beta={beta!r} must be > 0")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"dpo_loss: label_smoothing={label_smoothing!r} must be in [0, 0.5]")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"dpo_loss: label_smoothing applies to loss_type='sigmoid' only (got {loss_type!r})")
+    shape = check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                             ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    if len(shape) != 1:
+        raise ValueError(f"dpo_loss: the log-probabilities must be (B,) tensors, got shape {tuple(shape)}")
+    ref_chosen_logps = ref_chosen_logps.to(policy_chosen_logps.dtype)
+    ref_rejected_logps = ref_rejected_logps.to(policy_chosen_logps.dtype)
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1.0 - label_smoothing)
+        if label_smoothing:
+            losses = losses - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1.0 - beta * h)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards

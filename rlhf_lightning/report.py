@@ -18,6 +18,12 @@ multirun directory (or ``--out``):
   for Reward Model Overoptimization". When every run has the fixed-prompt evaluation its score and KL
   after training are plotted, with their intervals as error bars (the same prompts for every run: a fair
   comparison); otherwise the last training batch's (``objective/score``, ``objective/kl``).
+
+DPO runs (``stage=dpo``) are their own groups, ``dpo``, ``ipo`` or ``hinge`` (``dpo.loss_type``), with β =
+``dpo.beta``; they log no training score, so they are read from the before/after evaluation on the held-out
+prompts (``eval/score_before``, ``eval/score_after``, ``eval/kl_after``), which PPO runs log too: with
+``--eval`` every run is read from it, and PPO and DPO runs from the same reward model and prompts share
+one frontier.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ SCORE_KEY = "objective/score"
 KL_KEY = "objective/kl"
 #: Below this final KL (nats), the gain per nat is not reported (division by ~0, or a negative k1 estimate).
 MIN_KL = 1e-6
+#: The before/after evaluation's metrics (held-out prompts, fixed seed), logged by PPO and DPO alike
+#: (:func:`rlhf_lightning.modules.evaluation.evaluate_policy`): ``--eval`` reads every run from them.
+EVAL_SCORE_KEY, EVAL_KL_KEY, EVAL_FIRST_SCORE_KEY = "eval/score_after", "eval/kl_after", "eval/score_before"
+#: ``dpo.loss_type`` -> the run's group in the report.
+DPO_GROUPS = {"sigmoid": "dpo", "ipo": "ipo", "hinge": "hinge"}
 
 
 @dataclass
@@ -126,6 +137,7 @@ def run_params(run_dir: str | Path) -> dict[str, float | str | None]:
             if key.startswith("ppo.") and name in params and params[name] is None:
                 params[name] = kinds[name](value)
     params["adv_estimator"] = params["adv_estimator"] or "gae"
+    params.update(_dpo_params(hydra_dir))
     return params
 
 
@@ -152,6 +164,18 @@ def eval_after(run_dir: str | Path, n_resamples: int = BOOTSTRAP_RESAMPLES) -> d
     return out
 
 
+def _dpo_params(hydra_dir: Path) -> dict[str, float | str | None]:
+    """A DPO run's group and β (``{"adv_estimator": "dpo"|"ipo"|"hinge", "kl_coef": β, "clip_eps": None}``) from
+    the ``dpo`` node of ``.hydra/config.yaml``; ``{}`` for other runs."""
+    config = hydra_dir / "config.yaml"
+    dpo = OmegaConf.load(config).get("dpo") if config.exists() else None
+    if not dpo:
+        return {}
+    loss_type = str(dpo.get("loss_type") or "sigmoid")
+    return {"adv_estimator": DPO_GROUPS.get(loss_type, loss_type), "kl_coef": float(dpo.get("beta")),
+            "clip_eps": None}
+
+
 def summarize_run(run_dir: str | Path, score_key: str = SCORE_KEY, kl_key: str = KL_KEY) -> RunResult:
     """Read one job's metrics and parameters into a :class:`RunResult` (with the fixed-prompt evaluation
     and the diagnostics when the run logged them).
@@ -161,10 +185,15 @@ def summarize_run(run_dir: str | Path, score_key: str = SCORE_KEY, kl_key: str =
         ValueError: the metrics file has no ``score_key`` or ``kl_key`` values (not a PPO run?).
     """
     rows = read_metrics(run_dir)
+    params = run_params(run_dir)
+    if params["adv_estimator"] in DPO_GROUPS.values():  # no training score: the evaluation's
+        score_key, kl_key = EVAL_SCORE_KEY, EVAL_KL_KEY
     scores, kls = series(rows, score_key), series(rows, kl_key)
+    if score_key == EVAL_SCORE_KEY:  # one value after training; the first score is the one before it
+        scores = series(rows, EVAL_FIRST_SCORE_KEY)[:1] + scores
     if not scores or not kls:
         raise ValueError(f"{Path(run_dir) / 'csv' / 'metrics.csv'} has no {score_key!r} or {kl_key!r} values "
-                         "(is it a PPO run?)")
+                         "(is it a PPO or DPO run?)")
     final_kl = kls[-1]
     gain = (scores[-1] - scores[0]) / final_kl if final_kl >= MIN_KL else None
 
@@ -179,7 +208,7 @@ def summarize_run(run_dir: str | Path, score_key: str = SCORE_KEY, kl_key: str =
     if evaluation is not None:
         extra.update(eval_score_low=evaluation["score_low"], eval_score_high=evaluation["score_high"],
                      eval_kl_low=evaluation["kl_low"], eval_kl_high=evaluation["kl_high"])
-    return RunResult(str(run_dir), **run_params(run_dir), first_score=scores[0], final_score=scores[-1],
+    return RunResult(str(run_dir), **params, first_score=scores[0], final_score=scores[-1],
                      final_kl=final_kl, gain_per_kl=gain, iterations=len(scores), **extra)
 
 
@@ -276,8 +305,8 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
             ax.plot(*zip(*(r.point(use_eval) for r in front), strict=True), "o-", color=colours[estimator],
                     label=f"{estimator}: Pareto frontier")
         for r in results:
-            ax.annotate(f"β={_cell(r.kl_coef)}, ε={_cell(r.clip_eps)}", r.point(use_eval), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+            label = f"β={_cell(r.kl_coef)}" + (f", ε={_cell(r.clip_eps)}" if r.clip_eps is not None else "")
+            ax.annotate(label, r.point(use_eval), fontsize=7, textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel("KL to the reference (nats per response)")
         ax.set_ylabel("held-out score after training (95% CI)" if use_eval else "score, last training batch")
         ax.set_title("Sweep: score against KL, by estimator")
@@ -311,7 +340,12 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     parser.add_argument("--out", help="where to write report.{md,csv,png} (default: the multirun directory)")
     parser.add_argument("--score-key", default=SCORE_KEY)
     parser.add_argument("--kl-key", default=KL_KEY)
+    parser.add_argument("--eval", action="store_true",
+                        help=f"read every run from the held-out evaluation ({EVAL_SCORE_KEY}, {EVAL_KL_KEY}): "
+                             "PPO and DPO runs on one frontier")
     args = parser.parse_args(argv)
+    if args.eval:
+        args.score_key, args.kl_key = EVAL_SCORE_KEY, EVAL_KL_KEY
     try:
         results = report(args.multirun_dir, args.out, args.score_key, args.kl_key)
     except (FileNotFoundError, ValueError) as err:

@@ -15,8 +15,9 @@ setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
   reward datamodule's lengths and batch sizes);
 - :class:`ValueConfig`: ``value`` (``ValueModule``'s ``value``);
 - :class:`PPOConfig`: ``ppo`` (``PPOModule``'s ``ppo``);
-- :class:`OptimConfig`: ``reward.optim``, ``critic_optim``, ``policy_optim``;
-- :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``.
+- :class:`DPOConfig`: ``dpo`` (``DPOModule``'s ``dpo``; its data's lengths and batch sizes);
+- :class:`OptimConfig`: ``reward.optim``, ``critic_optim``, ``policy_optim``, ``dpo.optim``;
+- :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from rlhf_lightning.losses import (
     ADV_ESTIMATORS,
     CRITIC_ESTIMATORS,
+    DPO_LOSS_TYPES,
     GROUP_ESTIMATORS,
     LOSS_AGG_MODES,
     RATIO_LEVELS,
@@ -452,3 +454,61 @@ def ppo_optimizer_steps(joint_optimizer: bool, ppo_epochs: int = 1, num_minibatc
     middle two, the number of optimizers."""
     optimizers = 2 if adv_estimator in CRITIC_ESTIMATORS and not joint_optimizer else 1
     return optimizers * ppo_epochs * num_minibatches
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (``dpo``): the policy trained on preference pairs against a frozen
+    reference whose log-probabilities are computed once before training (:class:`~rlhf_lightning.modules.DPOModule`,
+    :func:`~rlhf_lightning.losses.dpo_loss`). Defaults follow TRL's ``DPOConfig`` where it has the setting."""
+
+    beta: float = 0.1
+    """β > 0: the strength of the KL constraint to the reference (DPO's β, Rafailov et al. 2023 eq. 7; IPO's τ,
+    Azar et al. 2023 eq. 17). Smaller: the policy may move further from the reference."""
+    loss_type: str = DPO_LOSS_TYPES[0]
+    """``sigmoid`` (DPO), ``ipo`` (IPO, on length-averaged log-probabilities as its paper defines them) or
+    ``hinge`` (SLiC, Zhao et al. 2023); :func:`~rlhf_lightning.losses.dpo_loss`."""
+    label_smoothing: float = 0.0
+    """ε in [0, 0.5]: the assumed probability that a preference label is flipped (conservative DPO); only with
+    ``loss_type=sigmoid``."""
+    max_length: int = 512
+    """Prompt + response tokens per sequence (a positive integer); longer ones keep the prompt's end and the
+    responses (as the reward stage)."""
+    batch_size: int = 8
+    """Preference pairs per training batch (a positive integer)."""
+    eval_batch_size: int = 16
+    """Preference pairs per validation batch and per batch of the reference's pass (a positive integer)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    """The policy's optimizer and schedule (TRL's default learning rate, 1e-6)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How the evaluation's responses are sampled (as PPO's ``ppo.generation``, for the same frontier)."""
+    kl_estimator: str = KL_ESTIMATORS[0]
+    """The evaluation's per-token KL estimator (k1, k2 or k3), as PPO's ``ppo.kl_estimator``."""
+    num_sample_prompts: int = 3
+    """The fixed held-out prompts (PPO's: the prompt datamodule's first held-out prompts, with the same data,
+    seed and ``max_prompt_length``) answered before the first and after the last step: ``eval/*_before`` and
+    ``eval/*_after`` (0: off). Training pairs whose prompt is one of them are left out."""
+    eval_seed: int = 1234
+    """Seed of the evaluation's sampling, in a forked RNG (as ``ppo.eval_seed``)."""
+    eval_greedy: bool = False
+    """Decode the evaluation greedily instead of sampling."""
+
+    def __post_init__(self):
+        check_range("beta", self.beta, 0, low_open=True)
+        check_choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
+        check_range("label_smoothing", self.label_smoothing, 0, 0.5)
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing={self.label_smoothing} applies to loss_type=sigmoid only "
+                             f"(got loss_type={self.loss_type})")
+        for name in ("max_length", "batch_size", "eval_batch_size"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("num_sample_prompts", self.num_sample_prompts, 0, integer=True)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_bool("eval_greedy", self.eval_greedy)
+        self.optim = as_config(OptimConfig, self.optim, "optim")
+        self.generation = as_config(GenerationConfig, self.generation, "generation")
+
+    @property
+    def average_logps(self) -> bool:
+        """Whether the loss reads length-averaged response log-probabilities (IPO) instead of sums."""
+        return self.loss_type == "ipo"

@@ -70,7 +70,7 @@ from rlhf_lightning.schema import as_config, check_range, describe_type, field_t
 log = logging.getLogger(__name__)
 
 #: ``module._target_`` class name -> stage name.
-STAGES = {"RewardModule": "reward", "ValueModule": "value", "PPOModule": "ppo"}
+STAGES = {"RewardModule": "reward", "ValueModule": "value", "PPOModule": "ppo", "DPOModule": "dpo"}
 #: ``ckpt_path`` values Lightning resolves itself (no file to check).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 ON_ERROR = ("raise", "skip")
@@ -124,7 +124,7 @@ def _check_number(cfg: DictConfig, key: str, what: str = "", **bounds: Any) -> f
 
 
 def config_stage(cfg: DictConfig) -> str:
-    """The stage (``reward``, ``value`` or ``ppo``) of a composed config.
+    """The stage (``reward``, ``value``, ``ppo`` or ``dpo``) of a composed config.
 
     Read from ``module._target_``, cross-checked with Hydra's ``runtime.choices.stage`` when known
     (from ``cfg.hydra`` or the running Hydra app).
@@ -134,7 +134,8 @@ def config_stage(cfg: DictConfig) -> str:
     """
     target = _get(cfg, "module._target_")
     if target in (_ABSENT, _MISSING, None):
-        raise ConfigError("module._target_ is missing: choose a stage with stage=reward, stage=value or stage=ppo")
+        raise ConfigError("module._target_ is missing: choose a stage with stage=reward, stage=value, "
+                          "stage=ppo or stage=dpo")
     target = str(target)
     cls = target.rsplit(".", 1)[-1]
     if not target.startswith("rlhf_lightning.modules") or cls not in STAGES:
@@ -144,7 +145,7 @@ def config_stage(cfg: DictConfig) -> str:
     choice = _hydra_stage_choice(cfg)
     if choice is not None:
         if choice not in STAGES.values():
-            raise ConfigError(f"stage={choice!r} is not a known stage (expected reward, value or ppo)")
+            raise ConfigError(f"stage={choice!r} is not a known stage (expected reward, value, ppo or dpo)")
         if choice != stage:
             raise ConfigError(f"stage={choice} but module._target_={target!r} is the {stage} stage's module")
     return stage
@@ -376,7 +377,7 @@ def _fingerprint(directory: Path, setting: str) -> dict | None:
 def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) -> None:
     if not model_dirs:
         return
-    policy_key = "policy_path" if stage == "ppo" and _get(cfg, "policy_path") not in (_ABSENT, None) else \
+    policy_key = "policy_path" if stage in ("ppo", "dpo") and _get(cfg, "policy_path") not in (_ABSENT, None) else \
         "model.name_or_path"
     policy = _get(cfg, policy_key)
     if policy in (_ABSENT, _MISSING, None):
@@ -586,8 +587,8 @@ def validate_config(cfg: DictConfig) -> None:
 
     Checks, in this order (the first problem found is raised):
 
-    1. the stage: ``module._target_`` is one of the three modules, Hydra's stage choice (when known)
-       is ``reward``, ``value`` or ``ppo`` and agrees with it;
+    1. the stage: ``module._target_`` is one of the four modules, Hydra's stage choice (when known)
+       is ``reward``, ``value``, ``ppo`` or ``dpo`` and agrees with it;
     2. no renamed key (:data:`RENAMED_KEYS`: ``value_optim``, now ``critic_optim``);
     3. the stage's settings: every top-level node typed by a dataclass of :mod:`rlhf_lightning.schema`
        (``reward``, ``value``, ``ppo``, ``policy_optim``, ``critic_optim``) builds, i.e. passes that
@@ -608,7 +609,8 @@ def validate_config(cfg: DictConfig) -> None:
        estimator with a critic), when existing or local-looking
        (:func:`rlhf_lightning.paths.looks_like_local_path`: not a Hub id), are directories with
        ``config.json``;
-    6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know.
+    6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know;
+       DPO: ``reward_model_path``, when given, is checked as in 5 and 6 (it scores the evaluation);
     7. a W&B logger that logs online (``logger.<name>.mode``, default ``WANDB_MODE`` or ``online``) has
        credentials to log with (``wandb login``, ``WANDB_API_KEY``; see
        :func:`rlhf_lightning.tracking.wandb_credentials_found`); offline and disabled modes need none.
@@ -666,4 +668,9 @@ def validate_config(cfg: DictConfig) -> None:
             if directory is not None and directory.resolve() not in {d.resolve() for d in model_dirs.values()}:
                 model_dirs[key] = directory
         _check_tokenizers(cfg, stage, model_dirs)
+    if stage == "dpo":
+        _check_number(cfg, "max_prompt_length", low=1, integer=True)
+        if _get(cfg, "reward_model_path") not in (_ABSENT, None):
+            directory = _check_model_dir(cfg, "reward_model_path", stage)
+            _check_tokenizers(cfg, stage, {"reward_model_path": directory} if directory is not None else {})
     _check_wandb_login(cfg)

@@ -5,7 +5,13 @@ Modules: :mod:`~rlhf_lightning.data.rows` (row layouts, :class:`DataError`), :mo
 truncation), and the data modules :mod:`~rlhf_lightning.data.preference` and :mod:`~rlhf_lightning.data.prompts`.
 """
 
-from rlhf_lightning.data.preference import PreferenceCollator, PreferenceDataModule
+from rlhf_lightning.data.preference import (
+    DPOCollator,
+    DPODataModule,
+    PreferenceCollator,
+    PreferenceDataModule,
+    pair_key,
+)
 from rlhf_lightning.data.prompts import PromptCollator, PromptDataModule
 from rlhf_lightning.data.rows import (
     REASONS,
@@ -28,9 +34,10 @@ from rlhf_lightning.data.sources import (
 from rlhf_lightning.data.tokenization import encode_prompt, encode_response, hh_text, truncate_pair
 
 __all__ = [
-    "REASONS", "DataError", "DataSourceError", "DataSourceNotFoundError", "NoUsableRowError", "PreferenceCollator",
+    "REASONS", "DPOCollator", "DPODataModule", "DataError", "DataSourceError", "DataSourceNotFoundError",
+    "NoUsableRowError", "PreferenceCollator",
     "PreferenceDataModule", "PreferenceExample", "PromptCollator",
     "PromptDataModule", "encode_prompt", "encode_response", "extract_prompt", "hh_text", "load_examples",
     "load_prompt_rows", "load_prompts", "normalize_row", "parse_hh_dialogue", "prompt_columns", "read_rows",
-    "truncate_pair",
+    "pair_key", "truncate_pair",
 ]

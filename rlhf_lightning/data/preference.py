@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -185,3 +187,100 @@ class PreferenceDataModule(SourceDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``eval_batch_size`` pairs in fixed order (no batches when val_size is 0)."""
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+
+def pair_key(item: dict) -> str:
+    """The key of a preference pair in the reference log-probability cache: its source row (``where``) and
+    a CRC-32 of its token ids, so a pair whose tokens changed (another tokenizer, ``max_length``) misses."""
+    data = ",".join(str(i) for part in ("prompt_ids", "chosen_ids", "rejected_ids") for i in item[part] + [-1])
+    return f"{item['where']}#{zlib.crc32(data.encode()):08x}"
+
+
+class DPOCollator(PaddingCollator):
+    """Batch preference pairs for a causal LM: each row's prompt LEFT-padded to the batch's longest prompt
+    P, its response RIGHT-padded after it, the layout of :mod:`rlhf_lightning.models.forward`
+    (``[left padding | prompt | response | right padding]``).
+
+    Each item is a dict with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (lists of int) and ``where``.
+    For a batch of B items::
+
+        input_ids       (2B, P + R) long  rows 0..B-1: prompt + chosen; rows B..2B-1: prompt + rejected
+        attention_mask  (2B, P + R) long  1 on real tokens
+        response_mask   (2B, R)     bool  1 on the response's tokens (the loss's tokens)
+        response_start  int               P, the column of the first response token
+        keys            list of B str     :func:`pair_key` of each pair
+
+    Raises:
+        ValueError: ``pad_token_id`` is None; an empty batch.
+    """
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, Any]:
+        prompts = [it["prompt_ids"] for it in items] * 2
+        responses = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+        prompt_ids, prompt_mask = self.pad(prompts, side="left")
+        response_ids, response_mask = self.pad(responses, side="right")
+        return {"input_ids": torch.cat([prompt_ids, response_ids], 1),
+                "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+                "response_mask": response_mask.bool(), "response_start": prompt_ids.shape[1],
+                "keys": [pair_key(it) for it in items]}
+
+
+class DPODataModule(PreferenceDataModule):
+    """Preference pairs for DPO: :class:`PreferenceDataModule`'s rows, batched by :class:`DPOCollator`, and
+    the held-out prompts of the before/after evaluation.
+
+    The evaluation prompts come from ``eval_prompts`` (a :class:`~rlhf_lightning.data.PromptDataModule`
+    built like PPO's, so that both stages are evaluated on the same prompts): :meth:`sample_batch` is its.
+    Training pairs whose prompt (chat messages) is one of the first ``num_eval_prompts`` of them are left
+    out of training (logged count), so the evaluation's prompts stay unseen.
+
+    Args:
+        eval_prompts: a callable taking the tokenizer and returning the prompt datamodule (a Hydra partial),
+            or ``None`` (no evaluation prompts).
+        num_eval_prompts: how many of its held-out prompts the evaluation uses.
+        Others: as :class:`PreferenceDataModule`.
+    """
+
+    def __init__(self, tokenizer, path: str, eval_prompts=None, num_eval_prompts: int = 0, **kwargs):
+        super().__init__(tokenizer, path, **kwargs)
+        self.collator = DPOCollator(tokenizer.pad_token_id)
+        self.eval_prompts = eval_prompts(tokenizer=tokenizer) if callable(eval_prompts) else eval_prompts
+        self.num_eval_prompts = num_eval_prompts
+
+    def _encode(self, ex: PreferenceExample) -> tuple[dict, bool]:
+        item, cut = super()._encode(ex)
+        item["prompt"] = ex.prompt
+        return item, cut
+
+    def build(self) -> None:
+        """:meth:`PreferenceDataModule.build`, then the evaluation prompts' setup and the removal of their
+        training pairs."""
+        super().build()
+        if self.eval_prompts is None or not self.num_eval_prompts:
+            return
+        self.eval_prompts.setup("fit")
+        batch = self.eval_prompts.sample_batch(self.num_eval_prompts)
+        held_out = {json.dumps(self.eval_prompts.prompts[int(i)], sort_keys=True) for i in batch["prompt_index"]}
+        kept = [it for it in self.train_dataset.items if json.dumps(it["prompt"], sort_keys=True) not in held_out]
+        removed = len(self.train_dataset) - len(kept)
+        if removed:
+            logger.info("preference data %s: %d training pairs left out (their prompt is an evaluation prompt)",
+                        self.path, removed)
+            self.train_dataset = ListDataset(kept)
+        self.stats["eval_prompt_pairs_removed"] = removed
+
+    def sample_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """The evaluation prompts' fixed batch (:meth:`~rlhf_lightning.data.PromptDataModule.sample_batch`).
+
+        Raises:
+            RuntimeError: no ``eval_prompts``.
+        """
+        if self.eval_prompts is None:
+            raise RuntimeError("DPODataModule has no eval_prompts")
+        return self.eval_prompts.sample_batch(n)
+
+    def reference_dataloader(self) -> DataLoader:
+        """Every training and validation pair once, in fixed order, in batches of ``eval_batch_size``: the
+        reference model's one pass before training."""
+        return DataLoader(ListDataset(list(self.train_dataset) + list(self.val_dataset)),
+                          batch_size=self.eval_batch_size, shuffle=False, collate_fn=self.collator)

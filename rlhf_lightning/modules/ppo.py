@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -32,6 +30,7 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
     scheduler_total_steps,
 )
+from rlhf_lightning.modules.evaluation import evaluate_policy, write_samples
 from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
 from rlhf_lightning.reward_functions import load_reward_functions, score_with_functions
 from rlhf_lightning.rewards import compute_rewards, make_kl_controller
@@ -564,73 +563,28 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------ samples
     def _write_samples(self, exp: Experience, phase: str, limit: int | None = None) -> list[dict]:
         """Decode the first ``limit`` (default ``ppo.num_sample_prompts``) rows of ``exp`` (with its ``kl``)
-        to ``samples_path`` and to every logger with tables, on the global-zero rank; return the rows."""
-        ro = exp.rollout
-        n = min(limit or self.ppo.num_sample_prompts, exp.batch_size)
-        prompts = self.tokenizer.batch_decode(ro.input_ids[:n, : ro.response_start], skip_special_tokens=True)
-        responses = self.tokenizer.batch_decode(ro.response_ids[:n], skip_special_tokens=True)
-        kl_seq = (exp.kl * ro.response_mask).sum(1)
-        rows = [{"phase": phase, "step": self.iteration, "prompt": p, "response": r,
-                 "score": float(exp.scores[i]), "rm_score": float(exp.rm_scores[i]),
-                 "ends_with_eos": bool(ro.ends_with_eos[i]), "kl": float(kl_seq[i])}
-                for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
-        if self.trainer.is_global_zero and self.samples_path:
-            Path(self.samples_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.samples_path, "a", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self.trainer.is_global_zero:
-            columns = ["phase", "step", "prompt", "response", "score", "rm_score", "ends_with_eos", "kl"]
-            for logger in self.loggers:  # every logger with tables (W&B), wherever it is in the list
-                if hasattr(logger, "log_table"):
-                    logger.log_table(key=f"samples/{phase}", columns=columns,
-                                     data=[[r[c] for c in columns] for r in rows])
-        return rows
+        to ``samples_path`` and to every logger with tables, on the global-zero rank; return the rows
+        (:func:`~rlhf_lightning.modules.evaluation.write_samples`)."""
+        return write_samples(self, self.tokenizer, exp, phase, self.iteration, limit or self.ppo.num_sample_prompts,
+                             self.samples_path)
 
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:
-        """Answer the fixed evaluation prompts, score them, and record the result under ``phase``.
-
-        Responses are sampled with ``ppo.eval_seed`` in a forked RNG (greedy with ``ppo.eval_greedy``),
-        so the calls before and after training see the same random numbers and the training's RNG
-        stream is not advanced. Rows go to ``samples_path``; the means ``eval/score`` (reward-model
-        units, missing-EOS penalty included), ``eval/rm_score`` (without it), ``eval/kl`` (nats per
-        response, estimator ``ppo.kl_estimator``) and ``eval/eos_frac`` go to every logger, suffixed
-        ``_<phase>``, at the current step.
-
-        With reward functions, each one's mean is in ``eval/reward/<name>`` too (a verifier's mean is
-        the held-out accuracy).
+        """Answer the fixed evaluation prompts, score them, and record the result under ``phase``
+        (:func:`~rlhf_lightning.modules.evaluation.evaluate_policy`, shared with DPO): ``ppo.num_sample_prompts``
+        prompts sampled with ``ppo.eval_seed`` in a forked RNG (greedy with ``ppo.eval_greedy``), one response
+        each (:meth:`collect` with ``for_update=False``); ``eval/score``, ``eval/rm_score``, ``eval/kl``
+        (estimator ``ppo.kl_estimator``), ``eval/eos_frac`` and ``eval/reward/<name>`` logged with the suffix
+        ``_<phase>``.
 
         Returns:
-            ``{"eval/score", "eval/rm_score", "eval/kl", "eval/eos_frac", ...}`` as floats, or ``None``
-            when there is nothing to evaluate
+            The metrics without the suffix, as floats, or ``None`` when there is nothing to evaluate
             (``num_sample_prompts`` 0 or a datamodule without ``sample_batch``).
         """
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if not self.ppo.num_sample_prompts or datamodule is None or not hasattr(datamodule, "sample_batch"):
-            return None
-        batch = datamodule.sample_batch(self.ppo.num_sample_prompts)
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.ppo.eval_seed)
-            exp = self.collect(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                               batch.get("prompt_index"), do_sample=not self.ppo.eval_greedy, for_update=False)
-        _, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, exp.response_mask, self.kl_ctl.value,
-                                self.ppo.kl_estimator)
-        exp = replace(exp, kl=kl)
-        self._write_samples(exp, phase=phase, limit=exp.batch_size)
-        result = {"eval/score": float(exp.scores.mean()), "eval/rm_score": float(exp.rm_scores.mean()),
-                  "eval/kl": float((kl * exp.response_mask).sum(1).mean()),
-                  "eval/eos_frac": float(exp.rollout.ends_with_eos.float().mean())}
-        result.update({f"eval/reward/{name}": float(values.mean()) for name, values in exp.reward_components.items()})
-        if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:  # self.log is not allowed in on_train_end
-                logger.log_metrics({f"{key}_{phase}": value for key, value in result.items()}, step=self.global_step)
-        parts = ([f"reward model {result['eval/rm_score']:.4f}"] if self.reward_model is not None else []) + \
-            [f"{name} {float(values.mean()):.4f}" for name, values in exp.reward_components.items()]
-        log.info("evaluation %s training on %d prompts: score %.4f (%s), KL %.4f nats, %.0f%% ended with EOS", phase,
-                 exp.batch_size, result["eval/score"], ", ".join(parts), result["eval/kl"],
-                 100 * result["eval/eos_frac"])
-        return result
+        def collect(input_ids, attention_mask, prompt_index, do_sample):
+            return self.collect(input_ids, attention_mask, prompt_index, do_sample=do_sample, for_update=False)
+
+        return evaluate_policy(self, phase, self.ppo.num_sample_prompts, collect, self.ppo.kl_estimator,
+                               self.ppo.eval_seed, self.ppo.eval_greedy, self.samples_path, self.iteration)
 
     def on_train_start(self) -> None:
         if self.global_step == 0:  # not again when resuming from a checkpoint
