@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning import launch, tracking
 from rlhf_lightning.losses import ADV_ESTIMATORS
-from rlhf_lightning.schema import OptimConfig, PPOConfig, RewardConfig, ValueConfig, ppo_optimizer_steps
+from rlhf_lightning.schema import LoRASettings, OptimConfig, PPOConfig, RewardConfig, ValueConfig, ppo_optimizer_steps
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,13 @@ def _tiny_source(family) -> str:
 
 #: The settings dataclasses in Hydra's ConfigStore, group ``schema``: ``conf/stage/*.yaml`` place them with
 #: defaults-list entries such as ``- /schema/ppo@ppo`` and ``- /schema/optim@policy_optim``.
-SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "optim": OptimConfig}
+SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "optim": OptimConfig, "lora": LoRASettings}
 
 
 def register_configs() -> None:
     """Store :data:`SCHEMAS` in Hydra's ConfigStore (group ``schema``; idempotent). Call before composing the
-    configs: the stage configs' defaults lists name them, and Hydra then types their nodes (an unknown key or
+    configs: the stage configs' defaults lists name them (the model configs: ``- /schema/lora@lora``), and
+    Hydra then types their nodes (an unknown key or
     a value of the wrong type is refused while composing; :func:`rlhf_lightning.validate.composition_error`
     says so in one line)."""
     from hydra.core.config_store import ConfigStore
