@@ -252,3 +252,22 @@ def test_ddp_cpu_ppo_with_lora_keeps_the_adapters_equal_on_every_rank(tmp_path, 
     assert all(".lora_" in key or key.endswith("score.weight") for key in ranks[0]["final"])
     kl = [d["objective/kl"] for r in ranks for d in r["local"] if "objective/kl" in d]
     assert kl and max(abs(v) for v in kl) > 0  # the reference (adapters off) differs from the trained policy
+
+
+def test_model_lora_is_a_typed_node_of_every_model_config(tmp_path):
+    from conftest import compose_run_config
+    from omegaconf import OmegaConf
+
+    from rlhf_lightning.schema import as_config
+
+    for model in ("tiny", "smollm2"):
+        cfg = compose_run_config(["stage=ppo", f"model={model}", "reward_model_path=/x", "model.lora.r=16",
+                                  "model.lora.layers=2"], tmp_path)
+        assert as_config(LoRASettings, OmegaConf.to_container(cfg.model.lora)) == LoRASettings(r=16, layers=2)
+        module = OmegaConf.to_container(cfg.module, resolve=True)
+        assert module["policy"]["lora"] == module["critic"]["lora"] == module["ref_policy"]["lora"]
+        assert module["reward_model"]["lora"] is None  # the reward model stays as it is
+    default = compose_run_config(["stage=reward", "model=tiny"], tmp_path)
+    assert as_config(LoRASettings, OmegaConf.to_container(default.model.lora)) == LoRASettings()  # off
+    with pytest.raises(Exception, match="rank"):
+        compose_run_config(["stage=reward", "model=tiny", "model.lora.rank=3"], tmp_path)
