@@ -66,7 +66,8 @@ def ours_loop(args, tokenizer, pairs, alternation, dtype, device, side: str = "o
 
     total = args.warmup + args.steps
     lora = args.lora if side == benchlib.LORA_SIDE else None
-    module = RewardModule(load_model(args, tokenizer, dtype, device, lora), tokenizer, optim={"lr": LR}, center_coef=CENTER)
+    module = RewardModule(load_model(args, tokenizer, dtype, device, lora), tokenizer, optim={"lr": LR},
+                          center_coef=CENTER)
     loader = DataLoader(ListDataset(pairs * total), batch_size=PAIRS, shuffle=False,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
 

@@ -3,6 +3,7 @@ adapter-only checkpoints with exact resume, merged and adapter exports, DDP, and
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,8 @@ def test_lora_is_refused_under_sharded_strategies(tiny_dir):
 def _lora_ppo(tiny_dir, tokenizer, lora: dict) -> PPOModule:
     L.seed_everything(3)  # the adapters' A matrices are drawn from the global RNG, as train.py seeds first
     return PPOModule(load_policy(tiny_dir, lora=lora), load_reference(tiny_dir, lora=lora),
-                     load_scalar_model(tiny_dir, lora=lora), load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
+                     load_scalar_model(tiny_dir, lora=lora), load_scalar_model(tiny_dir, frozen=True, seed=1),
+                     tokenizer,
                      ppo={"ppo_epochs": 1, "num_minibatches": 2, "num_sample_prompts": 0,
                           "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}},
                      policy_optim={"lr": 1e-2}, critic_optim={"lr": 1e-2})
@@ -148,8 +150,8 @@ def _lora_ppo(tiny_dir, tokenizer, lora: dict) -> PPOModule:
 def _fit(module: PPOModule, tokenizer, hh_file, run_dir: Path, iterations: int, ckpt_path: str | None = None):
     L.seed_everything(3)
     datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=module.optimizer_steps_per_iteration,
-                                  save_last=True, save_top_k=0)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=module.optimizer_steps_per_iteration)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=iterations * module.optimizer_steps_per_iteration,
                         max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run_dir,
@@ -255,9 +257,9 @@ def test_ddp_cpu_ppo_with_lora_keeps_the_adapters_equal_on_every_rank(tmp_path, 
 
 
 def test_model_lora_is_a_typed_node_of_every_model_config(tmp_path):
-    from conftest import compose_run_config
     from omegaconf import OmegaConf
 
+    from conftest import compose_run_config
     from rlhf_lightning.schema import as_config
 
     for model in ("tiny", "smollm2"):
@@ -271,3 +273,19 @@ def test_model_lora_is_a_typed_node_of_every_model_config(tmp_path):
     assert as_config(LoRASettings, OmegaConf.to_container(default.model.lora)) == LoRASettings()  # off
     with pytest.raises(Exception, match="rank"):
         compose_run_config(["stage=reward", "model=tiny", "model.lora.rank=3"], tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.lora.r=0"], "model.lora.r=0 must be a positive integer"),
+    (["model.lora.r=8", "model.lora.dropout=1.5"], "model.lora.dropout=1.5 must be in [0, 1)"),
+    (["model.lora.r=8", "model.trainable_layers=2"], "model.trainable_layers and model.lora.r are exclusive"),
+    (["model.lora.r=8", "trainer=deepspeed_zero2"], "model.lora.r is set but trainer.strategy="),
+])
+def test_bad_lora_configs_stop_before_anything_loads(tmp_path, overrides, message):
+    from conftest import compose_run_config
+    from rlhf_lightning.validate import ConfigError, validate_config
+
+    cfg = compose_run_config(["stage=reward", "model=tiny", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(cfg)
+    validate_config(compose_run_config(["stage=reward", "model=tiny", "model.lora.r=8"], tmp_path))

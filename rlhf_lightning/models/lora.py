@@ -102,7 +102,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None 
         raise ValueError("apply_lora: model.lora.r is null (LoRA off)")
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
                         target_modules=target_module_names(model, settings))
-    config.base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    config.base_model_name_or_path = getattr(model, "name_or_path", None) or model.config._name_or_path
     model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)

@@ -179,9 +179,8 @@ def find_shared_trunk(module, enabled: bool):
         a :class:`~rlhf_lightning.models.trunk.SharedTrunk`, or ``None`` (off, sharded strategy, or
         nothing shared).
     """
-    from rlhf_lightning.models.trunk import shared_trunk_for
-
     from rlhf_lightning.models.lora import has_lora
+    from rlhf_lightning.models.trunk import shared_trunk_for
 
     names = ("policy", "ref_policy", "critic", "reward_model")
     models = {name: getattr(module, name, None) for name in names}
