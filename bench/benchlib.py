@@ -201,6 +201,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="steps per side dropped before timing")
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help=f"also run ours with LoRA adapters of rank R on every trained network (side {LORA_SIDE})")
+    p.add_argument("--time", default=None, metavar="SIDES",
+                   help="comma-separated sides to time in the alternating run (default: all; memory: all sides). "
+                        "E.g. --lora 16 --time ours_lora,trl keeps one process from holding three sides' models")
     p.add_argument("--side", choices=["both", *SIDES, LORA_SIDE], default="both",
                    help="both: alternate ours/TRL in this process, then measure memory in one child per side")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
@@ -241,22 +244,29 @@ def start(description: str, argv: list[str] | None, add_arguments=None):
 
 def run_sides(args, builders: dict, sync, script: str, argv: list[str] | None):
     """Build each side's loop (``builders[side](alternation)`` -> callable), run them alternating
-    (``--side both``) or alone; a ``--side`` child prints its JSON line and returns None.
+    (``--side both``: the sides of ``--time``, default all) or alone; a ``--side`` child prints its JSON line
+    and returns None. The memory children (every side, ``--no-memory``: none) run first, while this process
+    holds no model, so that at most one side's models are in memory besides the baseline.
 
     Returns:
         (alternation, memory): the step times, and each side's child results (None when skipped).
     """
     baseline = rss_mb("VmRSS")
-    sides = sides_of(args) if args.side == "both" else (args.side,)
+    memory = None
+    if args.side == "both" and not args.no_memory and not args.json:
+        memory = measure_memory_in_children(script, argv, sides_of(args))
+    if args.side != "both":
+        sides = (args.side,)
+    elif args.time:
+        sides = tuple(s for s in sides_of(args) if s in args.time.split(","))
+    else:
+        sides = sides_of(args)
     alternation = Alternation(sides, sync)
     loops = {side: builders[side](alternation) for side in sides}
     run_alternating(loops, alternation)
     if args.json:
         print(child_result(alternation, args.side, baseline, args.device))
         return None
-    memory = None
-    if args.side == "both" and not args.no_memory:
-        memory = measure_memory_in_children(script, argv, sides_of(args))
     return alternation, memory
 
 

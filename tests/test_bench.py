@@ -71,6 +71,9 @@ def test_bench_script_with_lora_runs_one_step_of_each_side_on_tiny(script, tmp_p
     result = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory", "--lora", "4"])
     assert set(result["sides"]) == {"ours", "ours_lora", "trl"}
     assert result["lora_time_ratio"] > 0 and result["sides"]["ours_lora"]["n"] == 1
+    timed = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory", "--lora", "4",
+                         "--time", "ours_lora,trl"])
+    assert "n" not in timed["sides"]["ours"] and timed["sides"]["ours_lora"]["n"] == timed["sides"]["trl"]["n"] == 1
 
 
 @pytest.mark.slow
