@@ -289,3 +289,20 @@ def test_bad_lora_configs_stop_before_anything_loads(tmp_path, overrides, messag
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_config(cfg)
     validate_config(compose_run_config(["stage=reward", "model=tiny", "model.lora.r=8"], tmp_path))
+
+
+def test_reward_and_value_checkpoints_keep_the_adapters_and_head_only(tiny_dir, tokenizer):
+    from rlhf_lightning.modules import RewardModule, ValueModule
+
+    lora = {"r": 4, "layers": 1}
+    reward = RewardModule(load_scalar_model(tiny_dir, lora=lora), tokenizer)
+    value = ValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir, lora=lora),
+                        load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer)
+    assert not reward.strict_loading and RewardModule(load_scalar_model(tiny_dir), tokenizer).strict_loading
+    for module, prefix in ((reward, "model"), (value, "critic")):
+        checkpoint = {"state_dict": module.state_dict()}
+        module.on_save_checkpoint(checkpoint)
+        network = getattr(module, prefix)
+        assert set(checkpoint["state_dict"]) == {f"{prefix}.{k}" for k, p in network.named_parameters()
+                                                 if p.requires_grad}
+        assert f"{prefix}.score.weight" in checkpoint["state_dict"]
