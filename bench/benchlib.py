@@ -34,6 +34,13 @@ SIDES = ("ours", "trl")
 LORA_SIDE = "ours_lora"
 
 
+def lora_settings(args, side: str) -> dict | None:
+    """``model.lora`` of a side: ``{"r": --lora, "layers": --lora-layers}`` for the LoRA side, else ``None``."""
+    if side != LORA_SIDE or not getattr(args, "lora", None):
+        return None
+    return {"r": args.lora, "layers": getattr(args, "lora_layers", None)}
+
+
 def sides_of(args) -> tuple[str, ...]:
     """The sides a run compares: ours and TRL, and ours with LoRA when ``--lora`` is given."""
     return ("ours", LORA_SIDE, "trl") if getattr(args, "lora", None) else SIDES
@@ -201,6 +208,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="steps per side dropped before timing")
     p.add_argument("--lora", type=int, default=None, metavar="R",
                    help=f"also run ours with LoRA adapters of rank R on every trained network (side {LORA_SIDE})")
+    p.add_argument("--lora-layers", type=int, default=None, metavar="N",
+                   help="with --lora: adapters in the top N blocks only (model.lora.layers; default all)")
     p.add_argument("--time", default=None, metavar="SIDES",
                    help="comma-separated sides to time in the alternating run (default: all; memory: all sides). "
                         "E.g. --lora 16 --time ours_lora,trl keeps one process from holding three sides' models")

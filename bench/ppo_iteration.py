@@ -50,13 +50,12 @@ def hh_prompts(tokenizer, n: int = PROMPTS) -> list[list[int]]:
     return dm.prompt_ids
 
 
-def load_models(args, dtype: str, device, lora: int | None = None) -> dict:
-    """Policy, reference, critic, reward model: same sources and seeds for every side. ``lora``: LoRA rank of
-    the policy and the critic (the reference is then ``None``: the policy with its adapters off)."""
+def load_models(args, dtype: str, device, settings: dict | None = None) -> dict:
+    """Policy, reference, critic, reward model: same sources and seeds for every side. ``settings``: the
+    ``model.lora`` of the policy and the critic (the reference is then ``None``: the policy with its adapters off)."""
     from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 
     name, gguf = benchlib.model_source(args.model)
-    settings = {"r": lora} if lora else None
     models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings),
               "ref": load_reference(name, gguf, dtype=dtype, lora=settings),
               "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings),
@@ -95,7 +94,7 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
     from rlhf_lightning.modules import PPOModule
 
     total = args.warmup + args.steps
-    m = load_models(args, dtype, device, lora=args.lora if side == benchlib.LORA_SIDE else None)
+    m = load_models(args, dtype, device, benchlib.lora_settings(args, side))
     # our PPOModule samples with rlhf_lightning.rollout.generate (imported into modules.ppo)
     ppo_module.generate = record_generation(ppo_module.generate, gen_log, sync,
                                             lambda a, k, ro: (ro.response_start, ro.input_ids.shape[1]))
@@ -174,7 +173,8 @@ def main(argv=None) -> dict | None:
     extra = {"batch": f"{PROMPTS} prompts, left-padded to {prompt_cols} tokens (lengths {[len(p) for p in prompts]}) "
                       f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
              "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
-             "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora}
+             "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
+             "lora_layers": args.lora_layers}
     result = benchlib.report("ppo_iteration", args, alternation, memory, extra,
                              tokens={"train (prompt+response)": train_tokens},
                              flops_per_step=6 * 2 * n_params * train_tokens)  # policy + critic, fwd + bwd

@@ -43,13 +43,13 @@ def hh_pairs(tokenizer, n: int = PAIRS, max_length: int = MAX_LENGTH) -> list[di
     return dm.train_dataset.items[:n]
 
 
-def load_model(args, tokenizer, dtype: str, device, lora: int | None = None):
-    """The scalar model every side trains: same source, same seed, padding id of the tokenizer; ``lora``: the
-    rank of LoRA adapters on it (``None``: full fine-tuning)."""
+def load_model(args, tokenizer, dtype: str, device, lora: dict | None = None):
+    """The scalar model every side trains: same source, same seed, padding id of the tokenizer; ``lora``: its
+    ``model.lora`` (``None``: full fine-tuning)."""
     from rlhf_lightning.models import load_scalar_model
 
     name, gguf = benchlib.model_source(args.model)
-    model = load_scalar_model(name, gguf, dtype=dtype, seed=0, lora={"r": lora} if lora else None)
+    model = load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=lora)
     model.config.pad_token_id = tokenizer.pad_token_id  # TRL's model pools at the last non-pad token
     return model.to(device)
 
@@ -65,9 +65,8 @@ def ours_loop(args, tokenizer, pairs, alternation, dtype, device, side: str = "o
     from rlhf_lightning.modules import RewardModule
 
     total = args.warmup + args.steps
-    lora = args.lora if side == benchlib.LORA_SIDE else None
-    module = RewardModule(load_model(args, tokenizer, dtype, device, lora), tokenizer, optim={"lr": LR},
-                          center_coef=CENTER)
+    model = load_model(args, tokenizer, dtype, device, benchlib.lora_settings(args, side))
+    module = RewardModule(model, tokenizer, optim={"lr": LR}, center_coef=CENTER)
     loader = DataLoader(ListDataset(pairs * total), batch_size=PAIRS, shuffle=False,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
 
@@ -126,7 +125,8 @@ def main(argv=None) -> dict | None:
     tokens = sum(lengths)
     n_params = sum(p.numel() for p in load_model(args, tokenizer, dtype, "cpu").parameters())
     extra = {"batch": f"{PAIRS} pairs = {2 * PAIRS} sequences, lengths {lengths}, padded to {max(lengths)}",
-             "params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora}
+             "params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
+             "lora_layers": args.lora_layers}
     return benchlib.report("reward_step", args, alternation, memory, extra, tokens={"train": tokens},
                            flops_per_step=6 * n_params * tokens)
 
