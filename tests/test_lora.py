@@ -200,7 +200,7 @@ def test_ppo_with_lora_reference_trunk_checkpoint_and_exact_resume(tiny_dir, tok
             torch.testing.assert_close(got[key], value, **TOL, msg=f"{name}.{key}")
 
 
-@pytest.mark.slow  # ~40 s: three train.py processes
+@pytest.mark.slow  # ~16 s alone, more under load: three train.py processes
 def test_three_stages_train_with_lora_through_train_py(tmp_path, hh_file):
     def run(stage: str, *overrides: str) -> Path:
         run_dir = tmp_path / stage
