@@ -30,18 +30,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 SIDES = ("ours", "trl")
+#: The side ``--lora R`` adds: ours with LoRA adapters of rank R on every trained network.
+LORA_SIDE = "ours_lora"
+
+
+def lora_settings(args, side: str) -> dict | None:
+    """``model.lora`` of a side: ``{"r": --lora, "layers": --lora-layers}`` for the LoRA side, else ``None``."""
+    if side != LORA_SIDE or not getattr(args, "lora", None):
+        return None
+    return {"r": args.lora, "layers": getattr(args, "lora_layers", None)}
+
+
+def sides_of(args) -> tuple[str, ...]:
+    """The sides a run compares: ours and TRL, and ours with LoRA when ``--lora`` is given."""
+    return ("ours", LORA_SIDE, "trl") if getattr(args, "lora", None) else SIDES
 
 
 # --------------------------------------------------------------------------- alternation
 class Alternation:
-    """Strict turn-taking between two training loops in two threads, with per-step wall times.
+    """Strict turn-taking between training loops in threads (two, or three with ``--lora``), with per-step
+    wall times; the turn passes in the order of ``sides``, skipping loops that have finished.
 
     Call :meth:`start` when a loop begins, :meth:`step_end` at the end of each of its steps,
     :meth:`finish` when it returns (also on error, so the other loop never waits forever).
     ``times[side]`` holds seconds per step, in order. With one side only, nothing waits.
 
     Args:
-        sides: the loops taking turns (one or two names).
+        sides: the loops taking turns (one or more names).
         sync: called before each clock read (``torch.cuda.synchronize`` on GPU; None on CPU).
     """
 
@@ -55,8 +70,10 @@ class Alternation:
         self._cond = threading.Condition()
 
     def _other(self, side: str) -> str | None:
-        others = [s for s in self.sides if s != side]
-        return others[0] if others else None
+        """The next side after ``side`` that has not finished (``None``: none left)."""
+        at = self.sides.index(side)
+        live = [s for s in self.sides[at + 1:] + self.sides[:at] if s not in self._done]
+        return live[0] if live else None
 
     def _clock(self) -> float:
         if self.sync is not None:
@@ -71,10 +88,10 @@ class Alternation:
         self.times[side].append(now - self._resumed[side])
         other = self._other(side)
         with self._cond:
-            if other is not None and other not in self._done:
+            if other is not None:
                 self._turn = other
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._turn == side or other in self._done)
+                self._cond.wait_for(lambda: self._turn == side or self._other(side) is None)
         self._resumed[side] = self._clock()
 
     def finish(self, side: str) -> None:
@@ -86,7 +103,7 @@ class Alternation:
 
 def run_alternating(loops: dict, alternation: Alternation) -> None:
     """Run each loop (a no-argument callable) under ``alternation``: the first in this thread, the
-    second in a worker thread. Re-raises the first error of either loop after both have stopped."""
+    others in worker threads. Re-raises the first error of either loop after both have stopped."""
     errors: list[BaseException] = []
 
     def guarded(side: str, fn) -> None:
@@ -189,7 +206,14 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side (after the warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="steps per side dropped before timing")
-    p.add_argument("--side", choices=["both", *SIDES], default="both",
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help=f"also run ours with LoRA adapters of rank R on every trained network (side {LORA_SIDE})")
+    p.add_argument("--lora-layers", type=int, default=None, metavar="N",
+                   help="with --lora: adapters in the top N blocks only (model.lora.layers; default all)")
+    p.add_argument("--time", default=None, metavar="SIDES",
+                   help="comma-separated sides to time in the alternating run (default: all; memory: all sides). "
+                        "E.g. --lora 16 --time ours_lora,trl keeps one process from holding three sides' models")
+    p.add_argument("--side", choices=["both", *SIDES, LORA_SIDE], default="both",
                    help="both: alternate ours/TRL in this process, then measure memory in one child per side")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -234,22 +258,29 @@ def start(description: str, argv: list[str] | None, add_arguments=None):
 
 def run_sides(args, builders: dict, sync, script: str, argv: list[str] | None):
     """Build each side's loop (``builders[side](alternation)`` -> callable), run them alternating
-    (``--side both``) or alone; a ``--side`` child prints its JSON line and returns None.
+    (``--side both``: the sides of ``--time``, default all) or alone; a ``--side`` child prints its JSON line
+    and returns None. The memory children (every side, ``--no-memory``: none) run first, while this process
+    holds no model, so that at most one side's models are in memory besides the baseline.
 
     Returns:
         (alternation, memory): the step times, and each side's child results (None when skipped).
     """
     baseline = rss_mb("VmRSS")
-    sides = SIDES if args.side == "both" else (args.side,)
+    memory = None
+    if args.side == "both" and not args.no_memory and not args.json:
+        memory = measure_memory_in_children(script, argv, sides_of(args))
+    if args.side != "both":
+        sides = (args.side,)
+    elif args.time:
+        sides = tuple(s for s in sides_of(args) if s in args.time.split(","))
+    else:
+        sides = sides_of(args)
     alternation = Alternation(sides, sync)
     loops = {side: builders[side](alternation) for side in sides}
     run_alternating(loops, alternation)
     if args.json:
         print(child_result(alternation, args.side, baseline, args.device))
         return None
-    memory = None
-    if args.side == "both" and not args.no_memory:
-        memory = measure_memory_in_children(script, argv)
     return alternation, memory
 
 
@@ -289,7 +320,7 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
     result = {"benchmark": title, "model": args.model, "device": args.device, "dtype": args.dtype,
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "versions": versions(),
               "machine": f"{platform.machine()}, {_cpu_count()} CPUs", **extra, "sides": {}}
-    for side in SIDES:
+    for side in sides_of(args):
         row = {}
         if alternation is not None and side in alternation.times:
             row.update(summarize(alternation.times[side], args.warmup))
@@ -310,6 +341,13 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
         result["peak_rss_ratio"] = ours["peak_rss_mb"] / trl["peak_rss_mb"]
         result["peak_rss_above_baseline_ratio"] = ((ours["peak_rss_mb"] - ours["baseline_rss_mb"])
                                                    / (trl["peak_rss_mb"] - trl["baseline_rss_mb"]))
+    lora = result["sides"].get(LORA_SIDE, {})
+    if lora.get("median_s") and trl.get("median_s"):
+        result["lora_time_ratio"] = lora["median_s"] / trl["median_s"]
+    if lora.get("peak_rss_mb") and trl.get("peak_rss_mb"):
+        result["lora_peak_rss_ratio"] = lora["peak_rss_mb"] / trl["peak_rss_mb"]
+    if lora.get("peak_rss_mb") and ours.get("peak_rss_mb"):
+        result["lora_vs_full_peak_rss_ratio"] = lora["peak_rss_mb"] / ours["peak_rss_mb"]
     if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
         result["cuda_peak_ratio"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
     _print_table(result)
@@ -331,10 +369,10 @@ def _print_table(result: dict) -> None:
     for key, value in result.items():
         if key not in ("benchmark", "model", "device", "dtype", "versions", "sides") and not key.endswith("ratio"):
             print(f"  {key}: {value}")
-    print(f"  {'side':5} {'median s':>9} {'min s':>8} {'max s':>8} {'n':>3} {'peak RSS MiB':>13} {'above base':>11}")
+    print(f"  {'side':9} {'median s':>9} {'min s':>8} {'max s':>8} {'n':>3} {'peak RSS MiB':>13} {'above base':>11}")
     for side, row in result["sides"].items():
         above = row.get("peak_rss_mb", math.nan) - row.get("baseline_rss_mb", math.nan)
-        print(f"  {side:5} {row.get('median_s', math.nan):9.3f} {row.get('min_s', math.nan):8.3f} "
+        print(f"  {side:9} {row.get('median_s', math.nan):9.3f} {row.get('min_s', math.nan):8.3f} "
               f"{row.get('max_s', math.nan):8.3f} {row.get('n', 0):3d} {row.get('peak_rss_mb', math.nan):13.0f} "
               f"{above:11.0f}")
         for label, value in row.get("tokens_per_s", {}).items():
@@ -346,6 +384,10 @@ def _print_table(result: dict) -> None:
     for key in ("time_ratio", "peak_rss_ratio", "peak_rss_above_baseline_ratio", "cuda_peak_ratio"):
         if key in result:
             print(f"  {key} (ours/TRL): {result[key]:.3f}")
+    for key, label in (("lora_time_ratio", "ours LoRA/TRL"), ("lora_peak_rss_ratio", "ours LoRA/TRL"),
+                       ("lora_vs_full_peak_rss_ratio", "ours LoRA/ours full")):
+        if key in result:
+            print(f"  {key} ({label}): {result[key]:.3f}")
 
 
 def child_result(alternation: Alternation, side: str, baseline_mb: float, device: str) -> str:

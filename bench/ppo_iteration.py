@@ -16,6 +16,10 @@ Response length: TRL runs with ``stop_token=None`` (it never stops early); ours 
 generating when every row has produced EOS. The generated columns of every iteration of both
 sides are recorded (``generated_columns``): all 32 unless noted, so both train on equal shapes.
 
+``--lora R`` adds a third side, ``ours_lora``: ours with LoRA adapters of rank R (alpha 32, every linear
+layer of every block) on the policy and the critic (its head trained in full), the reference being the
+policy with its adapters switched off (no copy), the reward model as above; same workload and lr.
+
 Timed: one iteration of each framework's own loop (see ``benchlib``): Lightning's fit loop to
 ``on_train_batch_end``, TRL's ``train()`` loop body to ``on_step_end``, alternating ours/TRL in one
 process after ``--warmup`` iterations each. ``generate`` is timed separately on both sides for the
@@ -46,15 +50,17 @@ def hh_prompts(tokenizer, n: int = PROMPTS) -> list[list[int]]:
     return dm.prompt_ids
 
 
-def load_models(args, dtype: str, device) -> dict:
-    """Policy, reference, critic, reward model: same sources and seeds for both sides."""
+def load_models(args, dtype: str, device, settings: dict | None = None) -> dict:
+    """Policy, reference, critic, reward model: same sources and seeds for every side. ``settings``: the
+    ``model.lora`` of the policy and the critic (the reference is then ``None``: the policy with its adapters off)."""
     from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 
     name, gguf = benchlib.model_source(args.model)
-    models = {"policy": load_policy(name, gguf, dtype=dtype), "ref": load_reference(name, gguf, dtype=dtype),
-              "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0),
+    models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings),
+              "ref": load_reference(name, gguf, dtype=dtype, lora=settings),
+              "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings),
               "reward": load_scalar_model(name, gguf, dtype=dtype, frozen=True, seed=1)}
-    return {k: m.to(device) for k, m in models.items()}
+    return {k: m.to(device) if m is not None else None for k, m in models.items()}
 
 
 def record_generation(fn, log: list, sync, prompt_columns):
@@ -76,8 +82,9 @@ def record_generation(fn, log: list, sync, prompt_columns):
     return wrapper
 
 
-def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync):
-    """A callable running Trainer.fit on PPOModule for warmup + steps iterations."""
+def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync, side: str = "ours"):
+    """A callable running Trainer.fit on PPOModule for warmup + steps iterations (``side`` ours_lora: with
+    ``--lora``'s adapters)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -87,7 +94,7 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
     from rlhf_lightning.modules import PPOModule
 
     total = args.warmup + args.steps
-    m = load_models(args, dtype, device)
+    m = load_models(args, dtype, device, benchlib.lora_settings(args, side))
     # our PPOModule samples with rlhf_lightning.rollout.generate (imported into modules.ppo)
     ppo_module.generate = record_generation(ppo_module.generate, gen_log, sync,
                                             lambda a, k, ro: (ro.response_start, ro.input_ids.shape[1]))
@@ -101,7 +108,7 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
 
     class Clock(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            alternation.step_end("ours")
+            alternation.step_end(side)
 
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
                         precision="bf16-true" if dtype == "bfloat16" else "32-true",
@@ -147,9 +154,12 @@ def main(argv=None) -> dict | None:
 
     args, tokenizer, device, dtype, sync = benchlib.start(__doc__.splitlines()[0], argv)
     prompts = hh_prompts(tokenizer)
-    gen_logs = {side: [] for side in benchlib.SIDES}
+    gen_logs = {side: [] for side in benchlib.sides_of(args)}
     builders = {"ours": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["ours"], sync),
                 "trl": lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["trl"], sync)}
+    if args.lora:
+        builders[benchlib.LORA_SIDE] = lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device,
+                                                             gen_logs[benchlib.LORA_SIDE], sync, benchlib.LORA_SIDE)
     torch.manual_seed(0)
     ran = benchlib.run_sides(args, builders, sync, __file__, argv)
     if ran is None:
@@ -163,7 +173,8 @@ def main(argv=None) -> dict | None:
     extra = {"batch": f"{PROMPTS} prompts, left-padded to {prompt_cols} tokens (lengths {[len(p) for p in prompts]}) "
                       f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
              "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
-             "policy_params": n_params, "threads": torch.get_num_threads()}
+             "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
+             "lora_layers": args.lora_layers}
     result = benchlib.report("ppo_iteration", args, alternation, memory, extra,
                              tokens={"train (prompt+response)": train_tokens},
                              flops_per_step=6 * 2 * n_params * train_tokens)  # policy + critic, fwd + bwd

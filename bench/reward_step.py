@@ -11,6 +11,9 @@ backward, fused ``torch.optim.AdamW`` step (both sides: TRL's default ``adamw_to
 no weight decay, no gradient clipping, constant lr).
 TRL runs with ``bf16=False`` and ``gradient_checkpointing=False`` (its defaults are True), like ours.
 
+``--lora R`` adds a third side, ``ours_lora``: ours with LoRA adapters of rank R (alpha 32, every linear
+layer of every block) and the head trained in full; same workload and lr.
+
 Timed: one full step of each framework's own loop (see ``benchlib``): Lightning's fit loop from
 batch fetch to ``on_train_batch_end``, and transformers' Trainer loop (which RewardTrainer runs)
 to ``on_step_end``, alternating ours/TRL in one process after ``--warmup`` steps each. Peak memory:
@@ -40,18 +43,20 @@ def hh_pairs(tokenizer, n: int = PAIRS, max_length: int = MAX_LENGTH) -> list[di
     return dm.train_dataset.items[:n]
 
 
-def load_model(args, tokenizer, dtype: str, device):
-    """The scalar model both sides train: same source, same seed, padding id of the tokenizer."""
+def load_model(args, tokenizer, dtype: str, device, lora: dict | None = None):
+    """The scalar model every side trains: same source, same seed, padding id of the tokenizer; ``lora``: its
+    ``model.lora`` (``None``: full fine-tuning)."""
     from rlhf_lightning.models import load_scalar_model
 
     name, gguf = benchlib.model_source(args.model)
-    model = load_scalar_model(name, gguf, dtype=dtype, seed=0)
+    model = load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=lora)
     model.config.pad_token_id = tokenizer.pad_token_id  # TRL's model pools at the last non-pad token
     return model.to(device)
 
 
-def ours_loop(args, tokenizer, pairs, alternation, dtype, device):
-    """A callable running Trainer.fit on RewardModule for warmup + steps steps."""
+def ours_loop(args, tokenizer, pairs, alternation, dtype, device, side: str = "ours"):
+    """A callable running Trainer.fit on RewardModule for warmup + steps steps (``side`` ours_lora: with
+    ``--lora``'s adapters)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -60,13 +65,14 @@ def ours_loop(args, tokenizer, pairs, alternation, dtype, device):
     from rlhf_lightning.modules import RewardModule
 
     total = args.warmup + args.steps
-    module = RewardModule(load_model(args, tokenizer, dtype, device), tokenizer, optim={"lr": LR}, center_coef=CENTER)
+    model = load_model(args, tokenizer, dtype, device, benchlib.lora_settings(args, side))
+    module = RewardModule(model, tokenizer, optim={"lr": LR}, center_coef=CENTER)
     loader = DataLoader(ListDataset(pairs * total), batch_size=PAIRS, shuffle=False,
                         collate_fn=PreferenceCollator(tokenizer.pad_token_id))
 
     class Clock(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            alternation.step_end("ours")
+            alternation.step_end(side)
 
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
                         precision="bf16-true" if dtype == "bfloat16" else "32-true", max_steps=total,
@@ -108,6 +114,9 @@ def main(argv=None) -> dict | None:
     pairs = hh_pairs(tokenizer)
     builders = {"ours": lambda alt: ours_loop(args, tokenizer, pairs, alt, dtype, device),
                 "trl": lambda alt: trl_loop(args, tokenizer, pairs, alt, dtype, device)}
+    if args.lora:
+        builders[benchlib.LORA_SIDE] = lambda alt: ours_loop(args, tokenizer, pairs, alt, dtype, device,
+                                                             benchlib.LORA_SIDE)
     ran = benchlib.run_sides(args, builders, sync, __file__, argv)
     if ran is None:
         return None
@@ -116,7 +125,8 @@ def main(argv=None) -> dict | None:
     tokens = sum(lengths)
     n_params = sum(p.numel() for p in load_model(args, tokenizer, dtype, "cpu").parameters())
     extra = {"batch": f"{PAIRS} pairs = {2 * PAIRS} sequences, lengths {lengths}, padded to {max(lengths)}",
-             "params": n_params, "threads": torch.get_num_threads()}
+             "params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
+             "lora_layers": args.lora_layers}
     return benchlib.report("reward_step", args, alternation, memory, extra, tokens={"train": tokens},
                            flops_per_step=6 * n_params * tokens)
 

@@ -10,7 +10,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf_lightning import launch, tracking
 from rlhf_lightning.losses import ADV_ESTIMATORS
-from rlhf_lightning.schema import DPOConfig, OptimConfig, PPOConfig, RewardConfig, ValueConfig, ppo_optimizer_steps
+from rlhf_lightning.schema import (
+    DPOConfig,
+    LoRASettings,
+    OptimConfig,
+    PPOConfig,
+    RewardConfig,
+    ValueConfig,
+    ppo_optimizer_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +61,13 @@ def _tiny_source(family) -> str:
 #: The settings dataclasses in Hydra's ConfigStore, group ``schema``: ``conf/stage/*.yaml`` place them with
 #: defaults-list entries such as ``- /schema/ppo@ppo`` and ``- /schema/optim@policy_optim``.
 SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "dpo": DPOConfig,
-           "optim": OptimConfig}
+           "optim": OptimConfig, "lora": LoRASettings}
 
 
 def register_configs() -> None:
     """Store :data:`SCHEMAS` in Hydra's ConfigStore (group ``schema``; idempotent). Call before composing the
-    configs: the stage configs' defaults lists name them, and Hydra then types their nodes (an unknown key or
+    configs: the stage configs' defaults lists name them (the model configs: ``- /schema/lora@lora``), and
+    Hydra then types their nodes (an unknown key or
     a value of the wrong type is refused while composing; :func:`rlhf_lightning.validate.composition_error`
     says so in one line)."""
     from hydra.core.config_store import ConfigStore

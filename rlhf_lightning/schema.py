@@ -17,6 +17,7 @@ setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
 - :class:`PPOConfig`: ``ppo`` (``PPOModule``'s ``ppo``);
 - :class:`DPOConfig`: ``dpo`` (``DPOModule``'s ``dpo``; its data's lengths and batch sizes);
 - :class:`OptimConfig`: ``reward.optim``, ``critic_optim``, ``policy_optim``, ``dpo.optim``;
+- :class:`LoRASettings`: ``model.lora`` (the adapters of the trained networks);
 - :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``.
 """
 
@@ -196,6 +197,50 @@ class OptimConfig:
         check_range("warmup_steps", self.warmup_steps, 0, integer=True)
         check_scheduler(self.scheduler, "scheduler")
         self.betas = tuple(self.betas)
+
+
+@dataclass
+class LoRASettings:
+    """Low-rank adapters (LoRA, Hu et al. 2022) on a network's linear layers instead of training its weights:
+    ``model.lora``, applied by :func:`~rlhf_lightning.models.lora.apply_lora` (through ``peft``) to the
+    trained networks of every stage (the reward model, the critic, the policy). Each adapted layer computes
+    W·x + (alpha / r)·B·A·x with A (r × in) and B (out × r, 0 at the start), W frozen. With a LoRA policy,
+    PPO's reference is the same module with its adapter switched off (no second copy).
+
+    ``r`` null (the default) trains the weights themselves (``model.trainable_layers``); the two are exclusive.
+    """
+
+    r: int | None = None
+    """Rank of the adapters, a positive integer; null: LoRA off."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter's output is multiplied by ``alpha / r`` (> 0)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' inputs, in [0, 1); 0 keeps the log-probabilities deterministic (the networks'
+    own dropout is always off)."""
+    target_modules: list[str] | None = None
+    """Names of the linear layers to adapt inside the decoder blocks, matched against the last part of each
+    module's name (``[q_proj, v_proj]``); null: every ``nn.Linear`` of the blocks. The heads (``lm_head``,
+    the scalar head) never get an adapter; a scalar head is trained in full."""
+    layers: int | None = None
+    """Adapt only the top N decoder blocks (a positive integer); null: all. The lower blocks stay frozen and
+    identical in every network, so the shared frozen trunk (:mod:`rlhf_lightning.models.trunk`) runs them once."""
+
+    def __post_init__(self):
+        if self.r is not None:
+            check_range("r", self.r, 1, integer=True)
+        check_range("alpha", self.alpha, 0, low_open=True)
+        check_range("dropout", self.dropout, 0, 1, high_open=True)
+        if self.layers is not None:
+            check_range("layers", self.layers, 1, integer=True)
+        if self.target_modules is not None:
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(n, str) and n for n in self.target_modules):
+                raise ValueError(f"target_modules={self.target_modules!r} must be a non-empty list of names or null")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether LoRA is on (``r`` set)."""
+        return self.r is not None
 
 
 @dataclass

@@ -65,7 +65,7 @@ from omegaconf.errors import (
 
 from rlhf_lightning.losses import CRITIC_ESTIMATORS
 from rlhf_lightning.paths import looks_like_local_path
-from rlhf_lightning.schema import as_config, check_range, describe_type, field_type, unknown_key_message
+from rlhf_lightning.schema import LoRASettings, as_config, check_range, describe_type, field_type, unknown_key_message
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +497,29 @@ def _check_settings(cfg: DictConfig) -> None:
             raise ConfigError(_one_line(err)) from None
 
 
+def _check_lora(cfg: DictConfig) -> None:
+    """``model.lora`` builds (:class:`~rlhf_lightning.schema.LoRASettings`); with ``r`` set, no
+    ``model.trainable_layers`` (``model.lora.layers`` limits the adapters instead) and no sharded strategy
+    (:func:`rlhf_lightning.modules.common.check_lora_strategy` says why)."""
+    node = OmegaConf.select(cfg, "model.lora", default=None)
+    if node is None:
+        return
+    try:
+        lora = as_config(LoRASettings, OmegaConf.to_container(node, resolve=True), "model.lora")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(_one_line(err)) from None
+    if not lora.enabled:
+        return
+    if _get(cfg, "model.trainable_layers") not in (None, _ABSENT):
+        raise ConfigError("model.trainable_layers and model.lora.r are exclusive: with LoRA, model.lora.layers "
+                          "limits the adapters to the top blocks")
+    strategy = _get(cfg, "trainer.strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
+    if isinstance(target, str) and ("deepspeed" in target.lower() or "fsdp" in target.lower()):
+        raise ConfigError(f"model.lora.r is set but trainer.strategy={target} cannot train LoRA networks here: "
+                          "use trainer=ddp or a single device, or model.lora.r=null")
+
+
 def _task_overrides(cfg: DictConfig) -> list[str]:
     """The command-line overrides of this job (Hydra's ``hydra.overrides.task``; none outside Hydra)."""
     if "hydra" in cfg:
@@ -599,7 +622,8 @@ def validate_config(cfg: DictConfig) -> None:
        under a DeepSpeed strategy (Lightning's takes one optimizer; the ``deepspeed_*`` presets set it for
        PPO through ``conf/stage_trainer/``, so this catches an explicit ``ppo.joint_optimizer=false`` or a
        DeepSpeed strategy of one's own); PPO does not run under ``trainer.precision=16-mixed``
-       (:data:`PPO_FP16_ERROR`; DeepSpeed excepted);
+       (:data:`PPO_FP16_ERROR`; DeepSpeed excepted); ``model.lora`` builds, and with ``model.lora.r`` set
+       neither ``model.trainable_layers`` nor a DeepSpeed/FSDP strategy is (:func:`_check_lora`);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
@@ -621,6 +645,7 @@ def validate_config(cfg: DictConfig) -> None:
     stage = config_stage(cfg)
     _check_renamed_keys(cfg)
     _check_settings(cfg)
+    _check_lora(cfg)
     _check_bool_overrides(cfg)
 
     if stage in ("value", "ppo"):

@@ -45,6 +45,37 @@ def test_alternation_reraises_and_releases_the_other_loop():
     assert len(alternation.times["b"]) == 3
 
 
+def test_alternation_of_three_loops_goes_round_in_order():
+    alternation = benchlib.Alternation(("a", "b", "c"))
+    order = []
+
+    def loop(side, n):
+        def run():
+            for _ in range(n):
+                order.append(side)
+                alternation.step_end(side)
+        return run
+
+    benchlib.run_alternating({"a": loop("a", 3), "b": loop("b", 5), "c": loop("c", 3)}, alternation)
+    # after the overlapping first steps: a, b, c in turn while all three run; then b alone
+    steady = order[3:]
+    assert steady[:6] in (["a", "b", "c"] * 2, ["b", "c", "a"] * 2, ["c", "a", "b"] * 2), order
+    assert order[-2:] == ["b", "b"] and len(alternation.times["b"]) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["reward_step", "ppo_iteration"])
+def test_bench_script_with_lora_runs_one_step_of_each_side_on_tiny(script, tmp_path):
+    pytest.importorskip("trl")
+    module = __import__(script)
+    result = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory", "--lora", "4"])
+    assert set(result["sides"]) == {"ours", "ours_lora", "trl"}
+    assert result["lora_time_ratio"] > 0 and result["sides"]["ours_lora"]["n"] == 1
+    timed = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory", "--lora", "4",
+                         "--time", "ours_lora,trl"])
+    assert "n" not in timed["sides"]["ours"] and timed["sides"]["ours_lora"]["n"] == timed["sides"]["trl"]["n"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["reward_step", "ppo_iteration"])
 def test_bench_script_runs_one_step_on_tiny(script, tmp_path):

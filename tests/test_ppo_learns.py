@@ -62,28 +62,33 @@ def _sharpened(model: nn.Module, factor: float = 20.0) -> nn.Module:
 
 
 def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int,
-                       adv_estimator: str = "gae") -> dict:
+                       adv_estimator: str = "gae", lora: dict | None = None) -> dict:
     """Four PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`;
     returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them.
     Critic-free estimators load no critic; the group ones (GRPO, RLOO) answer 2 prompts 4 times
     each instead of 8 prompts once (8 responses either way), their baseline the other responses to
     the same prompt. The policy is then sharpened less (× 10: the 4 responses to a prompt must
-    differ for a group to carry a signal; × 20 makes them identical) and steps with lr 3e-3."""
+    differ for a group to carry a signal; × 20 makes them identical) and steps with lr 3e-3. With ``lora``
+    (``model.lora``), the policy and the critic train adapters only (lr × 10, as LoRA usually needs) and the
+    reference is the policy with its adapters off."""
     L.seed_everything(seed)
     critic_free = adv_estimator != "gae"
     factor = 10.0 if critic_free else 20.0
-    policy, ref = _sharpened(load_policy(tiny_dir), factor), _sharpened(load_reference(tiny_dir), factor)
+    policy = _sharpened(load_policy(tiny_dir, lora=lora), factor)
+    ref = None if lora else _sharpened(load_reference(tiny_dir), factor)
     target = policy.get_output_embeddings().weight[:, 0].detach() > 0
     group = 4 if adv_estimator in GROUP_ESTIMATORS else 1
     # Responses never end early (EOS is rare) and are scored as they are: the window holds their 8 tokens.
     dm = PromptDataModule(tokenizer, str(hh_file), batch_size=8 // group, max_prompt_length=48, val_size=16)
-    critic = None if critic_free else load_scalar_model(tiny_dir)
+    critic = None if critic_free else load_scalar_model(tiny_dir, lora=lora)
+    lr_scale = 10.0 if lora else 1.0
     module = PPOModule(policy, ref, critic, TargetTokenReward(target), tokenizer,
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
                             "joint_optimizer": joint_optimizer, "adv_estimator": adv_estimator,
                             "num_generations": group,
                             "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False}},
-                       policy_optim={"lr": 3e-3 if critic_free else 1e-3}, critic_optim={"lr": 1e-3})
+                       policy_optim={"lr": (3e-3 if critic_free else 1e-3) * lr_scale},
+                       critic_optim={"lr": 1e-3 * lr_scale})
     trainer = L.Trainer(accelerator="cpu", max_steps=4 * module.optimizer_steps_per_iteration, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
@@ -103,6 +108,16 @@ def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, j
     target is luck (1 run in 12 of seeds 0-5 did not take off); a sign or alignment error
     would keep every run from rising."""
     runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, joint_optimizer, seed, adv_estimator)
+            for seed in range(3)]
+    rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
+            and r["before"]["eval/kl"] == 0.0 for r in runs]
+    assert sum(rose) >= 2, runs
+
+
+def test_ppo_with_lora_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file):
+    """As above with LoRA adapters (rank 8, every block) on the policy and the critic: the reference is the
+    policy with its adapters off, and the reward rises as with full fine-tuning."""
+    runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, False, seed, lora={"r": 8})
             for seed in range(3)]
     rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
             and r["before"]["eval/kl"] == 0.0 for r in runs]

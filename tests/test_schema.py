@@ -15,6 +15,7 @@ from conftest import compose_run_config
 from rlhf_lightning.config import SCHEMAS, _ppo_optimizers
 from rlhf_lightning.schema import (
     GenerationConfig,
+    LoRASettings,
     OptimConfig,
     PPOConfig,
     RewardConfig,
@@ -104,16 +105,17 @@ def test_value_and_ppo_share_the_loader_and_datamodule_nodes(tmp_path):
     ppo = OmegaConf.to_container(ppo_cfg.module, resolve=True)
     scalar = {"_target_": "rlhf_lightning.models.load_scalar_model", "name_or_path": "/nonexistent/rm",
               "gguf_file": None, "dtype": "float32", "trainable_layers": None, "gradient_checkpointing": False,
-              "trust_remote_code": False}
+              "trust_remote_code": False, "lora": dataclasses.asdict(LoRASettings())}
     critic = {**scalar, "_target_": "rlhf_lightning.models.load_critic", "adv_estimator": "gae", "head": "keep"}
     assert value["critic"] == critic and ppo["critic"] == {**critic, "head": "zero"}
-    reward_model = {**scalar, "_target_": "rlhf_lightning.models.load_reward_model", "frozen": True}
+    reward_model = {**scalar, "_target_": "rlhf_lightning.models.load_reward_model", "frozen": True, "lora": None}
     assert value["reward_model"] == ppo["reward_model"] == reward_model  # no seed: the head is the export's
     assert ppo["policy"]["_target_"].endswith("load_policy") and ppo["policy"]["name_or_path"] == "/some/policy"
     assert ppo["ref_policy"]["_target_"].endswith("load_reference")
     assert ppo["ref_policy"]["name_or_path"] == "/some/policy"
     assert {k: v for k, v in value["policy"].items() if k != "name_or_path"} == \
-        {k: v for k, v in ppo["ref_policy"].items() if k != "name_or_path"}
+        {k: v for k, v in ppo["ref_policy"].items() if k not in ("name_or_path", "lora")}
+    assert ppo["ref_policy"]["lora"] == ppo["policy"]["lora"] == scalar["lora"]  # LoRA policy: no reference loaded
     value_dm = OmegaConf.to_container(_compose("value", tmp_path, "seed=3").datamodule, resolve=True)
     ppo_dm = OmegaConf.to_container(ppo_cfg.datamodule, resolve=True)
     assert ppo_dm == {**value_dm, "val_size": ppo_cfg.ppo.num_sample_prompts}

@@ -13,9 +13,11 @@ from rlhf_lightning.models.builders import (
     train_top_layers,
 )
 from rlhf_lightning.models.loading import SMOLLM2, SMOLLM2_GGUF, TINY, cache_root, convert_gguf, resolve_pretrained
+from rlhf_lightning.models.lora import adapters_disabled, apply_lora, has_lora, merged_named_weights
 
 __all__ = [
-    "SMOLLM2", "SMOLLM2_GGUF", "TINY", "cache_root", "convert_gguf", "disable_dropout", "freeze", "load_critic",
+    "SMOLLM2", "SMOLLM2_GGUF", "TINY", "adapters_disabled", "apply_lora", "cache_root", "convert_gguf",
+    "disable_dropout", "freeze", "has_lora", "load_critic", "merged_named_weights",
     "load_policy", "load_reference", "load_reward_model", "load_scalar_model", "load_tokenizer", "resolve_pretrained",
     "score_head", "train_top_layers",
 ]

@@ -127,10 +127,19 @@ def train_top_layers(model: nn.Module, trainable_layers: int | None) -> nn.Modul
     return model
 
 
-def _finish(model: nn.Module, trainable_layers: int | None, gradient_checkpointing: bool) -> nn.Module:
+def _finish(model: nn.Module, trainable_layers: int | None, gradient_checkpointing: bool,
+            lora: dict | None = None, head: nn.Module | None = None) -> nn.Module:
+    from rlhf_lightning.models.lora import apply_lora, lora_settings
+
+    settings = lora_settings(lora)
+    if settings is not None and trainable_layers is not None:
+        raise ValueError("model.trainable_layers and model.lora.r are exclusive: with LoRA, "
+                         "model.lora.layers limits the adapters to the top blocks")
     model.train()  # from_pretrained returns eval mode; dropout is off either way
     disable_dropout(model)
     train_top_layers(model, trainable_layers)
+    if settings is not None:  # after disable_dropout: the adapters' dropout is model.lora.dropout
+        apply_lora(model, settings, head=head)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -139,7 +148,7 @@ def _finish(model: nn.Module, trainable_layers: int | None, gradient_checkpointi
 
 def load_policy(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
                 trainable_layers: int | None = None, gradient_checkpointing: bool = False,
-                trust_remote_code: bool = False, **_: object) -> nn.Module:
+                trust_remote_code: bool = False, lora: dict | None = None, **_: object) -> nn.Module:
     """A causal LM to train as the policy (``AutoModelForCausalLM``), dropout off.
 
     Args:
@@ -147,21 +156,36 @@ def load_policy(name_or_path: str, gguf_file: str | None = None, dtype: str = "f
         dtype: parameter dtype name (``float32``, ``bfloat16``, ``float16``).
         trainable_layers: train only the top N decoder blocks (``None``: all).
         gradient_checkpointing: recompute activations in backward to save memory.
+        lora: ``model.lora`` (:class:`~rlhf_lightning.schema.LoRASettings` or dict; ``None`` or ``r`` null:
+            off): train LoRA adapters only (:func:`~rlhf_lightning.models.lora.apply_lora`).
 
     Raises:
-        FileNotFoundError: the source does not exist. ValueError: unknown dtype.
+        FileNotFoundError: the source does not exist. ValueError: unknown dtype; ``trainable_layers`` with
+        LoRA; a bad ``lora`` setting.
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path, gguf_file), dtype=_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
-    return _finish(model, trainable_layers, gradient_checkpointing)
+    return _finish(model, trainable_layers, gradient_checkpointing, lora)
 
 
 def load_reference(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
-                   trust_remote_code: bool = False, **_: object) -> nn.Module:
-    """The frozen reference policy for the KL penalty: a causal LM, eval mode, no gradients."""
+                   trust_remote_code: bool = False, lora: dict | None = None, **_: object) -> nn.Module | None:
+    """The frozen reference policy for the KL penalty: a causal LM, eval mode, no gradients.
+
+    Args:
+        lora: PPO's ``model.lora``: when on (``r`` set), the policy is a LoRA model whose adapters switched
+            off are the reference, so none is loaded and ``None`` is returned (the value stage's rollout
+            policy passes none).
+    """
     from transformers import AutoModelForCausalLM
+
+    from rlhf_lightning.models.lora import lora_settings
+
+    if lora_settings(lora) is not None:
+        log.info("reference: the LoRA policy with its adapters off (no copy loaded)")
+        return None
 
     model = AutoModelForCausalLM.from_pretrained(resolve_pretrained(name_or_path, gguf_file), dtype=_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
@@ -171,7 +195,7 @@ def load_reference(name_or_path: str, gguf_file: str | None = None, dtype: str =
 def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: str = "float32",
                       trainable_layers: int | None = None, gradient_checkpointing: bool = False,
                       frozen: bool = False, trust_remote_code: bool = False, seed: int = 0,
-                      head: str = "keep", **_: object) -> nn.Module:
+                      head: str = "keep", lora: dict | None = None, **_: object) -> nn.Module:
     """A backbone with a scalar head (``AutoModelForSequenceClassification``, ``num_labels=1``).
 
     Used as reward model (head read at the last token) and as critic (head read at every
@@ -186,6 +210,8 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
             everywhere until it learns). A critic started from a reward model keeps its backbone
             either way; ``zero`` drops the reward model's head, whose readings at tokens other than
             the last are noise to a critic (PPO's ``critic_head``).
+        lora: ``model.lora`` (``None`` or ``r`` null: off): train LoRA adapters and the head only
+            (:func:`~rlhf_lightning.models.lora.apply_lora`); ignored with ``frozen``.
 
     Raises:
         FileNotFoundError: the source does not exist. ValueError: unknown dtype or ``head``.
@@ -212,8 +238,9 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
             nn.init.normal_(score_head(model).weight, std=1.0 / math.sqrt(config.hidden_size + 1))
         if (head != "keep" or not has_head) and score_head(model).bias is not None:
             nn.init.zeros_(score_head(model).bias)
-    _finish(model, trainable_layers, gradient_checkpointing)
-    return freeze(model) if frozen else model
+    if frozen:
+        return freeze(_finish(model, trainable_layers, gradient_checkpointing))
+    return _finish(model, trainable_layers, gradient_checkpointing, lora, head=score_head(model))
 
 
 def register_scalar_model(config_class: type) -> type:

@@ -143,13 +143,25 @@ def make_grouped_optimizer(groups, total_steps: float | None = None, fused: bool
 def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None) -> Path | None:
     """Write ``model`` (``save_pretrained``, safetensors) and its tokenizer to ``directory``.
 
+    A LoRA network (:func:`~rlhf_lightning.models.lora.has_lora`) is written merged (loadable by plain
+    transformers, as a full fine-tune) and its adapter beside it in ``<directory>_adapter`` (loadable by
+    ``peft``; a scalar model's head is saved with it, :func:`~rlhf_lightning.models.lora.save_lora_export`).
+
     Call on the global-zero rank only. ``None`` skips the export. Returns the directory.
     """
+    from rlhf_lightning.models.lora import has_lora, save_lora_export
+
     if directory is None:
         return None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    if has_lora(model):
+        heads = tuple(name for name in ("score", "classifier", "v_head") if isinstance(getattr(model, name, None),
+                                                                                      nn.Linear))
+        adapter_dir = save_lora_export(model, directory, heads)
+        log.info("wrote the LoRA adapter of %s to %s", type(model).__name__, adapter_dir)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     log.info("wrote %s to %s", type(model).__name__, directory)
@@ -167,8 +179,54 @@ def find_shared_trunk(module, enabled: bool):
         a :class:`~rlhf_lightning.models.trunk.SharedTrunk`, or ``None`` (off, sharded strategy, or
         nothing shared).
     """
+    from rlhf_lightning.models.lora import has_lora
     from rlhf_lightning.models.trunk import shared_trunk_for
 
     names = ("policy", "ref_policy", "critic", "reward_model")
-    return shared_trunk_for(module.trainer.strategy, enabled, {name: getattr(module, name, None) for name in names},
+    models = {name: getattr(module, name, None) for name in names}
+    if models["ref_policy"] is None and has_lora(models["policy"]):
+        models["ref_policy"] = models["policy"]  # the reference is the LoRA policy with its adapters off
+    return shared_trunk_for(module.trainer.strategy, enabled, models,
                             groups=[["policy", "ref_policy"], ["critic", "reward_model"]])
+
+
+def drop_frozen_lora_weights(state_dict: dict, networks: dict[str, nn.Module | None]) -> int:
+    """Leave a LoRA network's frozen base weights out of a checkpoint's ``state_dict``, in place: they are
+    reloaded from the network's source, and only its adapters and head (what requires a gradient) change.
+
+    Args:
+        state_dict: the LightningModule's checkpoint ``state_dict``.
+        networks: attribute name (``policy``, ``critic``, ``model``) → network; networks without LoRA and
+            ``None`` entries are left as they are.
+
+    Returns:
+        The number of keys removed.
+    """
+    from rlhf_lightning.models.lora import has_lora, trainable_state_keys
+
+    removed = 0
+    for prefix, model in networks.items():
+        if not has_lora(model):
+            continue
+        keep = {f"{prefix}.{key}" for key in trainable_state_keys(model)}
+        for key in [k for k in state_dict if k.startswith(prefix + ".") and k not in keep]:
+            del state_dict[key]
+            removed += 1
+    return removed
+
+
+def check_lora_strategy(strategy: object, networks: dict[str, nn.Module | None]) -> None:
+    """Refuse LoRA networks under a sharded strategy (FSDP, DeepSpeed).
+
+    Their parameters are flattened or partitioned there, which the adapters' switching off (PPO's reference),
+    the merged export and the adapter-only checkpoints do not handle; DDP and single-device strategies take it.
+
+    Raises:
+        ValueError: one line naming the strategy and ``model.lora.r``.
+    """
+    from rlhf_lightning.models.lora import has_lora
+
+    name = type(strategy).__name__
+    if ("FSDP" in name or "DeepSpeed" in name) and any(has_lora(m) for m in networks.values()):
+        raise ValueError(f"model.lora.r is set but {name} cannot train LoRA networks here: use trainer=ddp or a "
+                         "single device, or model.lora.r=null")

@@ -22,8 +22,11 @@ from rlhf_lightning.losses import (
     value_loss,
 )
 from rlhf_lightning.models.forward import response_logprobs, response_values
+from rlhf_lightning.models.lora import adapters_disabled, has_lora, log_network_memory
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
+    check_lora_strategy,
+    drop_frozen_lora_weights,
     export_pretrained,
     find_shared_trunk,
     make_grouped_optimizer,
@@ -142,7 +145,9 @@ class PPOModule(L.LightningModule):
     the batch, and phase 3 steps the policy's optimizer alone.
 
     Args:
-        policy: causal LM to train. ref_policy: frozen copy of its initial weights.
+        policy: causal LM to train. ref_policy: frozen copy of its initial weights; ``None`` when the policy is a
+            LoRA model (:mod:`rlhf_lightning.models.lora`): the reference is then the policy with its
+            adapters switched off (no second copy).
         critic: ``AutoModelForSequenceClassification`` (one label) giving V(s_t) at every token
             — the ValueModule's network, loaded from its export; ``None`` with a critic-free estimator.
         reward_model: frozen ``AutoModelForSequenceClassification`` (one label); ``None`` when the
@@ -156,7 +161,7 @@ class PPOModule(L.LightningModule):
             ``<export_dir>_critic``); samples_path: JSON-lines file for sample generations.
     """
 
-    def __init__(self, policy: nn.Module, ref_policy: nn.Module, critic: nn.Module | None,
+    def __init__(self, policy: nn.Module, ref_policy: nn.Module | None, critic: nn.Module | None,
                  reward_model: nn.Module | None, tokenizer, ppo: PPOConfig | dict | None = None,
                  policy_optim: OptimConfig | dict | None = None, critic_optim: OptimConfig | dict | None = None,
                  export_dir: str | None = None, samples_path: str | None = None,
@@ -165,6 +170,9 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # frozen networks are not in checkpoints
         self.policy, self.ref_policy, self.critic, self.reward_model = policy, ref_policy, critic, reward_model
+        if ref_policy is None and not has_lora(policy):
+            raise ValueError("PPO needs a reference: pass ref_policy, or a LoRA policy (model.lora.r) whose "
+                             "adapters switched off are the reference")
         self.tokenizer = tokenizer
         self.ppo = as_config(PPOConfig, ppo, "ppo")
         if self.ppo.uses_critic and critic is None:
@@ -186,7 +194,11 @@ class PPOModule(L.LightningModule):
         self._alarms_fired: set[str] = set()  # ppo.alarms kinds that warned already
 
     def on_fit_start(self) -> None:
-        """Find the frozen lower blocks the four networks share (``ppo.share_trunk``)."""
+        """Log each network's size; find the frozen lower blocks the four networks share (``ppo.share_trunk``)."""
+        log_network_memory({"policy": self.policy, "reference": self.ref_policy, "critic": self.critic,
+                            "reward model": self.reward_model},
+                           aliases={"reference": "the LoRA policy with its adapters off"}
+                           if self.ref_policy is None else None)
         self.trunk = find_shared_trunk(self, self.ppo.share_trunk)
 
     @property
@@ -264,6 +276,8 @@ class PPOModule(L.LightningModule):
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
                               trunk=self.trunk,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
+        if self.ref_policy is None:  # LoRA policy: the reference is the policy with its adapters off
+            exp = replace(exp, ref_logprobs=self.adapter_off_logprobs(rollout, exp.trunks.ref_policy))
         if self.reward_functions:
             total, per_function = functions or self._function_rewards(rollout, prompt_index)
             exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
@@ -401,6 +415,23 @@ class PPOModule(L.LightningModule):
             self._write_samples(exp, phase="train")
 
     # ------------------------------------------------------------------ pieces of the phases
+    def adapter_off_logprobs(self, rollout: Rollout, trunk=None) -> torch.Tensor:
+        """The reference log-probabilities of a LoRA policy: the policy's own forward with its adapters
+        switched off (:func:`~rlhf_lightning.models.lora.adapters_disabled`), the base model's distribution,
+        at the sampling temperature, without autograd.
+
+        Args:
+            rollout: the sampled sequences.
+            trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
+
+        Returns:
+            (B, R) float32, 0 at padding.
+        """
+        with adapters_disabled(self.policy), torch.inference_mode():
+            ref = response_logprobs(self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
+                                    self.ppo.generation.temperature, trunk=trunk)
+        return ref.clone().masked_fill(~rollout.response_mask, 0.0)
+
     def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int, trunks: Trunks):
         """Policy log-probabilities and entropy, and critic values (``None`` without a critic), with
         autograd: each (b, R).
@@ -555,9 +586,11 @@ class PPOModule(L.LightningModule):
 
         Raises:
             ConfigError: the precision plugin has a ``GradScaler`` (:func:`check_ppo_precision`).
-            ValueError: a DeepSpeed strategy without ``ppo.joint_optimizer`` (it takes one optimizer).
+            ValueError: a DeepSpeed strategy without ``ppo.joint_optimizer`` (it takes one optimizer); LoRA
+                networks under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`).
         """
         check_ppo_precision(self.trainer.precision_plugin)
+        check_lora_strategy(self.trainer.strategy, {"policy": self.policy, "critic": self.critic})
         configure_deepspeed_clipping(self.trainer.strategy, self.ppo)
 
     # ------------------------------------------------------------------ samples
@@ -599,10 +632,12 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Leave the frozen reference and reward model out (they are reloaded from their sources)."""
+        """Leave the frozen reference and reward model out (they are reloaded from their sources), and the
+        frozen base weights of LoRA networks (their adapters and heads stay)."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
+        drop_frozen_lora_weights(state, {"policy": self.policy, "critic": self.critic})
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

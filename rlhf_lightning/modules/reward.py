@@ -9,7 +9,15 @@ from torch import nn
 from rlhf_lightning.diagnostics import preference_diagnostics
 from rlhf_lightning.losses import pairwise_reward_loss
 from rlhf_lightning.models.forward import right_padded_scores
-from rlhf_lightning.modules.common import export_pretrained, fused_adamw_allowed, make_optimizer, scheduler_total_steps
+from rlhf_lightning.models.lora import has_lora, log_network_memory
+from rlhf_lightning.modules.common import (
+    check_lora_strategy,
+    drop_frozen_lora_weights,
+    export_pretrained,
+    fused_adamw_allowed,
+    make_optimizer,
+    scheduler_total_steps,
+)
 from rlhf_lightning.schema import OptimConfig, RewardConfig, as_config
 
 
@@ -30,7 +38,8 @@ class RewardModule(L.LightningModule):
     ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson) and ``val/score_std`` (under
     several processes each rank's, averaged; ``python -m rlhf_lightning.rm_eval`` gives them all). At the end of fit the
     model and tokenizer are written to ``export_dir`` with ``save_pretrained`` (reload with
-    ``AutoModelForSequenceClassification.from_pretrained``; its one logit is the reward).
+    ``AutoModelForSequenceClassification.from_pretrained``; its one logit is the reward); a LoRA model
+    (``model.lora``) is written merged, its adapter and head in ``<export_dir>_adapter``.
 
     Args:
         model: ``AutoModelForSequenceClassification`` with ``num_labels=1``
@@ -53,6 +62,7 @@ class RewardModule(L.LightningModule):
         settings = {"center_coef": center_coef, "margin": margin} | ({} if optim is None else {"optim": optim})
         config = as_config(RewardConfig, settings, "reward")
         self.model = model
+        self.strict_loading = not has_lora(model)  # a LoRA model's checkpoint holds its adapters and head only
         self.tokenizer = tokenizer
         self.optim = config.optim
         self.center_coef, self.margin, self.export_dir = config.center_coef, config.margin, export_dir
@@ -84,6 +94,18 @@ class RewardModule(L.LightningModule):
         self.log(f"{stage}/acc", stats["accuracy"], on_step=on_step, on_epoch=not on_step, batch_size=n_pairs,
                  sync_dist=not on_step, prog_bar=True, logger=False)
         return loss
+
+    def setup(self, stage: str) -> None:
+        """Refuse a LoRA model under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
+        check_lora_strategy(self.trainer.strategy, {"model": self.model})
+
+    def on_fit_start(self) -> None:
+        """Log the model's size (parameters, trainable parameters, bytes of weights)."""
+        log_network_memory({"reward model": self.model})
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A LoRA model's frozen base weights are left out (reloaded from its source)."""
+        drop_frozen_lora_weights(checkpoint["state_dict"], {"model": self.model})
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

@@ -8,8 +8,11 @@ from torch import nn
 
 from rlhf_lightning.losses import gae, td_targets, value_loss
 from rlhf_lightning.models.forward import response_values
+from rlhf_lightning.models.lora import log_network_memory
 from rlhf_lightning.models.trunk import SharedTrunk
 from rlhf_lightning.modules.common import (
+    check_lora_strategy,
+    drop_frozen_lora_weights,
     export_pretrained,
     find_shared_trunk,
     fused_adamw_allowed,
@@ -58,8 +61,14 @@ class ValueModule(L.LightningModule):
         self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
 
+    def setup(self, stage: str) -> None:
+        """Refuse a LoRA critic under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
+        check_lora_strategy(self.trainer.strategy, {"critic": self.critic})
+
     def on_fit_start(self) -> None:
-        """Find the frozen lower blocks the networks share (``value.share_trunk``)."""
+        """Log each network's size; find the frozen lower blocks the networks share (``value.share_trunk``)."""
+        log_network_memory({"policy": self.policy, "critic": self.critic, "reward model": self.reward_model,
+                            "reference": self.ref_policy})
         self.trunk = find_shared_trunk(self, self.value.share_trunk)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -110,10 +119,12 @@ class ValueModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep only the critic: the frozen policy, reference and reward model are reloaded."""
+        """Keep only the critic (its adapters and head only when it is a LoRA model): the frozen policy,
+        reference and reward model, and a LoRA critic's base weights, are reloaded."""
         state = checkpoint["state_dict"]
         for key in [k for k in state if not k.startswith("critic.")]:
             del state[key]
+        drop_frozen_lora_weights(state, {"critic": self.critic})
 
     def on_train_end(self) -> None:
         if self.trainer.is_global_zero:

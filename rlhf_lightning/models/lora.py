@@ -1,0 +1,265 @@
+"""LoRA adapters on the trained networks (``model.lora``), through ``peft``.
+
+The adapters are injected into the transformers model itself (``peft.inject_adapter_in_model``): the
+network keeps its class, its ``forward`` and its layout, so the forward functions
+(:mod:`rlhf_lightning.models.forward`), the scalar head and the shared frozen trunk
+(:mod:`rlhf_lightning.models.trunk`) work on it unchanged. Every weight of the base model is frozen;
+the adapters (and a scalar model's head) train. With a LoRA policy, PPO's reference is the same module
+run with its adapters switched off (:func:`adapters_disabled`), so it costs no memory.
+
+Exports write the merged model (:func:`merged_named_weights`, loadable by plain transformers) and the
+adapter beside it (``<export>_adapter``, loadable by ``peft.PeftModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_lightning.schema import LoRASettings, as_config
+
+log = logging.getLogger(__name__)
+
+#: The adapter's name inside peft's layers (peft's default).
+ADAPTER = "default"
+#: Suffix of the adapter directory written beside an export (``<run dir>/model`` → ``<run dir>/model_adapter``).
+ADAPTER_SUFFIX = "_adapter"
+
+
+def lora_settings(value: LoRASettings | dict | None) -> LoRASettings | None:
+    """``model.lora`` as :class:`~rlhf_lightning.schema.LoRASettings`, or ``None`` when it is null or ``r`` is null.
+
+    Raises:
+        TypeError, ValueError: a bad setting (one line naming ``model.lora.<key>``).
+    """
+    if value is None:
+        return None
+    settings = as_config(LoRASettings, value, "model.lora")
+    return settings if settings.enabled else None
+
+
+def has_lora(model: nn.Module | None) -> bool:
+    """Whether ``model`` carries LoRA adapters injected by :func:`apply_lora`."""
+    return model is not None and ADAPTER in (getattr(model, "peft_config", None) or {})
+
+
+def target_module_names(model: nn.Module, settings: LoRASettings) -> list[str]:
+    """Full names of the linear layers that get an adapter: every ``nn.Linear`` of the decoder blocks (or those
+    whose last name part is in ``settings.target_modules``), in the top ``settings.layers`` blocks only.
+
+    Raises:
+        ValueError: no decoder blocks; a name of ``target_modules`` matches no linear layer of the blocks.
+    """
+    from rlhf_lightning.models.builders import decoder_layers
+
+    blocks = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    first = max(len(blocks) - settings.layers, 0) if settings.layers else 0
+    wanted = set(settings.target_modules) if settings.target_modules is not None else None
+    names, seen = [], set()
+    for index, block in enumerate(blocks):
+        for name, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            seen.add(leaf)
+            if index >= first and (wanted is None or leaf in wanted):
+                names.append(f"{prefix}.{index}.{name}")
+    missing = sorted((wanted or set()) - seen)
+    if missing:
+        raise ValueError(f"model.lora.target_modules: no linear layer named {', '.join(missing)} in the blocks of "
+                         f"{type(model).__name__} (there: {', '.join(sorted(seen))})")
+    return names
+
+
+def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None = None) -> nn.Module:
+    """Inject LoRA adapters into ``model`` in place (``peft.inject_adapter_in_model``) and freeze the rest.
+
+    The adapters' B matrices start at 0 (peft's initialisation), so the model computes what it computed
+    before. Their dropout is ``settings.dropout`` (an identity at 0); the model's own dropout stays off.
+
+    Args:
+        model: a transformers decoder (causal LM or sequence-classification model), dropout already off.
+        settings: the adapters (:class:`~rlhf_lightning.schema.LoRASettings`, ``r`` set).
+        head: a module trained in full beside the adapters (a scalar model's ``score`` head).
+
+    Returns:
+        The same model, its class unchanged; only the adapters (and ``head``) require gradients.
+
+    Raises:
+        ValueError: ``settings.r`` is null; the target layers cannot be found (:func:`target_module_names`).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not settings.enabled:
+        raise ValueError("apply_lora: model.lora.r is null (LoRA off)")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+                        target_modules=target_module_names(model, settings))
+    config.base_model_name_or_path = getattr(model, "name_or_path", None) or model.config._name_or_path
+    model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    if head is not None:
+        head.requires_grad_(True)
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with its LoRA adapters switched off: inside, it computes the base model's outputs.
+
+    Every parameter's ``requires_grad`` is restored on exit (peft's ``enable_adapters`` sets it on the
+    adapters it switches on and off), so the optimizers' parameters keep training. A model without
+    adapters runs unchanged.
+
+    Yields:
+        The model.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+@torch.no_grad()
+def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of ``model`` with its adapters merged in, as ``(name, tensor)`` pairs named as in the plain
+    transformers model (what a generation engine such as vLLM loads, or ``save_pretrained`` writes).
+
+    An adapted linear layer's weight is W + (alpha / r)·B·A (``peft``'s ``get_delta_weight``); the adapters'
+    own tensors are left out. A model without adapters gives its ``state_dict`` as it is. The tensors are new
+    for the merged layers and the model's own (detached) for the rest: do not modify them in place.
+
+    Yields:
+        ``(name, tensor)`` for every entry of the plain model's ``state_dict``.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(ADAPTER)
+              for name, module in model.named_modules() if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+    for key, tensor in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        if key in deltas:
+            tensor = tensor + deltas[key].to(tensor.dtype)
+        yield key.replace(".base_layer.", "."), tensor
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain transformers model (same class, no adapters) holding :func:`merged_named_weights` of ``model``.
+
+    Built on the meta device and filled by assignment, so it costs only the merged layers' new tensors.
+    For export (its non-persistent buffers stay on the meta device: do not run it).
+    """
+    with torch.device("meta"):
+        plain = type(model)(copy.deepcopy(model.config))
+    plain.load_state_dict(dict(merged_named_weights(model)), strict=True, assign=True)
+    return plain
+
+
+def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = ()) -> Path:
+    """Write the adapter of ``model`` as ``peft`` does: ``adapter_config.json`` and ``adapter_model.safetensors``
+    (keys ``base_model.model.<name>``), loadable with ``peft.PeftModel.from_pretrained(base_model, directory)``.
+
+    Args:
+        head_names: modules trained in full beside the adapters (a scalar model's ``score``): listed in the
+            config's ``modules_to_save`` and their weights saved with the adapter.
+
+    Raises:
+        ValueError: the model has no adapter.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not has_lora(model):
+        raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA adapter")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = dict(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    for head in head_names:
+        for name, tensor in getattr(model, head).state_dict().items():
+            state[f"{head}.{name}"] = tensor
+    save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()},
+              directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[ADAPTER])
+    config.modules_to_save = list(head_names) or None
+    if head_names:
+        config.task_type = "SEQ_CLS"
+    elif getattr(model, "get_output_embeddings", lambda: None)() is not None:
+        config.task_type = "CAUSAL_LM"
+    config.inference_mode = True
+    config.save_pretrained(directory)
+    return directory
+
+
+def save_lora_export(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = ()) -> Path:
+    """Write a LoRA network's export: the merged model to ``directory`` (``save_pretrained``) and its adapter to
+    ``<directory>_adapter`` (:func:`save_adapter`). Returns the adapter's directory."""
+    merged_model(model).save_pretrained(directory, safe_serialization=True)
+    adapter_dir = Path(str(directory).rstrip("/") + ADAPTER_SUFFIX)
+    save_adapter(model, adapter_dir, head_names)
+    meta = {"merged_model": str(directory), "r": model.peft_config[ADAPTER].r}
+    (adapter_dir / "rlhf_lightning.json").write_text(json.dumps(meta) + "\n")
+    return adapter_dir
+
+
+def trainable_state_keys(model: nn.Module) -> set[str]:
+    """Names (``state_dict`` keys, no prefix) of the parameters of ``model`` that require a gradient."""
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def network_memory(model: nn.Module) -> dict[str, int]:
+    """Size of a network: ``parameters`` and ``trainable`` (counts) and ``bytes`` of its weights and
+    buffers, each tensor counted once (tied weights share storage)."""
+    seen: set[int] = set()
+    total = trainable = size = 0
+    for param in model.parameters():
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key not in seen:
+            seen.add(key)
+            size += tensor.untyped_storage().nbytes() if tensor.device.type != "meta" else 0
+    return {"parameters": total, "trainable": trainable, "bytes": size}
+
+
+def log_network_memory(networks: dict[str, nn.Module | None], aliases: dict[str, str] | None = None) -> dict:
+    """Log one line per network at fit start: parameters, trainable parameters, bytes of weights.
+
+    Args:
+        networks: name → network (``None`` entries are left out).
+        aliases: name → a note for a network that is another one seen differently (PPO's reference as the
+            LoRA policy with its adapter off): logged with 0 bytes of its own.
+
+    Returns:
+        name → :func:`network_memory` (aliases: ``{"bytes": 0}``).
+    """
+    out: dict[str, dict] = {}
+    for name, model in networks.items():
+        if model is None:
+            continue
+        out[name] = stats = network_memory(model)
+        lora = f", LoRA r={model.peft_config[ADAPTER].r}" if has_lora(model) else ""
+        log.info("%s: %.1fM parameters, %.2fM trainable%s, %.0f MiB of weights", name, stats["parameters"] / 1e6,
+                 stats["trainable"] / 1e6, lora, stats["bytes"] / 2**20)
+    for name, note in (aliases or {}).items():
+        out[name] = {"bytes": 0}
+        log.info("%s: %s, 0 MiB of its own", name, note)
+    return out
