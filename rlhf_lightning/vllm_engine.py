@@ -101,7 +101,8 @@ class VLLMEngine:
         vllm = import_vllm()
         dtype = next(policy.parameters()).dtype
         if dtype not in _DTYPES:
-            raise ValueError(f"VLLMEngine: the policy's dtype {dtype} is not one vLLM takes ({', '.join(_DTYPES.values())})")
+            raise ValueError(f"VLLMEngine: the policy's dtype {dtype} is not one vLLM takes "
+                             f"({', '.join(_DTYPES.values())})")
         self.config, self.generation = config, generation
         self._dir = tempfile.mkdtemp(prefix="rlhf-vllm-")
         policy.config.save_pretrained(self._dir)  # config only: the weights come from memory
@@ -128,8 +129,8 @@ class VLLMEngine:
             torch.set_num_threads = set_num_threads
         # A load of the trainable weights alone leaves the other layers as they are, which vLLM reports per
         # layer and per load ("Failed to load weights", "were not loaded"): expected here, so not logged.
-        for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ("layerwise", "inplace"):
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
         self._sampling_params = vllm.SamplingParams
         self._asleep = False
         self.load_weights(policy_weights(policy))
