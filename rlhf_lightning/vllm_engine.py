@@ -115,7 +115,9 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         if device is not None and device.type == "cuda":
             torch.cuda.set_device(device)
-        set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it for the whole process
+        # vLLM's CPU worker sets torch's threads for serving and replaces torch.set_num_threads with a no-op, for
+        # the whole process: the training keeps its own number of threads.
+        set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
             self.llm = vllm.LLM(
                 model=self._dir, load_format="dummy", skip_tokenizer_init=True, generation_config="vllm",
@@ -127,6 +129,7 @@ class VLLMEngine:
                 **kwargs)
         finally:
             torch.set_num_threads = set_num_threads
+            torch.set_num_threads(threads)
         # A load of the trainable weights alone leaves the other layers as they are, which vLLM reports per
         # layer and per load ("Failed to load weights", "were not loaded"): expected here, so not logged.
         for name in ("layerwise", "inplace"):

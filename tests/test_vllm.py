@@ -71,7 +71,10 @@ def engine_setup():
     path = resolve_pretrained(ENGINE_SOURCE)
     policy, tokenizer = load_policy(path, trainable_layers=2), load_tokenizer(path)
     gen = GenerationConfig(max_new_tokens=8)
+    threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
     engine = VLLMEngine(policy, tokenizer, VLLMConfig(), gen, max_model_len=64)
+    # vLLM's CPU worker changes torch's threads for the process: the engine gives the training its own back
+    assert torch.get_num_threads() == threads and torch.set_num_threads is set_num_threads
     yield policy, tokenizer, gen, engine
     engine.close()
 
