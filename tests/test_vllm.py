@@ -61,6 +61,30 @@ def test_backend_and_engine_settings_are_checked():
             as_config(PPOConfig, bad, "ppo")
 
 
+def test_tis_with_the_hf_sampler_weights_every_token_about_one(tmp_path, tiny_dir, tokenizer, hh_file):
+    """``ppo.tis_cap`` in a PPO iteration: the weights are logged (``ppo/tis_weight``), and with the HF loop as
+    the sampler (its log-probabilities are the trainer's up to rounding) they are 1 up to rounding."""
+    import lightning as L
+
+    from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+    from rlhf_lightning.modules import PPOModule
+
+    L.seed_everything(0)
+    module = PPOModule(load_policy(tiny_dir), load_reference(tiny_dir), load_scalar_model(tiny_dir),
+                       load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
+                       ppo={"ppo_epochs": 2, "num_minibatches": 2, "tis_cap": 2.0, "num_sample_prompts": 0,
+                            "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 6}})
+    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, val_size=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=module.optimizer_steps_per_iteration, max_epochs=-1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert abs(float(metrics["ppo/tis_weight"]) - 1.0) < 1e-4
+    assert float(metrics["rollout/logprob_diff"]) < 1e-4 and torch.isfinite(metrics["ppo/policy_loss"])
+
+
 # --------------------------------------------------------------------------- with vLLM
 @pytest.fixture(scope="module")
 def engine_setup():
