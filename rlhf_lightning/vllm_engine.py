@@ -134,6 +134,7 @@ class VLLMEngine:
         # layer and per load ("Failed to load weights", "were not loaded"): expected here, so not logged.
         for name in ("layerwise", "inplace"):
             logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").setLevel(logging.ERROR)
+        logging.getLogger("vllm.v1.core.block_pool").setLevel(logging.WARNING)  # "reset prefix cache", every load
         self._sampling_params = vllm.SamplingParams
         self._asleep = False
         self.load_weights(policy_weights(policy))
