@@ -106,7 +106,7 @@ class VLLMEngine:
         self.config, self.generation = config, generation
         self._dir = tempfile.mkdtemp(prefix="rlhf-vllm-")
         policy.config.save_pretrained(self._dir)  # config only: the weights come from memory
-        tokenizer.save_pretrained(self._dir)
+        tokenizer.save_pretrained(self._dir)  # vLLM is given token ids, and returns token ids (no detokenizing)
         kwargs = {}
         if world_size > 1:
             for key, value in (("RANK", rank), ("LOCAL_RANK", device.index if device is not None and
@@ -120,7 +120,7 @@ class VLLMEngine:
         set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
         try:
             self.llm = vllm.LLM(
-                model=self._dir, load_format="dummy", skip_tokenizer_init=True, generation_config="vllm",
+                model=self._dir, load_format="dummy", generation_config="vllm",
                 dtype=_DTYPES[dtype], max_model_len=max_model_len, seed=_engine_seed(rank),
                 gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.enable_sleep_mode,
                 tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
