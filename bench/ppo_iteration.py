@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/ppo_iteration.py --model tiny --steps 20
     PYTHONPATH=. python bench/ppo_iteration.py --model smollm2 --steps 6
+    PYTHONPATH=. python bench/ppo_iteration.py --model smollm2 --steps 3 --vllm   # + ours with vLLM rollouts
 
 Workload (identical for both): the same 8 hh-rlhf harmless prompts (chat template, at most 64
 tokens, left-padded) every iteration; policy, frozen reference, critic and frozen reward model all
@@ -24,12 +25,19 @@ Timed: one iteration of each framework's own loop (see ``benchlib``): Lightning'
 ``on_train_batch_end``, TRL's ``train()`` loop body to ``on_step_end``, alternating ours/TRL in one
 process after ``--warmup`` iterations each. ``generate`` is timed separately on both sides for the
 generation tokens/s. Peak memory: each side alone in a child process.
+
+``--vllm`` adds a third side, ours with ``ppo.generation.backend=vllm`` (the vLLM engine built at fit start,
+the policy's weights loaded into it after every update: inside the timed iteration), in the same
+round-robin (vllm, ours, TRL); its fit's start-up, engine included, is reported apart
+(``vllm_engine_start_s``: from building the loop to its first iteration's start).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,17 +58,29 @@ def hh_prompts(tokenizer, n: int = PROMPTS) -> list[list[int]]:
     return dm.prompt_ids
 
 
+_FROZEN: dict = {}  # with --vllm: the frozen reference and reward model, loaded once and read by every side
+
+
 def load_models(args, dtype: str, device, settings: dict | None = None) -> dict:
-    """Policy, reference, critic, reward model: same sources and seeds for every side. ``settings``: the
-    ``model.lora`` of the policy and the critic (the reference is then ``None``: the policy with its adapters off)."""
+    """Policy, reference, critic, reward model: same sources and seeds for all sides. ``settings``: the
+    ``model.lora`` of the policy and the critic (the reference is then ``None``: the policy with its adapters
+    off). With ``--vllm`` the frozen two are one copy shared by the sides (they are only read; 3 × 4 SmolLM2
+    networks with the trained ones' gradients and AdamW states would not fit in this machine's memory)."""
     from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 
     name, gguf = benchlib.model_source(args.model)
+    key = (name, dtype, str(device))
+    shared = getattr(args, "vllm", False)
+    frozen = _FROZEN.get(key) if shared else None
+    if frozen is None:
+        frozen = {"ref": None if settings and not shared else load_reference(name, gguf, dtype=dtype).to(device),
+                  "reward": load_scalar_model(name, gguf, dtype=dtype, frozen=True, seed=1).to(device)}
+        if shared:
+            _FROZEN[key] = frozen
     models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings),
-              "ref": load_reference(name, gguf, dtype=dtype, lora=settings),
-              "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings),
-              "reward": load_scalar_model(name, gguf, dtype=dtype, frozen=True, seed=1)}
-    return {k: m.to(device) if m is not None else None for k, m in models.items()}
+              "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings)}
+    return {**{k: m.to(device) for k, m in models.items()}, "reward": frozen["reward"],
+            "ref": None if settings else frozen["ref"]}
 
 
 def record_generation(fn, log: list, sync, prompt_columns):
@@ -82,9 +102,10 @@ def record_generation(fn, log: list, sync, prompt_columns):
     return wrapper
 
 
-def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync, side: str = "ours"):
-    """A callable running Trainer.fit on PPOModule for warmup + steps iterations (``side`` ours_lora: with
-    ``--lora``'s adapters)."""
+def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync, backend: str = "hf",
+              side: str = "ours"):
+    """A callable running Trainer.fit on PPOModule for warmup + steps iterations (``backend``: the rollouts';
+    ``side`` ours_lora: with ``--lora``'s adapters)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -95,20 +116,37 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
 
     total = args.warmup + args.steps
     m = load_models(args, dtype, device, benchlib.lora_settings(args, side))
-    # our PPOModule samples with rlhf_lightning.rollout.generate (imported into modules.ppo)
-    ppo_module.generate = record_generation(ppo_module.generate, gen_log, sync,
-                                            lambda a, k, ro: (ro.response_start, ro.input_ids.shape[1]))
+    # our PPOModule samples with rlhf_lightning.rollout.generate (imported into modules.ppo); with several of our
+    # sides in the process, one wrapper records each call in the log of the side whose loop thread called it
+    if not hasattr(ppo_module.generate, "wrapped"):
+        plain = ppo_module.generate
+
+        def generate(*a, **k):
+            return generate.wrapped[generate.sides[threading.get_ident()]](*a, **k)
+
+        generate.plain, generate.wrapped, generate.sides = plain, {}, {}
+        ppo_module.generate = generate
+    ppo_module.generate.wrapped[side] = record_generation(ppo_module.generate.plain, gen_log, sync,
+                                                         lambda a, k, ro: (ro.response_start, ro.input_ids.shape[1]))
     ppo = {"ppo_epochs": 1, "num_minibatches": 1, "kl_coef": KL_COEF, "max_grad_norm": None,
            "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
-           "generation": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0}}
+           "generation": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0, "backend": backend}}
     module = PPOModule(m["policy"], m["ref"], m["critic"], m["reward"], tokenizer, ppo=ppo,
                        policy_optim={"lr": LR}, critic_optim={"lr": LR})
     loader = DataLoader(ListDataset([{"input_ids": ids, "prompt_index": i} for i, ids in enumerate(prompts)]),
                         batch_size=PROMPTS, shuffle=False, collate_fn=PromptCollator(tokenizer.pad_token_id))
 
     class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # after PPOModule.on_fit_start built the engine
+            ppo_module.generate.sides[threading.get_ident()] = side
+            if pl_module.engine is not None:
+                engine_start["s"] = time.perf_counter() - engine_start["t0"]
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             alternation.step_end(side)
+
+    engine_start = ENGINE_START
+    engine_start["t0"] = time.perf_counter()
 
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
                         precision="bf16-true" if dtype == "bfloat16" else "32-true",
@@ -149,17 +187,25 @@ def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync
     return trainer.train
 
 
+ENGINE_START: dict[str, float] = {}  # the vLLM side's engine start-up, seconds (fit start to engine built)
+
+
 def main(argv=None) -> dict | None:
     import torch
 
-    args, tokenizer, device, dtype, sync = benchlib.start(__doc__.splitlines()[0], argv)
+    args, tokenizer, device, dtype, sync = benchlib.start(
+        __doc__.splitlines()[0], argv,
+        lambda p: p.add_argument("--vllm", action="store_true", help="add ours with vLLM rollouts as a third side"))
     prompts = hh_prompts(tokenizer)
     gen_logs = {side: [] for side in benchlib.sides_of(args)}
     builders = {"ours": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["ours"], sync),
+                "vllm": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["vllm"], sync,
+                                              backend="vllm", side="vllm"),
                 "trl": lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["trl"], sync)}
     if args.lora:
-        builders[benchlib.LORA_SIDE] = lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device,
-                                                             gen_logs[benchlib.LORA_SIDE], sync, benchlib.LORA_SIDE)
+        lora_side = benchlib.LORA_SIDE
+        builders[lora_side] = lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs[lora_side],
+                                                    sync, side=lora_side)
     torch.manual_seed(0)
     ran = benchlib.run_sides(args, builders, sync, __file__, argv)
     if ran is None:
@@ -168,20 +214,28 @@ def main(argv=None) -> dict | None:
     prompt_cols = max(len(p) for p in prompts)
     columns = {s: [c for c, _ in log] for s, log in gen_logs.items()}
     gen_s = {s: sorted(t for _, t in log[args.warmup:]) for s, log in gen_logs.items()}
-    n_params = sum(p.numel() for p in load_models(args, dtype, "cpu")["policy"].parameters())
+    from rlhf_lightning.models import load_policy
+
+    n_params = sum(p.numel() for p in load_policy(*benchlib.model_source(args.model), dtype=dtype).parameters())
     train_tokens = PROMPTS * (prompt_cols + RESPONSE_TOKENS)
     extra = {"batch": f"{PROMPTS} prompts, left-padded to {prompt_cols} tokens (lengths {[len(p) for p in prompts]}) "
                       f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
              "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
              "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
              "lora_layers": args.lora_layers}
+    if "s" in ENGINE_START:
+        extra["vllm_engine_start_s"] = ENGINE_START["s"]
     result = benchlib.report("ppo_iteration", args, alternation, memory, extra,
                              tokens={"train (prompt+response)": train_tokens},
                              flops_per_step=6 * 2 * n_params * train_tokens)  # policy + critic, fwd + bwd
-    for side, t in gen_s.items():
-        if t:
-            rate = PROMPTS * RESPONSE_TOKENS / t[len(t) // 2]
-            print(f"  {side}: generation {rate:.1f} tokens/s (median generate call)")
+    rates = {side: PROMPTS * RESPONSE_TOKENS / t[len(t) // 2] for side, t in gen_s.items() if t}
+    for side, rate in rates.items():
+        print(f"  {side}: generation {rate:.1f} tokens/s (median generate call)")
+    if "vllm" in rates and "ours" in rates:
+        result["vllm_generation_speedup"] = rates["vllm"] / rates["ours"]
+        print(f"  generation tokens/s, vLLM / our HF loop: {result['vllm_generation_speedup']:.2f}x")
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

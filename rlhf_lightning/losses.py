@@ -630,6 +630,7 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     loss_agg: str = "token_mean",
     ratio_level: str = "token",
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (Schulman et al. 2017, "Proximal Policy
     Optimization Algorithms", eq. 7), negated to be minimised, with DAPO's clip-higher,
@@ -668,6 +669,8 @@ def ppo_policy_loss(
         clip_eps_high: ``> 0``, the upper bound is ``1 + clip_eps_high``; ``None``: ``clip_eps``.
         loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
         ratio_level: one of :data:`RATIO_LEVELS`, ``"token"`` (PPO/GRPO/DAPO) or ``"sequence"`` (GSPO).
+        token_weights: ``(B, T)`` constants multiplying each token's clipped term before aggregation
+            (detached), e.g. :func:`tis_weights`; ``None``: 1.
 
     Returns:
         ``(loss, stats)``: ``loss`` is 0-d, dtype ``promote(inputs, float32)``.
@@ -713,7 +716,11 @@ def ppo_policy_loss(
         ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps_high)
-    loss = aggregate_loss(torch.maximum(pg_unclipped, pg_clipped), m, loss_agg)
+    per_token = torch.maximum(pg_unclipped, pg_clipped)
+    if token_weights is not None:
+        check_same_shape(logprobs=logprobs, token_weights=token_weights)
+        per_token = per_token * torch.where(m, token_weights.detach().to(dtype), zero)
+    loss = aggregate_loss(per_token, m, loss_agg)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
@@ -721,6 +728,39 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio, m),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def tis_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling weights for a sampler that is not the trainer (Yao et al. 2025, "Your
+    Efficient RL Framework Secretly Brings You Off-Policy RL Training", the TIS correction; TRL's and verl's).
+
+    An inference engine (vLLM) samples from a distribution ``pi_sampler`` that differs slightly from the
+    trainer's ``pi_old`` for the same weights (other kernels, other precision). Per valid token,
+    ``w_t = min(exp(old_logprobs_t - sampler_logprobs_t), cap)``: the importance ratio pi_old / pi_sampler,
+    truncated at ``cap`` to bound the variance; it multiplies the token's policy-gradient loss
+    (``ppo_policy_loss(..., token_weights=w)``). 0 at padding. Constants (no gradient).
+
+    Args:
+        old_logprobs: ``(B, T)`` trainer log-probabilities of the sampled tokens (nats).
+        sampler_logprobs: ``(B, T)`` the sampler's log-probabilities of the same tokens.
+        mask: ``(B, T)`` bool or 0/1 mask of valid tokens.
+        cap: truncation, > 0.
+
+    Returns:
+        ``(B, T)`` weights in ``[0, cap]``, dtype ``promote(inputs, float32)``, detached.
+
+    Raises:
+        ValueError: mismatched shapes or ``cap`` not a finite number > 0.
+    """
+    check_same_shape(old_logprobs=old_logprobs, sampler_logprobs=sampler_logprobs, mask=mask)
+    cap = float(cap)
+    if not (0.0 < cap < math.inf):
+        raise ValueError(f"tis_weights: cap must be a finite number > 0, got {cap}")
+    m = bool_mask(mask)
+    dtype = float_dtype(old_logprobs, sampler_logprobs)
+    zero = torch.zeros((), dtype=dtype, device=old_logprobs.device)
+    log_ratio = torch.where(m, old_logprobs.detach().to(dtype) - sampler_logprobs.detach().to(dtype), zero)
+    return torch.where(m, torch.exp(log_ratio).clamp(max=cap), zero)
 
 
 def kl_loss(

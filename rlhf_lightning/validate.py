@@ -46,6 +46,7 @@ Safe loading notes (checked for Lightning 2.6.6 and torch 2.13):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -624,6 +625,8 @@ def validate_config(cfg: DictConfig) -> None:
        DeepSpeed strategy of one's own); PPO does not run under ``trainer.precision=16-mixed``
        (:data:`PPO_FP16_ERROR`; DeepSpeed excepted); ``model.lora`` builds, and with ``model.lora.r`` set
        neither ``model.trainable_layers`` nor a DeepSpeed/FSDP strategy is (:func:`_check_lora`);
+       ``ppo.generation.backend=vllm`` needs vLLM installed
+       (:data:`rlhf_lightning.vllm_engine.MISSING_VLLM`);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
@@ -664,6 +667,10 @@ def validate_config(cfg: DictConfig) -> None:
         precision = _get(cfg, "trainer.precision")
         if precision in FP16_MIXED and target is None:  # DeepSpeed scales and clips in its engine
             raise ConfigError(PPO_FP16_ERROR.format(precision=precision))
+        if _get(cfg, "ppo.generation.backend") == "vllm" and importlib.util.find_spec("vllm") is None:
+            from rlhf_lightning.vllm_engine import MISSING_VLLM
+
+            raise ConfigError(MISSING_VLLM)
 
     on_error = _get(cfg, "data.on_error")
     if on_error is _MISSING or (on_error is not _ABSENT and on_error not in ON_ERROR):

@@ -139,6 +139,35 @@ def test_dpo_training_raises_the_margin(tiny_dir, tokenizer, hh_file, tmp_path):
     assert trainer.callback_metrics["train/loss"] < math.log(2)
 
 
+def test_dpo_with_lora_uses_the_policy_with_its_adapters_off_as_the_reference(tiny_dir, tokenizer, hh_file,
+                                                                             tmp_path):
+    """With a LoRA policy and no reference network, the cached reference log-probabilities are the base
+    model's (the adapters switched off), even after the adapters moved; training raises the margin, and the
+    checkpoint keeps the adapters only."""
+    dm = _datamodule(tokenizer, hh_file)
+    with pytest.raises(ValueError, match="LoRA policy"):
+        DPOModule(load_policy(tiny_dir), None, None, tokenizer)
+    module = DPOModule(load_policy(tiny_dir, lora={"r": 8}), None, None, tokenizer,
+                       dpo={"beta": 0.1, "num_sample_prompts": 0, "optim": {"lr": 1e-2}})
+    trainer = L.Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        overfit_batches=1, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.callback_metrics["rewards/margins"] > 0
+    batch = next(iter(dm.reference_dataloader()))
+    with torch.no_grad():
+        base, _ = module.sequence_logps(load_reference(tiny_dir), batch)
+        trained, _ = module.sequence_logps(module.policy, batch)
+    n = len(batch["keys"])
+    ref = module.cached_reference(batch["keys"])
+    assert ref[:, 0].tolist() == pytest.approx(base[:n].tolist(), abs=1e-4)
+    assert module.reference_logps(batch)[0].tolist() == pytest.approx(base.tolist(), abs=1e-4)
+    assert not torch.allclose(trained, base, atol=1e-3)  # the adapters did move the policy
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    keys = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"].keys()
+    assert keys and all("lora_" in key for key in keys), sorted(keys)[:5]
+
+
 def test_stage_dpo_composes(tmp_path):
     cfg = compose_run_config(["stage=dpo", "model=tiny", "dpo.beta=0.3", "dpo.loss_type=ipo"], tmp_path)
     assert cfg.module._target_.endswith("DPOModule") and cfg.dpo.beta == 0.3

@@ -17,6 +17,7 @@ from rlhf_lightning.losses import (
     pairwise_reward_loss,
     ppo_policy_loss,
     td_targets,
+    tis_weights,
     value_loss,
 )
 from rlhf_lightning.ops import masked_mean
@@ -791,3 +792,43 @@ def test_kl_loss_padding_all_masked_dtype_and_errors():
         kl_loss(x, torch.zeros(2, 4), m)
     with pytest.raises(ValueError):
         kl_loss(torch.zeros(3), torch.zeros(3), torch.ones(3, dtype=torch.bool))
+
+
+def test_tis_weights_by_hand():
+    # cap 2. Per token: old (trainer) log-prob, sampler log-prob -> exp(old - sampler), truncated at 2
+    #   (-1.0, -1.0)            -> exp(0)    = 1
+    #   (-1.0, -1.5)            -> exp(0.5)  = 1.6487  (the trainer finds the token likelier)
+    #   (-2.0, -1.0)            -> exp(-1)   = 0.3679
+    #   (-0.1, -3.0)            -> exp(2.9)  = 18.17 -> 2 (truncated)
+    #   (-9.0, -1.0) masked     -> 0
+    old = torch.tensor([[-1.0, -1.0, -2.0, -0.1, -9.0]], dtype=torch.float64)
+    sampler = torch.tensor([[-1.0, -1.5, -1.0, -3.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+    w = tis_weights(old.requires_grad_(True), sampler, mask, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, math.exp(0.5), math.exp(-1.0), 2.0, 0.0]], dtype=torch.float64))
+    assert not w.requires_grad
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="cap"):
+            tis_weights(old, sampler, mask, cap=bad)
+    with pytest.raises(ValueError):
+        tis_weights(old, sampler[:, :3], mask, cap=2.0)
+
+
+def test_ppo_policy_loss_token_weights_multiply_each_tokens_term():
+    # The by-hand case above (terms 1.1, 1.2, 0.5, -0.8, -1.5 of min(rho A, clip(rho) A)), weighted per token
+    # by (1, 0.5, 2, 1, 0) before the token mean: loss = -(1.1 + 0.6 + 1.0 - 0.8 + 0) / 5 = -0.38; weights 1
+    # give the unweighted loss; the gradient of each token is scaled by its weight.
+    ratios = torch.tensor([[1.1, 1.5, 0.5, 0.5, 1.5, 100.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, 5.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    old = torch.full((1, 6), -2.0, dtype=torch.float64)
+    logp = (old + ratios.log()).requires_grad_(True)
+    weights = torch.tensor([[1.0, 0.5, 2.0, 1.0, 0.0, 7.0]], dtype=torch.float64)
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2, token_weights=weights)
+    assert loss.item() == pytest.approx(-0.38)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.1 / 5, 0.0, -2 * 0.5 / 5, 0.0, 0.0, 0.0]],
+                                                       dtype=torch.float64))
+    plain, _ = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    ones, _ = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2, token_weights=torch.ones_like(old))
+    assert ones.item() == plain.item()

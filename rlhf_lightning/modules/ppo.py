@@ -19,6 +19,7 @@ from rlhf_lightning.losses import (
     reinforce_pp_baseline_advantages,
     rloo_advantages,
     sequence_to_token_advantages,
+    tis_weights,
     value_loss,
 )
 from rlhf_lightning.models.forward import response_logprobs, response_values
@@ -192,14 +193,63 @@ class PPOModule(L.LightningModule):
         self.save_hyperparameters(ignore=["policy", "ref_policy", "critic", "reward_model", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
         self._alarms_fired: set[str] = set()  # ppo.alarms kinds that warned already
+        self.engine = None  # the vLLM rollout engine (ppo.generation.backend=vllm), built in on_fit_start
 
     def on_fit_start(self) -> None:
-        """Log each network's size; find the frozen lower blocks the four networks share (``ppo.share_trunk``)."""
+        """Log each network's size; find the frozen lower blocks the four networks share (``ppo.share_trunk``);
+        with ``ppo.generation.backend=vllm``, build this rank's vLLM engine from the policy (:meth:`build_engine`)."""
         log_network_memory({"policy": self.policy, "reference": self.ref_policy, "critic": self.critic,
                             "reward model": self.reward_model},
                            aliases={"reference": "the LoRA policy with its adapters off"}
                            if self.ref_policy is None else None)
         self.trunk = find_shared_trunk(self, self.ppo.share_trunk)
+        if self.ppo.generation.backend == "vllm" and self.engine is None:
+            self.engine = self.build_engine()
+
+    def on_fit_end(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def build_engine(self):
+        """This rank's :class:`~rlhf_lightning.vllm_engine.VLLMEngine` on its device, from the policy's config,
+        dtype and weights; ``max_model_len`` from ``ppo.generation.vllm.max_model_len``, else the datamodule's
+        ``max_prompt_length`` + ``max_new_tokens``, else the model's ``max_position_embeddings``.
+
+        Raises:
+            ImportError: vLLM is not installed (one line naming the extra).
+            ValueError: a sharded strategy (FSDP, DeepSpeed): the engine needs each rank's whole policy.
+        """
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        from rlhf_lightning.vllm_engine import VLLMEngine
+
+        if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise ValueError("ppo.generation.backend=vllm needs each rank's whole policy: use a single device or "
+                             "DDP (trainer=ddp), not FSDP or DeepSpeed")
+        gen = self.ppo.generation
+        max_len = gen.vllm.max_model_len
+        if max_len is None:
+            prompt = getattr(getattr(self.trainer, "datamodule", None), "max_prompt_length", None)
+            max_len = (prompt + gen.max_new_tokens if prompt is not None
+                       else self.policy.config.max_position_embeddings)
+        return VLLMEngine(self.policy, self.tokenizer, gen.vllm, gen, max_model_len=max_len, rank=self.global_rank,
+                          world_size=self.trainer.world_size, device=self.device)
+
+    def sync_engine(self, weights=None) -> None:
+        """Load the policy's current weights into the vLLM engine (no engine: nothing).
+
+        Args:
+            weights: ``(name, tensor)`` pairs with the policy's Hugging Face names (merged adapter weights);
+                ``None``: the policy's trainable parameters (all of them when the engine released its weights
+                in sleep mode), :func:`~rlhf_lightning.vllm_engine.policy_weights`.
+        """
+        if self.engine is None:
+            return
+        from rlhf_lightning.vllm_engine import policy_weights
+
+        self.engine.load_weights(weights if weights is not None else
+                                 policy_weights(self.policy, trainable_only=not self.engine.asleep))
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
@@ -229,7 +279,10 @@ class PPOModule(L.LightningModule):
                              f"ppo.num_minibatches={self.ppo.num_minibatches}")
         exp = self.collect(batch["input_ids"], batch["attention_mask"], batch.get("prompt_index"))
         exp = self.compute_advantages(exp)
+        if self.engine is not None:
+            self.engine.sleep()  # with ppo.generation.vllm.enable_sleep_mode: its memory is free for the update
         stats = self.update(exp)
+        self.sync_engine()  # the next rollout samples from the updated policy
         self.log_iteration(exp, stats)
 
     def collect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor | None = None,
@@ -253,7 +306,8 @@ class PPOModule(L.LightningModule):
                 functions' dataset columns); ``None`` when there are no reward functions.
             do_sample: False decodes greedily.
             for_update: False for evaluation: one response per prompt, old log-probabilities without
-                autograd, no values.
+                autograd, no values, sampled by the policy's own forward whatever ``ppo.generation.backend``
+                (the evaluation's seeded sampling is the same before and after training).
 
         Returns:
             The :class:`~rlhf_lightning.rollout.Experience` (no advantages yet).
@@ -265,7 +319,7 @@ class PPOModule(L.LightningModule):
             attention_mask = attention_mask.repeat_interleave(group, 0)
             prompt_index = prompt_index.repeat_interleave(group, 0) if prompt_index is not None else None
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, do_sample=do_sample)
+                           self.tokenizer.pad_token_id, do_sample=do_sample, engine=self.engine if for_update else None)
         stats: dict[str, float] = {}
         functions = None  # the reward functions' results, when dynamic sampling already has them
         if for_update and cfg.dynamic_sampling and group > 1:
@@ -339,6 +393,8 @@ class PPOModule(L.LightningModule):
         optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
         policy_frozen = self.iteration < cfg.critic_warmup_iterations
         batch_size, reused = exp.batch_size, exp.reused_forward
+        weights = (tis_weights(exp.logprobs, ro.sampler_logprobs, mask, cfg.tis_cap)
+                   if cfg.tis_cap is not None and ro.sampler_logprobs is not None else None)  # (B, R) or None
         stats: dict[str, list[torch.Tensor]] = {}
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(batch_size, device=mask.device) if cfg.num_minibatches > 1 else \
@@ -351,7 +407,8 @@ class PPOModule(L.LightningModule):
                                                                     ro.response_start, exp.trunks.rows(mb))
                 m = mask[mb]
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[mb], exp.advantages[mb], m, cfg.clip_eps,
-                                                    cfg.clip_eps_high, cfg.loss_agg, cfg.ratio_level)
+                                                    cfg.clip_eps_high, cfg.loss_agg, cfg.ratio_level,
+                                                    token_weights=weights[mb] if weights is not None else None)
                 step_stats = {"ppo/policy_loss": pg_loss, "ppo/clipfrac": pg_stats["clipfrac"],
                               "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio": pg_stats["ratio_mean"],
                               "objective/entropy": masked_mean(entropy, m)}
@@ -360,6 +417,8 @@ class PPOModule(L.LightningModule):
                     vf_loss, vf_stats = value_loss(values, exp.returns[mb], m, exp.values[mb], cfg.cliprange_value)
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     step_stats.update({"value/loss": vf_loss, "value/clipfrac": vf_stats["clipfrac"]})
+                if weights is not None:
+                    step_stats["ppo/tis_weight"] = masked_mean(weights[mb], m)
                 if cfg.kl_loss_coef:
                     kl_term = kl_loss(logprobs, exp.ref_logprobs[mb], m, cfg.kl_loss_estimator, cfg.loss_agg)
                     loss = loss + cfg.kl_loss_coef * kl_term
@@ -503,7 +562,7 @@ class PPOModule(L.LightningModule):
                 break
             rows = flat.repeat_interleave(group).nonzero().squeeze(1)
             new = generate(self.policy, rollout.input_ids[rows, :start], rollout.attention_mask[rows, :start], gen,
-                           self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                           self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, engine=self.engine)
             rollout = replace_rows(rollout, rows, new, self.tokenizer.pad_token_id)
             resampled += int(flat.sum())
         keep = (~flat).repeat_interleave(group).nonzero().squeeze(1)
