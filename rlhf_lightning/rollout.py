@@ -362,6 +362,29 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
     )
 
 
+def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float = 1.0,
+                         trunk: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference log-probabilities of a LoRA policy: its own forward with its adapters switched off
+    (:func:`~rlhf_lightning.models.lora.adapters_disabled`), i.e. the base model's distribution, without autograd
+    (the reference of TRL's and verl's LoRA training; no second copy of the model).
+
+    Args:
+        policy: a causal LM with LoRA adapters.
+        rollout: the sampled sequences.
+        temperature: the sampling temperature (log-probabilities are computed at it).
+        trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
+
+    Returns:
+        (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding.
+    """
+    from rlhf_lightning.models.lora import adapters_disabled
+
+    with adapters_disabled(policy), torch.inference_mode():
+        ref = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
+                                temperature, trunk=trunk)
+    return ref.clone().masked_fill(~rollout.response_mask, 0.0)
+
+
 def logprob_diff(exp: Experience) -> torch.Tensor:
     """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
 

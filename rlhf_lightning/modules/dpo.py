@@ -22,7 +22,7 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
 )
 from rlhf_lightning.modules.evaluation import evaluate_policy
-from rlhf_lightning.rollout import Experience, generate, make_experience
+from rlhf_lightning.rollout import Experience, adapter_off_logprobs, generate, make_experience
 from rlhf_lightning.schema import DPOConfig, as_config
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,7 @@ class DPOModule(L.LightningModule):
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
                               score_eos_token_id=eos if gen.score_with_eos else None)
         if self.ref_policy is None:  # LoRA: the reference is the policy with its adapters off
-            with adapters_disabled(self.policy), torch.inference_mode():
-                ref = response_logprobs(self.policy, rollout.input_ids, rollout.attention_mask,
-                                        rollout.response_start, gen.temperature)
-            exp = replace(exp, ref_logprobs=ref.clone().masked_fill(~rollout.response_mask, 0.0))
+            exp = replace(exp, ref_logprobs=adapter_off_logprobs(self.policy, rollout, gen.temperature))
         return exp
 
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:

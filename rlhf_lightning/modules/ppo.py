@@ -23,7 +23,7 @@ from rlhf_lightning.losses import (
     value_loss,
 )
 from rlhf_lightning.models.forward import response_logprobs, response_values
-from rlhf_lightning.models.lora import adapters_disabled, has_lora, log_network_memory
+from rlhf_lightning.models.lora import has_lora, log_network_memory
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
     check_lora_strategy,
@@ -41,6 +41,7 @@ from rlhf_lightning.rewards import compute_rewards, make_kl_controller
 from rlhf_lightning.rollout import (
     Experience,
     Rollout,
+    adapter_off_logprobs,
     generate,
     logprob_diff,
     make_experience,
@@ -331,7 +332,8 @@ class PPOModule(L.LightningModule):
                               trunk=self.trunk,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
         if self.ref_policy is None:  # LoRA policy: the reference is the policy with its adapters off
-            exp = replace(exp, ref_logprobs=self.adapter_off_logprobs(rollout, exp.trunks.ref_policy))
+            exp = replace(exp, ref_logprobs=adapter_off_logprobs(self.policy, rollout, gen.temperature,
+                                                                 exp.trunks.ref_policy))
         if self.reward_functions:
             total, per_function = functions or self._function_rewards(rollout, prompt_index)
             exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
@@ -474,23 +476,6 @@ class PPOModule(L.LightningModule):
             self._write_samples(exp, phase="train")
 
     # ------------------------------------------------------------------ pieces of the phases
-    def adapter_off_logprobs(self, rollout: Rollout, trunk=None) -> torch.Tensor:
-        """The reference log-probabilities of a LoRA policy: the policy's own forward with its adapters
-        switched off (:func:`~rlhf_lightning.models.lora.adapters_disabled`), the base model's distribution,
-        at the sampling temperature, without autograd.
-
-        Args:
-            rollout: the sampled sequences.
-            trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
-
-        Returns:
-            (B, R) float32, 0 at padding.
-        """
-        with adapters_disabled(self.policy), torch.inference_mode():
-            ref = response_logprobs(self.policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
-                                    self.ppo.generation.temperature, trunk=trunk)
-        return ref.clone().masked_fill(~rollout.response_mask, 0.0)
-
     def _train_forward(self, ids: torch.Tensor, attn: torch.Tensor, start: int, trunks: Trunks):
         """Policy log-probabilities and entropy, and critic values (``None`` without a critic), with
         autograd: each (b, R).
