@@ -11,16 +11,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import benchlib  # noqa: E402
 
 
+def _recording_loop(alternation, order: list, side: str, n: int):
+    """A loop of ``n`` steps that appends ``side`` to ``order`` at each step and passes the turn."""
+    def run():
+        for _ in range(n):
+            order.append(side)
+            alternation.step_end(side)
+    return run
+
+
 def test_alternation_runs_steps_strictly_in_turn():
     alternation = benchlib.Alternation(("a", "b"))
     order = []
 
     def loop(side, n):
-        def run():
-            for _ in range(n):
-                order.append(side)
-                alternation.step_end(side)
-        return run
+        return _recording_loop(alternation, order, side, n)
 
     benchlib.run_alternating({"a": loop("a", 4), "b": loop("b", 6)}, alternation)
     # the first steps of both may overlap (warm-up); from then on strictly in turn, then b alone
@@ -50,11 +55,7 @@ def test_alternation_of_three_loops_goes_round_in_order():
     order = []
 
     def loop(side, n):
-        def run():
-            for _ in range(n):
-                order.append(side)
-                alternation.step_end(side)
-        return run
+        return _recording_loop(alternation, order, side, n)
 
     benchlib.run_alternating({"a": loop("a", 3), "b": loop("b", 5), "c": loop("c", 3)}, alternation)
     # after the overlapping first steps: a, b, c in turn while all three run; then b alone
