@@ -78,3 +78,25 @@ def compose_run_config(overrides: list[str], run_dir: Path):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def fit_ppo_with_checkpoints(module, tokenizer, hh_file, run_dir: Path, iterations: int, ckpt_path: str | None = None):
+    """``iterations`` PPO iterations of ``module`` through ``Trainer.fit`` on the tiny prompts (batch 4, seed 3),
+    with a checkpoint (``<run_dir>/checkpoints/last.ckpt``) after every iteration and the RNG state in it, as
+    train.py resumes; ``ckpt_path`` resumes from a checkpoint. Returns ``module``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from rlhf_lightning.callbacks import RNGStateCallback
+    from rlhf_lightning.data import PromptDataModule
+
+    L.seed_everything(3)
+    datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=module.optimizer_steps_per_iteration)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=iterations * module.optimizer_steps_per_iteration,
+                        max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run_dir,
+                        callbacks=[checkpoints, RNGStateCallback()])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return module

@@ -11,9 +11,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from rlhf_lightning.callbacks import RNGStateCallback
+from conftest import fit_ppo_with_checkpoints
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.models.forward import response_logprobs, sequence_scores
@@ -147,25 +146,13 @@ def _lora_ppo(tiny_dir, tokenizer, lora: dict) -> PPOModule:
                      policy_optim={"lr": 1e-2}, critic_optim={"lr": 1e-2})
 
 
-def _fit(module: PPOModule, tokenizer, hh_file, run_dir: Path, iterations: int, ckpt_path: str | None = None):
-    L.seed_everything(3)
-    datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_train_steps=module.optimizer_steps_per_iteration)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=iterations * module.optimizer_steps_per_iteration,
-                        max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run_dir,
-                        callbacks=[checkpoints, RNGStateCallback()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return module
-
-
 def test_ppo_with_lora_reference_trunk_checkpoint_and_exact_resume(tiny_dir, tokenizer, hh_file, tmp_path):
     """LoRA in the top block of the policy and the critic: the reference is the policy with its adapters off (the
     base model's log-probabilities, on the shared trunk too); checkpoints hold the adapters and the critic's head
     only, and a run resumed from one ends with the uninterrupted run's adapters."""
     lora = {"r": 4, "layers": 1}
-    full = _fit(_lora_ppo(tiny_dir, tokenizer, lora), tokenizer, hh_file, tmp_path / "full", iterations=2)
+    full = fit_ppo_with_checkpoints(_lora_ppo(tiny_dir, tokenizer, lora), tokenizer, hh_file, tmp_path / "full",
+                                    iterations=2)
     assert full.ref_policy is None and full.trunk is not None
     assert any({"policy", "ref_policy"} <= set(names) for names, _ in full.trunk.groups)
     # the trained adapters moved the policy away from its base, and the reference is still the base
@@ -182,7 +169,8 @@ def test_ppo_with_lora_reference_trunk_checkpoint_and_exact_resume(tiny_dir, tok
     assert float(logprob_diff(exp)) < 1e-4  # sampler and trainer agree with the adapters on
     assert all(p.requires_grad for n, p in full.policy.named_parameters() if ".lora_" in n)
 
-    cut = _fit(_lora_ppo(tiny_dir, tokenizer, lora), tokenizer, hh_file, tmp_path / "cut", iterations=1)
+    cut = fit_ppo_with_checkpoints(_lora_ppo(tiny_dir, tokenizer, lora), tokenizer, hh_file, tmp_path / "cut",
+                                   iterations=1)
     last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     keys = set(checkpoint["state_dict"])
@@ -190,8 +178,8 @@ def test_ppo_with_lora_reference_trunk_checkpoint_and_exact_resume(tiny_dir, tok
         {f"critic.{k}" for k, p in cut.critic.named_parameters() if p.requires_grad}
     assert "critic.score.weight" in keys and all(".lora_" in k for k in keys - {"critic.score.weight"})
     assert len(checkpoint["optimizer_states"]) == 2
-    resumed = _fit(_lora_ppo(tiny_dir, tokenizer, lora), tokenizer, hh_file, tmp_path / "cut", iterations=2,
-                   ckpt_path=str(last))
+    resumed = fit_ppo_with_checkpoints(_lora_ppo(tiny_dir, tokenizer, lora), tokenizer, hh_file, tmp_path / "cut",
+                                       iterations=2, ckpt_path=str(last))
     assert resumed.iteration == full.iteration == 2
     for name in ("policy", "critic"):
         expected = {k: p for k, p in getattr(full, name).named_parameters() if p.requires_grad}

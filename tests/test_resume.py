@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import fit_ppo_with_checkpoints
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -155,10 +157,7 @@ def test_ppo_joint_optimizer_resume_matches_uninterrupted_run(tmp_path, hh_file,
     In process (Trainer.fit, the tiny model), so it stays fast; the RNG and data position come back as in
     train.py (RNGStateCallback, the resumable sampler)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from rlhf_lightning.callbacks import RNGStateCallback
-    from rlhf_lightning.data import PromptDataModule
     from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
     from rlhf_lightning.modules import PPOModule
 
@@ -169,16 +168,7 @@ def test_ppo_joint_optimizer_resume_matches_uninterrupted_run(tmp_path, hh_file,
                            ppo={"joint_optimizer": True, "ppo_epochs": 1, "num_minibatches": 2, "num_sample_prompts": 0,
                                 "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}},
                            policy_optim={"lr": 1e-3, "warmup_steps": 1}, critic_optim={"lr": 3e-3, "warmup_steps": 3})
-        datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)
-        checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints",
-                                      every_n_train_steps=module.optimizer_steps_per_iteration,
-                                      save_last=True, save_top_k=0)
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=iterations * module.optimizer_steps_per_iteration,
-                            max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=run_dir,
-                            callbacks=[checkpoints, RNGStateCallback()])
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        return module
+        return fit_ppo_with_checkpoints(module, tokenizer, hh_file, run_dir, iterations, ckpt_path)
 
     full = fit(tmp_path / "full", iterations=2)
     cut = fit(tmp_path / "cut", iterations=1)
