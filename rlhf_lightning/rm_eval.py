@@ -172,6 +172,10 @@ def _json_safe(value):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line (``python -m rlhf_lightning.rm_eval --help``): score the pairs (:func:`score_pairs`), print
+    the table (:func:`render`), write ``rm_eval.json`` and ``rm_eval.png`` into ``--out`` (default: the model
+    directory's parent); returns the JSON's content. Bad data or settings raise as the data readers and
+    :func:`heldout_settings` do."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a reward model directory (the reward stage's <run dir>/model)")
     parser.add_argument("data", help="preference data: a JSON-lines/parquet/... file, directory or Hub dataset")
