@@ -29,7 +29,9 @@ generation tokens/s. Peak memory: each side alone in a child process.
 ``--vllm`` adds a third side, ours with ``ppo.generation.backend=vllm`` (the vLLM engine built at fit start,
 the policy's weights loaded into it after every update: inside the timed iteration), in the same
 round-robin (vllm, ours, TRL); its fit's start-up, engine included, is reported apart
-(``vllm_engine_start_s``: from building the loop to its first iteration's start).
+(``vllm_engine_start_s``: from building the loop to its first iteration's start). ``--vllm --lora R`` adds
+``vllm_lora`` too: ours with vLLM rollouts and the LoRA adapters (the engine gets the merged weights after every
+update). One engine per process: time one of the two vLLM sides per run (``--time vllm_lora,ours_lora,trl``).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def record_generation(fn, log: list, sync, prompt_columns):
 def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync, backend: str = "hf",
               side: str = "ours"):
     """A callable running Trainer.fit on PPOModule for warmup + steps iterations (``backend``: the rollouts';
-    ``side`` ours_lora: with ``--lora``'s adapters)."""
+    ``side`` ours_lora or vllm_lora: with ``--lora``'s adapters)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -203,9 +205,9 @@ def main(argv=None) -> dict | None:
                                               backend="vllm", side="vllm"),
                 "trl": lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["trl"], sync)}
     if args.lora:
-        lora_side = benchlib.LORA_SIDE
-        builders[lora_side] = lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs[lora_side],
-                                                    sync, side=lora_side)
+        for side, backend in ((benchlib.LORA_SIDE, "hf"), (benchlib.VLLM_LORA_SIDE, "vllm")):
+            builders[side] = lambda alt, side=side, backend=backend: ours_loop(
+                args, tokenizer, prompts, alt, dtype, device, gen_logs[side], sync, backend=backend, side=side)
     torch.manual_seed(0)
     ran = benchlib.run_sides(args, builders, sync, __file__, argv)
     if ran is None:
@@ -231,11 +233,14 @@ def main(argv=None) -> dict | None:
     rates = {side: PROMPTS * RESPONSE_TOKENS / t[len(t) // 2] for side, t in gen_s.items() if t}
     for side, rate in rates.items():
         print(f"  {side}: generation {rate:.1f} tokens/s (median generate call)")
-    if "vllm" in rates and "ours" in rates:
-        result["vllm_generation_speedup"] = rates["vllm"] / rates["ours"]
-        print(f"  generation tokens/s, vLLM / our HF loop: {result['vllm_generation_speedup']:.2f}x")
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result["generation_tokens_per_s"] = rates
+    for vllm_side, hf_side in ((benchlib.VLLM_SIDE, "ours"), (benchlib.VLLM_LORA_SIDE, benchlib.LORA_SIDE)):
+        if vllm_side in rates and hf_side in rates:
+            key = f"{vllm_side}_generation_speedup"
+            result[key] = rates[vllm_side] / rates[hf_side]
+            print(f"  generation tokens/s, {vllm_side} / {hf_side} (our HF loop): {result[key]:.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
