@@ -85,3 +85,15 @@ def test_bench_script_runs_one_step_on_tiny(script, tmp_path):
     result = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory",
                           "--out", str(tmp_path / "r.json")])
     assert result["time_ratio"] > 0 and (tmp_path / "r.json").exists()
+
+
+def test_vllm_and_lora_give_a_vllm_lora_side_with_the_adapters():
+    from argparse import Namespace
+
+    both = Namespace(vllm=True, lora=16, lora_layers=8)
+    assert benchlib.sides_of(both) == ("vllm", "vllm_lora", "ours", "ours_lora", "trl")
+    assert benchlib.sides_of(Namespace(vllm=True, lora=None)) == ("vllm", "ours", "trl")
+    assert benchlib.sides_of(Namespace(vllm=False, lora=16)) == ("ours", "ours_lora", "trl")
+    for side in ("vllm_lora", "ours_lora"):
+        assert benchlib.lora_settings(both, side) == {"r": 16, "layers": 8}
+    assert benchlib.lora_settings(both, "vllm") is None and benchlib.lora_settings(both, "ours") is None
