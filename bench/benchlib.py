@@ -38,8 +38,11 @@ VLLM_SIDE = "vllm"
 #: The side ``--vllm --lora R`` adds: ours with the vLLM rollout engine and ``--lora``'s adapters (the engine is
 #: given the merged weights). One vLLM side per timed run (``--time``): one engine per process.
 VLLM_LORA_SIDE = "vllm_lora"
+#: The side ``--lora R --trl-lora`` adds (bench/ppo_iteration.py): TRL's PPOTrainer with its ``peft_config``, a
+#: LoRA of rank R on the policy only (in ``--lora-layers``' top blocks); TRL's critic trains in full.
+TRL_LORA_SIDE = "trl_lora"
 #: Every side, in the order they take turns.
-ALL_SIDES = (VLLM_SIDE, VLLM_LORA_SIDE, "ours", LORA_SIDE, "trl")
+ALL_SIDES = (VLLM_SIDE, VLLM_LORA_SIDE, "ours", LORA_SIDE, "trl", TRL_LORA_SIDE)
 
 
 def lora_settings(args, side: str) -> dict | None:
@@ -53,7 +56,8 @@ def sides_of(args) -> tuple[str, ...]:
     """The sides a run compares: ours and TRL, with ours on vLLM rollouts first (``--vllm``), ours with LoRA
     (``--lora``), and ours with both (``--vllm --lora``) when given."""
     vllm, lora = getattr(args, "vllm", False), getattr(args, "lora", None)
-    extra = {VLLM_SIDE: vllm, LORA_SIDE: lora, VLLM_LORA_SIDE: vllm and lora}
+    extra = {VLLM_SIDE: vllm, LORA_SIDE: lora, VLLM_LORA_SIDE: vllm and lora,
+             TRL_LORA_SIDE: getattr(args, "trl_lora", False) and lora}
     return tuple(s for s in ALL_SIDES if s in SIDES or extra[s])
 
 
@@ -360,7 +364,7 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
         result["lora_peak_rss_ratio"] = lora["peak_rss_mb"] / trl["peak_rss_mb"]
     if lora.get("peak_rss_mb") and ours.get("peak_rss_mb"):
         result["lora_vs_full_peak_rss_ratio"] = lora["peak_rss_mb"] / ours["peak_rss_mb"]
-    for side in (VLLM_SIDE, VLLM_LORA_SIDE):
+    for side in (VLLM_SIDE, VLLM_LORA_SIDE, TRL_LORA_SIDE):
         row = result["sides"].get(side, {})
         if row.get("median_s") and trl.get("median_s"):
             result[f"{side}_time_ratio"] = row["median_s"] / trl["median_s"]
@@ -405,7 +409,8 @@ def _print_table(result: dict) -> None:
         if key in result:
             print(f"  {key} ({label}): {result[key]:.3f}")
     for key, label in (("vllm_time_ratio", "ours with vLLM rollouts/TRL"),
-                       ("vllm_lora_time_ratio", "ours with vLLM rollouts and LoRA/TRL")):
+                       ("vllm_lora_time_ratio", "ours with vLLM rollouts and LoRA/TRL"),
+                       ("trl_lora_time_ratio", "TRL with its policy LoRA/TRL")):
         if key in result:
             print(f"  {key} ({label}): {result[key]:.3f}")
 
