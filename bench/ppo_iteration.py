@@ -175,7 +175,6 @@ def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync
     peft_config = None
     if side == benchlib.TRL_LORA_SIDE:
         from peft import LoraConfig
-
         from torch import nn
 
         blocks = m["policy"].config.num_hidden_layers
