@@ -20,6 +20,7 @@ from rlhf_lightning.models.lora import (
     adapters_disabled,
     has_lora,
     log_network_memory,
+    merged_named_weights,
     own_parameters,
 )
 from rlhf_lightning.modules import PPOModule
@@ -100,6 +101,11 @@ def test_critic_on_the_policys_base_runs_and_trains_its_own_adapter(tiny_dir):
     assert {names[id(p)] for p in critic_own} == {n for n in names.values()
                                                   if adapter_name_of(n) == CRITIC_ADAPTER or n.startswith("score.")}
     assert all(p.requires_grad for n, p in policy.named_parameters() if ".lora_" in n)  # switching kept them trainable
+    # what a generation engine (vLLM) loads: the policy merged with its own adapter, not the critic's
+    alone_weights = dict(merged_named_weights(alone_policy))
+    for name, tensor in merged_named_weights(policy):
+        torch.testing.assert_close(tensor, alone_weights.pop(name), **TOL, msg=name)
+    assert not alone_weights
     sizes = log_network_memory({"policy": policy, "critic": critic})
     assert sizes["critic"]["bytes"] < sizes["policy"]["bytes"] / 20  # its adapter and head only
 
