@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import fit_ppo_with_checkpoints
-from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+from rlhf_lightning.models import load_critic, load_policy, load_reference, load_scalar_model
 from rlhf_lightning.models.builders import PolicyBaseCritic
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.lora import (
@@ -129,6 +129,10 @@ def test_the_critic_starts_from_a_lora_export_and_refuses_what_it_cannot_share(t
         PolicyBaseCritic.from_source(str(tmp_path / "full"), lora=lora)
     fresh = PolicyBaseCritic.from_source(str(tmp_path / "full"), head="normal", seed=7, lora=lora)
     assert fresh.adapter_state is None and fresh.head_state is None
+    with pytest.raises(ValueError, match="critic.share_base='yes': expected true or false"):
+        load_critic("gae", share_base="yes", name_or_path=tiny_dir, lora=lora)
+    assert isinstance(load_critic("gae", share_base=True, name_or_path=tiny_dir, lora=lora), PolicyBaseCritic)
+    assert load_critic("grpo", share_base=True, name_or_path=tiny_dir, lora=lora) is None
     with pytest.raises(ValueError, match="needs model.lora.r"):
         PolicyBaseCritic.from_source(tiny_dir, lora={"r": None})
     with pytest.raises(ValueError, match="gradient_checkpointing"):

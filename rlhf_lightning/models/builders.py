@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.models.loading import fix_pad_token, resolve_pretrained
+from rlhf_lightning.schema import LoRASettings
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +310,12 @@ def load_critic(adv_estimator: str, share_base: bool = False, **kwargs) -> nn.Mo
             ``kwargs``); no base model of its own is loaded.
 
     Raises:
-        As :func:`load_scalar_model`, or :meth:`PolicyBaseCritic.from_source`.
+        ValueError: ``share_base`` is not a bool; as :func:`load_scalar_model`, or :meth:`PolicyBaseCritic.from_source`.
     """
     from rlhf_lightning.losses import CRITIC_ESTIMATORS
 
+    if not isinstance(share_base, bool):
+        raise ValueError(f"critic.share_base={share_base!r}: expected true or false")
     if adv_estimator not in CRITIC_ESTIMATORS:
         return None
     return PolicyBaseCritic.from_source(**kwargs) if share_base else load_scalar_model(**kwargs)
@@ -337,10 +340,10 @@ class PolicyBaseCritic:
     """
 
     source: str
-    settings: object
+    settings: LoRASettings
     head: str = "keep"
     seed: int = 0
-    adapter_config: object = None
+    adapter_config: object = None  # peft.LoraConfig (peft is imported where it is used)
     adapter_state: dict | None = None
     head_state: dict | None = None
 
