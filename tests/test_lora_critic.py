@@ -139,6 +139,11 @@ def test_the_critic_starts_from_a_lora_export_and_refuses_what_it_cannot_share(t
         PolicyBaseCritic.from_source(tiny_dir, lora=lora, gradient_checkpointing=True)
     with pytest.raises(ValueError, match="no LoRA adapter to share"):
         PolicyBaseCritic.from_source(tiny_dir, lora=lora).attach(load_policy(tiny_dir))
+    stacked = load_scalar_model(str(tmp_path / "rm" / "model"), lora=lora)  # a value stage on the merged export
+    export_pretrained(stacked, None, tmp_path / "value" / "model")
+    with pytest.raises(ValueError, match="was trained on .*rm/model, not on the policy's base"):
+        PolicyBaseCritic.from_source(str(tmp_path / "value" / "model"), lora=lora).attach(load_policy(tiny_dir,
+                                                                                                      lora=lora))
     source = PolicyBaseCritic.from_source(str(tmp_path / "rm" / "model"), lora=lora)
     source.adapter_state.pop(next(iter(source.adapter_state)))  # an adapter file without one of its tensors
     with pytest.raises(ValueError, match="does not fit the policy.*1 missing"):

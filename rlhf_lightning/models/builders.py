@@ -391,8 +391,10 @@ class PolicyBaseCritic:
         source's adapter and head, or initialise a new head (``normal`` for ``keep`` without one).
 
         Raises:
-            ValueError: the source's adapter does not fit the policy (a tensor the policy's adapter does not have,
-                or one of its adapter's tensors missing), or as ``critic_on_policy_base``.
+            ValueError: the source's adapter was trained on another base than the policy's (its recorded
+                ``base_model_name_or_path``: a value stage's adapter trained on the reward model's merged export);
+                it does not fit the policy (a tensor the policy's adapter does not have, or one of its adapter's
+                tensors missing); or as ``critic_on_policy_base``.
         """
         import copy
 
@@ -400,6 +402,7 @@ class PolicyBaseCritic:
 
         if self.adapter_config is not None:
             config = self.adapter_config
+            _check_same_base(config.base_model_name_or_path, policy, self.source)
         elif has_lora(policy):  # model.lora: the policy's own settings, hence its layers
             config = copy.deepcopy(policy.peft_config[ADAPTER])
         else:
@@ -420,6 +423,23 @@ class PolicyBaseCritic:
         else:
             init_scalar_head(head, "zero" if self.head == "zero" else "normal", self.seed)
         return critic
+
+
+def _check_same_base(adapter_base: str | None, policy: nn.Module, source: str) -> None:
+    """Refuse an adapter whose recorded base is not the policy's base (paths compared resolved); an adapter that
+    records none is taken with a warning."""
+    policy_base = getattr(policy, "name_or_path", None) or policy.config._name_or_path
+    if not adapter_base:
+        log.warning("critic.share_base: the adapter of %s records no base model; it is assumed to be the policy's "
+                    "(%s)", source, policy_base)
+        return
+    a, b = Path(str(adapter_base)), Path(str(policy_base))
+    same = a.resolve() == b.resolve() if a.exists() and b.exists() else str(a) == str(b)
+    if not same:
+        raise ValueError(f"critic.share_base=true: the adapter of {source} was trained on {adapter_base}, not on the "
+                         f"policy's base {policy_base}, so it cannot run on it (a value stage's adapter sits on the "
+                         "reward model's merged export): use critic_path=<a LoRA reward run>/model (its adapter sits "
+                         "on the policy's base), or critic_path=<the policy's base> for a fresh adapter and head")
 
 
 def _with_adapter(key: str, adapter: str) -> str:
