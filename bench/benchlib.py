@@ -226,6 +226,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
                    help=f"also run ours with LoRA adapters of rank R on every trained network (side {LORA_SIDE})")
     p.add_argument("--lora-layers", type=int, default=None, metavar="N",
                    help="with --lora: adapters in the top N blocks only (model.lora.layers; default all)")
+    p.add_argument("--share-base", action="store_true",
+                   help="with --lora: the critic is a second adapter on the policy's base (critic.share_base=true)")
     p.add_argument("--time", default=None, metavar="SIDES",
                    help="comma-separated sides to time in the alternating run (default: all; memory: all sides). "
                         "E.g. --lora 16 --time ours_lora,trl keeps one process from holding three sides' models")

@@ -20,6 +20,7 @@ sides are recorded (``generated_columns``): all 32 unless noted, so both train o
 ``--lora R`` adds a third side, ``ours_lora``: ours with LoRA adapters of rank R (alpha 32, every linear
 layer of every block) on the policy and the critic (its head trained in full), the reference being the
 policy with its adapters switched off (no copy), the reward model as above; same workload and lr.
+``--share-base`` puts that side's critic on the policy's base as a second adapter (``critic.share_base=true``).
 
 Timed: one iteration of each framework's own loop (see ``benchlib``): Lightning's fit loop to
 ``on_train_batch_end``, TRL's ``train()`` loop body to ``on_step_end``, alternating ours/TRL in one
@@ -73,6 +74,7 @@ def load_models(args, dtype: str, device, settings: dict | None = None) -> dict:
     off). With ``--vllm`` the frozen two are one copy shared by the sides (they are only read; 3 × 4 SmolLM2
     networks with the trained ones' gradients and AdamW states would not fit in this machine's memory)."""
     from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+    from rlhf_lightning.models.builders import PolicyBaseCritic
 
     name, gguf = benchlib.model_source(args.model)
     key = (name, dtype, str(device))
@@ -83,10 +85,12 @@ def load_models(args, dtype: str, device, settings: dict | None = None) -> dict:
                   "reward": load_scalar_model(name, gguf, dtype=dtype, frozen=True, seed=1).to(device)}
         if shared:
             _FROZEN[key] = frozen
-    models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings),
-              "critic": load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings)}
-    return {**{k: m.to(device) for k, m in models.items()}, "reward": frozen["reward"],
-            "ref": None if settings else frozen["ref"]}
+    models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings).to(device)}
+    if settings and getattr(args, "share_base", False):  # built on the policy by PPOModule
+        models["critic"] = PolicyBaseCritic.from_source(name, seed=0, lora=settings)
+    else:
+        models["critic"] = load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings).to(device)
+    return {**models, "reward": frozen["reward"], "ref": None if settings else frozen["ref"]}
 
 
 def record_generation(fn, log: list, sync, prompt_columns):
@@ -254,7 +258,7 @@ def main(argv=None) -> dict | None:
                       f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
              "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
              "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
-             "lora_layers": args.lora_layers, "vllm_compiled": args.vllm_compiled}
+             "lora_layers": args.lora_layers, "share_base": args.share_base, "vllm_compiled": args.vllm_compiled}
     if "s" in ENGINE_START:
         extra["vllm_engine_start_s"] = ENGINE_START["s"]
     result = benchlib.report("ppo_iteration", args, alternation, memory, extra,

@@ -188,10 +188,10 @@ def test_ppo_with_lora_reference_trunk_checkpoint_and_exact_resume(tiny_dir, tok
             torch.testing.assert_close(got[key], value, **TOL, msg=f"{name}.{key}")
 
 
-@pytest.mark.slow  # ~16 s alone, more under load: three train.py processes
+@pytest.mark.slow  # ~20 s alone, more under load: four train.py processes
 def test_three_stages_train_with_lora_through_train_py(tmp_path, hh_file):
-    def run(stage: str, *overrides: str) -> Path:
-        run_dir = tmp_path / stage
+    def run(stage: str, *overrides: str, name: str | None = None) -> Path:
+        run_dir = tmp_path / (name or stage)
         command = [sys.executable, str(ROOT / "train.py"), f"stage={stage}", "model=tiny", "model.lora.r=16",
                    f"data.path={hh_file}", "data.limit=16", f"hydra.run.dir={run_dir}",
                    "trainer.enable_progress_bar=false", "~callbacks.progress_bar", *overrides]
@@ -205,7 +205,12 @@ def test_three_stages_train_with_lora_through_train_py(tmp_path, hh_file):
                 "value.generation.max_new_tokens=4")
     ppo = run("ppo", f"reward_model_path={reward}/model", f"critic_path={value}/model", "iterations=2",
               "batch_size=4", "ppo.generation.max_new_tokens=4", "ppo.num_sample_prompts=2", "model.lora.layers=1")
-    for run_dir, names in ((reward, ["model"]), (value, ["model"]), (ppo, ["model", "model_critic"])):
+    shared = run("ppo", f"reward_model_path={reward}/model", f"critic_path={reward}/model", "iterations=2",
+                 "batch_size=4", "ppo.generation.max_new_tokens=4", "ppo.num_sample_prompts=2",
+                 "critic.share_base=true", name="ppo_shared")
+    assert "LoRA r=16 on the policy's base" in (shared / "train.log").read_text()
+    for run_dir, names in ((reward, ["model"]), (value, ["model"]), (ppo, ["model", "model_critic"]),
+                           (shared, ["model", "model_critic"])):
         for name in names:
             assert (run_dir / name / "model.safetensors").exists()
             assert (run_dir / f"{name}_adapter" / "adapter_model.safetensors").exists()
@@ -220,13 +225,18 @@ class LocalLoRAPPOModule(PPOModule):
         return super().log_dict(dictionary, *args, **kwargs)
 
 
-def test_ddp_cpu_ppo_with_lora_keeps_the_adapters_equal_on_every_rank(tmp_path, tiny_dir, tokenizer, hh_file):
+@pytest.mark.parametrize("share_base", [False, True], ids=["critic_own_base", "critic_share_base"])
+def test_ddp_cpu_ppo_with_lora_keeps_the_adapters_equal_on_every_rank(tmp_path, tiny_dir, tokenizer, hh_file,
+                                                                     share_base):
+    from rlhf_lightning.models.builders import PolicyBaseCritic
     from test_ddp import RankRecorder, _assert_disjoint_rows, _assert_same_trained_parameters, _ddp_trainer, _ranks
 
     L.seed_everything(0)
     lora = {"r": 4}
+    critic = (PolicyBaseCritic.from_source(tiny_dir, head="normal", lora=lora) if share_base
+              else load_scalar_model(tiny_dir, lora=lora))
     module = LocalLoRAPPOModule(
-        load_policy(tiny_dir, lora=lora), load_reference(tiny_dir, lora=lora), load_scalar_model(tiny_dir, lora=lora),
+        load_policy(tiny_dir, lora=lora), load_reference(tiny_dir, lora=lora), critic,
         load_scalar_model(tiny_dir, frozen=True, seed=1), tokenizer,
         ppo={"ppo_epochs": 1, "num_minibatches": 2, "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
              "generation": {"max_new_tokens": 4}},
@@ -240,6 +250,7 @@ def test_ddp_cpu_ppo_with_lora_keeps_the_adapters_equal_on_every_rank(tmp_path, 
     _assert_same_trained_parameters(ranks)  # the adapters and the critic's head, trained, equal on both ranks
     _assert_disjoint_rows(ranks, expected_per_rank=4)
     assert all(".lora_" in key or key.endswith("score.weight") for key in ranks[0]["final"])
+    assert any(".lora_B.critic." in key for key in ranks[0]["final"]) == share_base
     kl = [d["objective/kl"] for r in ranks for d in r["local"] if "objective/kl" in d]
     assert kl and max(abs(v) for v in kl) > 0  # the reference (adapters off) differs from the trained policy
 

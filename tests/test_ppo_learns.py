@@ -23,6 +23,7 @@ from torch import nn
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.losses import GROUP_ESTIMATORS
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
+from rlhf_lightning.models.builders import PolicyBaseCritic
 from rlhf_lightning.modules import PPOModule
 
 RESPONSE_TOKENS = 8
@@ -62,7 +63,8 @@ def _sharpened(model: nn.Module, factor: float = 20.0) -> nn.Module:
 
 
 def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int,
-                       adv_estimator: str = "gae", lora: dict | None = None, backend: str = "hf") -> dict:
+                       adv_estimator: str = "gae", lora: dict | None = None, backend: str = "hf",
+                       share_base: bool = False) -> dict:
     """Four PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`;
     returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them.
     Critic-free estimators load no critic; the group ones (GRPO, RLOO) answer 2 prompts 4 times
@@ -70,8 +72,9 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
     the same prompt. The policy is then sharpened less (× 10: the 4 responses to a prompt must
     differ for a group to carry a signal; × 20 makes them identical) and steps with lr 3e-3. With ``lora``
     (``model.lora``), the policy and the critic train adapters only (lr × 10, as LoRA usually needs) and the
-    reference is the policy with its adapters off.
-    ``backend``: ``ppo.generation.backend`` of the training rollouts (the evaluation samples with ``hf``)."""
+    reference is the policy with its adapters off; ``share_base``: the critic is a second adapter on the policy's
+    (sharpened) base. ``backend``: ``ppo.generation.backend`` of the training rollouts (the evaluation samples
+    with ``hf``)."""
     L.seed_everything(seed)
     critic_free = adv_estimator != "gae"
     factor = 10.0 if critic_free else 20.0
@@ -81,7 +84,11 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
     group = 4 if adv_estimator in GROUP_ESTIMATORS else 1
     # Responses never end early (EOS is rare) and are scored as they are: the window holds their 8 tokens.
     dm = PromptDataModule(tokenizer, str(hh_file), batch_size=8 // group, max_prompt_length=48, val_size=16)
-    critic = None if critic_free else load_scalar_model(tiny_dir, lora=lora)
+    if critic_free:
+        critic = None
+    else:
+        critic = PolicyBaseCritic.from_source(tiny_dir, lora=lora) if share_base else load_scalar_model(tiny_dir,
+                                                                                                        lora=lora)
     lr_scale = 10.0 if lora else 1.0
     module = PPOModule(policy, ref, critic, TargetTokenReward(target), tokenizer,
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
@@ -116,10 +123,13 @@ def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, j
     assert sum(rose) >= 2, runs
 
 
-def test_ppo_with_lora_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file):
+@pytest.mark.parametrize("share_base", [False, True], ids=["critic_own_base", "critic_share_base"])
+def test_ppo_with_lora_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, share_base):
     """As above with LoRA adapters (rank 8, every block) on the policy and the critic: the reference is the
-    policy with its adapters off, and the reward rises as with full fine-tuning."""
-    runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, False, seed, lora={"r": 8})
+    policy with its adapters off, and the reward rises as with full fine-tuning; also with the critic as a second
+    adapter on the policy's base (``critic.share_base``)."""
+    runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, False, seed, lora={"r": 8},
+                               share_base=share_base)
             for seed in range(3)]
     rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
             and r["before"]["eval/kl"] == 0.0 for r in runs]

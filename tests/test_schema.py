@@ -106,8 +106,11 @@ def test_value_and_ppo_share_the_loader_and_datamodule_nodes(tmp_path):
     scalar = {"_target_": "rlhf_lightning.models.load_scalar_model", "name_or_path": "/nonexistent/rm",
               "gguf_file": None, "dtype": "float32", "trainable_layers": None, "gradient_checkpointing": False,
               "trust_remote_code": False, "lora": dataclasses.asdict(LoRASettings())}
-    critic = {**scalar, "_target_": "rlhf_lightning.models.load_critic", "adv_estimator": "gae", "head": "keep"}
+    critic = {**scalar, "_target_": "rlhf_lightning.models.load_critic", "adv_estimator": "gae", "head": "keep",
+              "share_base": False}
     assert value["critic"] == critic and ppo["critic"] == {**critic, "head": "zero"}
+    shared = _compose("ppo", tmp_path, "critic.share_base=true", "model.lora.r=8").module.critic
+    assert shared.share_base is True and shared.lora.r == 8  # PPO's critic.share_base reaches load_critic
     reward_model = {**scalar, "_target_": "rlhf_lightning.models.load_reward_model", "frozen": True, "lora": None}
     assert value["reward_model"] == ppo["reward_model"] == reward_model  # no seed: the head is the export's
     assert ppo["policy"]["_target_"].endswith("load_policy") and ppo["policy"]["name_or_path"] == "/some/policy"

@@ -10,13 +10,17 @@ single output.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from rlhf_lightning.models.loading import fix_pad_token, resolve_pretrained
+from rlhf_lightning.schema import LoRASettings
 
 log = logging.getLogger(__name__)
 
@@ -231,16 +235,31 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
         torch.manual_seed(seed)
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
                                                                    trust_remote_code=trust_remote_code)
-        if head == "zero":
-            nn.init.zeros_(score_head(model).weight)
-        elif head == "normal" or not has_head:
-            torch.manual_seed(seed)  # the same head for a seed, whatever loading drew before
-            nn.init.normal_(score_head(model).weight, std=1.0 / math.sqrt(config.hidden_size + 1))
-        if (head != "keep" or not has_head) and score_head(model).bias is not None:
-            nn.init.zeros_(score_head(model).bias)
+    if head != "keep" or not has_head:
+        init_scalar_head(score_head(model), "zero" if head == "zero" else "normal", seed)
     if frozen:
         return freeze(_finish(model, trainable_layers, gradient_checkpointing))
     return _finish(model, trainable_layers, gradient_checkpointing, lora, head=score_head(model))
+
+
+def init_scalar_head(head: nn.Linear, kind: str, seed: int) -> None:
+    """Initialise a new scalar head in place: ``normal`` draws its weight from N(0, 1/(H+1)) (H = its input
+    size; Huang et al. 2024, N+ implementation details, detail 3) with a private generator seeded by ``seed``
+    (the global RNG is untouched); ``zero`` sets it to 0. The bias, if any, is 0 either way.
+
+    Raises:
+        ValueError: ``kind`` is neither ``normal`` nor ``zero``.
+    """
+    if kind not in ("normal", "zero"):
+        raise ValueError(f"init_scalar_head: kind={kind!r}, expected normal or zero")
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        if kind == "zero":
+            nn.init.zeros_(head.weight)
+        else:
+            torch.manual_seed(seed)
+            nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
 
 
 def register_scalar_model(config_class: type) -> type:
@@ -281,16 +300,176 @@ def register_scalar_model(config_class: type) -> type:
     return cls
 
 
-def load_critic(adv_estimator: str, **kwargs) -> nn.Module | None:
+def load_critic(adv_estimator: str, share_base: bool = False, **kwargs) -> nn.Module | PolicyBaseCritic | None:
     """The critic of an RLHF stage: :func:`load_scalar_model` with ``kwargs`` when ``adv_estimator`` uses one
     (:data:`rlhf_lightning.losses.CRITIC_ESTIMATORS`), else ``None`` (critic-free estimators load none).
 
+    Args:
+        share_base: PPO's ``critic.share_base``: the critic is a second adapter on the LoRA policy's base, built
+            when the policy is there (:class:`PolicyBaseCritic`, from :meth:`PolicyBaseCritic.from_source` with
+            ``kwargs``); no base model of its own is loaded.
+
     Raises:
-        As :func:`load_scalar_model`.
+        ValueError: ``share_base`` is not a bool; as :func:`load_scalar_model`, or :meth:`PolicyBaseCritic.from_source`.
     """
     from rlhf_lightning.losses import CRITIC_ESTIMATORS
 
-    return load_scalar_model(**kwargs) if adv_estimator in CRITIC_ESTIMATORS else None
+    if not isinstance(share_base, bool):
+        raise ValueError(f"critic.share_base={share_base!r}: expected true or false")
+    if adv_estimator not in CRITIC_ESTIMATORS:
+        return None
+    return PolicyBaseCritic.from_source(**kwargs) if share_base else load_scalar_model(**kwargs)
+
+
+@dataclass
+class PolicyBaseCritic:
+    """PPO's critic on the LoRA policy's base (``critic.share_base=true``), before the policy exists: its adapter
+    settings, its starting adapter weights and head. :class:`~rlhf_lightning.modules.PPOModule` builds it on its
+    policy with :meth:`attach` (:func:`~rlhf_lightning.models.lora.critic_on_policy_base`).
+
+    Attributes:
+        source: where the adapter and head come from (``critic_path``), for messages.
+        settings: ``model.lora`` (its dropout for the source's adapter; a fresh adapter takes the policy's
+            settings, which are ``model.lora`` too).
+        head: ``keep`` (the source's head), ``normal`` or ``zero`` (a new one, :func:`init_scalar_head`).
+        seed: the new head's seed.
+        adapter_config: the source adapter's ``peft.LoraConfig`` (``None``: a fresh adapter from ``settings``).
+        adapter_state: the source adapter's tensors, named as the policy names its own adapter's parameters
+            without the adapter's name (``model.layers.0.self_attn.q_proj.lora_A.weight``); ``None``: fresh.
+        head_state: the source's head (``weight`` (1, H), maybe ``bias``); ``None``: a new head.
+    """
+
+    source: str
+    settings: LoRASettings
+    head: str = "keep"
+    seed: int = 0
+    adapter_config: object = None  # peft.LoraConfig (peft is imported where it is used)
+    adapter_state: dict | None = None
+    head_state: dict | None = None
+
+    @classmethod
+    def from_source(cls, name_or_path: str, head: str = "keep", seed: int = 0, lora: dict | None = None,
+                    gradient_checkpointing: bool = False, **_: object) -> PolicyBaseCritic:
+        """Read the critic's adapter and head from ``name_or_path`` (``critic_path``).
+
+        A LoRA export (a reward or value stage run with ``model.lora.r``: ``<name_or_path>_adapter`` beside it,
+        trained on the same base as the policy) gives the adapter and the head. Any other source gives neither:
+        the critic starts with a fresh adapter (B = 0) and a new head, which ``head=keep`` refuses when the source
+        has a trained head (it was trained on the source's backbone, which the critic does not use).
+
+        Raises:
+            ValueError: ``lora`` is off (``model.lora.r`` null); ``gradient_checkpointing`` (its backward recomputes
+                the forward with whichever adapter is active then); a source with a trained head but no adapter and
+                ``head=keep``; an unknown ``head``.
+        """
+        from rlhf_lightning.models.lora import ADAPTER_SUFFIX, lora_settings
+
+        if head not in ("keep", "normal", "zero"):
+            raise ValueError(f"head={head!r}: expected keep, normal or zero")
+        settings = lora_settings(lora)
+        if settings is None:
+            raise ValueError("critic.share_base=true needs model.lora.r: the critic is a second LoRA adapter on the "
+                             "policy's base")
+        if gradient_checkpointing:
+            raise ValueError("critic.share_base=true cannot take model.gradient_checkpointing=true: the backward would "
+                             "recompute the critic's forward with the policy's adapter active; set one of them false")
+        adapter_dir = Path(str(name_or_path).rstrip("/") + ADAPTER_SUFFIX)
+        if (adapter_dir / "adapter_config.json").is_file():
+            config, adapter_state, head_state = _read_adapter(adapter_dir)
+            config.lora_dropout = settings.dropout
+            log.info("critic.share_base: the critic's adapter and head from %s", adapter_dir)
+            return cls(str(name_or_path), settings, head, seed, config, adapter_state,
+                       head_state if head == "keep" else None)
+        if head == "keep" and _has_scalar_head(name_or_path):
+            raise ValueError(f"critic.share_base=true: {name_or_path} has a trained head but no LoRA adapter beside it "
+                             f"({adapter_dir.name}): its head reads another backbone than the policy's base. Train the "
+                             "reward or value stage with model.lora.r, or set critic_head=zero (or normal)")
+        return cls(str(name_or_path), settings, head, seed)
+
+    def attach(self, policy: nn.Module) -> nn.Module:
+        """Build the critic on ``policy`` (:func:`~rlhf_lightning.models.lora.critic_on_policy_base`), load the
+        source's adapter and head, or initialise a new head (``normal`` for ``keep`` without one).
+
+        Raises:
+            ValueError: the source's adapter was trained on another base than the policy's (its recorded
+                ``base_model_name_or_path``: a value stage's adapter trained on the reward model's merged export);
+                it does not fit the policy (a tensor the policy's adapter does not have, or one of its adapter's
+                tensors missing); or as ``critic_on_policy_base``.
+        """
+        import copy
+
+        from rlhf_lightning.models.lora import ADAPTER, CRITIC_ADAPTER, adapter_name_of, critic_on_policy_base, has_lora
+
+        if self.adapter_config is not None:
+            config = self.adapter_config
+            _check_same_base(config.base_model_name_or_path, policy, self.source)
+        elif has_lora(policy):  # model.lora: the policy's own settings, hence its layers
+            config = copy.deepcopy(policy.peft_config[ADAPTER])
+        else:
+            config = None  # critic_on_policy_base refuses a policy without LoRA
+        critic = critic_on_policy_base(policy, config)
+        if self.adapter_state is not None:
+            wanted = {name for name, _ in policy.named_parameters() if adapter_name_of(name) == CRITIC_ADAPTER}
+            state = {_with_adapter(key, CRITIC_ADAPTER): value for key, value in self.adapter_state.items()}
+            extra, missing = sorted(set(state) - wanted), sorted(wanted - set(state))
+            if extra or missing:
+                raise ValueError(f"critic.share_base: the adapter of {self.source} does not fit the policy "
+                                 f"({len(extra)} unknown tensors, e.g. {extra[:1]}; {len(missing)} missing, "
+                                 f"e.g. {missing[:1]})")
+            policy.load_state_dict(state, strict=False)
+        head = score_head(critic)
+        if self.head_state is not None:
+            head.load_state_dict(self.head_state)
+        else:
+            init_scalar_head(head, "zero" if self.head == "zero" else "normal", self.seed)
+        return critic
+
+
+def _check_same_base(adapter_base: str | None, policy: nn.Module, source: str) -> None:
+    """Refuse an adapter whose recorded base is not the policy's base (paths compared resolved); an adapter that
+    records none is taken with a warning."""
+    policy_base = getattr(policy, "name_or_path", None) or policy.config._name_or_path
+    if not adapter_base:
+        log.warning("critic.share_base: the adapter of %s records no base model; it is assumed to be the policy's "
+                    "(%s)", source, policy_base)
+        return
+    a, b = Path(str(adapter_base)), Path(str(policy_base))
+    same = a.resolve() == b.resolve() if a.exists() and b.exists() else str(a) == str(b)
+    if not same:
+        raise ValueError(f"critic.share_base=true: the adapter of {source} was trained on {adapter_base}, not on the "
+                         f"policy's base {policy_base}, so it cannot run on it (a value stage's adapter sits on the "
+                         "reward model's merged export): use critic_path=<a LoRA reward run>/model (its adapter sits "
+                         "on the policy's base), or critic_path=<the policy's base> for a fresh adapter and head")
+
+
+def _with_adapter(key: str, adapter: str) -> str:
+    """``...q_proj.lora_A.weight`` → ``...q_proj.lora_A.<adapter>.weight`` (how peft names an adapter's tensor)."""
+    module, leaf = key.rsplit(".", 1)
+    return f"{module}.{adapter}.{leaf}"
+
+
+def _read_adapter(directory: Path) -> tuple[object, dict, dict | None]:
+    """An adapter written by :func:`~rlhf_lightning.models.lora.save_adapter` (or peft): its ``LoraConfig``, its LoRA
+    tensors (``base_model.model.`` prefix removed) and its saved head (``score``/``classifier``/``v_head``), if any."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(directory))
+    tensors = {key.removeprefix("base_model.model."): value
+               for key, value in load_file(directory / "adapter_model.safetensors").items()}
+    heads = [name for name in ("score", "classifier", "v_head") if f"{name}.weight" in tensors]
+    head_state = ({key.split(".", 1)[1]: tensors.pop(key) for key in list(tensors) if key.startswith(heads[0] + ".")}
+                  if heads else None)
+    return config, {k: v for k, v in tensors.items() if ".lora_" in k}, head_state
+
+
+def _has_scalar_head(name_or_path: str) -> bool:
+    """Whether a model source's ``config.json`` names a sequence-classification architecture (a trained head)."""
+    config = Path(str(name_or_path)) / "config.json"
+    if not config.is_file():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
 def load_reward_model(name_or_path: str | None, **kwargs) -> nn.Module | None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from rlhf_lightning.models.builders import score_head
+from rlhf_lightning.models.lora import own_adapter_active
 from rlhf_lightning.models.trunk import TrunkOutput, model_above, upper_view
 from rlhf_lightning.ops import entropy_from_logits, last_valid_index, logprobs_from_logits
 
@@ -26,15 +27,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _hidden_states(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
                    inputs_embeds: torch.Tensor | None = None, trunk: TrunkOutput | None = None) -> torch.Tensor:
-    """The backbone's last hidden states (B, T, H); with ``trunk``, only the blocks above it run."""
+    """The backbone's last hidden states (B, T, H); with ``trunk``, only the blocks above it run. A critic on the
+    policy's base runs with its own adapter active (:func:`~rlhf_lightning.models.lora.own_adapter_active`)."""
     if trunk is not None:
         backbone = upper_view(model, trunk)
         if input_ids is None and inputs_embeds is None:
             inputs_embeds = trunk.hidden  # any (B, T, H) input: the trunk's output replaces it
     else:
         backbone = getattr(model, model.base_model_prefix)
-    out = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    with own_adapter_active(model):
+        out = backbone(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state  # (B, T, H)
 
 

@@ -7,6 +7,11 @@ network keeps its class, its ``forward`` and its layout, so the forward function
 the adapters (and a scalar model's head) train. With a LoRA policy, PPO's reference is the same module
 run with its adapters switched off (:func:`adapters_disabled`), so it costs no memory.
 
+With ``critic.share_base``, PPO's critic is a second adapter (:data:`CRITIC_ADAPTER`) on the policy's own
+base plus its trainable head (:func:`critic_on_policy_base`): one base model in memory for the policy, the
+reference and the critic. Each network runs with its own adapter active (:func:`own_adapter_active`) and
+trains its own parameters only (:func:`own_parameters`).
+
 Exports write the merged model (:func:`merged_named_weights`, loadable by plain transformers) and the
 adapter beside it (``<export>_adapter``, loadable by ``peft.PeftModel.from_pretrained``).
 """
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: The adapter's name inside peft's layers (peft's default).
 ADAPTER = "default"
+#: The adapter of a critic on the policy's base (``critic.share_base``), beside the policy's :data:`ADAPTER`.
+CRITIC_ADAPTER = "critic"
 #: Suffix of the adapter directory written beside an export (``<run dir>/model`` → ``<run dir>/model_adapter``).
 ADAPTER_SUFFIX = "_adapter"
 
@@ -45,9 +52,69 @@ def lora_settings(value: LoRASettings | dict | None) -> LoRASettings | None:
     return settings if settings.enabled else None
 
 
+def adapter_of(model: nn.Module) -> str:
+    """The name of the adapter ``model`` runs with: :data:`CRITIC_ADAPTER` for a critic on the policy's base
+    (:func:`critic_on_policy_base`), else :data:`ADAPTER`."""
+    return getattr(model, "lora_adapter", ADAPTER)
+
+
 def has_lora(model: nn.Module | None) -> bool:
-    """Whether ``model`` carries LoRA adapters injected by :func:`apply_lora`."""
-    return model is not None and ADAPTER in (getattr(model, "peft_config", None) or {})
+    """Whether ``model`` carries its LoRA adapter (:func:`apply_lora`, :func:`critic_on_policy_base`)."""
+    return model is not None and adapter_of(model) in (getattr(model, "peft_config", None) or {})
+
+
+def adapter_name_of(parameter_name: str) -> str | None:
+    """The adapter a parameter belongs to (``...q_proj.lora_A.critic.weight`` → ``critic``), else ``None``."""
+    if ".lora_" not in parameter_name:
+        return None
+    return parameter_name.split(".lora_", 1)[1].split(".")[1]
+
+
+def own_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters ``model`` trains: those requiring a gradient, less the adapters of other networks that share
+    its base (a policy's list leaves out the critic's adapter of :func:`critic_on_policy_base`, the critic's leaves out
+    the policy's). Each optimizer takes its network's own list, so none steps another network's parameters."""
+    name = adapter_of(model)
+    return [param for key, param in model.named_parameters()
+            if param.requires_grad and adapter_name_of(key) in (None, name)]
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _set_active_adapter(layers: list[nn.Module], name: str) -> None:
+    """Make ``name`` the active adapter of ``layers`` without changing any ``requires_grad`` (peft's
+    ``set_adapter`` also sets the active adapter trainable and the others frozen, which would take the
+    other network's adapter out of its optimizer's gradients)."""
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.set_adapter(name)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+@contextmanager
+def own_adapter_active(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with its own adapter (:func:`adapter_of`) active, then make the policy's :data:`ADAPTER`
+    active again. A network that runs with :data:`ADAPTER` (every network but a critic on the policy's base)
+    runs unchanged.
+
+    Autograd keeps the tensors each forward used, so a backward after the switch back is the right one; a
+    recomputing backward (gradient checkpointing) would not be, and :func:`critic_on_policy_base` refuses it.
+    """
+    name = adapter_of(model)
+    if name == ADAPTER:
+        yield model
+        return
+    layers = _lora_layers(model)
+    _set_active_adapter(layers, name)
+    try:
+        yield model
+    finally:
+        _set_active_adapter(layers, ADAPTER)
 
 
 def target_module_names(model: nn.Module, settings: LoRASettings) -> list[str]:
@@ -79,6 +146,23 @@ def target_module_names(model: nn.Module, settings: LoRASettings) -> list[str]:
     return names
 
 
+def lora_config(model: nn.Module, settings: LoRASettings):
+    """``peft.LoraConfig`` of ``settings`` for ``model``: its target layers by full name (:func:`target_module_names`),
+    no bias, the base model's name recorded.
+
+    Raises:
+        ValueError: ``settings.r`` is null; the target layers cannot be found.
+    """
+    from peft import LoraConfig
+
+    if not settings.enabled:
+        raise ValueError("apply_lora: model.lora.r is null (LoRA off)")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+                        target_modules=target_module_names(model, settings))
+    config.base_model_name_or_path = getattr(model, "name_or_path", None) or model.config._name_or_path
+    return config
+
+
 def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None = None) -> nn.Module:
     """Inject LoRA adapters into ``model`` in place (``peft.inject_adapter_in_model``) and freeze the rest.
 
@@ -96,19 +180,77 @@ def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None 
     Raises:
         ValueError: ``settings.r`` is null; the target layers cannot be found (:func:`target_module_names`).
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
-    if not settings.enabled:
-        raise ValueError("apply_lora: model.lora.r is null (LoRA off)")
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
-                        target_modules=target_module_names(model, settings))
-    config.base_model_name_or_path = getattr(model, "name_or_path", None) or model.config._name_or_path
-    model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    model = inject_adapter_in_model(lora_config(model, settings), model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     if head is not None:
         head.requires_grad_(True)
     return model
+
+
+def critic_on_policy_base(policy: nn.Module, config) -> nn.Module:
+    """A critic on the LoRA policy's own base (``critic.share_base``): a second adapter (:data:`CRITIC_ADAPTER`,
+    ``config``) injected into the policy's layers and a scalar model whose backbone is the policy's backbone
+    (the same module: no weight is copied) with a head of its own.
+
+    The critic runs with its adapter active (:func:`own_adapter_active`, which the forward functions of
+    :mod:`rlhf_lightning.models.forward` enter), the policy with :data:`ADAPTER`, the reference with both off
+    (:func:`adapters_disabled`); each trains its own parameters (:func:`own_parameters`). Its adapter starts at
+    B = 0 (the critic's backbone computes the base model's hidden states); the caller loads a trained adapter
+    and sets the head (:class:`~rlhf_lightning.models.builders.PolicyBaseCritic`).
+
+    Args:
+        policy: a causal LM with LoRA adapters (:func:`apply_lora`).
+        config: the critic adapter's ``peft.LoraConfig`` (target layers named as in the policy).
+
+    Returns:
+        The critic: an ``AutoModelForSequenceClassification`` class of the policy's family (``num_labels=1``),
+        its head (weight (1, H), and a bias where the class has one) in the policy's dtype and device,
+        uninitialised, requiring a gradient.
+
+    Raises:
+        ValueError: the policy has no LoRA adapter, or already a critic adapter; its family's scalar model keeps
+            its backbone under another name.
+    """
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    from rlhf_lightning.models.builders import register_scalar_model, score_head
+
+    if not has_lora(policy):
+        raise ValueError("critic.share_base: the policy has no LoRA adapter to share its base with (model.lora.r)")
+    if CRITIC_ADAPTER in policy.peft_config:
+        raise ValueError(f"critic.share_base: the policy already carries a {CRITIC_ADAPTER!r} adapter")
+    scalar_config = copy.deepcopy(policy.config)
+    scalar_config.num_labels = 1
+    if scalar_config.pad_token_id is None and isinstance(scalar_config.eos_token_id, int):
+        scalar_config.pad_token_id = scalar_config.eos_token_id
+    with torch.device("meta"):
+        critic = register_scalar_model(type(policy.config))(scalar_config)
+    prefix = policy.base_model_prefix
+    if critic.base_model_prefix != prefix:
+        raise ValueError(f"critic.share_base: {type(critic).__name__} keeps its backbone as "
+                         f"{critic.base_model_prefix!r}, {type(policy).__name__} as {prefix!r}")
+    setattr(critic, prefix, getattr(policy, prefix))
+    meta_head = score_head(critic)
+    head_name = next(name for name, child in critic.named_children() if child is meta_head)
+    weight = policy.get_input_embeddings().weight
+    setattr(critic, head_name, nn.Linear(meta_head.in_features, meta_head.out_features, bias=meta_head.bias is not None,
+                                         dtype=weight.dtype, device=weight.device))
+    with warnings.catch_warnings():  # peft warns that the model gets a second adapter: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, policy, adapter_name=CRITIC_ADAPTER)
+    for name, param in policy.named_parameters():
+        if adapter_name_of(name) == CRITIC_ADAPTER:
+            param.requires_grad_(True)
+    _set_active_adapter(_lora_layers(policy), ADAPTER)  # peft made the new adapter the active one
+    critic.peft_config = policy.peft_config
+    critic.lora_adapter = CRITIC_ADAPTER
+    critic.train(policy.training)
+    return critic
 
 
 @contextmanager
@@ -122,9 +264,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         The model.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = _lora_layers(model)
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
     for layer in layers:
         layer.enable_adapters(False)
@@ -142,17 +282,19 @@ def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     """The weights of ``model`` with its adapters merged in, as ``(name, tensor)`` pairs named as in the plain
     transformers model (what a generation engine such as vLLM loads, or ``save_pretrained`` writes).
 
-    An adapted linear layer's weight is W + (alpha / r)·B·A (``peft``'s ``get_delta_weight``); the adapters'
-    own tensors are left out. A model without adapters gives its ``state_dict`` as it is. The tensors are new
-    for the merged layers and the model's own (detached) for the rest: do not modify them in place.
+    An adapted linear layer's weight is W + (alpha / r)·B·A (``peft``'s ``get_delta_weight``) of the model's own
+    adapter (:func:`adapter_of`); the adapters' own tensors are left out. A model without adapters gives its
+    ``state_dict`` as it is. The tensors are new for the merged layers and the model's own (detached) for the
+    rest: do not modify them in place.
 
     Yields:
         ``(name, tensor)`` for every entry of the plain model's ``state_dict``.
     """
     from peft.tuners.lora import LoraLayer
 
-    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(ADAPTER)
-              for name, module in model.named_modules() if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+    adapter = adapter_of(model)
+    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(adapter)
+              for name, module in model.named_modules() if isinstance(module, LoraLayer) and adapter in module.lora_A}
     for key, tensor in model.state_dict().items():
         if ".lora_" in key:
             continue
@@ -191,13 +333,14 @@ def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str,
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA adapter")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = dict(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    adapter = adapter_of(model)
+    state = dict(get_peft_model_state_dict(model, adapter_name=adapter))
     for head in head_names:
         for name, tensor in getattr(model, head).state_dict().items():
             state[f"{head}.{name}"] = tensor
     save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()},
               directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = copy.deepcopy(model.peft_config[ADAPTER])
+    config = copy.deepcopy(model.peft_config[adapter])
     config.modules_to_save = list(head_names) or None
     if head_names:
         config.task_type = "SEQ_CLS"
@@ -214,20 +357,26 @@ def save_lora_export(model: nn.Module, directory: str | Path, head_names: tuple[
     merged_model(model).save_pretrained(directory, safe_serialization=True)
     adapter_dir = Path(str(directory).rstrip("/") + ADAPTER_SUFFIX)
     save_adapter(model, adapter_dir, head_names)
-    meta = {"merged_model": str(directory), "r": model.peft_config[ADAPTER].r}
+    meta = {"merged_model": str(directory), "r": model.peft_config[adapter_of(model)].r}
     (adapter_dir / "rlhf_lightning.json").write_text(json.dumps(meta) + "\n")
     return adapter_dir
 
 
 def trainable_state_keys(model: nn.Module) -> set[str]:
-    """Names (``state_dict`` keys, no prefix) of the parameters of ``model`` that require a gradient."""
-    return {name for name, param in model.named_parameters() if param.requires_grad}
+    """Names (``state_dict`` keys, no prefix) of the parameters ``model`` trains (:func:`own_parameters`)."""
+    own = {id(param) for param in own_parameters(model)}
+    return {name for name, param in model.named_parameters() if id(param) in own}
 
 
-def network_memory(model: nn.Module) -> dict[str, int]:
+def network_memory(model: nn.Module, seen: set[int] | None = None) -> dict[str, int]:
     """Size of a network: ``parameters`` and ``trainable`` (counts) and ``bytes`` of its weights and
-    buffers, each tensor counted once (tied weights share storage)."""
-    seen: set[int] = set()
+    buffers, each storage counted once (tied weights share storage).
+
+    Args:
+        seen: storages already counted (by another network that shares them: the policy's base under a critic
+            on it), left out of ``bytes`` and added to.
+    """
+    seen = set() if seen is None else seen
     total = trainable = size = 0
     for param in model.parameters():
         total += param.numel()
@@ -244,7 +393,8 @@ def log_network_memory(networks: dict[str, nn.Module | None], aliases: dict[str,
     """Log one line per network at fit start: parameters, trainable parameters, bytes of weights.
 
     Args:
-        networks: name → network (``None`` entries are left out).
+        networks: name → network (``None`` entries are left out); weights that a network shares with one
+            before it (a critic on the policy's base) count for the first one only.
         aliases: name → a note for a network that is another one seen differently (PPO's reference as the
             LoRA policy with its adapter off): logged with 0 bytes of its own.
 
@@ -252,11 +402,13 @@ def log_network_memory(networks: dict[str, nn.Module | None], aliases: dict[str,
         name → :func:`network_memory` (aliases: ``{"bytes": 0}``).
     """
     out: dict[str, dict] = {}
+    seen: set[int] = set()
     for name, model in networks.items():
         if model is None:
             continue
-        out[name] = stats = network_memory(model)
-        lora = f", LoRA r={model.peft_config[ADAPTER].r}" if has_lora(model) else ""
+        out[name] = stats = network_memory(model, seen)
+        lora = f", LoRA r={model.peft_config[adapter_of(model)].r}" if has_lora(model) else ""
+        lora += " on the policy's base" if adapter_of(model) == CRITIC_ADAPTER else ""
         log.info("%s: %.1fM parameters, %.2fM trainable%s, %.0f MiB of weights", name, stats["parameters"] / 1e6,
                  stats["trainable"] / 1e6, lora, stats["bytes"] / 2**20)
     for name, note in (aliases or {}).items():

@@ -22,8 +22,9 @@ from rlhf_lightning.losses import (
     tis_weights,
     value_loss,
 )
+from rlhf_lightning.models.builders import PolicyBaseCritic
 from rlhf_lightning.models.forward import response_logprobs, response_values
-from rlhf_lightning.models.lora import has_lora, log_network_memory
+from rlhf_lightning.models.lora import has_lora, log_network_memory, own_parameters
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
     check_lora_strategy,
@@ -151,7 +152,9 @@ class PPOModule(L.LightningModule):
             LoRA model (:mod:`rlhf_lightning.models.lora`): the reference is then the policy with its
             adapters switched off (no second copy).
         critic: ``AutoModelForSequenceClassification`` (one label) giving V(s_t) at every token
-            — the ValueModule's network, loaded from its export; ``None`` with a critic-free estimator.
+            — the ValueModule's network, loaded from its export; ``None`` with a critic-free estimator; a
+            :class:`~rlhf_lightning.models.builders.PolicyBaseCritic` (``critic.share_base=true``) is built here as a
+            second adapter on the LoRA policy's base.
         reward_model: frozen ``AutoModelForSequenceClassification`` (one label); ``None`` when the
             reward comes from ``reward_functions`` alone.
         reward_functions: ``[{"fn": "module.function", "weight": w}, ...]`` with TRL's signature
@@ -171,6 +174,8 @@ class PPOModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # frozen networks are not in checkpoints
+        if isinstance(critic, PolicyBaseCritic):
+            critic = critic.attach(policy)  # critic.share_base: a second adapter on the policy's base
         self.policy, self.ref_policy, self.critic, self.reward_model = policy, ref_policy, critic, reward_model
         if ref_policy is None and not has_lora(policy):
             raise ValueError("PPO needs a reference: pass ref_policy, or a LoRA policy (model.lora.r) whose "
@@ -612,16 +617,17 @@ class PPOModule(L.LightningModule):
         total = None
         if trainer is not None and {self.policy_optim.scheduler, self.critic_optim.scheduler} != {"constant"}:
             total = scheduler_total_steps(trainer, self.optimizer_steps_per_iteration)
+        policy_params = own_parameters(self.policy)  # a critic on the policy's base: its adapter is the critic's
         if self.critic is None:  # critic-free estimator: the policy alone
-            opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim, total)
+            opt_policy, sched_policy = make_optimizer(policy_params, self.policy_optim, total)
             return [opt_policy], [sched_policy]
+        critic_params = own_parameters(self.critic)
         if self.ppo.joint_optimizer:
-            optimizer, scheduler = make_grouped_optimizer([("policy", self.policy.parameters(), self.policy_optim),
-                                                           ("critic", self.critic.parameters(), self.critic_optim)],
-                                                          total)
+            optimizer, scheduler = make_grouped_optimizer([("policy", policy_params, self.policy_optim),
+                                                           ("critic", critic_params, self.critic_optim)], total)
             return [optimizer], [scheduler]
-        opt_policy, sched_policy = make_optimizer(self.policy.parameters(), self.policy_optim, total)
-        opt_value, sched_value = make_optimizer(self.critic.parameters(), self.critic_optim, total)
+        opt_policy, sched_policy = make_optimizer(policy_params, self.policy_optim, total)
+        opt_value, sched_value = make_optimizer(critic_params, self.critic_optim, total)
         return [opt_policy, opt_value], [sched_policy, sched_value]
 
     def setup(self, stage: str) -> None:
