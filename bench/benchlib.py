@@ -35,21 +35,29 @@ LORA_SIDE = "ours_lora"
 #: The side ``--vllm`` adds (bench/ppo_iteration.py): ours with the vLLM rollout engine. Its loop runs first, in
 #: the main thread (vLLM's in-process engine installs signal handlers).
 VLLM_SIDE = "vllm"
+#: The side ``--vllm --lora R`` adds: ours with the vLLM rollout engine and ``--lora``'s adapters (the engine is
+#: given the merged weights). One vLLM side per timed run (``--time``): one engine per process.
+VLLM_LORA_SIDE = "vllm_lora"
+#: The side ``--lora R --trl-lora`` adds (bench/ppo_iteration.py): TRL's PPOTrainer with its ``peft_config``, a
+#: LoRA of rank R on the policy only (in ``--lora-layers``' top blocks); TRL's critic trains in full.
+TRL_LORA_SIDE = "trl_lora"
 #: Every side, in the order they take turns.
-ALL_SIDES = (VLLM_SIDE, "ours", LORA_SIDE, "trl")
+ALL_SIDES = (VLLM_SIDE, VLLM_LORA_SIDE, "ours", LORA_SIDE, "trl", TRL_LORA_SIDE)
 
 
 def lora_settings(args, side: str) -> dict | None:
-    """``model.lora`` of a side: ``{"r": --lora, "layers": --lora-layers}`` for the LoRA side, else ``None``."""
-    if side != LORA_SIDE or not getattr(args, "lora", None):
+    """``model.lora`` of a side: ``{"r": --lora, "layers": --lora-layers}`` for the LoRA sides, else ``None``."""
+    if side not in (LORA_SIDE, VLLM_LORA_SIDE) or not getattr(args, "lora", None):
         return None
     return {"r": args.lora, "layers": getattr(args, "lora_layers", None)}
 
 
 def sides_of(args) -> tuple[str, ...]:
-    """The sides a run compares: ours and TRL, with ours on vLLM rollouts first (``--vllm``) and ours with LoRA
-    (``--lora``) when given."""
-    extra = {VLLM_SIDE: getattr(args, "vllm", False), LORA_SIDE: getattr(args, "lora", None)}
+    """The sides a run compares: ours and TRL, with ours on vLLM rollouts first (``--vllm``), ours with LoRA
+    (``--lora``), and ours with both (``--vllm --lora``) when given."""
+    vllm, lora = getattr(args, "vllm", False), getattr(args, "lora", None)
+    extra = {VLLM_SIDE: vllm, LORA_SIDE: lora, VLLM_LORA_SIDE: vllm and lora,
+             TRL_LORA_SIDE: getattr(args, "trl_lora", False) and lora}
     return tuple(s for s in ALL_SIDES if s in SIDES or extra[s])
 
 
@@ -358,9 +366,10 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
         result["lora_peak_rss_ratio"] = lora["peak_rss_mb"] / trl["peak_rss_mb"]
     if lora.get("peak_rss_mb") and ours.get("peak_rss_mb"):
         result["lora_vs_full_peak_rss_ratio"] = lora["peak_rss_mb"] / ours["peak_rss_mb"]
-    vllm = result["sides"].get("vllm", {})
-    if vllm.get("median_s") and trl.get("median_s"):
-        result["vllm_time_ratio"] = vllm["median_s"] / trl["median_s"]
+    for side in (VLLM_SIDE, VLLM_LORA_SIDE, TRL_LORA_SIDE):
+        row = result["sides"].get(side, {})
+        if row.get("median_s") and trl.get("median_s"):
+            result[f"{side}_time_ratio"] = row["median_s"] / trl["median_s"]
     if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
         result["cuda_peak_ratio"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
     _print_table(result)
@@ -401,8 +410,11 @@ def _print_table(result: dict) -> None:
                        ("lora_vs_full_peak_rss_ratio", "ours LoRA/ours full")):
         if key in result:
             print(f"  {key} ({label}): {result[key]:.3f}")
-    if "vllm_time_ratio" in result:
-        print(f"  vllm_time_ratio (ours with vLLM rollouts/TRL): {result['vllm_time_ratio']:.3f}")
+    for key, label in (("vllm_time_ratio", "ours with vLLM rollouts/TRL"),
+                       ("vllm_lora_time_ratio", "ours with vLLM rollouts and LoRA/TRL"),
+                       ("trl_lora_time_ratio", "TRL with its policy LoRA/TRL")):
+        if key in result:
+            print(f"  {key} ({label}): {result[key]:.3f}")
 
 
 def child_result(alternation: Alternation, side: str, baseline_mb: float, device: str) -> str:

@@ -30,7 +30,13 @@ generation tokens/s. Peak memory: each side alone in a child process.
 ``--vllm`` adds a third side, ours with ``ppo.generation.backend=vllm`` (the vLLM engine built at fit start,
 the policy's weights loaded into it after every update: inside the timed iteration), in the same
 round-robin (vllm, ours, TRL); its fit's start-up, engine included, is reported apart
-(``vllm_engine_start_s``: from building the loop to its first iteration's start).
+(``vllm_engine_start_s``: from building the loop to its first iteration's start). ``--vllm --lora R`` adds
+``vllm_lora`` too: ours with vLLM rollouts and the LoRA adapters (the engine gets the merged weights after every
+update). One engine per process: time one of the two vLLM sides per run (``--time vllm_lora,ours_lora,trl``).
+
+``--lora R --trl-lora`` adds ``trl_lora``: TRL's PPOTrainer given a ``peft_config`` (peft's LoRA of rank R,
+alpha 32, every linear layer of the ``--lora-layers`` top blocks) on the policy, its reference being the policy
+with the adapter off. TRL's PPOTrainer takes no adapter for the critic: it trains in full there.
 """
 
 from __future__ import annotations
@@ -109,7 +115,7 @@ def record_generation(fn, log: list, sync, prompt_columns):
 def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync, backend: str = "hf",
               side: str = "ours"):
     """A callable running Trainer.fit on PPOModule for warmup + steps iterations (``backend``: the rollouts';
-    ``side`` ours_lora: with ``--lora``'s adapters)."""
+    ``side`` ours_lora or vllm_lora: with ``--lora``'s adapters)."""
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -134,7 +140,8 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
                                                          lambda a, k, ro: (ro.response_start, ro.input_ids.shape[1]))
     ppo = {"ppo_epochs": 1, "num_minibatches": 1, "kl_coef": KL_COEF, "max_grad_norm": None,
            "num_sample_prompts": 0, "log_samples_every_n_steps": 0,
-           "generation": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0, "backend": backend}}
+           "generation": {"max_new_tokens": RESPONSE_TOKENS, "temperature": 1.0, "backend": backend,
+                          "vllm": {"enforce_eager": not args.vllm_compiled}}}
     module = PPOModule(m["policy"], m["ref"], m["critic"], m["reward"], tokenizer, ppo=ppo,
                        policy_optim={"lr": LR}, critic_optim={"lr": LR})
     loader = DataLoader(ListDataset([{"input_ids": ids, "prompt_index": i} for i, ids in enumerate(prompts)]),
@@ -160,14 +167,27 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
     return lambda: trainer.fit(module, train_dataloaders=loader)
 
 
-def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync):
-    """A callable running TRL's PPOTrainer.train for warmup + steps iterations."""
+def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync, side: str = "trl"):
+    """A callable running TRL's PPOTrainer.train for warmup + steps iterations (``side`` trl_lora: with a
+    ``peft_config`` for the policy, see the module's doc)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     total = args.warmup + args.steps
     m = load_models(args, dtype, device)
+    peft_config = None
+    if side == benchlib.TRL_LORA_SIDE:
+        from peft import LoraConfig
+        from torch import nn
+
+        blocks = m["policy"].config.num_hidden_layers
+        top = range(blocks - (args.lora_layers or blocks), blocks)
+        linears = sorted({name.rsplit(".", 1)[-1] for name, module in m["policy"].model.layers.named_modules()
+                          if isinstance(module, nn.Linear)})  # every linear layer of the blocks, as ours
+        peft_config = LoraConfig(r=args.lora, lora_alpha=32, lora_dropout=0.0, target_modules=linears,
+                                 layers_to_transform=list(top), task_type="CAUSAL_LM")
+        m["ref"] = None  # TRL's reference with a peft_config: the policy with its adapter off
     # TRL samples with transformers' generate on the policy
     m["policy"].generate = record_generation(m["policy"].generate, gen_log, sync,
                                              lambda a, k, out: (k["input_ids"].shape[1], out.sequences.shape[1]))
@@ -182,16 +202,25 @@ def trl_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, sync
 
     class Clock(TrainerCallback):
         def on_step_end(self, args_, state, control, **kwargs):
-            alternation.step_end("trl")
+            alternation.step_end(side)
 
     dataset = Dataset.from_dict({"input_ids": prompts})
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=m["policy"], ref_model=m["ref"],
                          reward_model=m["reward"], value_model=m["critic"], train_dataset=dataset,
-                         eval_dataset=dataset, callbacks=[Clock()])
+                         eval_dataset=dataset, callbacks=[Clock()], peft_config=peft_config)
     return trainer.train
 
 
 ENGINE_START: dict[str, float] = {}  # the vLLM side's engine start-up, seconds (fit start to engine built)
+
+
+def add_arguments(parser) -> None:
+    """This script's own options."""
+    parser.add_argument("--vllm", action="store_true", help="add ours with vLLM rollouts as a third side")
+    parser.add_argument("--vllm-compiled", action="store_true",
+                        help="the vLLM sides' engine compiled (ppo.generation.vllm.enforce_eager=false)")
+    parser.add_argument("--trl-lora", action="store_true",
+                        help=f"with --lora: add TRL with a LoRA policy (peft_config), side {benchlib.TRL_LORA_SIDE}")
 
 
 def main(argv=None) -> dict | None:
@@ -199,17 +228,20 @@ def main(argv=None) -> dict | None:
 
     args, tokenizer, device, dtype, sync = benchlib.start(
         __doc__.splitlines()[0], argv,
-        lambda p: p.add_argument("--vllm", action="store_true", help="add ours with vLLM rollouts as a third side"))
+        add_arguments)
     prompts = hh_prompts(tokenizer)
     gen_logs = {side: [] for side in benchlib.sides_of(args)}
     builders = {"ours": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["ours"], sync),
                 "vllm": lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["vllm"], sync,
                                               backend="vllm", side="vllm"),
                 "trl": lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs["trl"], sync)}
+    builders[benchlib.TRL_LORA_SIDE] = lambda alt: trl_loop(args, tokenizer, prompts, alt, dtype, device,
+                                                            gen_logs[benchlib.TRL_LORA_SIDE], sync,
+                                                            side=benchlib.TRL_LORA_SIDE)
     if args.lora:
-        lora_side = benchlib.LORA_SIDE
-        builders[lora_side] = lambda alt: ours_loop(args, tokenizer, prompts, alt, dtype, device, gen_logs[lora_side],
-                                                    sync, side=lora_side)
+        for side, backend in ((benchlib.LORA_SIDE, "hf"), (benchlib.VLLM_LORA_SIDE, "vllm")):
+            builders[side] = lambda alt, side=side, backend=backend: ours_loop(
+                args, tokenizer, prompts, alt, dtype, device, gen_logs[side], sync, backend=backend, side=side)
     torch.manual_seed(0)
     ran = benchlib.run_sides(args, builders, sync, __file__, argv)
     if ran is None:
@@ -226,7 +258,7 @@ def main(argv=None) -> dict | None:
                       f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
              "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
              "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
-             "lora_layers": args.lora_layers, "share_base": args.share_base}
+             "lora_layers": args.lora_layers, "share_base": args.share_base, "vllm_compiled": args.vllm_compiled}
     if "s" in ENGINE_START:
         extra["vllm_engine_start_s"] = ENGINE_START["s"]
     result = benchlib.report("ppo_iteration", args, alternation, memory, extra,
@@ -235,11 +267,14 @@ def main(argv=None) -> dict | None:
     rates = {side: PROMPTS * RESPONSE_TOKENS / t[len(t) // 2] for side, t in gen_s.items() if t}
     for side, rate in rates.items():
         print(f"  {side}: generation {rate:.1f} tokens/s (median generate call)")
-    if "vllm" in rates and "ours" in rates:
-        result["vllm_generation_speedup"] = rates["vllm"] / rates["ours"]
-        print(f"  generation tokens/s, vLLM / our HF loop: {result['vllm_generation_speedup']:.2f}x")
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result["generation_tokens_per_s"] = rates
+    for vllm_side, hf_side in ((benchlib.VLLM_SIDE, "ours"), (benchlib.VLLM_LORA_SIDE, benchlib.LORA_SIDE)):
+        if vllm_side in rates and hf_side in rates:
+            key = f"{vllm_side}_generation_speedup"
+            result[key] = rates[vllm_side] / rates[hf_side]
+            print(f"  generation tokens/s, {vllm_side} / {hf_side} (our HF loop): {result[key]:.2f}x")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -120,6 +120,8 @@ class VLLMEngine:
                                                  device.index is not None else rank), ("WORLD_SIZE", world_size)):
                 os.environ.setdefault(key, str(value))
             kwargs["distributed_executor_backend"] = "external_launcher"
+        if config.block_size is not None:
+            kwargs["block_size"] = config.block_size
         if device is not None and device.type == "cuda":
             torch.cuda.set_device(device)
         # vLLM's CPU worker sets torch's threads for serving and replaces torch.set_num_threads with a no-op, for

