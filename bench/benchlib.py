@@ -228,6 +228,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
                    help="with --lora: adapters in the top N blocks only (model.lora.layers; default all)")
     p.add_argument("--share-base", action="store_true",
                    help="with --lora: the critic is a second adapter on the policy's base (critic.share_base=true)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="with --lora: the LoRA side recomputes activations in backward (model.gradient_checkpointing)")
     p.add_argument("--time", default=None, metavar="SIDES",
                    help="comma-separated sides to time in the alternating run (default: all; memory: all sides). "
                         "E.g. --lora 16 --time ours_lora,trl keeps one process from holding three sides' models")

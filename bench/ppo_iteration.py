@@ -20,7 +20,8 @@ sides are recorded (``generated_columns``): all 32 unless noted, so both train o
 ``--lora R`` adds a third side, ``ours_lora``: ours with LoRA adapters of rank R (alpha 32, every linear
 layer of every block) on the policy and the critic (its head trained in full), the reference being the
 policy with its adapters switched off (no copy), the reward model as above; same workload and lr.
-``--share-base`` puts that side's critic on the policy's base as a second adapter (``critic.share_base=true``).
+``--share-base`` puts that side's critic on the policy's base as a second adapter (``critic.share_base=true``);
+``--gradient-checkpointing`` makes that side recompute activations in backward (``model.gradient_checkpointing``).
 
 Timed: one iteration of each framework's own loop (see ``benchlib``): Lightning's fit loop to
 ``on_train_batch_end``, TRL's ``train()`` loop body to ``on_step_end``, alternating ours/TRL in one
@@ -85,11 +86,14 @@ def load_models(args, dtype: str, device, settings: dict | None = None) -> dict:
                   "reward": load_scalar_model(name, gguf, dtype=dtype, frozen=True, seed=1).to(device)}
         if shared:
             _FROZEN[key] = frozen
-    models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings).to(device)}
+    checkpointing = bool(settings) and getattr(args, "gradient_checkpointing", False)
+    models = {"policy": load_policy(name, gguf, dtype=dtype, lora=settings,
+                                    gradient_checkpointing=checkpointing).to(device)}
     if settings and getattr(args, "share_base", False):  # built on the policy by PPOModule
         models["critic"] = PolicyBaseCritic.from_source(name, seed=0, lora=settings)
     else:
-        models["critic"] = load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings).to(device)
+        models["critic"] = load_scalar_model(name, gguf, dtype=dtype, seed=0, lora=settings,
+                                             gradient_checkpointing=checkpointing).to(device)
     return {**models, "reward": frozen["reward"], "ref": None if settings else frozen["ref"]}
 
 
@@ -258,7 +262,8 @@ def main(argv=None) -> dict | None:
                       f"+ {RESPONSE_TOKENS} sampled", "generated_columns": columns,
              "generate_median_s": {s: t[len(t) // 2] if t else None for s, t in gen_s.items()},
              "policy_params": n_params, "threads": torch.get_num_threads(), "lora_r": args.lora,
-             "lora_layers": args.lora_layers, "share_base": args.share_base, "vllm_compiled": args.vllm_compiled}
+             "lora_layers": args.lora_layers, "share_base": args.share_base,
+             "gradient_checkpointing": args.gradient_checkpointing, "vllm_compiled": args.vllm_compiled}
     if "s" in ENGINE_START:
         extra["vllm_engine_start_s"] = ENGINE_START["s"]
     result = benchlib.report("ppo_iteration", args, alternation, memory, extra,

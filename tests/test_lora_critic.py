@@ -110,6 +110,27 @@ def test_critic_on_the_policys_base_runs_and_trains_its_own_adapter(tiny_dir):
     assert sizes["critic"]["bytes"] < sizes["policy"]["bytes"] / 20  # its adapter and head only
 
 
+def test_gradient_checkpointing_recomputes_each_network_with_its_own_adapter(tiny_dir):
+    """With checkpointing the backward recomputes the critic's blocks after the policy's adapter is active again:
+    the gradients equal those without checkpointing (recomputed with the policy's adapter, the critic's would not)."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = load_policy(tiny_dir, lora={"r": 4}, gradient_checkpointing=checkpointing)
+        critic = PolicyBaseCritic.from_source(tiny_dir, head="normal", seed=5, lora={"r": 4}).attach(policy)
+        _set_lora_b(policy, "default", seed=1)
+        _set_lora_b(policy, CRITIC_ADAPTER, seed=2)
+        ids, mask, start = _sequences()
+        values = response_values(critic, ids, mask, start)  # the critic first: the policy's adapter runs last
+        logprobs = response_logprobs(policy, ids, mask, start)
+        (values.square().sum() + logprobs.sum()).backward()
+        grads.append({n: p.grad for n, p in critic.named_parameters() if p.grad is not None})
+        assert policy.is_gradient_checkpointing == checkpointing
+    assert grads[0].keys() == grads[1].keys() and any(CRITIC_ADAPTER in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, **TOL, msg=name)
+
+
 def test_the_critic_starts_from_a_lora_export_and_refuses_what_it_cannot_share(tiny_dir, tmp_path):
     lora = {"r": 4}
     trained = load_scalar_model(tiny_dir, seed=2, lora=lora)  # a LoRA reward/value model on the policy's base
@@ -135,8 +156,6 @@ def test_the_critic_starts_from_a_lora_export_and_refuses_what_it_cannot_share(t
     assert load_critic("grpo", share_base=True, name_or_path=tiny_dir, lora=lora) is None
     with pytest.raises(ValueError, match="needs model.lora.r"):
         PolicyBaseCritic.from_source(tiny_dir, lora={"r": None})
-    with pytest.raises(ValueError, match="gradient_checkpointing"):
-        PolicyBaseCritic.from_source(tiny_dir, lora=lora, gradient_checkpointing=True)
     with pytest.raises(ValueError, match="no LoRA adapter to share"):
         PolicyBaseCritic.from_source(tiny_dir, lora=lora).attach(load_policy(tiny_dir))
     stacked = load_scalar_model(str(tmp_path / "rm" / "model"), lora=lora)  # a value stage on the merged export

@@ -349,7 +349,7 @@ class PolicyBaseCritic:
 
     @classmethod
     def from_source(cls, name_or_path: str, head: str = "keep", seed: int = 0, lora: dict | None = None,
-                    gradient_checkpointing: bool = False, **_: object) -> PolicyBaseCritic:
+                    **_: object) -> PolicyBaseCritic:
         """Read the critic's adapter and head from ``name_or_path`` (``critic_path``).
 
         A LoRA export (a reward or value stage run with ``model.lora.r``: ``<name_or_path>_adapter`` beside it,
@@ -358,8 +358,7 @@ class PolicyBaseCritic:
         has a trained head (it was trained on the source's backbone, which the critic does not use).
 
         Raises:
-            ValueError: ``lora`` is off (``model.lora.r`` null); ``gradient_checkpointing`` (its backward recomputes
-                the forward with whichever adapter is active then); a source with a trained head but no adapter and
+            ValueError: ``lora`` is off (``model.lora.r`` null); a source with a trained head but no adapter and
                 ``head=keep``; an unknown ``head``.
         """
         from rlhf_lightning.models.lora import ADAPTER_SUFFIX, lora_settings
@@ -370,9 +369,6 @@ class PolicyBaseCritic:
         if settings is None:
             raise ValueError("critic.share_base=true needs model.lora.r: the critic is a second LoRA adapter on the "
                              "policy's base")
-        if gradient_checkpointing:
-            raise ValueError("critic.share_base=true cannot take model.gradient_checkpointing=true: the backward would "
-                             "recompute the critic's forward with the policy's adapter active; set one of them false")
         adapter_dir = Path(str(name_or_path).rstrip("/") + ADAPTER_SUFFIX)
         if (adapter_dir / "adapter_config.json").is_file():
             config, adapter_state, head_state = _read_adapter(adapter_dir)

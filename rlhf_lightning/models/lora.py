@@ -18,6 +18,7 @@ adapter beside it (``<export>_adapter``, loadable by ``peft.PeftModel.from_pretr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -85,7 +86,7 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _set_active_adapter(layers: list[nn.Module], name: str) -> None:
+def _set_active_adapter(layers: list[nn.Module], name: str | list[str]) -> None:
     """Make ``name`` the active adapter of ``layers`` without changing any ``requires_grad`` (peft's
     ``set_adapter`` also sets the active adapter trainable and the others frozen, which would take the
     other network's adapter out of its optimizer's gradients)."""
@@ -97,13 +98,48 @@ def _set_active_adapter(layers: list[nn.Module], name: str) -> None:
 
 
 @contextmanager
+def _adapter_during(layers: list[nn.Module], names: list[str]) -> Iterator[None]:
+    """``names`` active in ``layers`` inside, the adapter active before on exit (nothing done when they agree)."""
+    before = list(layers[0].active_adapters)
+    if before == names:
+        yield
+        return
+    _set_active_adapter(layers, names)
+    try:
+        yield
+    finally:
+        _set_active_adapter(layers, before)
+
+
+def recompute_with_forward_adapter(model: nn.Module) -> None:
+    """Make ``model``'s gradient checkpointing recompute each block with the adapter that was active in its forward.
+
+    With two adapters on one base (:func:`critic_on_policy_base`) the backward runs after the critic's forward has
+    switched the policy's adapter back on, so a plain recomputation would run the critic's blocks with the policy's
+    adapter. The non-reentrant ``torch.utils.checkpoint`` takes a ``context_fn`` called at each checkpointed forward;
+    ours records the active adapter there and returns a recomputation context that makes it active again.
+    A model without gradient checkpointing is left as it is.
+    """
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return
+    layers = _lora_layers(model)
+
+    def context_fn():
+        return contextlib.nullcontext(), _adapter_during(layers, list(layers[0].active_adapters))
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "context_fn": context_fn})
+
+
+@contextmanager
 def own_adapter_active(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` with its own adapter (:func:`adapter_of`) active, then make the policy's :data:`ADAPTER`
     active again. A network that runs with :data:`ADAPTER` (every network but a critic on the policy's base)
     runs unchanged.
 
     Autograd keeps the tensors each forward used, so a backward after the switch back is the right one; a
-    recomputing backward (gradient checkpointing) would not be, and :func:`critic_on_policy_base` refuses it.
+    recomputing backward (gradient checkpointing) recomputes with the forward's adapter
+    (:func:`recompute_with_forward_adapter`, set by :func:`critic_on_policy_base`).
     """
     name = adapter_of(model)
     if name == ADAPTER:
@@ -247,6 +283,7 @@ def critic_on_policy_base(policy: nn.Module, config) -> nn.Module:
         if adapter_name_of(name) == CRITIC_ADAPTER:
             param.requires_grad_(True)
     _set_active_adapter(_lora_layers(policy), ADAPTER)  # peft made the new adapter the active one
+    recompute_with_forward_adapter(policy)
     critic.peft_config = policy.peft_config
     critic.lora_adapter = CRITIC_ADAPTER
     critic.train(policy.training)
