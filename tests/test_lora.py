@@ -205,10 +205,11 @@ def test_three_stages_train_with_lora_through_train_py(tmp_path, hh_file):
                 "value.generation.max_new_tokens=4")
     ppo = run("ppo", f"reward_model_path={reward}/model", f"critic_path={value}/model", "iterations=2",
               "batch_size=4", "ppo.generation.max_new_tokens=4", "ppo.num_sample_prompts=2", "model.lora.layers=1")
-    shared = run("ppo", f"reward_model_path={reward}/model", f"critic_path={reward}/model", "iterations=2",
+    shared = run("ppo", f"reward_model_path={reward}/model", f"critic_path={value}/model", "iterations=2",
                  "batch_size=4", "ppo.generation.max_new_tokens=4", "ppo.num_sample_prompts=2",
                  "critic.share_base=true", name="ppo_shared")
-    assert "LoRA r=16 on the policy's base" in (shared / "train.log").read_text()
+    log = (shared / "train.log").read_text()
+    assert "LoRA r=32 on the policy's base" in log  # the value stage's adapter stacked on the reward model's
     for run_dir, names in ((reward, ["model"]), (value, ["model"]), (ppo, ["model", "model_critic"]),
                            (shared, ["model", "model_critic"])):
         for name in names:

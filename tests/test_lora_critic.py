@@ -22,6 +22,7 @@ from rlhf_lightning.models.lora import (
     log_network_memory,
     merged_named_weights,
     own_parameters,
+    stacked_adapter,
 )
 from rlhf_lightning.modules import PPOModule
 from rlhf_lightning.modules.common import export_pretrained
@@ -158,15 +159,56 @@ def test_the_critic_starts_from_a_lora_export_and_refuses_what_it_cannot_share(t
         PolicyBaseCritic.from_source(tiny_dir, lora={"r": None})
     with pytest.raises(ValueError, match="no LoRA adapter to share"):
         PolicyBaseCritic.from_source(tiny_dir, lora=lora).attach(load_policy(tiny_dir))
-    stacked = load_scalar_model(str(tmp_path / "rm" / "model"), lora=lora)  # a value stage on the merged export
-    export_pretrained(stacked, None, tmp_path / "value" / "model")
-    with pytest.raises(ValueError, match="was trained on .*rm/model, not on the policy's base"):
-        PolicyBaseCritic.from_source(str(tmp_path / "value" / "model"), lora=lora).attach(load_policy(tiny_dir,
-                                                                                                      lora=lora))
+    value = load_scalar_model(str(tmp_path / "rm" / "model"), lora={"r": 2})  # a value stage on the merged export
+    _set_lora_b(value, "default", seed=4)
+    with torch.no_grad():
+        value.score.weight.mul_(-2.0)
+    export_pretrained(value, None, tmp_path / "value" / "model")
+    stacked = PolicyBaseCritic.from_source(str(tmp_path / "value" / "model"), lora=lora)
+    assert stacked.adapter_config.r == 4 + 2  # its adapter on the reward model's: one adapter of rank 6
+    critic = stacked.attach(load_policy(tiny_dir, lora=lora))
+    torch.testing.assert_close(response_values(critic, ids, mask, start), response_values(value, ids, mask, start),
+                               rtol=1e-4, atol=1e-5)
+    load_scalar_model(tiny_dir, seed=2).save_pretrained(tmp_path / "other")  # a base that is not the policy's
+    elsewhere = load_scalar_model(str(tmp_path / "other"), lora=lora)
+    export_pretrained(elsewhere, None, tmp_path / "elsewhere" / "model")
+    with pytest.raises(ValueError, match="was trained on .*other, not on the policy's base"):
+        PolicyBaseCritic.from_source(str(tmp_path / "elsewhere" / "model"), lora=lora).attach(
+            load_policy(tiny_dir, lora=lora))
     source = PolicyBaseCritic.from_source(str(tmp_path / "rm" / "model"), lora=lora)
     source.adapter_state.pop(next(iter(source.adapter_state)))  # an adapter file without one of its tensors
     with pytest.raises(ValueError, match="does not fit the policy.*1 missing"):
         source.attach(load_policy(tiny_dir, lora=lora))
+
+
+def test_stacked_adapter_computes_the_sum_of_the_two_deltas():
+    from peft import LoraConfig
+
+    gen = torch.Generator().manual_seed(0)
+    lower = LoraConfig(r=2, lora_alpha=8, target_modules=["m.q", "m.k"])
+    upper = LoraConfig(r=3, lora_alpha=32, target_modules=["m.q", "m.v"])
+    upper.base_model_name_or_path = "/runs/reward/model"
+    lower.base_model_name_or_path = "/models/base"
+    shapes = {"m.q": (5, 7), "m.k": (4, 7), "m.v": (5, 6)}  # (out, in)
+
+    def adapter(config):
+        return {f"{name}.lora_{m}.weight": torch.randn(*(config.r, i) if m == "A" else (o, config.r), generator=gen)
+                for name, (o, i) in shapes.items() if name in config.target_modules for m in "AB"}
+
+    lower_state, upper_state = adapter(lower), adapter(upper)
+    config, state = stacked_adapter(lower, lower_state, upper, upper_state)
+    assert (config.r, config.lora_alpha, config.base_model_name_or_path) == (5, 5, "/models/base")
+    assert config.target_modules == ["m.k", "m.q", "m.v"]
+    for name, (out, inp) in shapes.items():
+        expected = torch.zeros(out, inp)
+        for cfg, tensors in ((lower, lower_state), (upper, upper_state)):
+            if name in cfg.target_modules:  # s·B·A, s = alpha / r
+                expected += cfg.lora_alpha / cfg.r * tensors[f"{name}.lora_B.weight"] @ tensors[f"{name}.lora_A.weight"]
+        got = config.lora_alpha / config.r * state[f"{name}.lora_B.weight"] @ state[f"{name}.lora_A.weight"]
+        torch.testing.assert_close(got, expected, **TOL)
+    del upper_state["m.v.lora_B.weight"]
+    with pytest.raises(ValueError, match="m.v has lora_A without lora_B"):
+        stacked_adapter(lower, lower_state, upper, upper_state)
 
 
 def _shared_ppo(tiny_dir, tokenizer) -> PPOModule:

@@ -352,16 +352,19 @@ class PolicyBaseCritic:
                     **_: object) -> PolicyBaseCritic:
         """Read the critic's adapter and head from ``name_or_path`` (``critic_path``).
 
-        A LoRA export (a reward or value stage run with ``model.lora.r``: ``<name_or_path>_adapter`` beside it,
-        trained on the same base as the policy) gives the adapter and the head. Any other source gives neither:
-        the critic starts with a fresh adapter (B = 0) and a new head, which ``head=keep`` refuses when the source
-        has a trained head (it was trained on the source's backbone, which the critic does not use).
+        A LoRA export (a reward or value stage run with ``model.lora.r``: ``<name_or_path>_adapter`` beside it)
+        gives the adapter and the head. An adapter trained on another LoRA export (a value stage's, on the reward
+        model's merged export) is stacked on that export's adapter (rank r₁ + r₂,
+        :func:`~rlhf_lightning.models.lora.stacked_adapter`), down to an adapter on a plain base, which must be
+        the policy's (:meth:`attach` checks). Any other source gives neither: the critic starts with a fresh
+        adapter (B = 0) and a new head, which ``head=keep`` refuses when the source has a trained head (it was
+        trained on the source's backbone, which the critic does not use).
 
         Raises:
             ValueError: ``lora`` is off (``model.lora.r`` null); a source with a trained head but no adapter and
                 ``head=keep``; an unknown ``head``.
         """
-        from rlhf_lightning.models.lora import ADAPTER_SUFFIX, lora_settings
+        from rlhf_lightning.models.lora import ADAPTER_SUFFIX, lora_settings, stacked_adapter
 
         if head not in ("keep", "normal", "zero"):
             raise ValueError(f"head={head!r}: expected keep, normal or zero")
@@ -372,8 +375,17 @@ class PolicyBaseCritic:
         adapter_dir = Path(str(name_or_path).rstrip("/") + ADAPTER_SUFFIX)
         if (adapter_dir / "adapter_config.json").is_file():
             config, adapter_state, head_state = _read_adapter(adapter_dir)
+            sources = [adapter_dir]
+            while config.base_model_name_or_path and len(sources) < 8:  # trained on a LoRA export: stack the two
+                lower_dir = Path(str(config.base_model_name_or_path).rstrip("/") + ADAPTER_SUFFIX)
+                if not (lower_dir / "adapter_config.json").is_file():
+                    break
+                lower_config, lower_state, _ = _read_adapter(lower_dir)
+                config, adapter_state = stacked_adapter(lower_config, lower_state, config, adapter_state)
+                sources.append(lower_dir)
             config.lora_dropout = settings.dropout
-            log.info("critic.share_base: the critic's adapter and head from %s", adapter_dir)
+            log.info("critic.share_base: the critic's adapter (rank %d) and head from %s", config.r,
+                     " on ".join(map(str, sources)))
             return cls(str(name_or_path), settings, head, seed, config, adapter_state,
                        head_state if head == "keep" else None)
         if head == "keep" and _has_scalar_head(name_or_path):
@@ -387,10 +399,9 @@ class PolicyBaseCritic:
         source's adapter and head, or initialise a new head (``normal`` for ``keep`` without one).
 
         Raises:
-            ValueError: the source's adapter was trained on another base than the policy's (its recorded
-                ``base_model_name_or_path``: a value stage's adapter trained on the reward model's merged export);
-                it does not fit the policy (a tensor the policy's adapter does not have, or one of its adapter's
-                tensors missing); or as ``critic_on_policy_base``.
+            ValueError: the source's adapter (stacked) was trained on another base than the policy's (its
+                recorded ``base_model_name_or_path``); it does not fit the policy (a tensor the policy's adapter
+                does not have, or one of its adapter's tensors missing); or as ``critic_on_policy_base``.
         """
         import copy
 
@@ -433,9 +444,9 @@ def _check_same_base(adapter_base: str | None, policy: nn.Module, source: str) -
     same = a.resolve() == b.resolve() if a.exists() and b.exists() else str(a) == str(b)
     if not same:
         raise ValueError(f"critic.share_base=true: the adapter of {source} was trained on {adapter_base}, not on the "
-                         f"policy's base {policy_base}, so it cannot run on it (a value stage's adapter sits on the "
-                         "reward model's merged export): use critic_path=<a LoRA reward run>/model (its adapter sits "
-                         "on the policy's base), or critic_path=<the policy's base> for a fresh adapter and head")
+                         f"policy's base {policy_base}, so it cannot run on it: use a critic_path whose reward/value "
+                         "stages started from the policy's base with model.lora.r, or critic_path=<the policy's base> "
+                         "for a fresh adapter and head")
 
 
 def _with_adapter(key: str, adapter: str) -> str:

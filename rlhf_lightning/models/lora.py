@@ -111,6 +111,62 @@ def _adapter_during(layers: list[nn.Module], names: list[str]) -> Iterator[None]
         _set_active_adapter(layers, before)
 
 
+def _scaling(config) -> float:
+    """peft's LoRA scale of a config: alpha / r (alpha / √r with rsLoRA)."""
+    return config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
+
+
+def stacked_adapter(lower, lower_state: dict[str, torch.Tensor], upper, upper_state: dict[str, torch.Tensor]):
+    """One adapter computing two stacked ones: ``upper`` trained on a model that is a base plus ``lower`` (merged).
+
+    Each layer's weight is then W + s₁·B₁A₁ + s₂·B₂A₂ = W + B·A with A = [A₁; A₂] ((r₁ + r₂) × in) and
+    B = [s₁·B₁, s₂·B₂] (out × (r₁ + r₂)): a rank r₁ + r₂ adapter with scale 1 (``lora_alpha`` = r), exact up to
+    the rounding of the merge the upper adapter was trained on. A layer adapted by one of the two gets zeros for
+    the other's rows and columns.
+
+    Args:
+        lower, upper: the adapters' ``peft.LoraConfig`` (``target_modules`` full layer names, as :func:`lora_config`
+            writes them).
+        lower_state, upper_state: their tensors, ``<layer>.lora_A.weight`` (r × in) and ``<layer>.lora_B.weight``
+            (out × r), float.
+
+    Returns:
+        ``(config, state)``: the stacked adapter's ``LoraConfig`` (``upper``'s, with r = r₁ + r₂, alpha = r, the
+        union of the target layers, ``lower``'s base model) and its tensors named as the inputs.
+
+    Raises:
+        ValueError: a config with per-layer ranks or scales (``rank_pattern``/``alpha_pattern``), or a layer whose
+            A or B is missing.
+    """
+    for config in (lower, upper):
+        if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+            raise ValueError("stacked_adapter: adapters with per-layer ranks or scales (rank_pattern/alpha_pattern) "
+                             "are not stacked")
+    layers = sorted({key.rsplit(".lora_", 1)[0] for key in [*lower_state, *upper_state]})
+    state: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        pairs = [(config, tensors.get(f"{layer}.lora_A.weight"), tensors.get(f"{layer}.lora_B.weight"))
+                 for config, tensors in ((lower, lower_state), (upper, upper_state))]
+        if any((a is None) != (b is None) for _, a, b in pairs):
+            raise ValueError(f"stacked_adapter: {layer} has lora_A without lora_B or the reverse")
+        like_a, like_b = next((a, b) for _, a, b in pairs if a is not None)
+        parts_a, parts_b = [], []
+        for config, a, b in pairs:
+            if a is None:  # a layer of the other adapter only: zeros of this one's rank
+                a, b = like_a.new_zeros(config.r, like_a.shape[1]), like_b.new_zeros(like_b.shape[0], config.r)
+            parts_a.append(a)
+            parts_b.append(b * _scaling(config))
+        state[f"{layer}.lora_A.weight"] = torch.cat(parts_a, 0)
+        state[f"{layer}.lora_B.weight"] = torch.cat(parts_b, 1)
+    config = copy.deepcopy(upper)
+    config.r = lower.r + upper.r
+    config.lora_alpha = config.r
+    config.use_rslora = False
+    config.target_modules = sorted(set(lower.target_modules) | set(upper.target_modules))
+    config.base_model_name_or_path = lower.base_model_name_or_path
+    return config, state
+
+
 def recompute_with_forward_adapter(model: nn.Module) -> None:
     """Make ``model``'s gradient checkpointing recompute each block with the adapter that was active in its forward.
 
