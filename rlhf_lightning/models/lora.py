@@ -189,9 +189,9 @@ def recompute_with_forward_adapter(model: nn.Module) -> None:
 
 @contextmanager
 def own_adapter_active(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with its own adapter (:func:`adapter_of`) active, then make the policy's :data:`ADAPTER`
-    active again. A network that runs with :data:`ADAPTER` (every network but a critic on the policy's base)
-    runs unchanged.
+    """Run ``model`` with its own adapter (:func:`adapter_of`) active, then make the adapter active before (the
+    policy's :data:`ADAPTER`) active again. A network that runs with :data:`ADAPTER` (every network but a critic
+    on the policy's base) runs unchanged.
 
     Autograd keeps the tensors each forward used, so a backward after the switch back is the right one; a
     recomputing backward (gradient checkpointing) recomputes with the forward's adapter
@@ -201,12 +201,8 @@ def own_adapter_active(model: nn.Module) -> Iterator[nn.Module]:
     if name == ADAPTER:
         yield model
         return
-    layers = _lora_layers(model)
-    _set_active_adapter(layers, name)
-    try:
+    with _adapter_during(_lora_layers(model), [name]):
         yield model
-    finally:
-        _set_active_adapter(layers, ADAPTER)
 
 
 def target_module_names(model: nn.Module, settings: LoRASettings) -> list[str]:
