@@ -24,6 +24,9 @@ from rlhf_lightning.schema import LoRASettings
 
 log = logging.getLogger(__name__)
 
+#: Attribute names of a scalar model's head (transformers' sequence classification models, TRL's value head).
+SCALAR_HEAD_NAMES = ("score", "classifier", "v_head")
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -226,10 +229,8 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
 
     path = resolve_pretrained(name_or_path, gguf_file)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    config.num_labels = 1
-    if config.pad_token_id is None:
-        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    has_head = _names_scalar_head(config.architectures)
+    scalar_model_config(config)
     register_scalar_model(type(config))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -240,6 +241,20 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
     if frozen:
         return freeze(_finish(model, trainable_layers, gradient_checkpointing))
     return _finish(model, trainable_layers, gradient_checkpointing, lora, head=score_head(model))
+
+
+def scalar_model_config(config):
+    """Make a transformers config one of a scalar model, in place, and return it: one label, and a padding id
+    (the EOS id when the config has none and one EOS), which sequence classification needs to find the last token."""
+    config.num_labels = 1
+    if config.pad_token_id is None:
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
+    return config
+
+
+def _names_scalar_head(architectures: list[str] | None) -> bool:
+    """Whether a config's ``architectures`` name a sequence-classification model (a checkpoint with a trained head)."""
+    return any(a.endswith("ForSequenceClassification") for a in (architectures or []))
 
 
 def init_scalar_head(head: nn.Linear, kind: str, seed: int) -> None:
@@ -435,7 +450,9 @@ class PolicyBaseCritic:
 def _check_same_base(adapter_base: str | None, policy: nn.Module, source: str) -> None:
     """Refuse an adapter whose recorded base is not the policy's base (paths compared resolved); an adapter that
     records none is taken with a warning."""
-    policy_base = getattr(policy, "name_or_path", None) or policy.config._name_or_path
+    from rlhf_lightning.models.lora import base_model_name
+
+    policy_base = base_model_name(policy)
     if not adapter_base:
         log.warning("critic.share_base: the adapter of %s records no base model; it is assumed to be the policy's "
                     "(%s)", source, policy_base)
@@ -464,7 +481,7 @@ def _read_adapter(directory: Path) -> tuple[object, dict, dict | None]:
     config = LoraConfig.from_pretrained(str(directory))
     tensors = {key.removeprefix("base_model.model."): value
                for key, value in load_file(directory / "adapter_model.safetensors").items()}
-    heads = [name for name in ("score", "classifier", "v_head") if f"{name}.weight" in tensors]
+    heads = [name for name in SCALAR_HEAD_NAMES if f"{name}.weight" in tensors]
     head_state = ({key.split(".", 1)[1]: tensors.pop(key) for key in list(tensors) if key.startswith(heads[0] + ".")}
                   if heads else None)
     return config, {k: v for k, v in tensors.items() if ".lora_" in k}, head_state
@@ -475,8 +492,7 @@ def _has_scalar_head(name_or_path: str) -> bool:
     config = Path(str(name_or_path)) / "config.json"
     if not config.is_file():
         return False
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
+    return _names_scalar_head(json.loads(config.read_text()).get("architectures"))
 
 
 def load_reward_model(name_or_path: str | None, **kwargs) -> nn.Module | None:
@@ -497,7 +513,7 @@ def score_head(model: nn.Module) -> nn.Linear:
     Raises:
         ValueError: no such head.
     """
-    for name in ("score", "classifier", "v_head"):
+    for name in SCALAR_HEAD_NAMES:
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
             return head

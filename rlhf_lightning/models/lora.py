@@ -53,6 +53,11 @@ def lora_settings(value: LoRASettings | dict | None) -> LoRASettings | None:
     return settings if settings.enabled else None
 
 
+def base_model_name(model: nn.Module) -> str | None:
+    """Where ``model`` was loaded from (``name_or_path``, else its config's): what an adapter records as its base."""
+    return getattr(model, "name_or_path", None) or model.config._name_or_path
+
+
 def adapter_of(model: nn.Module) -> str:
     """The name of the adapter ``model`` runs with: :data:`CRITIC_ADAPTER` for a critic on the policy's base
     (:func:`critic_on_policy_base`), else :data:`ADAPTER`."""
@@ -86,15 +91,24 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _set_active_adapter(layers: list[nn.Module], name: str | list[str]) -> None:
-    """Make ``name`` the active adapter of ``layers`` without changing any ``requires_grad`` (peft's
-    ``set_adapter`` also sets the active adapter trainable and the others frozen, which would take the
-    other network's adapter out of its optimizer's gradients)."""
+@contextmanager
+def _requires_grad_kept(layers: list[nn.Module]) -> Iterator[None]:
+    """Restore every parameter's ``requires_grad`` in ``layers`` on exit: peft's ``set_adapter`` and
+    ``enable_adapters`` set it (the active adapter trainable, the others frozen), which would take an adapter out
+    of its optimizer's gradients."""
     flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-    for layer in layers:
-        layer.set_adapter(name)
-    for param, flag in flags:
-        param.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def _set_active_adapter(layers: list[nn.Module], name: str | list[str]) -> None:
+    """Make ``name`` the active adapter of ``layers`` without changing any ``requires_grad``."""
+    with _requires_grad_kept(layers):
+        for layer in layers:
+            layer.set_adapter(name)
 
 
 @contextmanager
@@ -125,7 +139,7 @@ def stacked_adapter(lower, lower_state: dict[str, torch.Tensor], upper, upper_st
     the other's rows and columns.
 
     Args:
-        lower, upper: the adapters' ``peft.LoraConfig`` (``target_modules`` full layer names, as :func:`lora_config`
+        lower, upper: the adapters' ``peft.LoraConfig`` (``target_modules`` full layer names, as :func:`apply_lora`
             writes them).
         lower_state, upper_state: their tensors, ``<layer>.lora_A.weight`` (r × in) and ``<layer>.lora_B.weight``
             (out × r), float.
@@ -234,23 +248,6 @@ def target_module_names(model: nn.Module, settings: LoRASettings) -> list[str]:
     return names
 
 
-def lora_config(model: nn.Module, settings: LoRASettings):
-    """``peft.LoraConfig`` of ``settings`` for ``model``: its target layers by full name (:func:`target_module_names`),
-    no bias, the base model's name recorded.
-
-    Raises:
-        ValueError: ``settings.r`` is null; the target layers cannot be found.
-    """
-    from peft import LoraConfig
-
-    if not settings.enabled:
-        raise ValueError("apply_lora: model.lora.r is null (LoRA off)")
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
-                        target_modules=target_module_names(model, settings))
-    config.base_model_name_or_path = getattr(model, "name_or_path", None) or model.config._name_or_path
-    return config
-
-
 def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None = None) -> nn.Module:
     """Inject LoRA adapters into ``model`` in place (``peft.inject_adapter_in_model``) and freeze the rest.
 
@@ -268,9 +265,14 @@ def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None 
     Raises:
         ValueError: ``settings.r`` is null; the target layers cannot be found (:func:`target_module_names`).
     """
-    from peft import inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model
 
-    model = inject_adapter_in_model(lora_config(model, settings), model, adapter_name=ADAPTER)
+    if not settings.enabled:
+        raise ValueError("apply_lora: model.lora.r is null (LoRA off)")
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
+                        target_modules=target_module_names(model, settings))
+    config.base_model_name_or_path = base_model_name(model)
+    model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     if head is not None:
@@ -306,16 +308,13 @@ def critic_on_policy_base(policy: nn.Module, config) -> nn.Module:
 
     from peft import inject_adapter_in_model
 
-    from rlhf_lightning.models.builders import register_scalar_model, score_head
+    from rlhf_lightning.models.builders import register_scalar_model, scalar_model_config, score_head
 
     if not has_lora(policy):
         raise ValueError("critic.share_base: the policy has no LoRA adapter to share its base with (model.lora.r)")
     if CRITIC_ADAPTER in policy.peft_config:
         raise ValueError(f"critic.share_base: the policy already carries a {CRITIC_ADAPTER!r} adapter")
-    scalar_config = copy.deepcopy(policy.config)
-    scalar_config.num_labels = 1
-    if scalar_config.pad_token_id is None and isinstance(scalar_config.eos_token_id, int):
-        scalar_config.pad_token_id = scalar_config.eos_token_id
+    scalar_config = scalar_model_config(copy.deepcopy(policy.config))
     with torch.device("meta"):
         critic = register_scalar_model(type(policy.config))(scalar_config)
     prefix = policy.base_model_prefix
@@ -354,16 +353,14 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         The model.
     """
     layers = _lora_layers(model)
-    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield model
-    finally:
+    with _requires_grad_kept(layers):
         for layer in layers:
-            layer.enable_adapters(True)
-        for param, flag in flags:
-            param.requires_grad_(flag)
+            layer.enable_adapters(False)
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
 
 @torch.no_grad()

@@ -149,6 +149,7 @@ def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None)
 
     Call on the global-zero rank only. ``None`` skips the export. Returns the directory.
     """
+    from rlhf_lightning.models.builders import SCALAR_HEAD_NAMES
     from rlhf_lightning.models.lora import has_lora, save_lora_export
 
     if directory is None:
@@ -156,8 +157,7 @@ def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if has_lora(model):
-        heads = tuple(name for name in ("score", "classifier", "v_head") if isinstance(getattr(model, name, None),
-                                                                                      nn.Linear))
+        heads = tuple(name for name in SCALAR_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Linear))
         adapter_dir = save_lora_export(model, directory, heads)
         log.info("wrote the LoRA adapter of %s to %s", type(model).__name__, adapter_dir)
     else:
