@@ -4,7 +4,7 @@
 - :func:`calibration_bins`, with the expected calibration error (ECE; Naeini et al. 2015, Guo et al.
   2017 eq. 3);
 - :func:`pearson`, :func:`spearman`: correlation (Spearman: Pearson of the ranks, ties given their mean rank);
-- :func:`repeats_ngram`, :func:`repeated_ngram_frac`: responses that repeat an n-gram of tokens;
+- :func:`repeats_ngram`, :func:`ngram_repeats`, :func:`repeated_ngram_frac`: responses that repeat an n-gram of tokens;
 - :func:`preference_diagnostics`: a reward model on preference pairs (accuracy with its interval, margin,
   Bradley–Terry calibration, length bias, score distribution), used by :mod:`rlhf_lightning.rm_eval` and by
   the reward stage's validation (``val/*``);
@@ -17,7 +17,7 @@ Inputs are 1-D tensors (or sequences of numbers) unless said otherwise; results 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -164,18 +164,28 @@ def repeats_ngram(tokens: Sequence[int], n: int) -> bool:
     return False
 
 
-def repeated_ngram_frac(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int) -> float:
-    """Share of responses that repeat an n-gram of tokens (:func:`repeats_ngram` on each row's valid tokens).
+def ngram_repeats(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Which responses repeat an n-gram of tokens (:func:`repeats_ngram` on each row's valid tokens).
 
     Args:
         response_ids: (B, R) int64. response_mask: (B, R) bool, the valid tokens (a prefix of each row).
         n: n-gram length in tokens.
 
     Returns:
-        A float in [0, 1] (0 for B = 0).
+        (B,) bool, on ``response_ids``' device.
     """
     rows = [ids[mask].tolist() for ids, mask in zip(response_ids.cpu(), response_mask.bool().cpu(), strict=True)]
-    return sum(repeats_ngram(r, n) for r in rows) / len(rows) if rows else 0.0
+    return torch.tensor([repeats_ngram(r, n) for r in rows], dtype=torch.bool, device=response_ids.device)
+
+
+def repeated_ngram_frac(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int) -> float:
+    """Share of responses that repeat an n-gram of tokens (:func:`ngram_repeats`).
+
+    Returns:
+        A float in [0, 1] (0 for B = 0).
+    """
+    repeats = ngram_repeats(response_ids, response_mask, n)
+    return float(repeats.float().mean()) if repeats.numel() else 0.0
 
 
 def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
@@ -244,27 +254,39 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
 
 
 def rollout_diagnostics(scores: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
-                        kl: torch.Tensor, ngram: int) -> dict[str, float]:
+                        kl: torch.Tensor, ngram: int,
+                        gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """PPO's reward-hacking signals on one batch of responses.
 
     - ``length_score_corr``: :func:`pearson` of the scores with the response lengths (tokens; NaN when all
       responses have the same length or the same score): near 1, the reward pays for length;
-    - ``repeated_ngram_frac``: :func:`repeated_ngram_frac` with n = ``ngram``: degenerate repetition;
+    - ``repeated_ngram_frac``: the share of responses that repeat an n-gram of ``ngram`` tokens
+      (:func:`ngram_repeats`): degenerate repetition;
     - ``kl_per_token``: Σ KL_t / Σ valid tokens over the batch, nats per token.
+
+    Each is computed from per-response values (score, length, whether it repeats, its summed KL), which
+    ``gather`` collects from every data-parallel process first: the signals are those of the whole batch,
+    the same on every process and the same as one process holding every row would find.
 
     Args:
         scores: (B,) float, the reward of each response. response_ids: (B, R) int64.
         response_mask: (B, R) bool. kl: (B, R) float, per-token KL to the reference (0 on padding).
         ngram: n-gram length for the repetition check.
+        gather: a function returning a (B,) tensor's values from every process, concatenated (a collective,
+            e.g. Lightning's ``all_gather`` flattened; every process holds B rows); ``None``: this batch.
 
     Returns:
         ``{"length_score_corr", "repeated_ngram_frac", "kl_per_token"}`` as floats.
     """
     mask = response_mask.bool()
-    lengths = mask.sum(1)
-    return {"length_score_corr": pearson(scores.detach().float().cpu(), lengths.cpu()),
-            "repeated_ngram_frac": repeated_ngram_frac(response_ids, mask, ngram),
-            "kl_per_token": float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))}
+    rows = torch.stack([scores.detach().float(), mask.sum(1).float(), (kl.detach() * mask).sum(1).float(),
+                        ngram_repeats(response_ids, mask, ngram).float().to(scores.device)], 1)  # (B, 4)
+    if gather is not None:
+        rows = torch.cat([gather(column).reshape(-1, 1) for column in rows.unbind(1)], 1)
+    score, length, kl_sum, repeats = rows.double().cpu().unbind(1)
+    return {"length_score_corr": pearson(score, length) if score.numel() else math.nan,
+            "repeated_ngram_frac": float(repeats.mean()) if repeats.numel() else 0.0,
+            "kl_per_token": float(kl_sum.sum() / length.sum().clamp(min=1))}
 
 
 #: For each signal of :func:`rollout_diagnostics`: its ``AlarmsConfig`` threshold field, and what to change.

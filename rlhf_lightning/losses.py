@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlhf_lightning.ops import (
+    BatchCounts,
     bool_mask,
     check_2d,
     check_per_row,
@@ -38,6 +39,7 @@ from rlhf_lightning.ops import (
     masked_mean,
     masked_sum,
     masked_whiten,
+    token_mean,
 )
 from rlhf_lightning.rewards import KL_ESTIMATORS, kl_penalty
 
@@ -296,6 +298,8 @@ def value_loss(
     mask: Tensor,
     old_values: Tensor | None = None,
     clip_range: float | None = None,
+    *,
+    counts: BatchCounts | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Critic regression loss, optionally with PPO-style value clipping.
 
@@ -313,6 +317,9 @@ def value_loss(
         old_values: optional ``(B, T)`` predictions of the critic that collected
             the rollout; detached here.  Ignored unless ``clip_range`` is given.
         clip_range: optional clip half-width ``c > 0``, in reward units.
+        counts: keyword-only, the whole batch's counts over data-parallel processes: the mean (and
+            ``clipfrac``) over every process's valid tokens, this process's share
+            (:func:`~rlhf_lightning.ops.token_mean`); ``None``: this batch's mean.
 
     Returns:
         ``(loss, stats)``: ``loss`` is 0-d, dtype ``promote(values, returns,
@@ -330,7 +337,7 @@ def value_loss(
     r = returns.detach().to(dtype)
     loss_unclipped = (v - r).pow(2)
     if clip_range is None:
-        loss = 0.5 * masked_mean(loss_unclipped, m)
+        loss = 0.5 * token_mean(loss_unclipped, m, counts)
         clipfrac = torch.zeros((), dtype=dtype, device=values.device)
     else:
         clip_range = float(clip_range)
@@ -342,9 +349,9 @@ def value_loss(
         old = old_values.detach().to(dtype)
         v_clipped = old + (v - old).clamp(-clip_range, clip_range)
         loss_clipped = (v_clipped - r).pow(2)
-        loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), m)
+        loss = 0.5 * token_mean(torch.maximum(loss_unclipped, loss_clipped), m, counts)
         with torch.no_grad():
-            clipfrac = masked_mean((loss_clipped > loss_unclipped).to(dtype), m)
+            clipfrac = token_mean((loss_clipped > loss_unclipped).to(dtype), m, counts)
     return loss, {"clipfrac": clipfrac.detach()}
 
 
@@ -578,19 +585,27 @@ def reinforce_pp_baseline_advantages(
 # --------------------------------------------------------------------------- #
 # Policy
 # --------------------------------------------------------------------------- #
-def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean") -> Tensor:
+def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean", *,
+                   counts: BatchCounts | None = None, max_response_length: int | None = None) -> Tensor:
     """Reduce a per-token loss to a 0-d loss over the valid tokens, in one of :data:`LOSS_AGG_MODES`.
 
     * ``"token_mean"``: mean over all valid tokens of the batch, every token weighing the same
       (DAPO's token-level loss, Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning
-      System at Scale"; PPO as implemented here so far).
+      System at Scale", eq. 12; PPO's usual mean).
     * ``"seq_mean_token_mean"``: each sequence's mean over its valid tokens, then the mean over the
       sequences that have at least one valid token (GRPO's ``1/G sum_i 1/|o_i| sum_t``, Shao et al.
       2024, eq. 3); rows without a valid token are left out of the sequence mean.
-    * ``"seq_mean_token_sum_norm"``: each sequence's sum over its valid tokens divided by the mask's
-      width ``T``, then the mean over ALL ``B`` rows, i.e. ``masked_sum / (B * T)``: a constant
-      normaliser, independent of the responses' lengths (Dr. GRPO, Liu et al. 2025, "Understanding
-      R1-Zero-Like Training: A Critical Perspective"); rows without a valid token add 0 but count.
+    * ``"seq_mean_token_sum_norm"``: each sequence's sum over its valid tokens divided by the generation
+      budget ``max_response_length`` (a constant: the response length cap, not the batch's padded width),
+      then the mean over ALL rows: ``masked_sum / (B * max_response_length)`` (Dr. GRPO, Liu et al. 2025,
+      "Understanding R1-Zero-Like Training: A Critical Perspective", eq. 3 and §3.1; TRL's
+      ``max_completion_length``, verl's ``loss_scale_factor``). The same response weighs the same whatever
+      else is in the batch; rows without a valid token add 0 but count.
+
+    With ``counts`` (:class:`~rlhf_lightning.ops.BatchCounts`: the batch of every data-parallel process),
+    the denominators are the whole batch's (tokens, sequences or rows over every process) divided by the
+    number of processes, so that the average of the processes' gradients (DDP's) is the gradient of the
+    loss of the whole batch in one process; ``None``: this batch's own counts.
 
     An all-masked batch gives exactly 0 with zero, finite gradients in every mode.
 
@@ -599,26 +614,35 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_
             any other shape (all valid entries pooled).
         mask: bool or 0/1 mask of valid tokens, shaped like ``per_token_loss``.
         loss_agg: one of :data:`LOSS_AGG_MODES`.
+        counts: keyword-only, the whole batch's counts over processes, or ``None``.
+        max_response_length: keyword-only, the generation budget in tokens (``"seq_mean_token_sum_norm"``
+            only, where it is required; ``ppo.generation.max_new_tokens``).
 
     Returns:
         0-d tensor with ``per_token_loss``'s dtype.  Values at masked positions are selected away
         (``inf``/``NaN`` there cannot leak).
 
     Raises:
-        ValueError: on mismatched shapes, a non-2-D input to a per-sequence mode, or an unknown
-            ``loss_agg``.
+        ValueError: on mismatched shapes, a non-2-D input to a per-sequence mode, an unknown
+            ``loss_agg``, or ``"seq_mean_token_sum_norm"`` without a positive ``max_response_length``.
     """
     check_same_shape(per_token_loss=per_token_loss, mask=mask)
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGG_MODES}")
     m = bool_mask(mask)
     if loss_agg == "token_mean":
-        return masked_mean(per_token_loss, m)
+        return token_mean(per_token_loss, m, counts)
     check_2d("per_token_loss", per_token_loss)
+    if counts is None:
+        counts = BatchCounts.of(m)
     if loss_agg == "seq_mean_token_mean":
-        return masked_mean(masked_mean(per_token_loss, m, dim=1), m.any(dim=1))
-    B, T = per_token_loss.shape
-    return masked_sum(per_token_loss, m) / max(B * T, 1)
+        total = masked_mean(per_token_loss, m, dim=1).sum()  # rows without a valid token give 0
+        return total / counts.per_process("sequences").to(total.dtype)
+    if max_response_length is None or not max_response_length > 0:
+        raise ValueError("loss_agg='seq_mean_token_sum_norm' divides by the generation budget: pass "
+                         f"max_response_length > 0 (got {max_response_length!r})")
+    total = masked_sum(per_token_loss, m) / float(max_response_length)
+    return total / counts.per_process("rows").to(total.dtype)
 
 
 def ppo_policy_loss(
@@ -631,6 +655,9 @@ def ppo_policy_loss(
     loss_agg: str = "token_mean",
     ratio_level: str = "token",
     token_weights: Tensor | None = None,
+    *,
+    counts: BatchCounts | None = None,
+    max_response_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective (Schulman et al. 2017, "Proximal Policy
     Optimization Algorithms", eq. 7), negated to be minimised, with DAPO's clip-higher,
@@ -671,10 +698,15 @@ def ppo_policy_loss(
         ratio_level: one of :data:`RATIO_LEVELS`, ``"token"`` (PPO/GRPO/DAPO) or ``"sequence"`` (GSPO).
         token_weights: ``(B, T)`` constants multiplying each token's clipped term before aggregation
             (detached), e.g. :func:`tis_weights`; ``None``: 1.
+        counts: keyword-only, the whole batch's counts over data-parallel processes
+            (:class:`~rlhf_lightning.ops.BatchCounts`): the loss and the stats are this process's shares of
+            the whole batch's (see :func:`aggregate_loss`); ``None``: this batch alone.
+        max_response_length: keyword-only, the generation budget (``"seq_mean_token_sum_norm"``).
 
     Returns:
         ``(loss, stats)``: ``loss`` is 0-d, dtype ``promote(inputs, float32)``.
-        ``stats`` (detached 0-d tensors, masked means over valid tokens whatever ``loss_agg``):
+        ``stats`` (detached 0-d tensors, means over valid tokens whatever ``loss_agg``, shares of the whole
+        batch's with ``counts``):
         ``clipfrac`` (fraction of tokens where the clipped term is strictly
         the active one, i.e. the gradient is cut; with ``"sequence"`` every token of a clipped
         sequence counts, the fraction of clipped tokens GSPO reports), ``approx_kl``
@@ -720,12 +752,12 @@ def ppo_policy_loss(
     if token_weights is not None:
         check_same_shape(logprobs=logprobs, token_weights=token_weights)
         per_token = per_token * torch.where(m, token_weights.detach().to(dtype), zero)
-    loss = aggregate_loss(per_token, m, loss_agg)
+    loss = aggregate_loss(per_token, m, loss_agg, counts=counts, max_response_length=max_response_length)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(dtype), m),
-            "approx_kl": masked_mean(0.5 * log_ratio.pow(2), m),
-            "ratio_mean": masked_mean(ratio, m),
+            "clipfrac": token_mean((pg_clipped > pg_unclipped).to(dtype), m, counts),
+            "approx_kl": token_mean(0.5 * log_ratio.pow(2), m, counts),
+            "ratio_mean": token_mean(ratio, m, counts),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
 
@@ -769,6 +801,9 @@ def kl_loss(
     mask: Tensor,
     estimator: str = "k3",
     loss_agg: str = "token_mean",
+    *,
+    counts: BatchCounts | None = None,
+    max_response_length: int | None = None,
 ) -> Tensor:
     """KL regulariser as a loss term: the per-token estimate of ``KL(pi_theta || pi_ref)`` aggregated
     over the valid tokens (GRPO puts it in the loss instead of the reward, with the ``"k3"`` estimator:
@@ -787,6 +822,7 @@ def kl_loss(
         mask: ``(B, T)`` bool or 0/1 mask.
         estimator: one of :data:`rlhf_lightning.rewards.KL_ESTIMATORS`.
         loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
+        counts, max_response_length: keyword-only, as :func:`aggregate_loss`'s.
 
     Returns:
         0-d loss in nats (per token, as aggregated), dtype ``promote(logprobs, ref_logprobs, float32)``.
@@ -805,7 +841,8 @@ def kl_loss(
     zero = torch.zeros((), dtype=dtype, device=logprobs.device)
     logp = torch.where(m, logprobs.to(dtype), zero)
     ref = torch.where(m, ref_logprobs.detach().to(dtype), zero)
-    return aggregate_loss(kl_penalty(logp, ref, estimator), m, loss_agg)
+    return aggregate_loss(kl_penalty(logp, ref, estimator), m, loss_agg, counts=counts,
+                          max_response_length=max_response_length)
 
 
 def dpo_loss(

@@ -13,25 +13,37 @@ Conventions used throughout this module
   to ``0`` (never ``NaN``) and back-propagates zero, finite gradients.
 
 Nothing in this module synchronises with the host (no ``.item()``, no
-data-dependent Python branches on tensor values).
+data-dependent Python branches on tensor values), except :func:`sampling_noise`,
+which reads its keys on the host to seed one generator per row.
+
+Data parallelism: a mean over a batch that several processes share is each
+process's sum divided by the whole batch's count over the number of processes
+(:class:`BatchCounts`, :func:`token_mean`), so that the processes' average is the
+whole batch's mean; a mean of per-process means is not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BatchCounts",
     "masked_sum",
     "masked_mean",
+    "token_mean",
     "masked_var",
     "masked_whiten",
     "logprobs_from_logits",
     "entropy_from_logits",
     "response_mask_from_eos",
     "sample_from_logits",
+    "truncation_log_mass",
+    "row_seed",
+    "sampling_noise",
     "last_valid_index",
     "explained_variance",
     "DEFAULT_CHUNK_SIZE",
@@ -175,6 +187,85 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     m = _as_bool_mask(mask, x)
     total = masked_sum(x, m, dim=dim)
     return total / _count(m, dim, total.dtype).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """The sizes of a batch that several processes train on together, each holding some of its rows.
+
+    Under data parallelism (DDP, FSDP) every process backpropagates its own loss and the gradients are
+    averaged over the ``world_size`` processes. A mean over the whole batch (over its valid tokens, or its
+    sequences) is then the average of the processes' gradients only if each process divides its own sum by
+    the batch's count over all processes divided by ``world_size`` (:meth:`per_process`), not by its own
+    count: the mean of per-process means weighs a token of a process with few tokens more than one of a
+    process with many. TRL divides by ``num_items_in_batch`` gathered over processes, verl by the global
+    token count times the data-parallel size; so does :func:`token_mean` and
+    :func:`rlhf_lightning.losses.aggregate_loss`.
+
+    Attributes:
+        tokens: 0-d float64, valid tokens of the whole batch (every process's rows).
+        sequences: 0-d float64, rows with at least one valid token.
+        rows: 0-d float64, rows.
+        world_size: the number of processes whose gradients are averaged (1: one process).
+    """
+
+    tokens: Tensor
+    sequences: Tensor
+    rows: Tensor
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, mask: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None, world_size: int = 1
+           ) -> BatchCounts:
+        """The counts of this process's ``mask`` (``(B, T)`` bool or 0/1), summed over the processes by
+        ``all_reduce`` (a function returning the element-wise sum over processes of a ``(3,)`` float64 tensor,
+        e.g. ``lambda t: strategy.reduce(t, reduce_op="sum")``; ``None``: this process alone, and
+        ``world_size`` must be 1). Every process must call it (a collective).
+
+        Raises:
+            ValueError: ``mask`` is not 2-D; ``world_size`` < 1, or > 1 without ``all_reduce``.
+        """
+        check_2d("mask", mask)
+        if world_size < 1 or (world_size > 1 and all_reduce is None):
+            raise ValueError(f"BatchCounts.of: world_size={world_size} needs an all_reduce over the processes")
+        m = bool_mask(mask)
+        local = torch.stack([m.sum(dtype=torch.float64), m.any(dim=1).sum(dtype=torch.float64),
+                             torch.tensor(float(m.shape[0]), dtype=torch.float64, device=m.device)])
+        tokens, sequences, rows = (all_reduce(local) if all_reduce is not None else local).unbind()
+        return cls(tokens, sequences, rows, world_size)
+
+    def per_process(self, unit: str) -> Tensor:
+        """What each process divides its sum over ``unit`` (``tokens``, ``sequences`` or ``rows``) by: the count
+        over all processes (at least 1) divided by ``world_size``. 0-d float64.
+
+        Raises:
+            ValueError: an unknown ``unit``.
+        """
+        if unit not in ("tokens", "sequences", "rows"):
+            raise ValueError(f"unit must be tokens, sequences or rows, got {unit!r}")
+        return getattr(self, unit).clamp(min=1) / self.world_size
+
+
+def token_mean(x: Tensor, mask: Tensor, counts: BatchCounts | None = None) -> Tensor:
+    """Mean of ``x`` over the valid tokens of the whole batch, this process's share (:class:`BatchCounts`):
+    ``masked_sum(x, mask) / counts.per_process("tokens")``. The mean over processes of the results is the
+    token mean of all processes' rows together. ``counts`` ``None``: :func:`masked_mean` of this batch.
+
+    Args:
+        x: float tensor, typically ``(B, T)``.
+        mask: bool or 0/1 tensor with ``x``'s shape.
+        counts: the whole batch's counts, or ``None``.
+
+    Returns:
+        0-d tensor with ``x``'s dtype.
+
+    Raises:
+        ValueError: if ``mask.shape != x.shape``.
+    """
+    if counts is None:
+        return masked_mean(x, mask)
+    total = masked_sum(x, mask)
+    return total / counts.per_process("tokens").to(total.dtype)
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
@@ -488,12 +579,49 @@ def entropy_from_logits(logits: Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE)
 # --------------------------------------------------------------------------- #
 # Sampling
 # --------------------------------------------------------------------------- #
+def _truncated_weights(logits: Tensor, temperature: float, top_k: int, top_p: float
+                       ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The kept tokens of :func:`sample_from_logits`: ``(weights, index, z_max)`` with ``weights`` ``(B, K)``
+    float64 the unnormalised probabilities ``exp(z - z_max)`` of the candidates (0 for those top-p drops),
+    ``index`` ``(B, K)`` their token ids (``None``: all V tokens in order, K = V), ``z_max`` ``(B, 1)`` the largest
+    scaled logit (float32; float64 for float64 logits)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError("logits must be a 2-D (B, V) floating-point tensor")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    z = logits.to(_compute_dtype(logits.dtype))  # float64 stays float64
+    if temperature != 1.0:
+        z = z / temperature
+    index = None
+    if 0 < top_k < z.shape[-1]:
+        z, index = z.topk(top_k, dim=-1)  # sorted, likeliest first
+    elif top_p < 1.0:
+        z, index = z.sort(dim=-1, descending=True)
+    z_max = z.amax(-1, keepdim=True)
+    weights = (z - z_max).exp_().double()  # unnormalised probabilities, max 1
+    if top_p < 1.0:
+        probs = weights / weights.sum(-1, keepdim=True)
+        weights = weights.masked_fill_(probs.cumsum(-1) - probs >= top_p, 0.0)
+    return weights, index, z_max
+
+
+def truncates(top_k: int, top_p: float) -> bool:
+    """Whether ``top_k``/``top_p`` restrict sampling to part of the vocabulary (``top_k`` > 0 or ``top_p`` < 1)."""
+    return top_k > 0 or top_p < 1.0
+
+
 def sample_from_logits(
     logits: Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    uniform: Tensor | None = None,
 ) -> Tensor:
     """Draw one token per row from ``softmax(logits / temperature)``, optionally restricted to
     the ``top_k`` likeliest tokens and then to the nucleus of mass ``top_p`` (Holtzman et al.
@@ -507,44 +635,116 @@ def sample_from_logits(
     ``top_k`` sorts the whole row. Nucleus rule: a token is dropped when the mass of the tokens
     ranked before it is already ``>= top_p`` (the likeliest token is always kept).
 
+    Because each row reads one number, a row's token depends on that number and the row's own
+    logits only, not on the other rows: with ``uniform`` given per row (e.g. from
+    :func:`rlhf_lightning.rollout.sampling_noise`), a response does not depend on the batch it is in.
+
     Args:
         logits: ``(B, V)`` float tensor of any float dtype (``-inf`` entries are never drawn).
         temperature: > 0.
         top_k: keep the k largest logits (0 or >= V: all).
         top_p: nucleus mass in (0, 1] (1: all).
-        generator: optional ``torch.Generator`` on the logits' device.
+        generator: optional ``torch.Generator`` on the logits' device (ignored with ``uniform``).
+        uniform: keyword-only, ``(B,)`` numbers in [0, 1), one per row, used instead of drawing them.
 
     Returns:
         ``(B,)`` long token ids.
 
     Raises:
-        ValueError: ``logits`` not 2-D floating point, ``temperature <= 0``, ``top_k < 0`` or
-            ``top_p`` outside (0, 1].
+        ValueError: ``logits`` not 2-D floating point, ``temperature <= 0``, ``top_k < 0``,
+            ``top_p`` outside (0, 1], or ``uniform`` not shaped ``(B,)``.
     """
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError("logits must be a 2-D (B, V) floating-point tensor")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    index = None
-    if 0 < top_k < z.shape[-1]:
-        z, index = z.topk(top_k, dim=-1)  # sorted, likeliest first
-    elif top_p < 1.0:
-        z, index = z.sort(dim=-1, descending=True)
-    weights = (z - z.amax(-1, keepdim=True)).exp_().double()  # unnormalised probabilities, max 1
-    if top_p < 1.0:
-        probs = weights / weights.sum(-1, keepdim=True)
-        weights = weights.masked_fill_(probs.cumsum(-1) - probs >= top_p, 0.0)
+    weights, index, _ = _truncated_weights(logits, temperature, top_k, top_p)
     cdf = weights.cumsum_(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
+    if uniform is None:
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    else:
+        check_per_row("uniform", uniform, logits)
+        u = uniform.to(device=cdf.device, dtype=cdf.dtype).unsqueeze(1)
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)  # (B, 1)
     return (picked if index is None else index.gather(-1, picked)).squeeze(-1)
+
+
+def truncation_log_mass(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Log of the probability mass that top-k/top-p keep of ``softmax(logits / temperature)``, per row: the
+    sampled token's log-probability under the distribution it was drawn from (the kept tokens, renormalised:
+    vLLM's and TRL's "processed" log-probability) is its full-distribution log-probability minus this.
+
+    Args:
+        logits: ``(B, V)`` float tensor. temperature, top_k, top_p: as :func:`sample_from_logits`.
+
+    Returns:
+        ``(B,)`` float32 (float64 for float64 logits), ``<= 0`` nats; exactly 0 when nothing is truncated
+        (:func:`truncates` false).
+
+    Raises:
+        ValueError: as :func:`sample_from_logits`.
+    """
+    weights, _, z_max = _truncated_weights(logits, temperature, top_k, top_p)
+    if not truncates(top_k, top_p):
+        return torch.zeros(logits.shape[0], dtype=z_max.dtype, device=logits.device)
+    z = logits.to(z_max.dtype)
+    z = z / temperature if temperature != 1.0 else z
+    log_total = torch.logsumexp(z - z_max, dim=-1).double()  # log of the full normaliser, shifted by z_max
+    return (weights.sum(-1).log() - log_total).to(z_max.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Per-row random numbers
+# --------------------------------------------------------------------------- #
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser (Steele et al. 2014, "Fast splittable pseudorandom number generators"): a
+    bijection of 64-bit integers whose outputs look independent for consecutive inputs."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed for one row's random numbers from the run's ``seed`` and the row's ``key`` (integers, e.g.
+    iteration, the prompt's dataset index, the generation index): each component is mixed in turn
+    (:func:`_mix64`), so different keys give unrelated seeds. A pure function of its arguments."""
+    h = _mix64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+    for part in key:
+        h = _mix64(h ^ (int(part) & 0xFFFFFFFFFFFFFFFF))
+    return h >> 1
+
+
+def sampling_noise(seed: int, keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """The uniform numbers each row's sampling reads, one per decoding step (inverse-CDF sampling,
+    :func:`~rlhf_lightning.ops.sample_from_logits`), as a function of the run's ``seed`` and the row's key only.
+
+    A response then depends on its prompt, the weights, ``seed`` and its key, and not on the batch around
+    it, the batch's order, the process it is sampled in or the number of processes: with keys (iteration,
+    the prompt's dataset index, the generation index), one process with batch B and N processes with B/N
+    each sample the same responses (rounding of the logits apart), and a prompt that appears twice in a batch
+    with other generation indices gets independent responses.
+
+    Args:
+        seed: the run's seed (:func:`rlhf_lightning.rollout.run_seed`).
+        keys: ``(B, K)`` integer tensor, one key per row.
+        steps: how many numbers per row (the generation budget, ``max_new_tokens``).
+
+    Returns:
+        ``(B, steps)`` float64 in [0, 1), on ``keys``' device: row b's numbers are ``torch.rand`` of a CPU
+        generator seeded :func:`row_seed` ``(seed, *keys[b])``.
+
+    Raises:
+        ValueError: ``keys`` not a 2-D integer tensor, ``steps`` < 1.
+    """
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.is_floating_point():
+        raise ValueError("keys must be a 2-D (B, K) integer tensor")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    generator = torch.Generator()
+    rows = []
+    for key in keys.tolist():
+        generator.manual_seed(row_seed(seed, *key))
+        rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
+    if not rows:
+        return torch.zeros(0, steps, dtype=torch.float64, device=keys.device)
+    return torch.stack(rows).to(keys.device)
 
 
 # --------------------------------------------------------------------------- #
@@ -624,7 +824,8 @@ def last_valid_index(mask: Tensor) -> Tensor:
     return torch.where(m, pos, neg).amax(dim=1).clamp(min=0)
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor,
+                       all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Fraction of the return variance explained by the value predictions.
 
     ``EV = 1 - Var[returns - values] / Var[returns]`` over the valid tokens
@@ -639,6 +840,9 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         values: ``(B, T)`` value predictions.
         returns: ``(B, T)`` return targets.
         mask: ``(B, T)`` bool or 0/1 tensor.
+        all_reduce: ``None`` (this batch), or a function returning the element-wise sum over processes of a
+            ``(5,)`` float64 tensor: the variances are then those of every process's valid tokens together
+            (count, sums and sums of squares pooled in float64, as :func:`masked_whiten`). A collective.
 
     Returns:
         Detached 0-d float tensor (a diagnostic statistic; no gradient).
@@ -655,7 +859,17 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         dtype = torch.promote_types(torch.promote_types(values.dtype, returns.dtype), torch.float32)
         v = values.detach().to(dtype)
         r = returns.detach().to(dtype)
-        var_r = masked_var(r, m, unbiased=False)
-        var_err = masked_var(r - v, m, unbiased=False)
+        if all_reduce is None:
+            var_r = masked_var(r, m, unbiased=False)
+            var_err = masked_var(r - v, m, unbiased=False)
+        else:
+            r64, e64 = _select(r, m).double(), _select(r - v, m).double()
+            stats = torch.stack([m.sum(dtype=torch.float64), r64.sum(), (r64 * r64).sum(), e64.sum(),
+                                 (e64 * e64).sum()])
+            n, s_r, q_r, s_e, q_e = all_reduce(stats).unbind()
+            n = n.clamp(min=1)
+            var_r = q_r / n - (s_r / n) ** 2
+            var_r = torch.where(var_r > 1e-12 * q_r / n, var_r, torch.zeros_like(var_r)).to(dtype)  # rounding: 0
+            var_err = (q_e / n - (s_e / n) ** 2).clamp(min=0).to(dtype)
         safe = torch.where(var_r > 0, var_r, torch.ones_like(var_r))
         return torch.where(var_r > 0, 1.0 - var_err / safe, torch.zeros_like(var_r))

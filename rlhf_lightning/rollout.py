@@ -9,14 +9,23 @@ appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EO
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
-from rlhf_lightning.ops import logprobs_from_logits, masked_mean, response_mask_from_eos, sample_from_logits
+from rlhf_lightning.ops import (
+    BatchCounts,
+    logprobs_from_logits,
+    response_mask_from_eos,
+    sample_from_logits,
+    sampling_noise,
+    token_mean,
+    truncates,
+    truncation_log_mass,
+)
 from rlhf_lightning.rewards import apply_missing_eos_penalty
 from rlhf_lightning.schema import GenerationConfig
 
@@ -33,9 +42,10 @@ class Rollout:
         response_start: P, the column of the first response token.
         response_mask: (B, R) bool, True up to and including the first EOS.
         ends_with_eos: (B,) bool.
-        sampler_logprobs: (B, R) float32, the log-probability each response token was drawn with
-            (the sampler's full distribution at the sampling temperature, before top-k/top-p; 0 where
-            masked): compared with the trainer's by :func:`logprob_diff`.
+        sampler_logprobs: (B, R) float32, the log-probability each response token was drawn with: under
+            the distribution it was sampled from (temperature, then top-k/top-p, renormalised: the
+            "processed" log-probability, as vLLM's ``processed_logprobs`` and TRL record it; 0 where masked).
+            Compared with the trainer's by :func:`logprob_diff`, and the denominator of the TIS weights.
     """
 
     input_ids: torch.Tensor
@@ -49,6 +59,12 @@ class Rollout:
     def response_ids(self) -> torch.Tensor:
         """(B, R) long response tokens (padding after EOS)."""
         return self.input_ids[:, self.response_start :]
+
+    def to(self, device) -> Rollout:
+        """The same rollout with its tensors on ``device``."""
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       response_mask=self.response_mask.to(device), ends_with_eos=self.ends_with_eos.to(device),
+                       sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs.to(device))
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,8 @@ class Experience:
         advantages: (B, R) advantages (whitened if so configured).
         returns: (B, R) value targets (advantages before whitening + values).
         reward_components: reward function name → (B,) float32 unweighted rewards (empty without functions).
-        sampling_stats: counts from dynamic sampling (``resampled_groups``, ``dropped_groups``), if on.
+        sampling_stats: counts from dynamic sampling (``resample_rounds``, ``flat_groups``, ``flat_groups_kept``),
+            if on.
     """
 
     rollout: Rollout
@@ -109,10 +126,44 @@ class Experience:
         return self.rollout.input_ids.shape[0]
 
 
+def run_seed() -> int:
+    """The run's seed: ``PL_GLOBAL_SEED``, which Lightning's ``seed_everything`` sets (``train.py`` calls it with
+    the config's ``seed``) and passes to every process; without it, torch's initial seed of this process."""
+    import os
+
+    base = os.environ.get("PL_GLOBAL_SEED")
+    return int(base) if base is not None else torch.initial_seed()
+
+
+def prompt_noise(seed: int, prompt_index: torch.Tensor | None, steps: int, *key: int,
+                 group: int = 1) -> torch.Tensor | None:
+    """The sampling numbers (:func:`~rlhf_lightning.ops.sampling_noise`) of rows that answer the prompts
+    ``prompt_index`` ``group`` times each (the rows of one prompt contiguous, as
+    ``repeat_interleave(group)`` lays them out): row keys ``(*key, prompt index, generation index)``.
+
+    Args:
+        seed: the run's seed (:func:`run_seed`) or an evaluation's seed.
+        prompt_index: ``(n,)`` long, the prompts' dataset indices; ``None``: no keys, returns ``None``
+            (the sampler then draws from torch's generator).
+        steps: numbers per row (the generation budget).
+        key: what else identifies the draw (PPO: iteration and dynamic-sampling round).
+        group: responses per prompt.
+
+    Returns:
+        ``(n * group, steps)`` float64 on ``prompt_index``'s device, or ``None``.
+    """
+    if prompt_index is None:
+        return None
+    rows = prompt_index.reshape(-1).long().repeat_interleave(group)
+    generation = torch.arange(group, device=rows.device).repeat(prompt_index.numel())
+    head = torch.tensor(key, dtype=torch.long, device=rows.device).expand(rows.numel(), len(key))
+    return sampling_noise(seed, torch.cat([head, rows[:, None], generation[:, None]], 1), steps)
+
+
 @torch.no_grad()
 def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      config: GenerationConfig, eos_token_id: int | list[int], pad_token_id: int,
-                     do_sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     do_sample: bool = True, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode up to ``config.max_new_tokens`` tokens per prompt with a KV cache.
 
     A plain loop over the causal LM's forward (``past_key_values``, ``logits_to_keep=1``): one
@@ -131,15 +182,25 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
         input_ids, attention_mask: (B, P) left-padded prompts.
         config: sampling settings. eos_token_id, pad_token_id: the tokenizer's.
         do_sample: False for greedy decoding.
+        noise: ``(B, S)`` numbers in [0, 1), S >= ``max_new_tokens``: row b's step t reads ``noise[b, t]``
+            (:func:`prompt_noise`: responses independent of the batch); ``None``: drawn from torch's global
+            generator at each step.
 
     Returns:
         tokens (B, R) long, R ≤ ``config.max_new_tokens``, and the log-probability of each under the
-        policy's full next-token distribution at ``config.temperature`` (B, R) float32 (what the
-        trainer's :func:`~rlhf_lightning.models.forward.response_logprobs` computes for the same
-        token; top-k/top-p truncation and greedy decoding do not change it; 0 after EOS).
+        distribution it was drawn from (B, R) float32: the policy's at ``config.temperature`` (what the
+        trainer's :func:`~rlhf_lightning.models.forward.response_logprobs` computes for the same token),
+        renormalised over the tokens top-k/top-p keep when they truncate (the "processed"
+        log-probability); greedy decoding records the temperature distribution's; 0 after EOS.
+
+    Raises:
+        ValueError: ``noise`` not ``(B, S)`` with S >= ``max_new_tokens``.
     """
     from transformers import DynamicCache
 
+    limit = config.max_new_tokens
+    if noise is not None and (noise.dim() != 2 or noise.shape[0] != input_ids.shape[0] or noise.shape[1] < limit):
+        raise ValueError(f"noise must be ({input_ids.shape[0]}, >= {limit}), got {tuple(noise.shape)}")
     eos = torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
     cache = DynamicCache(config=policy.config)
     mask = attention_mask.long()
@@ -148,14 +209,20 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
     out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True, logits_to_keep=1)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    limit = config.max_new_tokens
+    processed = do_sample and truncates(config.top_k, config.top_p)
     steps = _max_over_ranks(limit, input_ids.device)
     tokens, logprobs = [], []
     for step in range(steps):
         logits = out.logits[:, -1]  # (B, V)
-        token = (sample_from_logits(logits, config.temperature, config.top_k, config.top_p) if do_sample
-                 else logits.argmax(-1))
-        logprobs.append(logprobs_from_logits(logits, token, config.temperature).masked_fill(finished, 0.0))
+        if do_sample:
+            uniform = noise[:, step] if noise is not None and step < noise.shape[1] else None
+            token = sample_from_logits(logits, config.temperature, config.top_k, config.top_p, uniform=uniform)
+        else:
+            token = logits.argmax(-1)
+        logprob = logprobs_from_logits(logits, token, config.temperature)
+        if processed:
+            logprob = logprob - truncation_log_mass(logits, config.temperature, config.top_k, config.top_p)
+        logprobs.append(logprob.masked_fill(finished, 0.0))
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
         finished |= torch.isin(token, eos)
@@ -196,7 +263,8 @@ def _all_finished(finished: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
-             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True, engine=None) -> Rollout:
+             eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True, engine=None,
+             noise: torch.Tensor | None = None) -> Rollout:
     """Sample responses (:func:`sample_responses`, or a vLLM engine's) and cut each after its first EOS.
 
     Args:
@@ -208,6 +276,9 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         engine: a :class:`~rlhf_lightning.vllm_engine.VLLMEngine` holding the policy's current weights
             samples instead of the policy's own forward (``ppo.generation.backend=vllm``); ``None``: the
             KV-cached loop.
+        noise: the KV-cached loop's per-row numbers (:func:`sample_responses`; :func:`prompt_noise`);
+            ``None``: torch's global generator. vLLM draws from its own generator (seeded per engine) and
+            ignores it.
 
     Returns:
         A :class:`Rollout` with tokens and masks (no scores yet).
@@ -220,7 +291,7 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     policy.eval()
     try:
         response, sampler_logprobs = sample_responses(policy, input_ids, attention_mask, config, eos_token_id,
-                                                      pad_token_id, do_sample=do_sample)  # (B, R) each
+                                                      pad_token_id, do_sample=do_sample, noise=noise)  # (B, R) each
     finally:
         policy.train(was_training)
     return _cut_at_eos(input_ids, attention_mask, response, sampler_logprobs, eos_token_id, pad_token_id)
@@ -265,30 +336,37 @@ def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
                    ends_with_eos=pick(rollout.ends_with_eos), sampler_logprobs=pick(rollout.sampler_logprobs))
 
 
-def replace_rows(rollout: Rollout, rows: torch.Tensor, new: Rollout, pad_token_id: int) -> Rollout:
-    """The rollout with rows ``rows`` ((n,) long) replaced by the n rows of ``new`` (same prompts, new
-    responses); responses are padded to the wider of the two (:func:`pad_responses`).
+def pad_prompts(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
+    """The rollout with its prompt columns left-padded to ``width`` (≥ P): pad tokens, not attended. Positions
+    come from the attention mask (:func:`~rlhf_lightning.models.forward.position_ids_from_mask`), so every
+    network reads the same sequence."""
+    extra = width - rollout.response_start
+    if extra <= 0:
+        return rollout
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    return replace(rollout, input_ids=torch.cat([ids.new_full((ids.shape[0], extra), pad_token_id), ids], 1),
+                   attention_mask=torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1), response_start=width)
+
+
+def stack_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout of the rows of ``rollouts`` in order, their prompts left-padded to the widest prompt
+    (:func:`pad_prompts`) and their responses right-padded to the longest response (:func:`pad_responses`).
 
     Raises:
-        ValueError: ``new`` has another prompt width or not n rows.
+        ValueError: no rollout, or some with sampler log-probabilities and some without.
     """
-    if new.response_start != rollout.response_start or new.input_ids.shape[0] != rows.numel():
-        raise ValueError("replace_rows: the new rows must answer the same prompts (same prompt width and count)")
-    width = max(rollout.response_mask.shape[1], new.response_mask.shape[1])
-    old, new = pad_responses(rollout, width, pad_token_id), pad_responses(new, width, pad_token_id)
-
-    def put(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-        if a is None or b is None:
-            return None
-        out = a.clone()
-        out[rows] = b
-        return out
-
-    return Rollout(input_ids=put(old.input_ids, new.input_ids),
-                   attention_mask=put(old.attention_mask, new.attention_mask),
-                   response_start=old.response_start, response_mask=put(old.response_mask, new.response_mask),
-                   ends_with_eos=put(old.ends_with_eos, new.ends_with_eos),
-                   sampler_logprobs=put(old.sampler_logprobs, new.sampler_logprobs))
+    if not rollouts:
+        raise ValueError("stack_rollouts: no rollout")
+    if len({r.sampler_logprobs is None for r in rollouts}) > 1:
+        raise ValueError("stack_rollouts: some rollouts have sampler log-probabilities and some do not")
+    prompt = max(r.response_start for r in rollouts)
+    response = max(r.response_mask.shape[1] for r in rollouts)
+    parts = [pad_responses(pad_prompts(r, prompt, pad_token_id), response, pad_token_id) for r in rollouts]
+    cat = lambda name: (None if getattr(parts[0], name) is None  # noqa: E731
+                        else torch.cat([getattr(p, name) for p in parts]))
+    return Rollout(input_ids=cat("input_ids"), attention_mask=cat("attention_mask"), response_start=prompt,
+                   response_mask=cat("response_mask"), ends_with_eos=cat("ends_with_eos"),
+                   sampler_logprobs=cat("sampler_logprobs"))
 
 
 def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +463,7 @@ def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float
     return ref.clone().masked_fill(~rollout.response_mask, 0.0)
 
 
-def logprob_diff(exp: Experience) -> torch.Tensor:
+def logprob_diff(exp: Experience, counts: BatchCounts | None = None) -> torch.Tensor:
     """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
 
     The sampler's log-probabilities are recorded while decoding (``Rollout.sampler_logprobs``), the
@@ -395,9 +473,15 @@ def logprob_diff(exp: Experience) -> torch.Tensor:
     distribution than the one sampled (a family's logit transform skipped, dropout on, a trunk that
     is not exact, another inference engine's numerics).
 
+    Args:
+        exp: the experience (sampler and old log-probabilities).
+        counts: the whole batch's counts over processes (:class:`~rlhf_lightning.ops.BatchCounts`): this
+            process's share of the mean over every process's tokens (:func:`~rlhf_lightning.ops.token_mean`);
+            ``None``: this batch's mean.
+
     Returns:
         () float32 tensor, in nats; NaN when either side is missing.
     """
     if exp.rollout.sampler_logprobs is None or exp.logprobs is None:
         return torch.tensor(float("nan"))
-    return masked_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask)
+    return token_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask, counts)

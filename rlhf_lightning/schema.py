@@ -496,7 +496,9 @@ class PPOConfig(RolloutConfig):
     loss_agg: str = LOSS_AGG_MODES[0]
     """How per-token policy losses become one number: ``token_mean`` (all valid tokens of the batch),
     ``seq_mean_token_mean`` (the mean of each response's mean), ``seq_mean_token_sum_norm`` (Dr. GRPO: each
-    response's sum over the padded width, mean over responses); :func:`~rlhf_lightning.losses.aggregate_loss`."""
+    response's sum divided by the generation budget ``generation.max_new_tokens``, mean over responses);
+    :func:`~rlhf_lightning.losses.aggregate_loss`. Under data parallelism, over every rank's tokens or
+    responses together."""
     ratio_level: str = RATIO_LEVELS[0]
     """``token`` (PPO's per-token ratio) or ``sequence`` (GSPO, Zheng et al. 2025: one length-normalised ratio
     per response)."""
@@ -506,11 +508,14 @@ class PPOConfig(RolloutConfig):
     kl_loss_estimator: str = "k3"
     """The KL loss's estimator (k1, k2 or k3; GRPO uses k3)."""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores are all equal (no signal for a group
-    baseline) are sampled again, up to ``max_resample_rounds`` times; those still all equal are left out
-    (``rollout/resampled_groups``, ``rollout/dropped_groups``)."""
+    """DAPO's dynamic sampling (Yu et al. 2025, §3.2): the batch is filled with groups whose scores differ (a
+    flat group gives a group baseline no signal): further batches of prompts are drawn from the datamodule and
+    answered until the global batch holds B groups with a signal, or ``max_resample_rounds`` further batches
+    were drawn; then flat groups complete it. Every rank runs the same rounds and trains on B groups
+    (:meth:`~rlhf_lightning.modules.PPOModule.dynamic_sampling`); logged as ``rollout/resample_rounds``,
+    ``rollout/flat_groups``, ``rollout/flat_groups_kept``."""
     max_resample_rounds: int = 2
-    """Bound on the rounds of re-sampling with ``dynamic_sampling`` (>= 0)."""
+    """Bound on the further batches of prompts drawn per iteration with ``dynamic_sampling`` (>= 0)."""
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
     """Reward-hacking diagnostics logged each iteration and their warning thresholds."""
     tis_cap: float | None = None

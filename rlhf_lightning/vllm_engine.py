@@ -91,7 +91,7 @@ class VLLMEngine:
         policy: the causal LM being trained; its config, dtype and weights build the engine.
         tokenizer: its tokenizer (saved beside the config; vLLM is given token ids only).
         config: :class:`~rlhf_lightning.schema.VLLMConfig`.
-        generation: the sampling settings; ``temperature`` chooses vLLM's ``logprobs_mode`` (see :meth:`sample`).
+        generation: the sampling settings (:meth:`sample`).
         max_model_len: longest prompt + response, in tokens.
         rank, world_size: this process's place among the training ranks (the seed is the run's seed +
             ``rank``; with ``world_size`` > 1 vLLM joins the existing process group as an external launcher,
@@ -133,8 +133,8 @@ class VLLMEngine:
                 dtype=_DTYPES[dtype], max_model_len=max_model_len, seed=_engine_seed(rank),
                 gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.enable_sleep_mode,
                 tensor_parallel_size=config.tensor_parallel_size, enforce_eager=config.enforce_eager,
-                # the log-probability of each sampled token at the sampling temperature (see sample())
-                logprobs_mode="raw_logprobs" if generation.temperature == 1.0 else "processed_logprobs",
+                # the log-probability of each sampled token under the distribution it was drawn from (see sample())
+                logprobs_mode="processed_logprobs",
                 **kwargs)
         finally:
             torch.set_num_threads = set_num_threads
@@ -194,10 +194,14 @@ class VLLMEngine:
 
         Returns:
             tokens (B, R) long (R: the longest response; ``pad_token_id`` after a shorter one's end) and
-            vLLM's log-probability of each (B, R) float32 (0 after the end): at temperature 1 the full
-            distribution's (``raw_logprobs``), as the trainer computes it; at another temperature the
-            distribution after temperature, top-k and top-p (``processed_logprobs``: the same as the
-            trainer's without top-k/top-p). Greedy decoding: the temperature-1 distribution's.
+            vLLM's log-probability of each (B, R) float32 (0 after the end), whatever the temperature under the
+            distribution the token was drawn from: after temperature, top-k and top-p (vLLM's
+            ``processed_logprobs``, what TRL records), as the HF sampler records it
+            (:func:`~rlhf_lightning.rollout.sample_responses`); without top-k/top-p it is the trainer's
+            distribution at the temperature. Greedy decoding: vLLM's temperature-0 distribution (unscaled).
+
+        The draws come from the engine's own generator, seeded once per rank (vLLM takes no per-request seed
+        here): unlike the HF sampler's keyed noise, the responses depend on the rank and the batch.
         """
         gen = self.generation
         eos = [int(t) for t in torch.as_tensor(eos_token_id).reshape(-1).tolist()]

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# One thread per test process unless set otherwise (before torch is imported): the tiny model's operations are too
+# small for a thread pool to pay on these 2-core machines (a learning run took 34 s with 1 thread, 60 s with 2), and
+# the processes a test starts (torchrun, train.py, DDP workers) inherit it instead of competing for the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

@@ -17,13 +17,13 @@ def response_length(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-CALLS: list[int] = []
+CALLS: list[list[int]] = []
 
 
 def constant_on_even_prompts(completions, prompts=None, prompt_id=None, **kwargs):
     """1.0 for every response to a prompt with an even ``prompt_id`` column, else the length: the
-    groups of even prompts are flat (all equal). Each call is counted in CALLS."""
-    CALLS.append(len(completions))
+    groups of even prompts are flat (all equal). Each call's prompt ids are recorded in CALLS."""
+    CALLS.append(list(prompt_id))
     return [1.0 if pid % 2 == 0 else float(len(c)) for c, pid in zip(completions, prompt_id, strict=True)]
 
 
@@ -94,27 +94,45 @@ def test_reward_functions_alone_give_the_score(tmp_path, tiny_dir, tokenizer, hh
     assert "reward/response_length" in trainer.callback_metrics
 
 
-def test_dynamic_sampling_resamples_then_drops_flat_groups(tmp_path, tiny_dir, tokenizer):
-    """Groups of prompts with an even prompt_id always score 1.0 (flat): resampled
-    max_resample_rounds times, then left out; the others are kept."""
+@pytest.mark.parametrize("rounds", [0, 3])
+def test_dynamic_sampling_fills_the_batch_with_groups_that_have_a_signal(tmp_path, tiny_dir, tokenizer, rounds):
+    """Groups of prompts with an even prompt_id always score 1.0 (flat). Further batches of prompts are drawn
+    (``draw_prompts``, keyed by iteration and round) until 4 groups have a signal, at most ``max_resample_rounds``
+    times; the batch is those first, in the order drawn, then flat ones if there were too few: always 4 groups."""
     import json
 
-    rows = [{"prompt": f"Tell me about topic number {i}", "prompt_id": i} for i in range(8)]
+    rows = [{"prompt": f"Tell me about topic number {i}", "prompt_id": i} for i in range(16)]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     L.seed_everything(0)
     module = _module(tiny_dir, tokenizer, {"adv_estimator": "grpo", "num_generations": 2, "dynamic_sampling": True,
-                                           "max_resample_rounds": 1},
+                                           "max_resample_rounds": rounds},
                      reward_functions=[{"fn": constant_on_even_prompts}], reward_model=False)
     dm = PromptDataModule(tokenizer, str(path), batch_size=4, max_prompt_length=48)
-    _fit(module, tmp_path, dm)  # the module needs its trainer's datamodule for the columns
+    _fit(module, tmp_path, dm)  # the module needs its trainer's datamodule (columns, draw_prompts)
     batch = next(iter(dm.train_dataloader()))
-    even = int((batch["prompt_index"] % 2 == 0).sum())
+    candidates = [batch["prompt_index"].tolist()] + [dm.draw_prompts((module.iteration, k), 4)["prompt_index"].tolist()
+                                                     for k in range(1, rounds + 1)]
+    drawn = []
+    for prompts in candidates:
+        drawn.append(prompts)
+        if sum(i % 2 for r in drawn for i in r) >= 4:
+            break
+    signal = sum(i % 2 for r in drawn for i in r)
+    kept = [i for *_, i in sorted((i % 2 == 0, k, pos, i) for k, r in enumerate(drawn) for pos, i in enumerate(r))][:4]
+    if len(drawn) == 1:  # the batch's own groups, all kept, in their order
+        kept = drawn[0]
     CALLS.clear()
     exp = module.collect(batch["input_ids"], batch["attention_mask"], batch["prompt_index"])
-    assert exp.sampling_stats == {"resampled_groups": even, "dropped_groups": even}
-    assert len(CALLS) == 2  # one scoring per round (max_resample_rounds=1): collect reuses the last one
-    assert exp.batch_size == 2 * (4 - even)
+    assert [call[::2] for call in CALLS] == drawn  # one scoring per round, each prompt answered twice; not again
+    assert exp.batch_size == 2 * 4
+    start = exp.rollout.response_start
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(exp.rollout.input_ids[:, :start],
+                                                                  exp.rollout.attention_mask[:, :start], strict=True)]
+    assert prompt_ids == [dm.prompt_ids[i] for i in kept for _ in range(2)]
+    assert exp.sampling_stats == {"resample_rounds": len(drawn) - 1, "flat_groups": 4 * len(drawn) - signal,
+                                  "flat_groups_kept": max(4 - signal, 0)}
+    assert len(drawn) > 1 or rounds == 0  # the data makes the test resample when it may
 
 
 def test_a_broken_reward_function_fails_the_iteration_naming_it(tmp_path, tiny_dir, tokenizer, hh_file):

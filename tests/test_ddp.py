@@ -1,5 +1,10 @@
 """Two-process CPU DDP (the ``trainer=ddp_cpu`` preset: DDPStrategy, gloo, spawn) of the three modules.
 
+``tests/test_equivalence.py`` checks that every stage trains on 2 processes as on 1 (one torchrun launch); these
+tests check the preset itself (Hydra config, spawn) and what only a multi-process run shows: lock-step decoding
+when ranks sample responses of different lengths, a non-finite step on one rank skipped on all. Each spawns its own
+two workers (~25 s); those a default equivalence case covers are marked slow.
+
 Each test trains on the tiny model with the Trainer the preset builds, and every rank writes what
 the test compares across ranks (``RankRecorder``): its trainable parameters before and after
 training, the data rows it trained on, the metric values it computed locally and the values
@@ -171,6 +176,7 @@ def _assert_disjoint_rows(ranks: list[dict], expected_per_rank: int) -> None:
     assert not set(ranks[0]["rows"]) & set(ranks[1]["rows"])
 
 
+@pytest.mark.slow  # its stage is in tests/test_equivalence.py's default cases or slow ones
 def test_ddp_cpu_reward_model(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     module = LocalRewardModule(load_scalar_model(tiny_dir, trainable_layers=1), tokenizer, optim={"lr": 1e-3})
@@ -187,6 +193,7 @@ def test_ddp_cpu_reward_model(tmp_path, tiny_dir, tokenizer, hh_file):
         _assert_reduced(ranks, key, [_last_local(r, key) for r in ranks])
 
 
+@pytest.mark.slow  # its stage is in tests/test_equivalence.py's default cases or slow ones
 def test_ddp_cpu_value_model(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     module = LocalValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir, trainable_layers=1),
@@ -301,6 +308,7 @@ def test_ddp_cpu_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, t
         torch.testing.assert_close(ranks[1]["final"][key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow  # its stage is in tests/test_equivalence.py's default cases or slow ones
 def test_ddp_cpu_grpo_keeps_each_prompts_group_on_its_rank(tmp_path, tiny_dir, tokenizer, hh_file):
     """GRPO under 2-process DDP: each rank answers its own prompts num_generations times, each group of
     responses is contiguous and on one rank (its advantages sum to 0), one optimizer, equal weights."""

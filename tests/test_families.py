@@ -51,14 +51,15 @@ def test_dropout_is_off_in_train_mode(family):
 
 
 def test_sampler_logprobs_equal_training_logprobs(family):
-    """Sampled with the KV-cached loop at temperature 0.7; recomputed by the trainer with and
-    without the shared trunk: the same numbers (1e-5)."""
+    """Sampled with the KV-cached loop at temperature 0.7 (no top-k/top-p: the sampler's distribution is the
+    trainer's; with them the sampler records the renormalised one, tests/test_rollout.py); recomputed by the trainer
+    with and without the shared trunk: the same numbers (1e-5)."""
     source = f"tiny-{family}"
     tokenizer = load_tokenizer(source)
     policy, reference = load_policy(source, trainable_layers=1), load_reference(source)
     ids, mask = _prompts(tokenizer)
     torch.manual_seed(0)
-    config = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=50)
+    config = GenerationConfig(max_new_tokens=10, temperature=0.7)
     ro = generate(policy, ids, mask, config, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
     assert ro.response_mask.all()  # no EOS: every token counts
     trunk = SharedTrunk({"policy": policy, "ref_policy": reference})

@@ -226,6 +226,7 @@ class LocalLoRAPPOModule(PPOModule):
         return super().log_dict(dictionary, *args, **kwargs)
 
 
+@pytest.mark.slow  # ~25 s each (spawned workers); tests/test_equivalence.py's default LoRA case covers 2 processes
 @pytest.mark.parametrize("share_base", [False, True], ids=["critic_own_base", "critic_share_base"])
 def test_ddp_cpu_ppo_with_lora_keeps_the_adapters_equal_on_every_rank(tmp_path, tiny_dir, tokenizer, hh_file,
                                                                      share_base):

@@ -265,3 +265,25 @@ def test_ppo_with_the_critic_on_the_policys_base_checkpoints_resumes_and_exports
     with torch.no_grad():
         torch.testing.assert_close(response_values(restarted, ids, mask, start),
                                    response_values(full.critic, ids, mask, start), rtol=1e-4, atol=1e-5)
+
+
+def test_critic_warmup_trains_the_critics_adapter_on_the_policys_base(tiny_dir, tokenizer, hh_file, tmp_path):
+    """During ``ppo.critic_warmup_iterations`` the policy's own adapter stays put while the critic's adapter (which
+    lives in the policy's module) and head train: dropping the policy's gradients must not drop the critic's."""
+    L.seed_everything(0)
+    policy = load_policy(tiny_dir, lora=LORA)
+    module = PPOModule(policy, None, PolicyBaseCritic.from_source(tiny_dir, lora=LORA), load_scalar_model(
+                       tiny_dir, frozen=True, seed=1), tokenizer,
+                       ppo={"ppo_epochs": 2, "critic_warmup_iterations": 1, "num_sample_prompts": 0,
+                            "log_samples_every_n_steps": 0, "generation": {"max_new_tokens": 4}},
+                       policy_optim={"lr": 1e-2}, critic_optim={"lr": 1e-2})
+    adapters = {name: {key: p.detach().clone() for key, p in module.policy.named_parameters()
+                       if p.requires_grad and adapter_name_of(key) == name} for name in ("default", CRITIC_ADAPTER)}
+    assert all(adapters.values())
+    head = {key: p.detach().clone() for key, p in module.critic.score.named_parameters()}
+    fit_ppo_with_checkpoints(module, tokenizer, hh_file, tmp_path, iterations=1)
+    changed = {name: [key for key, p in module.policy.named_parameters() if key in before
+                      and not torch.equal(p, before[key])] for name, before in adapters.items()}
+    assert changed["default"] == []  # the policy is frozen in the warm-up
+    assert changed[CRITIC_ADAPTER], "the critic's adapter did not train during the warm-up"
+    assert any(not torch.equal(p, head[key]) for key, p in module.critic.score.named_parameters())

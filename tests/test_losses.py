@@ -20,7 +20,7 @@ from rlhf_lightning.losses import (
     tis_weights,
     value_loss,
 )
-from rlhf_lightning.ops import masked_mean
+from rlhf_lightning.ops import BatchCounts, masked_mean
 from rlhf_lightning.rewards import kl_penalty
 
 
@@ -478,7 +478,11 @@ def test_ppo_policy_loss_errors():
 # --------------------------------------------------------------------------- #
 # aggregate_loss
 # --------------------------------------------------------------------------- #
-def aggregate_loop_reference(x, mask, loss_agg):
+#: The generation budget passed to every loss for Dr. GRPO's aggregation (longer than the tests' widths).
+BUDGET = 10
+
+
+def aggregate_loop_reference(x, mask, loss_agg, budget=BUDGET):
     B, T = x.shape
     rows = [[float(x[b, t]) for t in range(T) if mask[b, t]] for b in range(B)]
     if loss_agg == "token_mean":
@@ -487,7 +491,7 @@ def aggregate_loop_reference(x, mask, loss_agg):
     if loss_agg == "seq_mean_token_mean":
         means = [sum(row) / len(row) for row in rows if row]
         return sum(means) / len(means) if means else 0.0
-    return sum(sum(row) / T for row in rows) / B
+    return sum(sum(row) / budget for row in rows) / B
 
 
 def test_aggregate_loss_by_hand():
@@ -495,18 +499,31 @@ def test_aggregate_loss_by_hand():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
     # token_mean: (1 + 2 + 3 + 4) / 4 = 2.5
     # seq_mean_token_mean: rows' means 2 and 4 (row 2 has no valid token: left out) -> 3
-    # seq_mean_token_sum_norm: (6 / 3 + 4 / 3 + 0) / 3 rows = 10 / 9
-    expected = {"token_mean": 2.5, "seq_mean_token_mean": 3.0, "seq_mean_token_sum_norm": 10 / 9}
+    # seq_mean_token_sum_norm with a budget of 4 tokens: (6 / 4 + 4 / 4 + 0) / 3 rows = 5 / 6
+    expected = {"token_mean": 2.5, "seq_mean_token_mean": 3.0, "seq_mean_token_sum_norm": 5 / 6}
     grads = {"token_mean": [[1 / 4] * 3, [1 / 4, 0, 0], [0] * 3],
              "seq_mean_token_mean": [[1 / 6] * 3, [1 / 2, 0, 0], [0] * 3],
-             "seq_mean_token_sum_norm": [[1 / 9] * 3, [1 / 9, 0, 0], [0] * 3]}
+             "seq_mean_token_sum_norm": [[1 / 12] * 3, [1 / 12, 0, 0], [0] * 3]}
     assert aggregate_loss(x, mask).item() == pytest.approx(2.5)  # default: token_mean
     for mode in LOSS_AGG_MODES:
         x.grad = None
-        loss = aggregate_loss(x, mask, mode)
+        loss = aggregate_loss(x, mask, mode, max_response_length=4)
         assert loss.dim() == 0 and loss.item() == pytest.approx(expected[mode])
         loss.backward()
         torch.testing.assert_close(x.grad, torch.tensor(grads[mode]))
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_aggregate_loss_does_not_depend_on_the_padded_width(mode):
+    """The same responses padded to widths 3, 4 and 24 give the same loss in every mode (Dr. GRPO divided by
+    the padded width gave 0.833, 0.625 and 0.104)."""
+    x = torch.tensor([[1.0, 2.0, 2.0], [0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    losses = [aggregate_loss(torch.nn.functional.pad(x, (0, extra)), torch.nn.functional.pad(mask, (0, extra)),
+                             mode, max_response_length=4).item() for extra in (0, 1, 21)]
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)
+    if mode == "seq_mean_token_sum_norm":
+        assert losses[0] == pytest.approx((5 / 4 + 0.5 / 4) / 2)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -515,19 +532,63 @@ def test_aggregate_loss_matches_loop_reference(mode):
     B, T = 6, 7
     x = torch.randn(B, T, generator=gen, dtype=torch.float64)
     mask = ragged_prefix_mask(B, T, gen)
-    assert aggregate_loss(x, mask, mode).item() == pytest.approx(aggregate_loop_reference(x, mask, mode))
-    assert aggregate_loss(x, mask.int(), mode).item() == pytest.approx(aggregate_loop_reference(x, mask, mode))
+    expected = aggregate_loop_reference(x, mask, mode)
+    assert aggregate_loss(x, mask, mode, max_response_length=BUDGET).item() == pytest.approx(expected)
+    assert aggregate_loss(x, mask.int(), mode, max_response_length=BUDGET).item() == pytest.approx(expected)
+
+
+def _split_counts(masks):
+    """The :class:`BatchCounts` each of ``len(masks)`` simulated processes gets: its mask's counts summed over all."""
+    total = torch.stack([torch.stack([c.tokens, c.sequences, c.rows]) for c in map(BatchCounts.of, masks)]).sum(0)
+    return [BatchCounts.of(m, all_reduce=lambda local: total, world_size=len(masks)) for m in masks]
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_aggregate_loss_over_processes_averages_to_the_one_process_loss_and_gradient(mode):
+    """Rows split unevenly over two simulated processes (different widths, token counts and row counts): the
+    processes' losses with the whole batch's counts average (as DDP averages gradients) to the loss of one process
+    holding every row, and their gradients too; the mean of per-process means does not (the bug of issue 21)."""
+    gen = torch.Generator().manual_seed(61)
+    B, T = 8, 6
+    x = torch.randn(B, T, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = ragged_prefix_mask(B, T, gen)
+    mask[:3, 4:] = False  # process 0's rows are at most 4 tokens long: it holds them 4 columns wide
+    whole = aggregate_loss(x, mask, mode, max_response_length=BUDGET)
+    (g_whole,) = torch.autograd.grad(whole, x)
+    parts = [(x[:3, :4], mask[:3, :4]), (x[3:], mask[3:])]
+    counts = _split_counts([m for _, m in parts])
+    losses = [aggregate_loss(xp, mp, mode, counts=c, max_response_length=BUDGET)
+              for (xp, mp), c in zip(parts, counts, strict=True)]
+    average = sum(losses) / 2
+    (g_split,) = torch.autograd.grad(average, x)
+    torch.testing.assert_close(average, whole)
+    torch.testing.assert_close(g_split, g_whole)
+    mean_of_means = sum(aggregate_loss(xp, mp, mode, max_response_length=BUDGET) for xp, mp in parts) / 2
+    assert abs(float(mean_of_means.detach() - whole.detach())) > 1e-3
+
+
+def test_token_mean_of_issue_21():
+    """Rank 0: 2 tokens of loss 1; rank 1: 8 tokens of loss 0. The token mean is 0.2, the mean of the ranks'
+    means 0.5."""
+    masks = [torch.ones(1, 2, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool)]
+    values = [torch.ones(1, 2), torch.zeros(2, 4)]
+    counts = _split_counts(masks)
+    shares = [aggregate_loss(v, m, "token_mean", counts=c) for v, m, c in zip(values, masks, counts, strict=True)]
+    assert float(sum(shares) / 2) == pytest.approx(0.2)
+    assert float(sum(aggregate_loss(v, m) for v, m in zip(values, masks, strict=True)) / 2) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_aggregate_loss_all_masked_and_empty(mode):
     x = torch.full((2, 3), float("inf"), requires_grad=True)
-    loss = aggregate_loss(x, torch.zeros(2, 3, dtype=torch.bool), mode)
+    loss = aggregate_loss(x, torch.zeros(2, 3, dtype=torch.bool), mode, max_response_length=BUDGET)
     assert loss.item() == 0.0
     loss.backward()
     assert (x.grad == 0).all()
-    assert aggregate_loss(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.bool), mode).item() == 0.0
-    assert aggregate_loss(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool), mode).item() == 0.0
+    for shape in ((0, 3), (2, 0)):
+        empty = aggregate_loss(torch.zeros(shape), torch.zeros(shape, dtype=torch.bool), mode,
+                               max_response_length=BUDGET)
+        assert empty.item() == 0.0
 
 
 def test_aggregate_loss_errors():
@@ -535,6 +596,9 @@ def test_aggregate_loss_errors():
     m = torch.ones(2, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="loss_agg"):
         aggregate_loss(x, m, "seq_mean")
+    for budget in (None, 0):
+        with pytest.raises(ValueError, match="max_response_length"):
+            aggregate_loss(x, m, "seq_mean_token_sum_norm", max_response_length=budget)
     with pytest.raises(ValueError):
         aggregate_loss(x, torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError):
@@ -630,7 +694,8 @@ def test_ppo_policy_loss_options_match_loop_reference(loss_agg, ratio_level):
     logp = old + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)
     adv = torch.randn(B, T, generator=gen, dtype=torch.float64)
     mask = ragged_prefix_mask(B, T, gen)
-    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps, eps_high, loss_agg, ratio_level)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, eps, eps_high, loss_agg, ratio_level,
+                                  max_response_length=BUDGET)
     ref_loss, ref_clipfrac, ref_ratio = ppo_loop_reference(logp, old, adv, mask, eps, eps_high, loss_agg, ratio_level)
     assert loss.item() == pytest.approx(ref_loss)
     assert stats["clipfrac"].item() == pytest.approx(ref_clipfrac)
@@ -693,8 +758,10 @@ def test_ppo_policy_loss_sequence_level_averages_token_advantages():
     mask = ragged_prefix_mask(B, T, gen)
     row_mean = masked_mean(adv, mask, dim=1).unsqueeze(1).expand(B, T)
     for mode in LOSS_AGG_MODES:
-        a, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, loss_agg=mode, ratio_level="sequence")
-        b, _ = ppo_policy_loss(logp, old, row_mean, mask, 0.2, loss_agg=mode, ratio_level="sequence")
+        a, _ = ppo_policy_loss(logp, old, adv, mask, 0.2, loss_agg=mode, ratio_level="sequence",
+                               max_response_length=BUDGET)
+        b, _ = ppo_policy_loss(logp, old, row_mean, mask, 0.2, loss_agg=mode, ratio_level="sequence",
+                               max_response_length=BUDGET)
         torch.testing.assert_close(a, b)
 
 
@@ -705,12 +772,13 @@ def test_ppo_policy_loss_options_padding_and_all_masked(loss_agg, ratio_level):
     old = torch.tensor([[-1.0, -2.0], [-80.0, 0.0]])
     adv = torch.tensor([[1.0, -1.0], [3.0, 3.0]])
     mask = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
-    loss, stats = ppo_policy_loss(logp, old, adv, mask, 0.2, 0.3, loss_agg, ratio_level)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, 0.2, 0.3, loss_agg, ratio_level, max_response_length=BUDGET)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
     loss.backward()
     assert torch.isfinite(logp.grad).all() and (logp.grad[1] == 0).all()
     logp.grad = None
-    loss, stats = ppo_policy_loss(logp, old, adv, torch.zeros_like(mask), 0.2, 0.3, loss_agg, ratio_level)
+    loss, stats = ppo_policy_loss(logp, old, adv, torch.zeros_like(mask), 0.2, 0.3, loss_agg, ratio_level,
+                                  max_response_length=BUDGET)
     assert loss.item() == 0.0 and all(v.item() == 0.0 for v in stats.values())
     loss.backward()
     assert torch.isfinite(logp.grad).all() and (logp.grad == 0).all()
@@ -730,7 +798,7 @@ def test_ppo_policy_loss_option_errors():
     with pytest.raises(ValueError):
         ppo_policy_loss(flat, flat, flat, flat_mask, 0.2, ratio_level="sequence")
     with pytest.raises(ValueError):
-        ppo_policy_loss(flat, flat, flat, flat_mask, 0.2, loss_agg="seq_mean_token_sum_norm")
+        ppo_policy_loss(flat, flat, flat, flat_mask, 0.2, loss_agg="seq_mean_token_sum_norm", max_response_length=4)
     assert ppo_policy_loss(flat, flat, flat, flat_mask, 0.2)[0].item() == 0.0  # token level takes any shape
 
 
@@ -750,9 +818,9 @@ def test_kl_loss_by_hand():
     torch.testing.assert_close(logp.grad, torch.tensor([[0.25, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     assert kl_loss(logp, ref, mask, "k1").item() == pytest.approx(ln2 / 2, rel=1e-6)
     assert kl_loss(logp, ref, mask, "k2").item() == pytest.approx(0.25 * ln2**2, rel=1e-6)
-    # seq_mean_token_sum_norm: sum (ln 2 - 0.5) / T = 3, over B = 2 rows
-    assert kl_loss(logp, ref, mask, loss_agg="seq_mean_token_sum_norm").item() == pytest.approx(
-        (ln2 - 0.5) / 6, rel=1e-6)
+    # seq_mean_token_sum_norm: sum (ln 2 - 0.5) / the budget of 4 tokens, over B = 2 rows
+    assert kl_loss(logp, ref, mask, loss_agg="seq_mean_token_sum_norm", max_response_length=4).item() == \
+        pytest.approx((ln2 - 0.5) / 8, rel=1e-6)
 
 
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
@@ -763,13 +831,13 @@ def test_kl_loss_matches_kl_penalty_and_loop(estimator, loss_agg):
     logp = (-3 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_(True)
     ref = (-3 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_(True)
     mask = ragged_prefix_mask(B, T, gen)
-    loss = kl_loss(logp, ref, mask, estimator, loss_agg)
+    loss = kl_loss(logp, ref, mask, estimator, loss_agg, max_response_length=BUDGET)
     per_token = kl_penalty(logp.detach(), ref.detach(), estimator)
     assert loss.item() == pytest.approx(aggregate_loop_reference(per_token, mask, loss_agg))
     loss.backward()
     assert ref.grad is None  # the reference is a constant
-    (g_ref,) = torch.autograd.grad(aggregate_loss(kl_penalty(logp, ref.detach(), estimator), mask, loss_agg),
-                                   logp)
+    (g_ref,) = torch.autograd.grad(aggregate_loss(kl_penalty(logp, ref.detach(), estimator), mask, loss_agg,
+                                                  max_response_length=BUDGET), logp)
     torch.testing.assert_close(logp.grad, g_ref)
 
 

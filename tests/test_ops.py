@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_lightning.ops import (
+    BatchCounts,
     entropy_from_logits,
     explained_variance,
     last_valid_index,
@@ -19,6 +20,11 @@ from rlhf_lightning.ops import (
     masked_var,
     masked_whiten,
     response_mask_from_eos,
+    row_seed,
+    sample_from_logits,
+    sampling_noise,
+    token_mean,
+    truncation_log_mass,
 )
 
 
@@ -491,3 +497,102 @@ def test_explained_variance_loop_reference():
         return sum((x - mu) ** 2 for x in xs) / len(xs)
 
     assert explained_variance(values, returns, m).item() == pytest.approx(1 - pvar(e) / pvar(r))
+
+
+# --------------------------------------------------------------------------- #
+# Batches shared by processes: BatchCounts, token_mean, pooled explained variance
+# --------------------------------------------------------------------------- #
+def test_batch_counts_by_hand_and_summed_over_processes():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    local = BatchCounts.of(mask)
+    assert (local.tokens.item(), local.sequences.item(), local.rows.item(), local.world_size) == (3, 2, 3, 1)
+    assert local.tokens.dtype == torch.float64
+    other = torch.tensor([5.0, 1.0, 2.0], dtype=torch.float64)  # what the other process holds
+    both = BatchCounts.of(mask, all_reduce=lambda t: t + other, world_size=2)
+    assert (both.tokens.item(), both.sequences.item(), both.rows.item()) == (8, 3, 5)
+    assert both.per_process("tokens").item() == 4.0 and both.per_process("rows").item() == 2.5
+    assert BatchCounts.of(torch.zeros(0, 3, dtype=torch.bool)).per_process("tokens").item() == 1.0  # at least 1
+    with pytest.raises(ValueError, match="all_reduce"):
+        BatchCounts.of(mask, world_size=2)
+    with pytest.raises(ValueError, match="unit"):
+        local.per_process("pairs")
+
+
+def test_token_mean_shares_average_to_the_whole_batch_mean():
+    """Two processes with 1 and 3 valid tokens: their shares average to the mean of the 4 tokens."""
+    xa, ma = torch.tensor([[4.0, 99.0]]), torch.tensor([[True, False]])
+    xb, mb = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[True, True, True]])
+    total = BatchCounts.of(ma).tokens + BatchCounts.of(mb).tokens
+    shares = [token_mean(x, m, BatchCounts(total, total, total, 2)) for x, m in ((xa, ma), (xb, mb))]
+    assert float(sum(shares) / 2) == pytest.approx((4 + 1 + 2 + 3) / 4)
+    assert token_mean(xb, mb).item() == pytest.approx(2.0)  # no counts: this batch's mean
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_explained_variance_pooled_over_processes_matches_the_union(seed):
+    g = torch.Generator().manual_seed(seed)
+    parts = [(torch.randn(3, w, generator=g), torch.randn(3, w, generator=g) * 2, torch.rand(3, w, generator=g) > 0.3)
+             for w in (4, 7)]
+    width = 7
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    union = [torch.cat([pad(part[i]) for part in parts]) for i in range(3)]
+    expected = explained_variance(*union)
+    stats = []
+    for values, returns, mask in parts:
+        explained_variance(values, returns, mask, all_reduce=lambda t: stats.append(t.clone()) or t)
+    total = stats[0] + stats[1]
+    for values, returns, mask in parts:  # every process gets the union's value
+        got = explained_variance(values, returns, mask, all_reduce=lambda t: total.clone())
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(explained_variance(*parts[0]), expected, atol=1e-3)  # one process's alone differs
+    constant = torch.ones(2, 3)
+    assert explained_variance(constant * 0, constant, constant.bool(), all_reduce=lambda t: t).item() == 0.0
+
+
+# --------------------------------------------------------------------------- #
+# Per-row random numbers and sampling with them
+# --------------------------------------------------------------------------- #
+def test_row_seed_is_a_pure_function_of_its_arguments():
+    assert row_seed(0, 1, 2, 3) == row_seed(0, 1, 2, 3)
+    seeds = {row_seed(0, 1, 2, 3), row_seed(1, 1, 2, 3), row_seed(0, 2, 1, 3), row_seed(0, 1, 2, 4), row_seed(0, 1, 2)}
+    assert len(seeds) == 5  # order and every component matter
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert row_seed(0, -1, 5) != row_seed(0, 1, 5)  # negative keys are fine
+
+
+def test_sampling_noise_depends_on_the_row_key_only():
+    keys = torch.tensor([[3, 10, 0], [3, 10, 1], [3, 11, 0]])
+    noise = sampling_noise(7, keys, 5)
+    assert noise.shape == (3, 5) and noise.dtype == torch.float64 and ((noise >= 0) & (noise < 1)).all()
+    alone = sampling_noise(7, keys[2:], 5)  # the row in another batch, at another position
+    torch.testing.assert_close(alone[0], noise[2], rtol=0, atol=0)
+    reordered = sampling_noise(7, keys.flip(0), 5)
+    torch.testing.assert_close(reordered.flip(0), noise, rtol=0, atol=0)
+    assert not torch.equal(noise[0], noise[1])  # another generation index: other numbers
+    assert not torch.equal(sampling_noise(8, keys, 5), noise)  # another seed: other numbers
+    torch.testing.assert_close(sampling_noise(7, keys, 3), noise[:, :3], rtol=0, atol=0)  # a prefix of the stream
+    with pytest.raises(ValueError, match="keys"):
+        sampling_noise(7, keys.float(), 5)
+
+
+def test_sample_from_logits_with_given_uniforms_is_inverse_cdf():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]])).expand(4, 4)
+    uniform = torch.tensor([0.05, 0.15, 0.55, 0.95], dtype=torch.float64)
+    # CDF 0.1, 0.3, 0.6, 1.0
+    assert sample_from_logits(logits, uniform=uniform).tolist() == [0, 1, 2, 3]
+    # top-k 2 keeps tokens 3 and 2 (0.4 / 0.7 first): u 0.5 -> token 3, u 0.6 -> token 2
+    assert sample_from_logits(logits[:2], top_k=2, uniform=torch.tensor([0.5, 0.6])).tolist() == [3, 2]
+    with pytest.raises(ValueError, match="uniform"):
+        sample_from_logits(logits, uniform=torch.zeros(3))
+
+
+def test_truncation_log_mass_by_hand():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]]))
+    assert truncation_log_mass(logits).tolist() == [0.0, 0.0]  # nothing truncated
+    torch.testing.assert_close(truncation_log_mass(logits, top_k=2), torch.log(torch.tensor([0.7, 0.8])))
+    # top_p 0.5: row 0 keeps 0.4 and 0.3 (0.4 < 0.5 before 0.3); row 1 keeps 0.7 alone
+    torch.testing.assert_close(truncation_log_mass(logits, top_p=0.5), torch.log(torch.tensor([0.7, 0.7])))
+    # temperature 2 on row 1 (probabilities ∝ sqrt(p)): top-1 keeps sqrt(0.7) / (sqrt(0.7) + 3 sqrt(0.1))
+    p = torch.sqrt(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    torch.testing.assert_close(truncation_log_mass(logits[1:], temperature=2.0, top_k=1),
+                               torch.log(p[:1] / p.sum()))

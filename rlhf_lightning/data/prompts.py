@@ -13,6 +13,7 @@ from rlhf_lightning.data.datamodule import SourceDataModule
 from rlhf_lightning.data.preference import ListDataset, split_indices
 from rlhf_lightning.data.sources import load_prompt_rows
 from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt
+from rlhf_lightning.ops import row_seed
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -123,6 +124,30 @@ class PromptDataModule(SourceDataModule):
         self._require_setup()
         pool = self.val_dataset if len(self.val_dataset) else self.train_dataset
         return self.collator([pool[i] for i in range(min(n, len(pool)))])
+
+    def draw_prompts(self, key: Sequence[int], size: int, rank: int = 0,
+                     world_size: int = 1) -> dict[str, torch.Tensor]:
+        """Further training prompts for PPO's dynamic sampling: ``size`` prompts of the training split drawn
+        without replacement by a generator seeded with (``seed``, ``*key``), and ``rank``'s share of them
+        (positions ``rank``, ``rank + world_size``, ..., as the training sampler deals a batch), collated like a
+        training batch (:class:`PromptCollator`). A function of its arguments and the data only: every rank,
+        and a resumed run, draws the same prompts for the same ``key``.
+
+        Args:
+            key: what identifies the draw (PPO: iteration and round).
+            size: prompts over all ranks; a multiple of ``world_size``, at most the training prompts.
+            rank, world_size: this process's place.
+
+        Raises:
+            ValueError: ``size`` out of range or not a multiple of ``world_size``.
+        """
+        self._require_setup()
+        if not 0 < size <= len(self.train_dataset) or size % world_size:
+            raise ValueError(f"draw_prompts: size={size} must be in [1, {len(self.train_dataset)}] (the training "
+                             f"prompts) and a multiple of world_size={world_size}")
+        generator = torch.Generator().manual_seed(row_seed(self.seed, *key))
+        order = torch.randperm(len(self.train_dataset), generator=generator)[:size][rank::world_size]
+        return self.collator([self.train_dataset[i] for i in order.tolist()])
 
     def _require_setup(self) -> None:
         if self.train_dataset is None:

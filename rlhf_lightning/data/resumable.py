@@ -69,14 +69,19 @@ def resumable_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int
 
     Training (``shuffle=True``): a :class:`ResumableDataLoader` over a ``DistributedSampler`` that
     shuffles with ``seed + epoch`` (over ``trainer.world_size`` replicas at rank ``trainer.global_rank``
-    when a trainer is given, else one), so Lightning keeps it and sets its epoch. Evaluation: a plain
-    ``DataLoader`` in dataset order. Returns batches of ``collate_fn`` (see the collators).
+    when a trainer is given, else one), so Lightning keeps it and sets its epoch. The sampler drops the
+    permutation's tail that does not divide among the replicas (``drop_last``) instead of repeating its
+    first rows: rank r's i-th batch of b rows is then rows ``r, r + W, ...`` of the i-th slice of ``W b``
+    rows of the epoch's permutation, so the ranks' i-th batches together are exactly the i-th batch of
+    one process with batch size ``W b`` (the same prompts whatever the world size), and no row is seen twice
+    in an epoch. Evaluation: a plain ``DataLoader`` in dataset order. Returns batches of ``collate_fn``
+    (see the collators).
     """
     common = dict(batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
                   persistent_workers=num_workers > 0, drop_last=drop_last)
     if not shuffle:
         return DataLoader(dataset, shuffle=False, **common)
     replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
     # Own generator for the iterator's base seed, so no epoch start draws from torch's global RNG.
     return ResumableDataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)

@@ -1,4 +1,5 @@
-"""Pieces shared by the three LightningModules: optimizers and schedules, model export, the shared trunk."""
+"""Pieces shared by the LightningModules: optimizers and schedules, model export, the shared trunk, reductions over
+ranks."""
 
 from __future__ import annotations
 
@@ -9,10 +10,38 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf_lightning.ops import BatchCounts
 from rlhf_lightning.schedules import lr_multiplier
 from rlhf_lightning.schema import OptimConfig
 
 log = logging.getLogger(__name__)
+
+
+def sum_over_ranks(module):
+    """A function summing a tensor over the ranks of ``module``'s trainer (``strategy.reduce``, a collective),
+    or ``None`` in one process (or without a trainer)."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return None
+    strategy = trainer.strategy
+    return lambda tensor: strategy.reduce(tensor, reduce_op="sum")
+
+
+def gather_rows(module):
+    """A function concatenating a ``(B,)`` tensor of every rank of ``module``'s trainer (``all_gather``, a
+    collective; every rank must hold B rows), or ``None`` in one process (or without a trainer)."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return None
+    return lambda rows: module.all_gather(rows).reshape(-1)
+
+
+def batch_counts(module, mask: torch.Tensor) -> BatchCounts:
+    """The token, sequence and row counts of ``mask`` (``(b, R)`` bool, this rank's part of a (mini)batch)
+    summed over the ranks of ``module``'s trainer (:class:`~rlhf_lightning.ops.BatchCounts`, :func:`sum_over_ranks`):
+    the denominators of the losses and statistics of the whole (mini)batch. One all-reduce when distributed."""
+    trainer = module._trainer
+    return BatchCounts.of(mask, sum_over_ranks(module), trainer.world_size if trainer is not None else 1)
 
 
 def schedule_lambda(config: OptimConfig, total_steps: float | None = None):

@@ -22,7 +22,7 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
 )
 from rlhf_lightning.modules.evaluation import evaluate_policy
-from rlhf_lightning.rollout import Experience, adapter_off_logprobs, generate, make_experience
+from rlhf_lightning.rollout import Experience, adapter_off_logprobs, generate, make_experience, prompt_noise
 from rlhf_lightning.schema import DPOConfig, as_config
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class DPOModule(L.LightningModule):
                   "logps/chosen": logps[:n].detach().mean(), "logps/rejected": logps[n:].detach().mean()}
         metrics = {f"{stage}/loss": loss} | {f"{prefix}{name}": value for name, value in values.items()}
         on_step = stage == "train"
-        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=n, sync_dist=not on_step)
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=n, sync_dist=True)  # all ranks' pairs
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -214,18 +214,23 @@ class DPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation and export
     def collect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor | None = None,
-                do_sample: bool = True) -> Experience:
+                do_sample: bool = True, seed: int | None = None) -> Experience:
         """One response per prompt (``dpo.generation``), scored by the reward model, with the policy's and the
         reference's log-probabilities (no autograd): the evaluation's
         :class:`~rlhf_lightning.rollout.Experience`.
 
         Args:
-            input_ids, attention_mask: (B, P) left-padded prompts. prompt_index: unused (PPO's signature).
+            input_ids, attention_mask: (B, P) left-padded prompts.
+            prompt_index: (B,) the prompts' dataset indices: with ``seed``, each response's sampling noise is keyed
+                by its prompt (:func:`~rlhf_lightning.rollout.prompt_noise`, as PPO's evaluation); ``None``: drawn
+                from torch's generator.
             do_sample: False decodes greedily.
+            seed: the noise's seed (the evaluation's ``dpo.eval_seed``).
         """
         gen, eos = self.dpo.generation, int(self.tokenizer.eos_token_id)
+        noise = prompt_noise(seed, prompt_index, gen.max_new_tokens) if seed is not None else None
         rollout = generate(self.policy, input_ids, attention_mask, gen, eos, self.tokenizer.pad_token_id,
-                           do_sample=do_sample)
+                           do_sample=do_sample, noise=noise)
         exp = make_experience(rollout, self.reward_model, policy=self.policy, ref_policy=self.ref_policy,
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
                               score_eos_token_id=eos if gen.score_with_eos else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
@@ -27,16 +27,19 @@ from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.lora import has_lora, log_network_memory, own_parameters
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
+    batch_counts,
     check_lora_strategy,
     drop_frozen_lora_weights,
     export_pretrained,
     find_shared_trunk,
+    gather_rows,
     make_grouped_optimizer,
     make_optimizer,
     scheduler_total_steps,
+    sum_over_ranks,
 )
 from rlhf_lightning.modules.evaluation import evaluate_policy, write_samples
-from rlhf_lightning.ops import explained_variance, masked_mean, masked_whiten
+from rlhf_lightning.ops import explained_variance, masked_whiten, token_mean
 from rlhf_lightning.reward_functions import load_reward_functions, score_with_functions
 from rlhf_lightning.rewards import compute_rewards, make_kl_controller
 from rlhf_lightning.rollout import (
@@ -46,8 +49,10 @@ from rlhf_lightning.rollout import (
     generate,
     logprob_diff,
     make_experience,
-    replace_rows,
+    prompt_noise,
+    run_seed,
     select_rows,
+    stack_rollouts,
 )
 from rlhf_lightning.schema import OptimConfig, PPOConfig, as_config
 
@@ -200,6 +205,7 @@ class PPOModule(L.LightningModule):
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
         self._alarms_fired: set[str] = set()  # ppo.alarms kinds that warned already
         self.engine = None  # the vLLM rollout engine (ppo.generation.backend=vllm), built in on_fit_start
+        self.sampling_seed = run_seed()  # the sampling noise's seed (responses keyed by prompt, not by rank)
 
     def on_fit_start(self) -> None:
         """Log each network's size; find the frozen lower blocks the four networks share (``ppo.share_trunk``);
@@ -209,6 +215,7 @@ class PPOModule(L.LightningModule):
                            aliases={"reference": "the LoRA policy with its adapters off"}
                            if self.ref_policy is None else None)
         self.trunk = find_shared_trunk(self, self.ppo.share_trunk)
+        self.sampling_seed = run_seed()
         if self.ppo.generation.backend == "vllm" and self.engine is None:
             self.engine = self.build_engine()
 
@@ -292,14 +299,16 @@ class PPOModule(L.LightningModule):
         self.log_iteration(exp, stats)
 
     def collect(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor | None = None,
-                do_sample: bool = True, for_update: bool = True) -> Experience:
+                do_sample: bool = True, for_update: bool = True, seed: int | None = None) -> Experience:
         """Phase 1: sample responses, score them, and compute old and reference log-probabilities and
         values without autograd.
 
         For an update each prompt is answered ``ppo.num_generations`` times (rows repeated, each
-        prompt's responses contiguous). The score is the reward model's (minus the missing-EOS
-        penalty) plus the weighted reward functions. With ``ppo.dynamic_sampling``, groups whose
-        scores are all equal are sampled again (:meth:`_resample_flat_groups`). With one minibatch
+        prompt's responses contiguous). A response's sampling noise is keyed by (iteration, the prompt's
+        dataset index, its generation index) (:func:`~rlhf_lightning.rollout.prompt_noise`), so the responses
+        do not depend on the rank or the batch a prompt is in. The score is the reward model's (minus the
+        missing-EOS penalty) plus the weighted reward functions. With ``ppo.dynamic_sampling`` the batch is
+        filled with groups whose scores differ (:meth:`dynamic_sampling`). With one minibatch
         (``for_update`` and ``ppo.num_minibatches == 1``) the first PPO epoch's forward sees the whole
         batch before any update: it runs here, with autograd, and its detached outputs are the old
         log-probabilities and values, its graph kept in ``Experience.reused_forward`` for the first
@@ -308,28 +317,26 @@ class PPOModule(L.LightningModule):
 
         Args:
             input_ids, attention_mask: (B, P) left-padded prompts.
-            prompt_index: (B,) long, the prompts' indices in the datamodule (for the reward
-                functions' dataset columns); ``None`` when there are no reward functions.
+            prompt_index: (B,) long, the prompts' indices in the datamodule (the sampling noise's keys, the
+                reward functions' dataset columns); ``None``: the sampler draws from torch's generator.
             do_sample: False decodes greedily.
             for_update: False for evaluation: one response per prompt, old log-probabilities without
                 autograd, no values, sampled by the policy's own forward whatever ``ppo.generation.backend``
                 (the evaluation's seeded sampling is the same before and after training).
+            seed: the sampling noise's seed; ``None``: the run's (:func:`~rlhf_lightning.rollout.run_seed`) and
+                the iteration in the keys; an evaluation passes its own (``ppo.eval_seed``), keyed by prompt only.
 
         Returns:
             The :class:`~rlhf_lightning.rollout.Experience` (no advantages yet).
         """
         cfg, gen = self.ppo, self.ppo.generation
-        group = cfg.num_generations if for_update else 1
-        if group > 1:
-            input_ids = input_ids.repeat_interleave(group, 0)
-            attention_mask = attention_mask.repeat_interleave(group, 0)
-            prompt_index = prompt_index.repeat_interleave(group, 0) if prompt_index is not None else None
-        rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, do_sample=do_sample, engine=self.engine if for_update else None)
         stats: dict[str, float] = {}
         functions = None  # the reward functions' results, when dynamic sampling already has them
-        if for_update and cfg.dynamic_sampling and group > 1:
-            rollout, prompt_index, stats, functions = self._resample_flat_groups(rollout, prompt_index)
+        if for_update and cfg.dynamic_sampling and cfg.num_generations > 1:
+            rollout, prompt_index, functions, stats = self.dynamic_sampling(input_ids, attention_mask, prompt_index)
+        else:
+            rollout, prompt_index = self._sample(input_ids, attention_mask, prompt_index, do_sample=do_sample,
+                                                 for_update=for_update, seed=seed)
         reuse = for_update and cfg.num_minibatches == 1
         exp = make_experience(rollout, self.reward_model, policy=None if reuse else self.policy,
                               ref_policy=self.ref_policy, critic=self.critic if for_update and not reuse else None,
@@ -349,6 +356,27 @@ class PPOModule(L.LightningModule):
         invalid = ~rollout.response_mask
         values = first[2].detach().masked_fill(invalid, 0.0) if first[2] is not None else None
         return replace(exp, logprobs=first[0].detach().masked_fill(invalid, 0.0), values=values, reused_forward=first)
+
+    def _sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor | None,
+                do_sample: bool = True, for_update: bool = True, seed: int | None = None, round_: int = 0
+                ) -> tuple[Rollout, torch.Tensor | None]:
+        """Answer each prompt ``ppo.num_generations`` times (once when not ``for_update``), rows of one prompt
+        contiguous, with the noise of :meth:`collect` (keys ``(iteration, round_, prompt, generation)``, or
+        ``(prompt, generation)`` under an evaluation's ``seed``). Returns the rollout and the rows' prompt
+        indices (``None`` without ``prompt_index``)."""
+        gen = self.ppo.generation
+        group = self.ppo.num_generations if for_update else 1
+        if group > 1:
+            input_ids = input_ids.repeat_interleave(group, 0)
+            attention_mask = attention_mask.repeat_interleave(group, 0)
+        seed, key = (self.sampling_seed, (self.iteration, round_)) if seed is None else (seed, ())
+        noise = prompt_noise(seed, prompt_index, gen.max_new_tokens, *key, group=group)
+        rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
+                           self.tokenizer.pad_token_id, do_sample=do_sample,
+                           engine=self.engine if for_update else None, noise=noise)
+        if prompt_index is not None and group > 1:
+            prompt_index = prompt_index.repeat_interleave(group, 0)
+        return rollout, prompt_index
 
     def compute_advantages(self, exp: Experience) -> Experience:
         """Phase 2: per-token rewards −β·KL_t plus the score at the last token, then the advantages of
@@ -392,6 +420,11 @@ class PPOModule(L.LightningModule):
         schedulers (once per iteration) and the adaptive KL controller (on the KL averaged over ranks,
         so every rank keeps the same β).
 
+        Under data parallelism each loss is this rank's share of the loss of every rank's minibatch together
+        (:func:`~rlhf_lightning.modules.common.batch_counts`: token and sequence counts summed over ranks), so
+        that the gradients DDP averages are those of one process holding the whole minibatch; the logged
+        statistics are shares too, and their mean over ranks is the whole minibatch's.
+
         Returns:
             The minibatch statistics averaged over the iteration, and ``ppo/policy_frozen`` (1 during
             the critic warm-up), 0-d tensors by metric name.
@@ -400,6 +433,7 @@ class PPOModule(L.LightningModule):
         optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
         policy_frozen = self.iteration < cfg.critic_warmup_iterations
         batch_size, reused = exp.batch_size, exp.reused_forward
+        budget = cfg.generation.max_new_tokens  # Dr. GRPO's constant normaliser (loss_agg=seq_mean_token_sum_norm)
         weights = (tis_weights(exp.logprobs, ro.sampler_logprobs, mask, cfg.tis_cap)
                    if cfg.tis_cap is not None and ro.sampler_logprobs is not None else None)  # (B, R) or None
         stats: dict[str, list[torch.Tensor]] = {}
@@ -413,21 +447,25 @@ class PPOModule(L.LightningModule):
                     logprobs, entropy, values = self._train_forward(ro.input_ids[mb], ro.attention_mask[mb],
                                                                     ro.response_start, exp.trunks.rows(mb))
                 m = mask[mb]
+                counts = batch_counts(self, m)  # every rank's part of the minibatch: each rank's losses are its shares
                 pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[mb], exp.advantages[mb], m, cfg.clip_eps,
                                                     cfg.clip_eps_high, cfg.loss_agg, cfg.ratio_level,
-                                                    token_weights=weights[mb] if weights is not None else None)
+                                                    token_weights=weights[mb] if weights is not None else None,
+                                                    counts=counts, max_response_length=budget)
                 step_stats = {"ppo/policy_loss": pg_loss, "ppo/clipfrac": pg_stats["clipfrac"],
                               "ppo/approx_kl": pg_stats["approx_kl"], "ppo/ratio": pg_stats["ratio_mean"],
-                              "objective/entropy": masked_mean(entropy, m)}
+                              "objective/entropy": token_mean(entropy, m, counts)}
                 loss = pg_loss
                 if values is not None:
-                    vf_loss, vf_stats = value_loss(values, exp.returns[mb], m, exp.values[mb], cfg.cliprange_value)
+                    vf_loss, vf_stats = value_loss(values, exp.returns[mb], m, exp.values[mb], cfg.cliprange_value,
+                                                   counts=counts)
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     step_stats.update({"value/loss": vf_loss, "value/clipfrac": vf_stats["clipfrac"]})
                 if weights is not None:
-                    step_stats["ppo/tis_weight"] = masked_mean(weights[mb], m)
+                    step_stats["ppo/tis_weight"] = token_mean(weights[mb], m, counts)
                 if cfg.kl_loss_coef:
-                    kl_term = kl_loss(logprobs, exp.ref_logprobs[mb], m, cfg.kl_loss_estimator, cfg.loss_agg)
+                    kl_term = kl_loss(logprobs, exp.ref_logprobs[mb], m, cfg.kl_loss_estimator, cfg.loss_agg,
+                                      counts=counts, max_response_length=budget)
                     loss = loss + cfg.kl_loss_coef * kl_term
                     step_stats["ppo/kl_loss"] = kl_term
                 self._step(optimizers, loss, policy_frozen)
@@ -443,8 +481,11 @@ class PPOModule(L.LightningModule):
         return {**means, "ppo/policy_frozen": torch.tensor(float(policy_frozen))}
 
     def log_iteration(self, exp: Experience, stats: dict[str, torch.Tensor]) -> None:
-        """Phase 4: log the iteration's metrics (means over ranks) and, every
-        ``ppo.log_samples_every_n_steps`` iterations, sample generations."""
+        """Phase 4: log the iteration's metrics and, every ``ppo.log_samples_every_n_steps`` iterations, sample
+        generations. Every metric is the whole batch's (all ranks): means over responses (each rank holds as
+        many), token means as shares (:func:`~rlhf_lightning.modules.common.batch_counts`), the explained
+        variance pooled, and the ``diagnostics/*`` computed on the rows of every rank (so every rank's alarms
+        agree)."""
         mask, kl_coef = exp.response_mask, exp.kl_coef
         kl_per_seq = (exp.kl * mask).sum(1).mean()
         metrics = dict(stats)
@@ -455,20 +496,21 @@ class PPOModule(L.LightningModule):
             "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq,
             "response/length": mask.sum(1).float().mean(),
             "response/eos_frac": exp.rollout.ends_with_eos.float().mean(),
-            "rollout/logprob_diff": logprob_diff(exp),
+            "rollout/logprob_diff": logprob_diff(exp, batch_counts(self, mask)),
             "ppo/kl_coef": torch.tensor(kl_coef),
             "ppo/iteration": torch.tensor(float(self.iteration)),
         })
         if self.reward_model is not None:
             metrics["objective/rm_score"] = exp.rm_scores.mean()  # without the missing-EOS penalty and functions
         if exp.values is not None:
-            metrics["value/explained_var"] = explained_variance(exp.values, exp.returns, mask)
+            metrics["value/explained_var"] = explained_variance(exp.values, exp.returns, mask, sum_over_ranks(self))
         metrics.update({f"reward/{name}": values.mean() for name, values in exp.reward_components.items()})
         metrics.update({f"rollout/{name}": torch.tensor(float(value)) for name, value in exp.sampling_stats.items()})
         if self.ppo.num_generations > 1:
             groups = exp.scores.view(-1, self.ppo.num_generations)
             metrics["rollout/mixed_groups"] = (groups.amax(1) > groups.amin(1)).float().mean()
-        diagnostics = rollout_diagnostics(exp.scores, exp.rollout.response_ids, mask, exp.kl, self.ppo.alarms.ngram)
+        diagnostics = rollout_diagnostics(exp.scores, exp.rollout.response_ids, mask, exp.kl, self.ppo.alarms.ngram,
+                                          gather=gather_rows(self))
         metrics.update({f"diagnostics/{name}": value for name, value in diagnostics.items()})  # floats: on self.device
         for line in check_alarms(diagnostics, self.ppo.alarms, self._alarms_fired):  # each kind once per run
             log.warning("iteration %d: %s", self.iteration, line)
@@ -528,52 +570,88 @@ class PPOModule(L.LightningModule):
         functions = self._function_rewards(rollout, prompt_index) if self.reward_functions else None
         return (scores + functions[0] if functions else scores), functions
 
-    def _resample_flat_groups(self, rollout: Rollout, prompt_index: torch.Tensor | None
-                              ) -> tuple[Rollout, torch.Tensor | None, dict[str, float], tuple | None]:
-        """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores are all equal give a group
-        estimator no signal; their prompts are answered again, up to ``ppo.max_resample_rounds`` times,
-        and groups still flat after that are left out (unless that would leave fewer rows than
-        minibatches, which keeps every optimizer step of the iteration).
+    def dynamic_sampling(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         prompt_index: torch.Tensor | None) -> tuple[Rollout, torch.Tensor, tuple | None, dict]:
+        """DAPO's dynamic sampling (Yu et al. 2025, §3.2 and Algorithm 1): a group whose G scores are all equal
+        gives a group estimator no signal, so the batch is filled with groups whose scores differ.
+
+        1. The batch's prompts are answered G times and scored.
+        2. While the groups with a signal, counted over every rank (one all-reduce per round), are fewer than the
+           global batch (B prompts per rank × world size) and fewer than ``ppo.max_resample_rounds`` further
+           rounds were drawn, a further global batch of prompts is drawn from the datamodule
+           (``draw_prompts``: seeded by the iteration and the round, split between the ranks as the sampler
+           splits a batch) and answered. Every rank runs the same rounds.
+        3. From all groups drawn, in the order (round, position in the global batch): those with a signal
+           first, then, if the bound was reached without enough of them, flat ones; the first B × world size
+           are kept and dealt to the ranks as the sampler deals a batch (rank r: the r-th of every world-size
+           groups), so every rank trains on B groups and the kept set is the same whatever the world size.
+           When only the batch's own groups were drawn, each rank keeps its own; else the ranks exchange their
+           candidate groups (one ``all_gather_object`` of token ids and scores).
+
+        Counts (the same on every rank): ``resample_rounds`` (further rounds drawn), ``flat_groups`` (flat
+        groups among all drawn), ``flat_groups_kept`` (flat groups in the batch: the bound was reached).
 
         Returns:
-            ``(rollout, prompt_index, stats, functions)`` with the kept rows (whole groups, in order),
-            ``{"resampled_groups", "dropped_groups"}`` (counts of groups), and the kept rows' reward
-            function results (:meth:`_function_rewards`; ``None`` without functions), so that
-            :meth:`collect` does not call the functions again on the same responses.
+            ``(rollout, prompt_index, functions, stats)``: the kept rows (B × G), their prompt indices, the reward
+            functions' results on them (``None`` without functions), and the counts.
+
+        Raises:
+            ValueError: no ``prompt_index`` in the batch, or a datamodule without ``draw_prompts``.
         """
-        cfg, gen, group = self.ppo, self.ppo.generation, self.ppo.num_generations
-        start = rollout.response_start
-        resampled = 0
-        for round_ in range(cfg.max_resample_rounds + 1):
-            scores, functions = self._scores(rollout, prompt_index)
-            scores = scores.view(-1, group)
-            flat = scores.amax(1) == scores.amin(1)  # (groups,)
-            if round_ == cfg.max_resample_rounds or not bool(flat.any()):
+        cfg, group = self.ppo, self.ppo.num_generations
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if prompt_index is None or not hasattr(datamodule, "draw_prompts"):
+            raise ValueError("ppo.dynamic_sampling draws further prompts: it needs batches with prompt_index from a "
+                             "datamodule with draw_prompts (PromptDataModule)")
+        world, rank = self.trainer.world_size, self.global_rank
+        wanted = input_ids.shape[0] * world  # groups in the global batch
+        rounds, with_signal = [], 0  # this rank's groups of each round, and the groups with a signal on every rank
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_index": prompt_index}
+        while True:
+            rollout, index = self._sample(batch["input_ids"], batch["attention_mask"], batch["prompt_index"],
+                                          round_=len(rounds))
+            scores, functions = self._scores(rollout, index)
+            grouped = scores.view(-1, group)
+            flat = grouped.amax(1) == grouped.amin(1)  # (prompts,)
+            rounds.append(_Drawn(rollout, index, scores, functions, flat))
+            with_signal += int(self.trainer.strategy.reduce(
+                (~flat).sum().to(torch.float64), reduce_op="sum"))  # every rank: the same count, the same rounds
+            if with_signal >= wanted or len(rounds) > cfg.max_resample_rounds:
                 break
-            rows = flat.repeat_interleave(group).nonzero().squeeze(1)
-            new = generate(self.policy, rollout.input_ids[rows, :start], rollout.attention_mask[rows, :start], gen,
-                           self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, engine=self.engine)
-            rollout = replace_rows(rollout, rows, new, self.tokenizer.pad_token_id)
-            resampled += int(flat.sum())
-        keep = (~flat).repeat_interleave(group).nonzero().squeeze(1)
-        dropped = int(flat.sum())
-        if dropped and keep.numel() >= cfg.num_minibatches:
-            rollout = select_rows(rollout, keep)
-            prompt_index = prompt_index[keep] if prompt_index is not None else None
-            if functions is not None:
-                functions = (functions[0][keep], {name: values[keep] for name, values in functions[1].items()})
-        else:
-            dropped = 0
-        return rollout, prompt_index, {"resampled_groups": resampled, "dropped_groups": dropped}, functions
+            batch = {k: v.to(self.device) for k, v in
+                     datamodule.draw_prompts((self.iteration, len(rounds)), wanted, rank, world).items()}
+        stats = {"resample_rounds": float(len(rounds) - 1), "flat_groups": float(wanted * len(rounds) - with_signal),
+                 "flat_groups_kept": float(max(wanted - with_signal, 0))}
+        if len(rounds) == 1:  # the batch's own groups, all kept: each rank keeps its own
+            only = rounds[0]
+            return only.rollout, only.prompt_index, only.functions, stats
+        drawn = [rounds] if world == 1 else _all_gather_objects([d.to("cpu") for d in rounds])  # [rank][round]
+        # every group drawn as (flat, round, position in the round's global batch, rank, group on that rank)
+        order = sorted((bool(d.flat[g]), k, g * world + q, q, g)
+                       for q, per_rank in enumerate(drawn) for k, d in enumerate(per_rank) for g in range(len(d.flat)))
+        pieces = [(drawn[q][k], torch.arange(g * group, (g + 1) * group))
+                  for _, k, _, q, g in order[:wanted][rank::world]]
+        device = self.device
+        rollout = stack_rollouts([select_rows(d.rollout.to("cpu"), rows) for d, rows in pieces],
+                                 self.tokenizer.pad_token_id).to(device)
+        prompt_index = torch.cat([d.prompt_index.cpu()[rows] for d, rows in pieces]).to(device)
+        functions = None
+        if self.reward_functions:
+            functions = (torch.cat([d.functions[0].cpu()[rows] for d, rows in pieces]).to(device),
+                         {name: torch.cat([d.functions[1][name].cpu()[rows] for d, rows in pieces]).to(device)
+                          for name in pieces[0][0].functions[1]})
+        return rollout, prompt_index, functions, stats
 
     def _step(self, optimizers: list, loss: torch.Tensor, policy_frozen: bool) -> None:
         """One backward of ``loss``, gradient-norm clipping per optimizer (``ppo.max_grad_norm``; the joint
         optimizer clips one norm over both groups), then every optimizer stepped and zeroed. While
-        ``policy_frozen`` (critic warm-up) the policy's gradients are dropped first: AdamW skips
-        parameters without a gradient, and the step still counts in ``global_step``."""
+        ``policy_frozen`` (critic warm-up) the policy's own gradients are dropped first (not those of a
+        critic adapter on the policy's base, ``critic.share_base``): AdamW skips parameters without a gradient,
+        and the step still counts in ``global_step``."""
         self.manual_backward(loss)
         if policy_frozen:
-            self.policy.zero_grad(set_to_none=True)
+            for param in own_parameters(self.policy):
+                param.grad = None
         if self.ppo.max_grad_norm is not None:
             for opt in optimizers:
                 self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
@@ -589,12 +667,9 @@ class PPOModule(L.LightningModule):
         return masked_whiten(advantages, mask, all_reduce=self._rank_sum())
 
     def _rank_sum(self):
-        """A sum over ranks for whitening statistics (``strategy.reduce``), when ``ppo.whiten_across_ranks``
-        and the world size is > 1; else ``None`` (each rank whitens its own batch)."""
-        if not (self.ppo.whiten_across_ranks and self.trainer.world_size > 1):
-            return None
-        strategy = self.trainer.strategy
-        return lambda stats: strategy.reduce(stats, reduce_op="sum")
+        """:func:`~rlhf_lightning.modules.common.sum_over_ranks` when ``ppo.whiten_across_ranks`` (whitening
+        statistics of every rank's batch), else ``None`` (each rank whitens its own batch)."""
+        return sum_over_ranks(self) if self.ppo.whiten_across_ranks else None
 
     def configure_optimizers(self):
         """AdamW and LR schedules for the policy and the critic (:mod:`~rlhf_lightning.modules.common`).
@@ -654,17 +729,18 @@ class PPOModule(L.LightningModule):
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:
         """Answer the fixed evaluation prompts, score them, and record the result under ``phase``
         (:func:`~rlhf_lightning.modules.evaluation.evaluate_policy`, shared with DPO): ``ppo.num_sample_prompts``
-        prompts sampled with ``ppo.eval_seed`` in a forked RNG (greedy with ``ppo.eval_greedy``), one response
-        each (:meth:`collect` with ``for_update=False``); ``eval/score``, ``eval/rm_score``, ``eval/kl``
-        (estimator ``ppo.kl_estimator``), ``eval/eos_frac`` and ``eval/reward/<name>`` logged with the suffix
-        ``_<phase>``.
+        prompts sampled with ``ppo.eval_seed`` (greedy with ``ppo.eval_greedy``), one response each
+        (:meth:`collect` with ``for_update=False``), split between the ranks and gathered; ``eval/score``,
+        ``eval/rm_score``, ``eval/kl`` (estimator ``ppo.kl_estimator``), ``eval/eos_frac`` and
+        ``eval/reward/<name>`` logged with the suffix ``_<phase>``.
 
         Returns:
             The metrics without the suffix, as floats, or ``None`` when there is nothing to evaluate
             (``num_sample_prompts`` 0 or a datamodule without ``sample_batch``).
         """
-        def collect(input_ids, attention_mask, prompt_index, do_sample):
-            return self.collect(input_ids, attention_mask, prompt_index, do_sample=do_sample, for_update=False)
+        def collect(input_ids, attention_mask, prompt_index, do_sample, seed):
+            return self.collect(input_ids, attention_mask, prompt_index, do_sample=do_sample, for_update=False,
+                                seed=seed)
 
         return evaluate_policy(self, phase, self.ppo.num_sample_prompts, collect, self.ppo.kl_estimator,
                                self.ppo.eval_seed, self.ppo.eval_greedy, self.samples_path, self.iteration)
@@ -693,3 +769,29 @@ class PPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    """One round of :meth:`PPOModule.dynamic_sampling` on one rank: the rollout (G rows per prompt), the rows'
+    prompt indices, scores and reward-function results, and which of its groups are flat (``(prompts,)`` bool)."""
+
+    rollout: Rollout
+    prompt_index: torch.Tensor
+    scores: torch.Tensor
+    functions: tuple | None
+    flat: torch.Tensor
+
+    def to(self, device) -> _Drawn:
+        """The same on ``device`` (CPU before an exchange between ranks)."""
+        functions = None if self.functions is None else (
+            self.functions[0].to(device), {k: v.to(device) for k, v in self.functions[1].items()})
+        return _Drawn(self.rollout.to(device), self.prompt_index.to(device), self.scores.to(device), functions,
+                      self.flat.to(device))
+
+
+def _all_gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``torch.distributed.all_gather_object``; a collective)."""
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered

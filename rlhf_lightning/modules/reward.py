@@ -35,8 +35,8 @@ class RewardModule(L.LightningModule):
     ``/reward_mean`` and ``/reward_abs_mean`` (score-inflation monitor). After each validation epoch (not the
     sanity check) the diagnostics of :func:`~rlhf_lightning.diagnostics.preference_diagnostics` on the
     validation pairs: ``val/accuracy_ci_low``/``_high`` (bootstrap 95%), ``val/ece``,
-    ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson) and ``val/score_std`` (under
-    several processes each rank's, averaged; ``python -m rlhf_lightning.rm_eval`` gives them all). At the end of fit the
+    ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson) and ``val/score_std``, on the
+    validation pairs of every rank together (``python -m rlhf_lightning.rm_eval`` gives them all). At the end of fit the
     model and tokenizer are written to ``export_dir`` with ``save_pretrained`` (reload with
     ``AutoModelForSequenceClassification.from_pretrained``; its one logit is the reward); a LoRA model
     (``model.lora``) is written merged, its adapter and head in ``<export_dir>_adapter``.
@@ -89,10 +89,11 @@ class RewardModule(L.LightningModule):
         if stage == "val" and "response_lengths" in batch:
             self._val_scores.append((rewards.detach().float().cpu(), batch["response_lengths"].cpu()))
         on_step = stage == "train"
-        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=n_pairs, sync_dist=not on_step,
+        # Every rank holds as many pairs: the mean over ranks is the mean over all pairs.
+        self.log_dict(metrics, on_step=on_step, on_epoch=not on_step, batch_size=n_pairs, sync_dist=True,
                       prog_bar=False)
         self.log(f"{stage}/acc", stats["accuracy"], on_step=on_step, on_epoch=not on_step, batch_size=n_pairs,
-                 sync_dist=not on_step, prog_bar=True, logger=False)
+                 sync_dist=True, prog_bar=True, logger=False)
         return loss
 
     def setup(self, stage: str) -> None:
@@ -120,8 +121,13 @@ class RewardModule(L.LightningModule):
         """Log the validation pairs' :func:`~rlhf_lightning.diagnostics.preference_diagnostics` (see the class)."""
         if self.trainer.sanity_checking or not self._val_scores:
             return
+        scores = self._val_scores
+        if self.trainer.world_size > 1:  # every rank's validation pairs: the diagnostics of all of them
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, scores)
+            scores = [batch for part in gathered for batch in part]
         chosen, rejected, chosen_len, rejected_len = [], [], [], []
-        for rewards, lengths in self._val_scores:
+        for rewards, lengths in scores:
             n = rewards.shape[0] // 2
             chosen.append(rewards[:n]), rejected.append(rewards[n:])
             chosen_len.append(lengths[:n]), rejected_len.append(lengths[n:])
@@ -132,7 +138,8 @@ class RewardModule(L.LightningModule):
                    "val/ece": d["calibration"]["ece"], "val/acc_chosen_shorter": bias["acc_chosen_shorter"],
                    "val/acc_chosen_longer": bias["acc_chosen_longer"], "val/length_score_corr": bias["pearson"],
                    "val/score_std": d["scores"]["std"]}
-        self.log_dict(metrics, sync_dist=True)  # floats: Lightning makes them tensors on self.device
+        # The same on every rank (all ranks' pairs): the mean over ranks changes nothing; floats: on self.device.
+        self.log_dict(metrics, sync_dist=True)
         self._val_scores = []
 
     def configure_optimizers(self):

@@ -11,6 +11,7 @@ from rlhf_lightning.models.forward import response_values
 from rlhf_lightning.models.lora import log_network_memory
 from rlhf_lightning.models.trunk import SharedTrunk
 from rlhf_lightning.modules.common import (
+    batch_counts,
     check_lora_strategy,
     drop_frozen_lora_weights,
     export_pretrained,
@@ -18,10 +19,11 @@ from rlhf_lightning.modules.common import (
     fused_adamw_allowed,
     make_optimizer,
     scheduler_total_steps,
+    sum_over_ranks,
 )
 from rlhf_lightning.ops import explained_variance
 from rlhf_lightning.rewards import compute_rewards
-from rlhf_lightning.rollout import generate, make_experience
+from rlhf_lightning.rollout import generate, make_experience, prompt_noise, run_seed
 from rlhf_lightning.schema import OptimConfig, ValueConfig, as_config
 
 
@@ -32,7 +34,9 @@ class ValueModule(L.LightningModule):
     scores them with the reward model, forms per-token rewards r_t = −β·KL_t (+ score at the last
     token), and minimises 0.5·masked-mean (V(s_t) − target_t)², where the target is the TD target
     r_t + γ·V(s_{t+1}) (V = 0 after the last token; Sutton & Barto eq. 6.2) computed from the same
-    forward and detached, or the λ-return when ``lam`` > 0 (Schulman et al. 2016).
+    forward and detached, or the λ-return when ``lam`` > 0 (Schulman et al. 2016). Under data parallelism the
+    mean is over the tokens of every rank's batch, and each response's sampling noise is keyed by (step,
+    prompt): N processes with B/N prompts train as one process with B.
 
     Logs ``value/loss``, ``value/explained_var``, ``objective/score`` and ``response/length``; writes
     the critic to ``export_dir`` at the end of fit, which :class:`PPOModule` loads as its critic.
@@ -60,6 +64,7 @@ class ValueModule(L.LightningModule):
         self.export_dir = export_dir
         self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
+        self.sampling_seed = run_seed()  # the rollouts' noise: keyed by (step, prompt), not by rank
 
     def setup(self, stage: str) -> None:
         """Refuse a LoRA critic under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
@@ -70,12 +75,15 @@ class ValueModule(L.LightningModule):
         log_network_memory({"policy": self.policy, "critic": self.critic, "reward model": self.reward_model,
                             "reference": self.ref_policy})
         self.trunk = find_shared_trunk(self, self.value.share_trunk)
+        self.sampling_seed = run_seed()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         cfg = self.value
-        # 1. Rollout of the frozen policy, scored at the last token.
+        # 1. Rollout of the frozen policy, scored at the last token; each response's noise keyed by (step, prompt).
+        noise = prompt_noise(self.sampling_seed, batch.get("prompt_index"), cfg.generation.max_new_tokens,
+                             self.global_step)
         ro = generate(self.policy, batch["input_ids"], batch["attention_mask"], cfg.generation,
-                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, noise=noise)
         with_kl = self.ref_policy is not None and cfg.kl_coef > 0
         score_eos = int(self.tokenizer.eos_token_id) if cfg.generation.score_with_eos else None
         exp = make_experience(ro, self.reward_model, self.policy if with_kl else None,
@@ -93,18 +101,19 @@ class ValueModule(L.LightningModule):
             targets = td_targets(rewards, values, mask, cfg.gamma)
         else:
             _, targets = gae(rewards, values.detach(), mask, cfg.gamma, cfg.lam)
+        # The mean over every rank's tokens (this rank's share: DDP averages the ranks' gradients).
         old_values = values.detach() if cfg.cliprange_value is not None else None
-        loss, _ = value_loss(values, targets, mask, old_values, cfg.cliprange_value)
-        # 4. Logging (the optimizer step is Lightning's).
+        loss, _ = value_loss(values, targets, mask, old_values, cfg.cliprange_value, counts=batch_counts(self, mask))
+        # 4. Logging (the optimizer step is Lightning's); every metric is the whole batch's (all ranks).
         batch_size = mask.shape[0]
         self.log_dict({
             "value/loss": loss.detach(),
-            "value/explained_var": explained_variance(values.detach(), targets, mask),
+            "value/explained_var": explained_variance(values.detach(), targets, mask, sum_over_ranks(self)),
             "objective/score": exp.scores.mean(),
             "objective/kl": (kl * mask).sum(1).mean(),
             "response/length": mask.sum(1).float().mean(),
         }, on_step=True, batch_size=batch_size, sync_dist=True)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size, sync_dist=True)
         return loss
 
     def configure_optimizers(self):
