@@ -25,10 +25,10 @@ from types import TracebackType
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_lightning.callbacks import TrainingDiverged
-from rlhf_lightning.config import run
 from rlhf_lightning.data import DataError, DataSourceError
-from rlhf_lightning.validate import ConfigError, composition_error
+from rlhf_lightning.training.callbacks import TrainingDiverged
+from rlhf_lightning.training.run import run
+from rlhf_lightning.training.validate import ConfigError, composition_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -51,7 +51,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """Run :func:`main` under Hydra; a config Hydra cannot compose because of a key or a value (an unknown
     key such as ``ppo.kl_coeff=0.1``, a value of the wrong type, the renamed ``value_optim``) ends with one
-    line, ``error: ...`` (:func:`rlhf_lightning.validate.composition_error`), and exit status 2.
+    line, ``error: ...`` (:func:`rlhf_lightning.training.validate.composition_error`), and exit status 2.
 
     Hydra prints the errors it meets itself, in several lines, unless ``HYDRA_FULL_ERROR`` is set: then
     they reach this function. Every other error, and any error raised while a job runs, is handed back to

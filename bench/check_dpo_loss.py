@@ -5,7 +5,7 @@
 
 Both sides read the same 4 hh-rlhf pairs (our token ids; TRL's own tokenization is skipped), the same policy
 (randomly perturbed so that it differs from the reference) and the same reference. TRL's loss is its
-``compute_loss`` on its collator's batch; ours is :func:`rlhf_lightning.losses.dpo_loss` of
+``compute_loss`` on its collator's batch; ours is :func:`rlhf_lightning.algorithms.losses.dpo_loss` of
 ``DPOModule.sequence_logps`` (IPO: per-token means). Prints both per loss type and exits 1 on a mismatch.
 TRL 1.16's ``sigmoid`` ignores ``label_smoothing`` (cDPO is not in it), so the check runs at ε = 0.
 """
@@ -27,8 +27,8 @@ def main() -> int:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    from rlhf_lightning.algorithms.losses import dpo_loss
     from rlhf_lightning.data import DPOCollator
-    from rlhf_lightning.losses import dpo_loss
     from rlhf_lightning.models import TINY, load_policy, load_reference, load_tokenizer
     from rlhf_lightning.modules import DPOModule
 

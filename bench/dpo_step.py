@@ -59,7 +59,7 @@ def ours_loop(args, tokenizer, pairs, alternation, dtype, device, timings):
     from torch.utils.data import DataLoader
 
     from rlhf_lightning.data import DPOCollator
-    from rlhf_lightning.data.preference import ListDataset
+    from rlhf_lightning.data.datamodule import ListDataset
     from rlhf_lightning.modules import DPOModule
 
     total = args.warmup + args.steps

@@ -125,12 +125,13 @@ def ours_loop(args, tokenizer, prompts, alternation, dtype, device, gen_log, syn
 
     import rlhf_lightning.modules.ppo as ppo_module
     from rlhf_lightning.data import PromptCollator
-    from rlhf_lightning.data.preference import ListDataset
+    from rlhf_lightning.data.datamodule import ListDataset
     from rlhf_lightning.modules import PPOModule
 
     total = args.warmup + args.steps
     m = load_models(args, dtype, device, benchlib.lora_settings(args, side))
-    # our PPOModule samples with rlhf_lightning.rollout.generate (imported into modules.ppo); with several of our
+    # our PPOModule samples with rlhf_lightning.rollout.sampler.generate (imported into modules.ppo); with several of
+    # our
     # sides in the process, one wrapper records each call in the log of the side whose loop thread called it
     if not hasattr(ppo_module.generate, "wrapped"):
         plain = ppo_module.generate

@@ -61,7 +61,7 @@ def ours_loop(args, tokenizer, pairs, alternation, dtype, device, side: str = "o
     from torch.utils.data import DataLoader
 
     from rlhf_lightning.data import PreferenceCollator
-    from rlhf_lightning.data.preference import ListDataset
+    from rlhf_lightning.data.datamodule import ListDataset
     from rlhf_lightning.modules import RewardModule
 
     total = args.warmup + args.steps

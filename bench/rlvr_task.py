@@ -2,8 +2,8 @@
 
 For P held-out prompts of a task (:mod:`rlhf_lightning.data.rlvr`), encoded as PromptDataModule encodes
 them (``extract_prompt`` then ``encode_prompt``: the chat template with its system message), it draws
-K samples per prompt at each temperature with :func:`rlhf_lightning.rollout.generate` and one greedy
-answer, scores them with reward-function specs (:func:`rlhf_lightning.reward_functions.score_with_functions`)
+K samples per prompt at each temperature with :func:`rlhf_lightning.rollout.sampler.generate` and one greedy
+answer, scores them with reward-function specs (:func:`rlhf_lightning.rewards.functions.score_with_functions`)
 and prints one JSON object per setting:
 
 * ``pass``: share of samples whose first reward function (the correctness check) is 1;
@@ -31,20 +31,20 @@ from rlhf_lightning.data.rlvr import make_splits
 from rlhf_lightning.data.rows import extract_prompt
 from rlhf_lightning.data.tokenization import encode_prompt
 from rlhf_lightning.models import load_policy, load_tokenizer
-from rlhf_lightning.reward_functions import load_reward_functions, score_with_functions
-from rlhf_lightning.rollout import GenerationConfig, generate
+from rlhf_lightning.rewards.functions import load_reward_functions, score_with_functions
+from rlhf_lightning.rollout.sampler import GenerationConfig, generate
 
 #: Reward specs measured per task: the first is the pass/fail check.
 #: math_answer at weight 0 is logged only, to compare math-verify's verdicts with last_number_answer's.
-_NUMERIC = [{"fn": "rlhf_lightning.verifiers.last_number_answer", "weight": 1.0},
-            {"fn": "rlhf_lightning.verifiers.soft_overlong_penalty", "weight": 0.5,
+_NUMERIC = [{"fn": "rlhf_lightning.rewards.verifiers.last_number_answer", "weight": 1.0},
+            {"fn": "rlhf_lightning.rewards.verifiers.soft_overlong_penalty", "weight": 0.5,
              "kwargs": {"max_length": 24, "cache_length": 12, "unit": "tokens"}},
-            {"fn": "rlhf_lightning.verifiers.math_answer", "weight": 0.0}]
+            {"fn": "rlhf_lightning.rewards.verifiers.math_answer", "weight": 0.0}]
 SPECS = {
     "add": _NUMERIC,
     "add_mix": _NUMERIC,
     "compare": _NUMERIC,
-    "first_word": [{"fn": "rlhf_lightning.verifiers.exact_answer", "weight": 1.0}],
+    "first_word": [{"fn": "rlhf_lightning.rewards.verifiers.exact_answer", "weight": 1.0}],
 }
 
 

@@ -39,10 +39,10 @@ def main() -> None:
     import benchlib
     from ppo_iteration import PROMPTS, RESPONSE_TOKENS, hh_prompts
 
+    from rlhf_lightning.config.schema import GenerationConfig, VLLMConfig
     from rlhf_lightning.models import load_policy, load_tokenizer
-    from rlhf_lightning.rollout import generate
-    from rlhf_lightning.schema import GenerationConfig, VLLMConfig
-    from rlhf_lightning.vllm_engine import VLLMEngine
+    from rlhf_lightning.rollout.sampler import generate
+    from rlhf_lightning.rollout.vllm_engine import VLLMEngine
 
     name, gguf = benchlib.model_source("smollm2")
     tokenizer, policy = load_tokenizer(name, gguf), load_policy(name, gguf)

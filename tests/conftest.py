@@ -76,7 +76,7 @@ def compose_run_config(overrides: list[str], run_dir: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import rlhf_lightning.config  # noqa: F401  (registers the custom resolvers)
+    import rlhf_lightning.training.run  # noqa: F401  (registers the custom resolvers)
 
     with initialize_config_dir(CONF, version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
@@ -93,8 +93,8 @@ def fit_ppo_with_checkpoints(module, tokenizer, hh_file, run_dir: Path, iteratio
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from rlhf_lightning.callbacks import RNGStateCallback
     from rlhf_lightning.data import PromptDataModule
+    from rlhf_lightning.training.callbacks import RNGStateCallback
 
     L.seed_everything(3)
     datamodule = PromptDataModule(tokenizer, str(hh_file), batch_size=4, max_prompt_length=32, seed=3)

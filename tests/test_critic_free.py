@@ -9,7 +9,7 @@ import torch
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import PPOModule
-from rlhf_lightning.reward_functions import RewardFunctionError
+from rlhf_lightning.rewards.functions import RewardFunctionError
 
 
 def response_length(completions, **kwargs):

@@ -29,7 +29,7 @@ from rlhf_lightning.data import (
     read_rows,
     truncate_pair,
 )
-from rlhf_lightning.data.preference import split_indices
+from rlhf_lightning.data.datamodule import split_indices
 
 REAL_HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
 

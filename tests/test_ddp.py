@@ -21,12 +21,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-import rlhf_lightning.config  # noqa: F401  (registers the resolvers)
-from rlhf_lightning.callbacks import NonFiniteGuard
+import rlhf_lightning.training.run  # noqa: F401  (registers the resolvers)
+from rlhf_lightning.algorithms.ops import masked_whiten
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import PPOModule, RewardModule, ValueModule
-from rlhf_lightning.ops import masked_whiten
+from rlhf_lightning.training.callbacks import NonFiniteGuard
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 WORLD_SIZE = 2

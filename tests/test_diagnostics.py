@@ -1,4 +1,4 @@
-"""rlhf_lightning.diagnostics against hand-computed numbers, naive loops and torchmetrics."""
+"""rlhf_lightning.evaluation.diagnostics against hand-computed numbers, naive loops and torchmetrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_lightning.diagnostics import (
+from rlhf_lightning.evaluation.diagnostics import (
     bootstrap_ci,
     calibration_bins,
     check_alarms,
@@ -209,7 +209,7 @@ def test_check_alarms_fires_once_per_kind_and_skips_nan_and_off():
 
 
 def test_alarms_config_checks_its_ranges():
-    from rlhf_lightning.schema import AlarmsConfig, PPOConfig
+    from rlhf_lightning.config.schema import AlarmsConfig, PPOConfig
 
     assert PPOConfig(alarms={"kl_per_token": None}).alarms.kl_per_token is None
     with pytest.raises(ValueError, match="alarms.repeated_ngram_frac=1.5 must be in"):

@@ -14,11 +14,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_run_config
+from rlhf_lightning.algorithms.losses import dpo_loss
 from rlhf_lightning.data import DPOCollator, DPODataModule, PromptDataModule, pair_key
-from rlhf_lightning.losses import dpo_loss
+from rlhf_lightning.evaluation.report import run_params, summarize_run
 from rlhf_lightning.models import load_policy, load_reference
 from rlhf_lightning.modules import DPOModule
-from rlhf_lightning.report import run_params, summarize_run
 
 ITEMS = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 2], "where": "f:1"},
          {"prompt_ids": [11], "chosen_ids": [12, 2], "rejected_ids": [13, 14, 15, 2], "where": "f:2"}]
@@ -208,7 +208,7 @@ def test_dpo_beta_sweep_preset(tmp_path):
 
 
 def test_validate_accepts_dpo_and_checks_its_settings(tmp_path):
-    from rlhf_lightning.validate import ConfigError, validate_config
+    from rlhf_lightning.training.validate import ConfigError, validate_config
 
     validate_config(compose_run_config(["stage=dpo", "model=tiny"], tmp_path))
     with pytest.raises(ConfigError, match="dpo.label_smoothing=0.2 applies to loss_type=sigmoid only"):

@@ -1,4 +1,4 @@
-"""dpo_loss (rlhf_lightning.losses) against hand-computed numbers and a naive per-row loop."""
+"""dpo_loss (rlhf_lightning.algorithms.losses) against hand-computed numbers and a naive per-row loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_lightning.losses import DPO_LOSS_TYPES, dpo_loss
+from rlhf_lightning.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
 
 # Two pairs. Row 0: h = (-1 - -3) - (-2 - -2.5) = 2 - 0.5 = 1.5; row 1: h = (-4 - -2) - (-1 - -1) = -2.
 PC, PR = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])

@@ -1,4 +1,4 @@
-"""Tests for the critic-free advantage estimators of rlhf_lightning.losses (GRPO, Dr. GRPO, RLOO,
+"""Tests for the critic-free advantage estimators of rlhf_lightning.algorithms.advantages (GRPO, Dr. GRPO, RLOO,
 REINFORCE++ and its group-baseline variant) and the per-sequence → per-token broadcast: hand-computed
 numbers, naive Python-loop references and edge cases."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ragged_prefix_mask
-from rlhf_lightning import losses
-from rlhf_lightning.losses import (
+from rlhf_lightning.algorithms import losses
+from rlhf_lightning.algorithms.advantages import (
     ADV_ESTIMATORS,
     group_advantages,
     reinforce_pp_advantages,
@@ -20,7 +20,7 @@ from rlhf_lightning.losses import (
     rloo_advantages,
     sequence_to_token_advantages,
 )
-from rlhf_lightning.rewards import compute_rewards
+from rlhf_lightning.algorithms.kl import compute_rewards
 
 
 def test_names_are_exported():

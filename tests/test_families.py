@@ -21,7 +21,7 @@ from rlhf_lightning.models.loading import TINY_FAMILIES
 from rlhf_lightning.models.trunk import SharedTrunk, shared_trunk_for
 from rlhf_lightning.modules import PPOModule
 from rlhf_lightning.modules.common import export_pretrained
-from rlhf_lightning.rollout import GenerationConfig, generate
+from rlhf_lightning.rollout.sampler import GenerationConfig, generate
 
 FAMILIES = list(TINY_FAMILIES)
 

@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from rlhf_lightning.callbacks import NonFiniteGuard, TrainingDiverged
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import PPOModule, RewardModule
+from rlhf_lightning.training.callbacks import NonFiniteGuard, TrainingDiverged
 
 INF = float("inf")
 
@@ -118,8 +118,8 @@ def test_ppo_skips_policy_and_critic_together(tmp_path, tiny_dir, tokenizer, hh_
 
 
 def test_value_checkpoint_with_rng_and_loader_state_loads_with_weights_only(tmp_path, tiny_dir, tokenizer, hh_file):
-    from rlhf_lightning.callbacks import RNGStateCallback
     from rlhf_lightning.modules import ValueModule
+    from rlhf_lightning.training.callbacks import RNGStateCallback
 
     module = ValueModule(load_reference(tiny_dir), load_scalar_model(tiny_dir),
                          load_scalar_model(tiny_dir, frozen=True), tokenizer,

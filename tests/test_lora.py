@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import fit_ppo_with_checkpoints
+from rlhf_lightning.config.schema import LoRASettings
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.models.forward import response_logprobs, sequence_scores
@@ -25,8 +26,7 @@ from rlhf_lightning.models.lora import (
 )
 from rlhf_lightning.modules import PPOModule
 from rlhf_lightning.modules.common import check_lora_strategy, export_pretrained
-from rlhf_lightning.rollout import logprob_diff
-from rlhf_lightning.schema import LoRASettings
+from rlhf_lightning.rollout.experience import logprob_diff
 
 pytest.importorskip("peft")
 
@@ -261,7 +261,7 @@ def test_model_lora_is_a_typed_node_of_every_model_config(tmp_path):
     from omegaconf import OmegaConf
 
     from conftest import compose_run_config
-    from rlhf_lightning.schema import as_config
+    from rlhf_lightning.config.schema import as_config
 
     for model in ("tiny", "smollm2"):
         cfg = compose_run_config(["stage=ppo", f"model={model}", "reward_model_path=/x", "model.lora.r=16",
@@ -284,7 +284,7 @@ def test_model_lora_is_a_typed_node_of_every_model_config(tmp_path):
 ])
 def test_bad_lora_configs_stop_before_anything_loads(tmp_path, overrides, message):
     from conftest import compose_run_config
-    from rlhf_lightning.validate import ConfigError, validate_config
+    from rlhf_lightning.training.validate import ConfigError, validate_config
 
     cfg = compose_run_config(["stage=reward", "model=tiny", *overrides], tmp_path)
     with pytest.raises(ConfigError, match=re.escape(message)):

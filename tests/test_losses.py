@@ -1,4 +1,5 @@
-"""Tests for rlhf_lightning.losses: hand-computed examples, naive loop references,
+"""Tests for rlhf_lightning.algorithms.losses and the TD and GAE estimators of
+rlhf_lightning.algorithms.advantages: hand-computed examples, naive loop references,
 edge cases and autograd behaviour."""
 
 from __future__ import annotations
@@ -9,19 +10,18 @@ import pytest
 import torch
 
 from conftest import ragged_prefix_mask
-from rlhf_lightning.losses import (
+from rlhf_lightning.algorithms.advantages import gae, td_targets
+from rlhf_lightning.algorithms.kl import kl_penalty
+from rlhf_lightning.algorithms.losses import (
     LOSS_AGG_MODES,
     aggregate_loss,
-    gae,
     kl_loss,
     pairwise_reward_loss,
     ppo_policy_loss,
-    td_targets,
     tis_weights,
     value_loss,
 )
-from rlhf_lightning.ops import BatchCounts, masked_mean
-from rlhf_lightning.rewards import kl_penalty
+from rlhf_lightning.algorithms.ops import BatchCounts, masked_mean
 
 
 def softplus_neg(x: float) -> float:

@@ -142,8 +142,8 @@ def test_ppo_checkpoint_leaves_out_frozen_networks(tmp_path, tiny_dir, tokenizer
                                         ({"gamma": 1.2}, "gamma"), ({"lam": -0.1}, "lam"),
                                         ({"kl_estimator": "k9"}, "kl_estimator"), ({"bogus": 1}, "allowed keys")])
 def test_ppo_config_errors(bad, match):
+    from rlhf_lightning.config.schema import as_config
     from rlhf_lightning.modules import PPOConfig
-    from rlhf_lightning.schema import as_config
 
     with pytest.raises((ValueError, TypeError), match=match):
         as_config(PPOConfig, bad)
@@ -292,8 +292,8 @@ def test_ppo_two_optimizers_clip_each_network_on_its_own(tmp_path, tiny_dir, tok
 
 def test_make_optimizer_is_plain_fused_adamw_with_linear_warmup():
     """One group: exactly AdamW(params, fused=True, ...) and LambdaLR(linear warm-up), the path before groups."""
+    from rlhf_lightning.config.schema import OptimConfig
     from rlhf_lightning.modules.common import make_optimizer
-    from rlhf_lightning.schema import OptimConfig
 
     config = OptimConfig(lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, warmup_steps=3)
     runs = []
@@ -321,8 +321,8 @@ def test_make_optimizer_is_plain_fused_adamw_with_linear_warmup():
 
 
 def test_make_grouped_optimizer_errors_name_the_group():
+    from rlhf_lightning.config.schema import OptimConfig
     from rlhf_lightning.modules.common import make_grouped_optimizer
-    from rlhf_lightning.schema import OptimConfig
 
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters in critic"):
@@ -333,8 +333,8 @@ def test_make_grouped_optimizer_errors_name_the_group():
 
 
 def test_ppo_joint_optimizer_must_be_a_bool():
+    from rlhf_lightning.config.schema import as_config
     from rlhf_lightning.modules import PPOConfig
-    from rlhf_lightning.schema import as_config
 
     with pytest.raises(TypeError, match="joint_optimizer"):
         as_config(PPOConfig, {"joint_optimizer": "yes"})

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lightning.ops: hand-computed examples, naive loop references,
+"""Tests for rlhf_lightning.algorithms.ops: hand-computed examples, naive loop references,
 edge cases (empty rows / all-masked batches) and autograd behaviour."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rlhf_lightning.ops import (
+from rlhf_lightning.algorithms.ops import (
     BatchCounts,
     entropy_from_logits,
     explained_variance,

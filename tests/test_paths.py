@@ -1,4 +1,4 @@
-"""rlhf_lightning.paths.looks_like_local_path, and that every source check uses it (models, validate, data)."""
+"""rlhf_lightning.config.paths.looks_like_local_path, and that every source check uses it (models, validate, data)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lightning.paths import looks_like_local_path
+from rlhf_lightning.config.paths import looks_like_local_path
 
 LOCAL = ["./model", "../model", ".hidden", "/abs/model", "~/model", "outputs/reward/model", "a/b/c"]
 HUB = ["gpt2", "HuggingFaceTB/SmolLM2-135M-Instruct", "Anthropic/hh-rlhf", "someone/some-critic", "model"]

@@ -20,8 +20,8 @@ import pytest
 import torch
 from torch import nn
 
+from rlhf_lightning.algorithms.advantages import GROUP_ESTIMATORS
 from rlhf_lightning.data import PromptDataModule
-from rlhf_lightning.losses import GROUP_ESTIMATORS
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.models.builders import PolicyBaseCritic
 from rlhf_lightning.modules import PPOModule

@@ -12,9 +12,9 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import rlhf_lightning.config  # noqa: F401  (registers the resolvers)
+import rlhf_lightning.training.run  # noqa: F401  (registers the resolvers)
 from conftest import compose_run_config
-from rlhf_lightning import launch
+from rlhf_lightning.training import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -76,8 +76,8 @@ def test_deepspeed_presets_turn_on_ppos_joint_optimizer(preset, tmp_path):
 def test_ppo_max_steps_follows_the_joint_optimizer(tmp_path):
     from types import SimpleNamespace
 
+    from rlhf_lightning.config.schema import as_config
     from rlhf_lightning.modules import PPOConfig, PPOModule
-    from rlhf_lightning.schema import as_config
 
     for extra, optimizers in (([], 2), (["ppo.joint_optimizer=true"], 1), (["trainer=ddp_cpu"], 2)):
         cfg = _compose(["iterations=5", "ppo.num_minibatches=2", *extra], tmp_path)
@@ -90,7 +90,7 @@ def test_ppo_max_steps_follows_the_joint_optimizer(tmp_path):
 
 
 def test_ppo_optimizers_resolver():
-    from rlhf_lightning.config import _ppo_optimizers
+    from rlhf_lightning.training.run import _ppo_optimizers
 
     assert [_ppo_optimizers(v) for v in (True, False, "TRUE", "false")] == [1, 2, 1, 2]
     assert _ppo_optimizers(False, 4, 2) == 16 and _ppo_optimizers("true", 3, "2") == 6  # per iteration
@@ -118,7 +118,7 @@ def test_claim_device_gives_each_process_its_own_device(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "_CLAIMED", {})
     assert launch.claim_device(2, tmp_path) == 0
     assert launch.claim_device(2, tmp_path) == 0  # the same process keeps its device
-    code = ("import sys; from rlhf_lightning.launch import claim_device; "
+    code = ("import sys; from rlhf_lightning.training.launch import claim_device; "
             "print(claim_device(int(sys.argv[1]), sys.argv[2]))")
     other = subprocess.run([sys.executable, "-c", code, "2", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert other.returncode == 0 and other.stdout.strip() == "1", other.stderr

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import PPOModule, RewardModule
-from rlhf_lightning.validate import ConfigError
+from rlhf_lightning.training.validate import ConfigError
 
 
 def _trainer(tmp_path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:

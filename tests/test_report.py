@@ -1,4 +1,4 @@
-"""rlhf_lightning.report on hand-made sweep directories (no training)."""
+"""rlhf_lightning.evaluation.report on hand-made sweep directories (no training)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lightning.diagnostics import bootstrap_ci
-from rlhf_lightning.report import find_runs, pareto_front, report, run_params, summarize_run, uses_eval
+from rlhf_lightning.evaluation.diagnostics import bootstrap_ci
+from rlhf_lightning.evaluation.report import find_runs, pareto_front, report, run_params, summarize_run, uses_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -193,7 +193,7 @@ def test_kill_during_checkpoint_write_keeps_last_ckpt_loadable(tmp_path):
     """A process killed halfway through writing last.ckpt leaves the previous last.ckpt intact."""
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
-        from rlhf_lightning.checkpoint_io import AtomicCheckpointIO
+        from rlhf_lightning.training.checkpoint_io import AtomicCheckpointIO
         io = AtomicCheckpointIO()
         path = {str(tmp_path / "last.ckpt")!r}
         io.save_checkpoint({{"global_step": 1, "w": torch.ones(1000)}}, path)
@@ -222,8 +222,8 @@ def test_checkpoint_schedule_and_atomic_io_are_wired_by_the_config(tmp_path):
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from rlhf_lightning.checkpoint_io import AtomicCheckpointIO
-    from rlhf_lightning.config import instantiate_group
+    from rlhf_lightning.training.checkpoint_io import AtomicCheckpointIO
+    from rlhf_lightning.training.run import instantiate_group
     from tests.test_train import _compose
 
     def checkpoints(*extra):

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lightning.reward_functions: loading specs, TRL's calling convention, the weighted sum and
+"""Tests for rlhf_lightning.rewards.functions: loading specs, TRL's calling convention, the weighted sum and
 every error path (one line naming the function and the row)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from rlhf_lightning.reward_functions import (
+from rlhf_lightning.rewards.functions import (
     RewardFunction,
     RewardFunctionError,
     RewardSpecError,
@@ -66,7 +66,7 @@ def test_load_dotted_paths_weights_names_and_kwargs(helper_module):
         {"fn": "rf_helpers.length", "weight": 0.5},
         {"fn": "rf_helpers.scaled", "weight": 2, "name": "scaled3", "kwargs": {"factor": 3.0}},
         {"fn": "rf_helpers.nested.length", "name": "nested"},
-        {"fn": "rlhf_lightning.verifiers.format_match"},
+        {"fn": "rlhf_lightning.rewards.verifiers.format_match"},
     ])
     assert [f.name for f in fns] == ["length", "scaled3", "nested", "format_match"]
     assert [f.weight for f in fns] == [0.5, 2.0, 1.0, 1.0]

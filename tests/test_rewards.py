@@ -1,4 +1,4 @@
-"""Tests for rlhf_lightning.rewards: KL estimators, per-token rewards, the missing-EOS penalty and the
+"""Tests for rlhf_lightning.algorithms.kl: KL estimators, per-token rewards, the missing-EOS penalty and the
 KL controllers, against hand-computed numbers and naive loops."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ragged_prefix_mask
-from rlhf_lightning.rewards import (
+from rlhf_lightning.algorithms.kl import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,

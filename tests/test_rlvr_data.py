@@ -127,8 +127,8 @@ def test_bench_measurement_runs_on_the_tiny_model(tiny_dir, tokenizer):
     import torch
 
     from rlhf_lightning.models import load_policy
-    from rlhf_lightning.reward_functions import load_reward_functions
-    from rlhf_lightning.rollout import GenerationConfig
+    from rlhf_lightning.rewards.functions import load_reward_functions
+    from rlhf_lightning.rollout.sampler import GenerationConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from rlvr_task import SPECS, run

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from rlhf_lightning.ops import sample_from_logits
-from rlhf_lightning.rollout import GenerationConfig, Rollout, generate, sample_responses
+from rlhf_lightning.algorithms.ops import sample_from_logits
+from rlhf_lightning.rollout.sampler import GenerationConfig, Rollout, generate, sample_responses
 
 
 def _draw(logits: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
@@ -88,7 +88,8 @@ def test_make_experience_applies_the_missing_eos_penalty_to_scores_only(tiny_dir
     """``scores`` = reward model − penalty on rows without EOS; ``rm_scores`` keeps the reward model's own."""
     from rlhf_lightning.models import load_scalar_model
     from rlhf_lightning.models.forward import sequence_scores
-    from rlhf_lightning.rollout import Rollout, make_experience
+    from rlhf_lightning.rollout.experience import make_experience
+    from rlhf_lightning.rollout.sampler import Rollout
 
     reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
     ids = torch.randint(5, 1000, (3, 7))
@@ -104,7 +105,8 @@ def test_make_experience_applies_the_missing_eos_penalty_to_scores_only(tiny_dir
 
 
 def test_scoring_inputs_append_eos_to_cut_responses_only():
-    from rlhf_lightning.rollout import Rollout, scoring_inputs
+    from rlhf_lightning.rollout.experience import scoring_inputs
+    from rlhf_lightning.rollout.sampler import Rollout
 
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 2, 0]])  # row 0 cut at the limit; row 1 ended with EOS (2), then pad 0
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
@@ -121,7 +123,7 @@ def test_make_experience_scores_cut_responses_at_an_appended_eos(tiny_dir, token
     from rlhf_lightning.models import load_reference, load_scalar_model
     from rlhf_lightning.models.forward import sequence_scores
     from rlhf_lightning.models.trunk import SharedTrunk
-    from rlhf_lightning.rollout import make_experience
+    from rlhf_lightning.rollout.experience import make_experience
 
     reward_model = load_scalar_model(tiny_dir, frozen=True, seed=1)
     ref = load_reference(tiny_dir)
@@ -160,7 +162,7 @@ def test_sampled_responses_do_not_depend_on_the_batch_with_per_row_noise(tiny_di
     """With keyed noise (prompt_noise), a prompt's responses are the same alone, at another position, beside other
     prompts, with another left padding: what makes N processes with B/N prompts sample as one process with B."""
     from rlhf_lightning.models import load_policy
-    from rlhf_lightning.rollout import pad_prompts, prompt_noise
+    from rlhf_lightning.rollout.sampler import pad_prompts, prompt_noise
 
     policy = load_policy(tiny_dir).eval()
     pad = tokenizer.pad_token_id
@@ -190,9 +192,9 @@ def test_sampler_records_the_processed_logprob_of_the_distribution_it_drew_from(
     """The sampler's log-probability is the trainer's (temperature) minus the log of the mass top-k keeps: the
     probability under the distribution the token was drawn from, as vLLM's processed_logprobs; without
     truncation it is the trainer's."""
+    from rlhf_lightning.algorithms.ops import position_ids_from_mask, truncation_log_mass
     from rlhf_lightning.models import load_policy
-    from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs
-    from rlhf_lightning.ops import truncation_log_mass
+    from rlhf_lightning.models.forward import response_logprobs
 
     policy = load_policy(tiny_dir).eval()
     ids, mask = _prompts(3, 5, tokenizer.pad_token_id, seed=1)
@@ -212,7 +214,7 @@ def test_sampler_records_the_processed_logprob_of_the_distribution_it_drew_from(
 
 
 def test_stack_rollouts_pads_prompts_left_and_responses_right():
-    from rlhf_lightning.rollout import stack_rollouts
+    from rlhf_lightning.rollout.sampler import stack_rollouts
 
     a = Rollout(input_ids=torch.tensor([[5, 6, 7, 2]]), attention_mask=torch.tensor([[1, 1, 1, 1]]), response_start=2,
                 response_mask=torch.tensor([[True, True]]), ends_with_eos=torch.tensor([True]),

@@ -1,4 +1,5 @@
-"""Learning-rate schedules (rlhf_lightning/schedules.py) and their wiring into AdamW: hand-computed factors."""
+"""Learning-rate schedules (rlhf_lightning/algorithms/schedules.py) and their wiring into AdamW: hand-computed
+factors."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rlhf_lightning.algorithms.schedules import SCHEDULERS, lr_multiplier
+from rlhf_lightning.config.schema import OptimConfig, as_config
 from rlhf_lightning.modules.common import (
     fused_adamw_allowed,
     make_grouped_optimizer,
     make_optimizer,
     scheduler_total_steps,
 )
-from rlhf_lightning.schedules import SCHEDULERS, lr_multiplier
-from rlhf_lightning.schema import OptimConfig, as_config
 
 C = math.cos(math.pi / 4)  # 0.7071...
 

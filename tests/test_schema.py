@@ -1,4 +1,4 @@
-"""The settings dataclasses (rlhf_lightning/schema.py) are the one source of the stages' defaults: the YAML
+"""The settings dataclasses (rlhf_lightning/config/schema.py) are the one source of the stages' defaults: the YAML
 under conf/ states only what differs, composes to them, and shares the loader and datamodule nodes."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_run_config
-from rlhf_lightning.config import SCHEMAS, _ppo_optimizers
-from rlhf_lightning.schema import (
+from rlhf_lightning.config.schema import (
     GenerationConfig,
     LoRASettings,
     OptimConfig,
@@ -23,6 +22,7 @@ from rlhf_lightning.schema import (
     as_config,
     ppo_optimizer_steps,
 )
+from rlhf_lightning.training.run import SCHEMAS, _ppo_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -158,7 +158,7 @@ def test_every_field_has_its_own_docstring():
     import ast
     import inspect
 
-    import rlhf_lightning.schema as schema
+    import rlhf_lightning.config.schema as schema
 
     tree = ast.parse(inspect.getsource(schema))
     for node in tree.body:

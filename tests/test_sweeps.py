@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rlhf_lightning.summary import read_metrics, series
+from rlhf_lightning.evaluation.summary import read_metrics, series
 
 ROOT = Path(__file__).resolve().parents[1]
 

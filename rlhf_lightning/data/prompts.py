@@ -9,11 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.datamodule import SourceDataModule
-from rlhf_lightning.data.preference import ListDataset, split_indices
+from rlhf_lightning.algorithms.ops import row_seed
+from rlhf_lightning.data.datamodule import ListDataset, SourceDataModule, split_indices
 from rlhf_lightning.data.sources import load_prompt_rows
 from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt
-from rlhf_lightning.ops import row_seed
 
 logger = logging.getLogger("rlhf_lightning.data")
 

@@ -6,8 +6,8 @@ Each task draws problems from a seeded :class:`random.Random` and writes TRL-sty
 
 ``prompt`` is a plain string: :class:`~rlhf_lightning.data.prompts.PromptDataModule` reads it as one
 user message and applies the chat template (TRL's standard ``prompt`` column). ``answer`` is the gold
-answer, correct by construction, for :func:`rlhf_lightning.verifiers.math_answer` /
-:func:`~rlhf_lightning.verifiers.exact_answer`; ``task`` names the generator.
+answer, correct by construction, for :func:`rlhf_lightning.rewards.verifiers.math_answer` /
+:func:`~rlhf_lightning.rewards.verifiers.exact_answer`; ``task`` names the generator.
 
 The train and held-out splits never share a problem: a problem is identified by its content (for
 ``compare`` the unordered pair, so "47 or 82" and "82 or 47" are one problem), the held-out problems

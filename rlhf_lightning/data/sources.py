@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from rlhf_lightning.config.paths import looks_like_local_path
 from rlhf_lightning.data.rows import DataError, PreferenceExample, extract_prompt, normalize_row, prompt_columns
-from rlhf_lightning.paths import looks_like_local_path
 
 logger = logging.getLogger("rlhf_lightning.data")
 
@@ -170,7 +170,7 @@ def read_rows(source: str, split: str = "train", data_dir: str | None = None
 
     Raises:
         DataSourceNotFoundError: a source that does not exist and is not a Hub dataset name
-            (:func:`rlhf_lightning.paths.looks_like_local_path`, or it ends with a data extension), or a
+            (:func:`rlhf_lightning.config.paths.looks_like_local_path`, or it ends with a data extension), or a
             directory without data files.
         DataSourceError: a pickle-based source (``PICKLE_EXTENSIONS``, refused before anything is
             opened), a file of another unsupported type, or a Hub dataset that could not be loaded (one

@@ -9,11 +9,11 @@ from rlhf_lightning.models.builders import (
     load_reward_model,
     load_scalar_model,
     load_tokenizer,
-    score_head,
     train_top_layers,
 )
 from rlhf_lightning.models.loading import SMOLLM2, SMOLLM2_GGUF, TINY, cache_root, convert_gguf, resolve_pretrained
 from rlhf_lightning.models.lora import adapters_disabled, apply_lora, has_lora, merged_named_weights
+from rlhf_lightning.models.parts import score_head
 
 __all__ = [
     "SMOLLM2", "SMOLLM2_GGUF", "TINY", "adapters_disabled", "apply_lora", "cache_root", "convert_gguf",

@@ -19,13 +19,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhf_lightning.config.schema import LoRASettings
 from rlhf_lightning.models.loading import fix_pad_token, resolve_pretrained
-from rlhf_lightning.schema import LoRASettings
+from rlhf_lightning.models.lora import (
+    ADAPTER,
+    ADAPTER_SUFFIX,
+    CRITIC_ADAPTER,
+    adapter_name_of,
+    apply_lora,
+    base_model_name,
+    critic_on_policy_base,
+    has_lora,
+    lora_settings,
+    stacked_adapter,
+)
+from rlhf_lightning.models.parts import (
+    SCALAR_HEAD_NAMES,
+    decoder_layers,
+    register_scalar_model,
+    scalar_model_config,
+    score_head,
+)
 
 log = logging.getLogger(__name__)
 
-#: Attribute names of a scalar model's head (transformers' sequence classification models, TRL's value head).
-SCALAR_HEAD_NAMES = ("score", "classifier", "v_head")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -100,19 +117,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of a decoder-only model (``model.model.layers`` for Llama).
-
-    Raises:
-        ValueError: no ``layers`` list is found.
-    """
-    backbone = getattr(model, model.base_model_prefix, model)
-    layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers to freeze")
-    return layers
-
-
 def train_top_layers(model: nn.Module, trainable_layers: int | None) -> nn.Module:
     """Train only the top ``trainable_layers`` blocks plus the final norm and heads.
 
@@ -136,8 +140,6 @@ def train_top_layers(model: nn.Module, trainable_layers: int | None) -> nn.Modul
 
 def _finish(model: nn.Module, trainable_layers: int | None, gradient_checkpointing: bool,
             lora: dict | None = None, head: nn.Module | None = None) -> nn.Module:
-    from rlhf_lightning.models.lora import apply_lora, lora_settings
-
     settings = lora_settings(lora)
     if settings is not None and trainable_layers is not None:
         raise ValueError("model.trainable_layers and model.lora.r are exclusive: with LoRA, "
@@ -163,7 +165,7 @@ def load_policy(name_or_path: str, gguf_file: str | None = None, dtype: str = "f
         dtype: parameter dtype name (``float32``, ``bfloat16``, ``float16``).
         trainable_layers: train only the top N decoder blocks (``None``: all).
         gradient_checkpointing: recompute activations in backward to save memory.
-        lora: ``model.lora`` (:class:`~rlhf_lightning.schema.LoRASettings` or dict; ``None`` or ``r`` null:
+        lora: ``model.lora`` (:class:`~rlhf_lightning.config.schema.LoRASettings` or dict; ``None`` or ``r`` null:
             off): train LoRA adapters only (:func:`~rlhf_lightning.models.lora.apply_lora`).
 
     Raises:
@@ -187,8 +189,6 @@ def load_reference(name_or_path: str, gguf_file: str | None = None, dtype: str =
             policy passes none).
     """
     from transformers import AutoModelForCausalLM
-
-    from rlhf_lightning.models.lora import lora_settings
 
     if lora_settings(lora) is not None:
         log.info("reference: the LoRA policy with its adapters off (no copy loaded)")
@@ -243,15 +243,6 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
     return _finish(model, trainable_layers, gradient_checkpointing, lora, head=score_head(model))
 
 
-def scalar_model_config(config):
-    """Make a transformers config one of a scalar model, in place, and return it: one label, and a padding id
-    (the EOS id when the config has none and one EOS), which sequence classification needs to find the last token."""
-    config.num_labels = 1
-    if config.pad_token_id is None:
-        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else None
-    return config
-
-
 def _names_scalar_head(architectures: list[str] | None) -> bool:
     """Whether a config's ``architectures`` name a sequence-classification model (a checkpoint with a trained head)."""
     return any(a.endswith("ForSequenceClassification") for a in (architectures or []))
@@ -277,47 +268,9 @@ def init_scalar_head(head: nn.Linear, kind: str, seed: int) -> None:
             nn.init.zeros_(head.bias)
 
 
-def register_scalar_model(config_class: type) -> type:
-    """The ``AutoModelForSequenceClassification`` class for a config class, registered if transformers has none.
-
-    Families such as Granite have a causal LM but no sequence-classification class. For them a class
-    ``<Family>ForSequenceClassification`` is made from transformers' own
-    ``GenericForSequenceClassification`` (the backbone as ``model`` plus a bias-free linear ``score``
-    head, as Llama's) on the family's ``PreTrainedModel``, and registered with
-    ``AutoModelForSequenceClassification``. Its exports name that class in ``config.json``
-    (``architectures``) and reload with ``rlhf_lightning.models.load_scalar_model(path)`` (which
-    registers it first; ``AutoModelForSequenceClassification.from_pretrained(path)`` works in a process
-    that has called this function for the config class).
-
-    Args:
-        config_class: a transformers ``PretrainedConfig`` subclass (e.g. ``GraniteConfig``).
-
-    Returns:
-        The model class ``AutoModelForSequenceClassification`` uses for it.
-
-    Raises:
-        ValueError: transformers has no base model for the config either (nothing to put a head on).
-    """
-    from transformers import AutoModelForSequenceClassification, PreTrainedModel
-    from transformers.modeling_layers import GenericForSequenceClassification
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, MODEL_MAPPING
-
-    if config_class in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
-        return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[config_class]
-    if config_class not in MODEL_MAPPING:
-        raise ValueError(f"{config_class.__name__}: transformers has no base model to put a scalar head on")
-    base = MODEL_MAPPING[config_class]  # e.g. GraniteModel
-    pretrained = next(c for c in base.__mro__[1:] if issubclass(c, PreTrainedModel) and c is not PreTrainedModel)
-    name = base.__name__.removesuffix("Model") + "ForSequenceClassification"
-    cls = type(name, (GenericForSequenceClassification, pretrained), {"__module__": __name__})
-    AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
-    globals()[name] = cls  # findable by its qualified name (pickling)
-    return cls
-
-
 def load_critic(adv_estimator: str, share_base: bool = False, **kwargs) -> nn.Module | PolicyBaseCritic | None:
     """The critic of an RLHF stage: :func:`load_scalar_model` with ``kwargs`` when ``adv_estimator`` uses one
-    (:data:`rlhf_lightning.losses.CRITIC_ESTIMATORS`), else ``None`` (critic-free estimators load none).
+    (:data:`rlhf_lightning.algorithms.advantages.CRITIC_ESTIMATORS`), else ``None`` (critic-free estimators load none).
 
     Args:
         share_base: PPO's ``critic.share_base``: the critic is a second adapter on the LoRA policy's base, built
@@ -327,7 +280,7 @@ def load_critic(adv_estimator: str, share_base: bool = False, **kwargs) -> nn.Mo
     Raises:
         ValueError: ``share_base`` is not a bool; as :func:`load_scalar_model`, or :meth:`PolicyBaseCritic.from_source`.
     """
-    from rlhf_lightning.losses import CRITIC_ESTIMATORS
+    from rlhf_lightning.algorithms.advantages import CRITIC_ESTIMATORS
 
     if not isinstance(share_base, bool):
         raise ValueError(f"critic.share_base={share_base!r}: expected true or false")
@@ -379,8 +332,6 @@ class PolicyBaseCritic:
             ValueError: ``lora`` is off (``model.lora.r`` null); a source with a trained head but no adapter and
                 ``head=keep``; an unknown ``head``.
         """
-        from rlhf_lightning.models.lora import ADAPTER_SUFFIX, lora_settings, stacked_adapter
-
         if head not in ("keep", "normal", "zero"):
             raise ValueError(f"head={head!r}: expected keep, normal or zero")
         settings = lora_settings(lora)
@@ -420,8 +371,6 @@ class PolicyBaseCritic:
         """
         import copy
 
-        from rlhf_lightning.models.lora import ADAPTER, CRITIC_ADAPTER, adapter_name_of, critic_on_policy_base, has_lora
-
         if self.adapter_config is not None:
             config = self.adapter_config
             _check_same_base(config.base_model_name_or_path, policy, self.source)
@@ -450,8 +399,6 @@ class PolicyBaseCritic:
 def _check_same_base(adapter_base: str | None, policy: nn.Module, source: str) -> None:
     """Refuse an adapter whose recorded base is not the policy's base (paths compared resolved); an adapter that
     records none is taken with a warning."""
-    from rlhf_lightning.models.lora import base_model_name
-
     policy_base = base_model_name(policy)
     if not adapter_base:
         log.warning("critic.share_base: the adapter of %s records no base model; it is assumed to be the policy's "
@@ -505,16 +452,3 @@ def load_reward_model(name_or_path: str | None, **kwargs) -> nn.Module | None:
     if name_or_path is None:
         return None
     return load_scalar_model(name_or_path, **{"frozen": True, **kwargs})
-
-
-def score_head(model: nn.Module) -> nn.Linear:
-    """The scalar head of a sequence-classification model (``score`` or ``classifier``).
-
-    Raises:
-        ValueError: no such head.
-    """
-    for name in SCALAR_HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            return head
-    raise ValueError(f"{type(model).__name__} has no scalar head named score/classifier/v_head")

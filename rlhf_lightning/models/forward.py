@@ -10,19 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlhf_lightning.models.builders import score_head
+from rlhf_lightning.algorithms.ops import (
+    entropy_from_logits,
+    last_valid_index,
+    logprobs_from_logits,
+    position_ids_from_mask,
+)
 from rlhf_lightning.models.lora import own_adapter_active
+from rlhf_lightning.models.parts import score_head
 from rlhf_lightning.models.trunk import TrunkOutput, model_above, upper_view
-from rlhf_lightning.ops import entropy_from_logits, last_valid_index, logprobs_from_logits
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) long positions counting only attended tokens (0 at the first real token).
-
-    Padding positions get 1 (any value works: they are masked), as ``generate`` does.
-    """
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
 
 
 def _hidden_states(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
@@ -165,7 +161,7 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
     The logits are :func:`response_logits` (the model's own forward and logit transforms, the
     head on the response positions only), divided by ``temperature``; log-probabilities are
-    gathered without a full (B, R, V) log-softmax (:func:`~rlhf_lightning.ops.logprobs_from_logits`).
+    gathered without a full (B, R, V) log-softmax (:func:`~rlhf_lightning.algorithms.ops.logprobs_from_logits`).
 
     Args:
         input_ids, attention_mask: (B, T) prompt + response, prompt left-padded to

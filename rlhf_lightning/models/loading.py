@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lightning.paths import looks_like_local_path
+from rlhf_lightning.config.paths import looks_like_local_path
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def fix_pad_token(tokenizer) -> None:
     ``AutoModelForSequenceClassification`` pools) would skip a response's final EOS. The unknown
     token ``<|endoftext|>`` is never produced by the chat template, so it pads instead. Without an
     UNK token distinct from EOS, a missing padding token becomes EOS. Changes ``tokenizer`` in place.
-    ``rlhf_lightning.validate.tokenizer_fingerprint`` predicts the same padding id from the files.
+    ``rlhf_lightning.training.validate.tokenizer_fingerprint`` predicts the same padding id from the files.
     """
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:

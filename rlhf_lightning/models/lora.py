@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_lightning.schema import LoRASettings, as_config
+from rlhf_lightning.config.schema import LoRASettings, as_config
+from rlhf_lightning.models.parts import decoder_layers, register_scalar_model, scalar_model_config, score_head
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ ADAPTER_SUFFIX = "_adapter"
 
 
 def lora_settings(value: LoRASettings | dict | None) -> LoRASettings | None:
-    """``model.lora`` as :class:`~rlhf_lightning.schema.LoRASettings`, or ``None`` when it is null or ``r`` is null.
+    """``model.lora`` as :class:`~rlhf_lightning.config.schema.LoRASettings`, or ``None`` when it is null or ``r`` is
+    null.
 
     Raises:
         TypeError, ValueError: a bad setting (one line naming ``model.lora.<key>``).
@@ -226,8 +228,6 @@ def target_module_names(model: nn.Module, settings: LoRASettings) -> list[str]:
     Raises:
         ValueError: no decoder blocks; a name of ``target_modules`` matches no linear layer of the blocks.
     """
-    from rlhf_lightning.models.builders import decoder_layers
-
     blocks = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is blocks)
     first = max(len(blocks) - settings.layers, 0) if settings.layers else 0
@@ -256,7 +256,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings, head: nn.Module | None 
 
     Args:
         model: a transformers decoder (causal LM or sequence-classification model), dropout already off.
-        settings: the adapters (:class:`~rlhf_lightning.schema.LoRASettings`, ``r`` set).
+        settings: the adapters (:class:`~rlhf_lightning.config.schema.LoRASettings`, ``r`` set).
         head: a module trained in full beside the adapters (a scalar model's ``score`` head).
 
     Returns:
@@ -307,8 +307,6 @@ def critic_on_policy_base(policy: nn.Module, config) -> nn.Module:
     import warnings
 
     from peft import inject_adapter_in_model
-
-    from rlhf_lightning.models.builders import register_scalar_model, scalar_model_config, score_head
 
     if not has_lora(policy):
         raise ValueError("critic.share_base: the policy has no LoRA adapter to share its base with (model.lora.r)")

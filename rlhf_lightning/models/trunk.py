@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlhf_lightning.algorithms.ops import position_ids_from_mask
+
 log = logging.getLogger(__name__)
 
 #: Largest difference between a forward on the shared trunk and the full forward that
@@ -65,7 +67,7 @@ class Trunks:
     Attributes:
         policy, ref_policy, critic: (B, T, H) trunk outputs for the rollout's sequences.
         reward_model: (B, T or T + 1, H): the reward model reads the scoring inputs, which may carry
-            one appended EOS column (:func:`rlhf_lightning.rollout.scoring_inputs`).
+            one appended EOS column (:func:`rlhf_lightning.rollout.experience.scoring_inputs`).
     """
 
     policy: TrunkOutput | None = None
@@ -245,8 +247,6 @@ class SharedTrunk:
             name → :class:`TrunkOutput` for every grouped network (networks in one group share
             the same tensor).
         """
-        from rlhf_lightning.models.forward import position_ids_from_mask
-
         out: dict[str, TrunkOutput] = {}
         for names, depth in self.groups:
             view = trunk_view(self.models[names[0]], depth)
@@ -276,7 +276,6 @@ class SharedTrunk:
             ids = torch.randint(0, weight.shape[0], (2, 12), generator=generator).to(weight.device)
             mask = torch.ones_like(ids)
             mask[1, :5] = 0
-            from rlhf_lightning.models.forward import position_ids_from_mask
 
             positions = position_ids_from_mask(mask)
             trunk = self.compute(ids, mask)

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_lightning.ops import BatchCounts
-from rlhf_lightning.schedules import lr_multiplier
-from rlhf_lightning.schema import OptimConfig
+from rlhf_lightning.algorithms.ops import BatchCounts
+from rlhf_lightning.algorithms.schedules import lr_multiplier
+from rlhf_lightning.config.schema import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def gather_rows(module):
 
 def batch_counts(module, mask: torch.Tensor) -> BatchCounts:
     """The token, sequence and row counts of ``mask`` (``(b, R)`` bool, this rank's part of a (mini)batch)
-    summed over the ranks of ``module``'s trainer (:class:`~rlhf_lightning.ops.BatchCounts`, :func:`sum_over_ranks`):
+    summed over the ranks of ``module``'s trainer (:class:`~rlhf_lightning.algorithms.ops.BatchCounts`,
+    :func:`sum_over_ranks`):
     the denominators of the losses and statistics of the whole (mini)batch. One all-reduce when distributed."""
     trainer = module._trainer
     return BatchCounts.of(mask, sum_over_ranks(module), trainer.world_size if trainer is not None else 1)
@@ -178,8 +179,8 @@ def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None)
 
     Call on the global-zero rank only. ``None`` skips the export. Returns the directory.
     """
-    from rlhf_lightning.models.builders import SCALAR_HEAD_NAMES
     from rlhf_lightning.models.lora import has_lora, save_lora_export
+    from rlhf_lightning.models.parts import SCALAR_HEAD_NAMES
 
     if directory is None:
         return None

@@ -10,7 +10,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from rlhf_lightning.losses import dpo_loss
+from rlhf_lightning.algorithms.losses import dpo_loss
+from rlhf_lightning.config.schema import DPOConfig, as_config
+from rlhf_lightning.evaluation.heldout import evaluate_policy
 from rlhf_lightning.models.forward import response_logprobs
 from rlhf_lightning.models.lora import adapters_disabled, has_lora, log_network_memory
 from rlhf_lightning.modules.common import (
@@ -21,9 +23,8 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
     scheduler_total_steps,
 )
-from rlhf_lightning.modules.evaluation import evaluate_policy
-from rlhf_lightning.rollout import Experience, adapter_off_logprobs, generate, make_experience, prompt_noise
-from rlhf_lightning.schema import DPOConfig, as_config
+from rlhf_lightning.rollout.experience import Experience, adapter_off_logprobs, make_experience
+from rlhf_lightning.rollout.sampler import generate, prompt_noise
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,13 @@ class DPOModule(L.LightningModule):
     Each ``training_step`` then runs the policy alone on a batch from
     :class:`~rlhf_lightning.data.DPOCollator` (chosen rows 0..B−1, rejected rows B..2B−1), sums the response
     tokens' log-probabilities (IPO: averages them over the response's tokens), and minimises the mean of
-    :func:`~rlhf_lightning.losses.dpo_loss`.
+    :func:`~rlhf_lightning.algorithms.losses.dpo_loss`.
 
     Logged (train, and ``val/...`` on the validation pairs): ``loss``; ``rewards/chosen``, ``rewards/rejected``
     (the implicit rewards β·(log π − log π_ref), means), ``rewards/margins`` (chosen − rejected),
     ``rewards/accuracies`` (fraction with chosen > rejected); ``logps/chosen``, ``logps/rejected`` (policy).
     Before the first and after the last step, the held-out prompts are answered and scored as in PPO
-    (:func:`~rlhf_lightning.modules.evaluation.evaluate_policy`: ``eval/score_*``, ``eval/kl_*``). At the end the
+    (:func:`~rlhf_lightning.evaluation.heldout.evaluate_policy`: ``eval/score_*``, ``eval/kl_*``). At the end the
     policy is written to ``export_dir`` (``save_pretrained``).
 
     Args:
@@ -59,13 +60,13 @@ class DPOModule(L.LightningModule):
         reward_model: frozen ``AutoModelForSequenceClassification`` scoring the evaluation's responses;
             ``None``: the evaluation's scores are 0 (its KL is still measured).
         tokenizer: for EOS/pad ids, decoding samples, and the export.
-        dpo: :class:`~rlhf_lightning.schema.DPOConfig` or dict.
+        dpo: :class:`~rlhf_lightning.config.schema.DPOConfig` or dict.
         export_dir: where the trained policy is written at the end of fit (``None``: not written).
         samples_path: JSON-lines file of the evaluation's responses.
         ref_logps_path: the reference log-probability cache (``None``: kept in memory only).
 
     Raises:
-        ValueError, TypeError: a setting :class:`~rlhf_lightning.schema.DPOConfig` refuses; ``ref_policy`` is
+        ValueError, TypeError: a setting :class:`~rlhf_lightning.config.schema.DPOConfig` refuses; ``ref_policy`` is
             ``None`` and the policy has no LoRA adapters.
     """
 
@@ -217,12 +218,13 @@ class DPOModule(L.LightningModule):
                 do_sample: bool = True, seed: int | None = None) -> Experience:
         """One response per prompt (``dpo.generation``), scored by the reward model, with the policy's and the
         reference's log-probabilities (no autograd): the evaluation's
-        :class:`~rlhf_lightning.rollout.Experience`.
+        :class:`~rlhf_lightning.rollout.experience.Experience`.
 
         Args:
             input_ids, attention_mask: (B, P) left-padded prompts.
             prompt_index: (B,) the prompts' dataset indices: with ``seed``, each response's sampling noise is keyed
-                by its prompt (:func:`~rlhf_lightning.rollout.prompt_noise`, as PPO's evaluation); ``None``: drawn
+                by its prompt (:func:`~rlhf_lightning.rollout.sampler.prompt_noise`, as PPO's evaluation); ``None``:
+                drawn
                 from torch's generator.
             do_sample: False decodes greedily.
             seed: the noise's seed (the evaluation's ``dpo.eval_seed``).
@@ -239,7 +241,7 @@ class DPOModule(L.LightningModule):
         return exp
 
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:
-        """PPO's before/after evaluation (:func:`~rlhf_lightning.modules.evaluation.evaluate_policy`) with
+        """PPO's before/after evaluation (:func:`~rlhf_lightning.evaluation.heldout.evaluate_policy`) with
         ``dpo``'s ``num_sample_prompts``, ``kl_estimator``, ``eval_seed`` and ``eval_greedy``."""
         cfg = self.dpo
         return evaluate_policy(self, phase, cfg.num_sample_prompts, self.collect, cfg.kl_estimator, cfg.eval_seed,

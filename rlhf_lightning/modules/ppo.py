@@ -9,19 +9,20 @@ import lightning as L
 import torch
 from torch import nn
 
-from rlhf_lightning.diagnostics import check_alarms, rollout_diagnostics
-from rlhf_lightning.losses import (
+from rlhf_lightning.algorithms.advantages import (
     gae,
     group_advantages,
-    kl_loss,
-    ppo_policy_loss,
     reinforce_pp_advantages,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
     sequence_to_token_advantages,
-    tis_weights,
-    value_loss,
 )
+from rlhf_lightning.algorithms.kl import compute_rewards, make_kl_controller
+from rlhf_lightning.algorithms.losses import kl_loss, ppo_policy_loss, tis_weights, value_loss
+from rlhf_lightning.algorithms.ops import explained_variance, masked_whiten, token_mean
+from rlhf_lightning.config.schema import OptimConfig, PPOConfig, as_config
+from rlhf_lightning.evaluation.diagnostics import check_alarms, rollout_diagnostics
+from rlhf_lightning.evaluation.heldout import evaluate_policy, write_samples
 from rlhf_lightning.models.builders import PolicyBaseCritic
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.lora import has_lora, log_network_memory, own_parameters
@@ -38,23 +39,9 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
     sum_over_ranks,
 )
-from rlhf_lightning.modules.evaluation import evaluate_policy, write_samples
-from rlhf_lightning.ops import explained_variance, masked_whiten, token_mean
-from rlhf_lightning.reward_functions import load_reward_functions, score_with_functions
-from rlhf_lightning.rewards import compute_rewards, make_kl_controller
-from rlhf_lightning.rollout import (
-    Experience,
-    Rollout,
-    adapter_off_logprobs,
-    generate,
-    logprob_diff,
-    make_experience,
-    prompt_noise,
-    run_seed,
-    select_rows,
-    stack_rollouts,
-)
-from rlhf_lightning.schema import OptimConfig, PPOConfig, as_config
+from rlhf_lightning.rewards.functions import load_reward_functions, score_with_functions
+from rlhf_lightning.rollout.experience import Experience, adapter_off_logprobs, logprob_diff, make_experience
+from rlhf_lightning.rollout.sampler import Rollout, generate, prompt_noise, run_seed, select_rows, stack_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +106,12 @@ def check_ppo_precision(precision_plugin) -> None:
     default) Lightning raises "does not allow for gradient clipping because it performs unscaling of
     gradients internally" (``MixedPrecision.clip_gradients``, lightning/pytorch/plugins/precision/amp.py).
     DeepSpeed's precision plugin has no ``scaler`` (DeepSpeed scales, unscales and clips in its engine)
-    and passes. The same rule as :func:`rlhf_lightning.validate.validate_config` on ``trainer.precision``.
+    and passes. The same rule as :func:`rlhf_lightning.training.validate.validate_config` on ``trainer.precision``.
 
     Raises:
         ConfigError: the plugin has a ``scaler``; one line naming ``trainer.precision=bf16-mixed``.
     """
-    from rlhf_lightning.validate import PPO_FP16_ERROR, ConfigError
+    from rlhf_lightning.training.validate import PPO_FP16_ERROR, ConfigError
 
     if getattr(precision_plugin, "scaler", None) is not None:
         raise ConfigError(PPO_FP16_ERROR.format(precision=getattr(precision_plugin, "precision", "16-mixed")))
@@ -138,15 +125,16 @@ class PPOModule(L.LightningModule):
 
     1. :meth:`collect`: sample responses (KV-cached decoding, cut after EOS), score them with the
        reward model (minus a missing-EOS penalty), and compute the old log-probabilities, the
-       reference log-probabilities and the values without autograd → :class:`~rlhf_lightning.rollout.Experience`;
+       reference log-probabilities and the values without autograd →
+       :class:`~rlhf_lightning.rollout.experience.Experience`;
     2. :meth:`compute_advantages`: per-token rewards −β·KL_t plus the score at the last token
-       (:mod:`rlhf_lightning.rewards`), GAE advantages (whitened) and returns;
+       (:mod:`rlhf_lightning.algorithms.kl`), GAE advantages (whitened) and returns;
     3. :meth:`update`: ``ppo_epochs`` passes over minibatches: clipped policy loss and clipped value
        loss, one ``manual_backward``, ``clip_gradients`` per optimizer, then the policy and the
        critic optimizers both stepped (``ppo.joint_optimizer``: one optimizer with a policy and a
        critic parameter group), then the LR schedulers; then the adaptive KL controller's update;
     4. :meth:`log_iteration`: metrics (with the reward-hacking ``diagnostics/*`` and the ``ppo.alarms``
-       warnings, :mod:`rlhf_lightning.diagnostics`) and sample generations.
+       warnings, :mod:`rlhf_lightning.evaluation.diagnostics`) and sample generations.
 
     With a critic-free ``ppo.adv_estimator`` (GRPO, RLOO, REINFORCE++, ...) there is no critic: phase
     2 takes its baseline from the other responses to the same prompt (``ppo.num_generations``) or from
@@ -163,7 +151,7 @@ class PPOModule(L.LightningModule):
         reward_model: frozen ``AutoModelForSequenceClassification`` (one label); ``None`` when the
             reward comes from ``reward_functions`` alone.
         reward_functions: ``[{"fn": "module.function", "weight": w}, ...]`` with TRL's signature
-            (:func:`~rlhf_lightning.reward_functions.load_reward_functions`), added to the reward
+            (:func:`~rlhf_lightning.rewards.functions.load_reward_functions`), added to the reward
             model's score (weighted sum), each logged as ``reward/<name>``.
         tokenizer: for EOS/pad ids, decoding samples, and the export.
         ppo: :class:`PPOConfig` or dict. policy_optim, critic_optim: :class:`OptimConfig` or dict.
@@ -225,7 +213,7 @@ class PPOModule(L.LightningModule):
             self.engine = None
 
     def build_engine(self):
-        """This rank's :class:`~rlhf_lightning.vllm_engine.VLLMEngine` on its device, from the policy's config,
+        """This rank's :class:`~rlhf_lightning.rollout.vllm_engine.VLLMEngine` on its device, from the policy's config,
         dtype and weights; ``max_model_len`` from ``ppo.generation.vllm.max_model_len``, else the datamodule's
         ``max_prompt_length`` + ``max_new_tokens``, else the model's ``max_position_embeddings``.
 
@@ -235,7 +223,7 @@ class PPOModule(L.LightningModule):
         """
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-        from rlhf_lightning.vllm_engine import VLLMEngine
+        from rlhf_lightning.rollout.vllm_engine import VLLMEngine
 
         if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
             raise ValueError("ppo.generation.backend=vllm needs each rank's whole policy: use a single device or "
@@ -255,11 +243,11 @@ class PPOModule(L.LightningModule):
         Args:
             weights: ``(name, tensor)`` pairs with the policy's Hugging Face names (merged adapter weights);
                 ``None``: the policy's trainable parameters (all of them when the engine released its weights
-                in sleep mode), :func:`~rlhf_lightning.vllm_engine.policy_weights`.
+                in sleep mode), :func:`~rlhf_lightning.rollout.vllm_engine.policy_weights`.
         """
         if self.engine is None:
             return
-        from rlhf_lightning.vllm_engine import policy_weights
+        from rlhf_lightning.rollout.vllm_engine import policy_weights
 
         self.engine.load_weights(weights if weights is not None else
                                  policy_weights(self.policy, trainable_only=not self.engine.asleep))
@@ -267,7 +255,7 @@ class PPOModule(L.LightningModule):
     @property
     def optimizer_steps_per_iteration(self) -> int:
         """Optimizer steps per iteration, as Lightning's ``global_step`` counts them (``ppo``'s
-        :attr:`~rlhf_lightning.schema.PPOConfig.optimizer_steps_per_iteration`)."""
+        :attr:`~rlhf_lightning.config.schema.PPOConfig.optimizer_steps_per_iteration`)."""
         return self.ppo.optimizer_steps_per_iteration
 
     @property
@@ -305,7 +293,7 @@ class PPOModule(L.LightningModule):
 
         For an update each prompt is answered ``ppo.num_generations`` times (rows repeated, each
         prompt's responses contiguous). A response's sampling noise is keyed by (iteration, the prompt's
-        dataset index, its generation index) (:func:`~rlhf_lightning.rollout.prompt_noise`), so the responses
+        dataset index, its generation index) (:func:`~rlhf_lightning.rollout.sampler.prompt_noise`), so the responses
         do not depend on the rank or the batch a prompt is in. The score is the reward model's (minus the
         missing-EOS penalty) plus the weighted reward functions. With ``ppo.dynamic_sampling`` the batch is
         filled with groups whose scores differ (:meth:`dynamic_sampling`). With one minibatch
@@ -323,11 +311,11 @@ class PPOModule(L.LightningModule):
             for_update: False for evaluation: one response per prompt, old log-probabilities without
                 autograd, no values, sampled by the policy's own forward whatever ``ppo.generation.backend``
                 (the evaluation's seeded sampling is the same before and after training).
-            seed: the sampling noise's seed; ``None``: the run's (:func:`~rlhf_lightning.rollout.run_seed`) and
+            seed: the sampling noise's seed; ``None``: the run's (:func:`~rlhf_lightning.rollout.sampler.run_seed`) and
                 the iteration in the keys; an evaluation passes its own (``ppo.eval_seed``), keyed by prompt only.
 
         Returns:
-            The :class:`~rlhf_lightning.rollout.Experience` (no advantages yet).
+            The :class:`~rlhf_lightning.rollout.experience.Experience` (no advantages yet).
         """
         cfg, gen = self.ppo, self.ppo.generation
         stats: dict[str, float] = {}
@@ -661,7 +649,7 @@ class PPOModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
 
     def whiten_advantages(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Step 5's whitening: :func:`~rlhf_lightning.ops.masked_whiten` of ``advantages`` (B, R) float over
+        """Step 5's whitening: :func:`~rlhf_lightning.algorithms.ops.masked_whiten` of ``advantages`` (B, R) float over
         ``mask`` (B, R) bool, with the statistics of every rank's valid tokens when
         ``ppo.whiten_across_ranks`` and the world size is > 1 (summed with the strategy's ``reduce``)."""
         return masked_whiten(advantages, mask, all_reduce=self._rank_sum())
@@ -722,13 +710,13 @@ class PPOModule(L.LightningModule):
     def _write_samples(self, exp: Experience, phase: str, limit: int | None = None) -> list[dict]:
         """Decode the first ``limit`` (default ``ppo.num_sample_prompts``) rows of ``exp`` (with its ``kl``)
         to ``samples_path`` and to every logger with tables, on the global-zero rank; return the rows
-        (:func:`~rlhf_lightning.modules.evaluation.write_samples`)."""
+        (:func:`~rlhf_lightning.evaluation.heldout.write_samples`)."""
         return write_samples(self, self.tokenizer, exp, phase, self.iteration, limit or self.ppo.num_sample_prompts,
                              self.samples_path)
 
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:
         """Answer the fixed evaluation prompts, score them, and record the result under ``phase``
-        (:func:`~rlhf_lightning.modules.evaluation.evaluate_policy`, shared with DPO): ``ppo.num_sample_prompts``
+        (:func:`~rlhf_lightning.evaluation.heldout.evaluate_policy`, shared with DPO): ``ppo.num_sample_prompts``
         prompts sampled with ``ppo.eval_seed`` (greedy with ``ppo.eval_greedy``), one response each
         (:meth:`collect` with ``for_update=False``), split between the ranks and gathered; ``eval/score``,
         ``eval/rm_score``, ``eval/kl`` (estimator ``ppo.kl_estimator``), ``eval/eos_frac`` and

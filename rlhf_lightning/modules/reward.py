@@ -6,8 +6,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from rlhf_lightning.diagnostics import preference_diagnostics
-from rlhf_lightning.losses import pairwise_reward_loss
+from rlhf_lightning.algorithms.losses import pairwise_reward_loss
+from rlhf_lightning.config.schema import OptimConfig, RewardConfig, as_config
+from rlhf_lightning.evaluation.diagnostics import preference_diagnostics
 from rlhf_lightning.models.forward import right_padded_scores
 from rlhf_lightning.models.lora import has_lora, log_network_memory
 from rlhf_lightning.modules.common import (
@@ -18,7 +19,6 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
     scheduler_total_steps,
 )
-from rlhf_lightning.schema import OptimConfig, RewardConfig, as_config
 
 
 class RewardModule(L.LightningModule):
@@ -33,7 +33,7 @@ class RewardModule(L.LightningModule):
 
     Logs ``{train,val}/loss``, ``/accuracy`` (fraction with r_w > r_l), ``/margin`` (mean r_w − r_l),
     ``/reward_mean`` and ``/reward_abs_mean`` (score-inflation monitor). After each validation epoch (not the
-    sanity check) the diagnostics of :func:`~rlhf_lightning.diagnostics.preference_diagnostics` on the
+    sanity check) the diagnostics of :func:`~rlhf_lightning.evaluation.diagnostics.preference_diagnostics` on the
     validation pairs: ``val/accuracy_ci_low``/``_high`` (bootstrap 95%), ``val/ece``,
     ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson) and ``val/score_std``, on the
     validation pairs of every rank together (``python -m rlhf_lightning.rm_eval`` gives them all). At the end of fit the
@@ -45,13 +45,13 @@ class RewardModule(L.LightningModule):
         model: ``AutoModelForSequenceClassification`` with ``num_labels=1``
             (:func:`~rlhf_lightning.models.load_scalar_model`).
         tokenizer: saved beside the model.
-        optim: :class:`~rlhf_lightning.schema.OptimConfig` or dict (``reward.optim``).
-        center_coef, margin: as :class:`~rlhf_lightning.schema.RewardConfig`'s (``reward.center_coef``,
+        optim: :class:`~rlhf_lightning.config.schema.OptimConfig` or dict (``reward.optim``).
+        center_coef, margin: as :class:`~rlhf_lightning.config.schema.RewardConfig`'s (``reward.center_coef``,
             ``reward.margin``), which checks them.
         export_dir: where to write the trained model (``None``: don't).
 
     Raises:
-        ValueError, TypeError: a setting :class:`~rlhf_lightning.schema.RewardConfig` refuses (one line
+        ValueError, TypeError: a setting :class:`~rlhf_lightning.config.schema.RewardConfig` refuses (one line
             naming its key, e.g. ``reward.center_coef=-1.0 must be >= 0``).
     """
 
@@ -118,7 +118,8 @@ class RewardModule(L.LightningModule):
         self._val_scores = []
 
     def on_validation_epoch_end(self) -> None:
-        """Log the validation pairs' :func:`~rlhf_lightning.diagnostics.preference_diagnostics` (see the class)."""
+        """Log the validation pairs' :func:`~rlhf_lightning.evaluation.diagnostics.preference_diagnostics` (see the
+        class)."""
         if self.trainer.sanity_checking or not self._val_scores:
             return
         scores = self._val_scores

@@ -6,7 +6,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from rlhf_lightning.losses import gae, td_targets, value_loss
+from rlhf_lightning.algorithms.advantages import gae, td_targets
+from rlhf_lightning.algorithms.kl import compute_rewards
+from rlhf_lightning.algorithms.losses import value_loss
+from rlhf_lightning.algorithms.ops import explained_variance
+from rlhf_lightning.config.schema import OptimConfig, ValueConfig, as_config
 from rlhf_lightning.models.forward import response_values
 from rlhf_lightning.models.lora import log_network_memory
 from rlhf_lightning.models.trunk import SharedTrunk
@@ -21,10 +25,8 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
     sum_over_ranks,
 )
-from rlhf_lightning.ops import explained_variance
-from rlhf_lightning.rewards import compute_rewards
-from rlhf_lightning.rollout import generate, make_experience, prompt_noise, run_seed
-from rlhf_lightning.schema import OptimConfig, ValueConfig, as_config
+from rlhf_lightning.rollout.experience import make_experience
+from rlhf_lightning.rollout.sampler import generate, prompt_noise, run_seed
 
 
 class ValueModule(L.LightningModule):

@@ -1,89 +1,49 @@
-"""Losses and advantage estimators for RLHF (reward model, critic, PPO policy).
+"""Losses of RLHF: the reward model's, the critic's, the PPO policy's (and its KL term), and DPO's.
 
-Shapes follow :mod:`rlhf_lightning.ops`: per-token tensors are ``(B, T)`` over
+Shapes follow :mod:`rlhf_lightning.algorithms.ops`: per-token tensors are ``(B, T)`` over
 response tokens, and ``mask`` is a ``(B, T)`` bool or 0/1 tensor that is true at
 valid tokens (up to and including EOS).  Token-level reductions are masked
 means over *all* valid tokens of the batch; rows without a valid token add
 nothing and an all-masked batch gives a loss of exactly 0 with finite (zero)
-gradients.  Log-probabilities are natural logs (nats).
-
-Critic-free estimators (GRPO, Dr. GRPO, RLOO) work on ``(N,)`` per-sequence
-scores where the ``G = group_size`` samples of each prompt are contiguous
-(rows ``[k G, (k + 1) G)`` answer prompt ``k``); their ``(N,)`` advantages are
-broadcast to tokens with :func:`sequence_to_token_advantages`.
+gradients.  Log-probabilities are natural logs (nats). The advantages the
+policy loss takes come from :mod:`rlhf_lightning.algorithms.advantages`.
 
 Statistics dictionaries hold detached 0-d tensors; nothing here calls
 ``.item()`` or otherwise synchronises with the host, except for validating
-Python-number hyper-parameters.
-"""
+Python-number hyper-parameters."""
 
 from __future__ import annotations
 
 import math
-import operator
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhf_lightning.ops import (
+from rlhf_lightning.algorithms.kl import KL_ESTIMATORS, kl_penalty
+from rlhf_lightning.algorithms.ops import (
     BatchCounts,
     bool_mask,
     check_2d,
-    check_per_row,
     check_same_shape,
-    check_unit_interval,
     float_dtype,
-    last_valid_index,
     masked_mean,
     masked_sum,
-    masked_whiten,
     token_mean,
 )
-from rlhf_lightning.rewards import KL_ESTIMATORS, kl_penalty
 
 __all__ = [
-    "ADV_ESTIMATORS",
     "DPO_LOSS_TYPES",
-    "CRITIC_ESTIMATORS",
-    "GROUP_ESTIMATORS",
     "LOSS_AGG_MODES",
     "RATIO_LEVELS",
     "pairwise_reward_loss",
     "dpo_loss",
-    "td_targets",
-    "gae",
-    "group_advantages",
-    "rloo_advantages",
-    "sequence_to_token_advantages",
-    "reinforce_pp_advantages",
-    "reinforce_pp_baseline_advantages",
     "value_loss",
     "aggregate_loss",
     "ppo_policy_loss",
     "kl_loss",
 ]
 
-#: Advantage estimators by name, each with the function that computes it (verl's ``algorithm.adv_estimator``
-#: name in brackets where it has one):
-#:
-#: * ``"gae"``: :func:`gae` with a critic (verl ``"gae"``);
-#: * ``"grpo"``: :func:`group_advantages` (verl ``"grpo"``);
-#: * ``"dr_grpo"``: :func:`group_advantages` with ``std_normalize=False`` (verl ``"grpo"`` with
-#:   ``norm_adv_by_std_in_grpo=False``);
-#: * ``"rloo"``: :func:`rloo_advantages` (verl ``"rloo"``);
-#: * ``"reinforce_pp"``: :func:`reinforce_pp_advantages` (verl ``"reinforce_plus_plus"``, OpenRLHF ``"reinforce"``);
-#: * ``"reinforce_pp_baseline"``: :func:`reinforce_pp_baseline_advantages` (verl ``"reinforce_plus_plus_baseline"``,
-#:   OpenRLHF ``"reinforce_baseline"``).
-#:
-#: ``"grpo"``, ``"dr_grpo"`` and ``"rloo"`` give one advantage per sequence: broadcast it to tokens with
-#: :func:`sequence_to_token_advantages`.
-ADV_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-#: The estimators that need a critic (V(s_t) in GAE); the others are critic-free.
-CRITIC_ESTIMATORS = ("gae",)
-#: The estimators whose baseline is the other samples of the same prompt (``num_generations`` ≥ 2).
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 #: Names accepted by :func:`aggregate_loss` (and the ``loss_agg`` of :func:`ppo_policy_loss`, :func:`kl_loss`).
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -182,116 +142,6 @@ def pairwise_reward_loss(
     return loss, stats
 
 
-# --------------------------------------------------------------------------- #
-# Critic targets and advantages
-# --------------------------------------------------------------------------- #
-def _prepare_returns_inputs(
-    rewards: Tensor, values: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Validate and return detached ``(r, v, m, next_valid)`` in a >= float32 dtype.
-
-    ``r`` and ``v`` are zeroed at invalid positions; ``next_valid[:, t]`` is
-    ``mask[:, t + 1]`` (False at ``t = T - 1``), i.e. whether ``V(s_{t+1})`` may
-    be bootstrapped from.
-    """
-    check_same_shape(rewards=rewards, values=values, mask=mask)
-    check_2d("rewards", rewards)
-    m = bool_mask(mask)
-    dtype = float_dtype(rewards, values)
-    zero = torch.zeros((), dtype=dtype, device=rewards.device)
-    r = torch.where(m, rewards.detach().to(dtype), zero)
-    v = torch.where(m, values.detach().to(dtype), zero)
-    next_valid = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
-    return r, v, m, next_valid
-
-
-def _next_values(v: Tensor, next_valid: Tensor) -> Tensor:
-    """``V(s_{t+1})`` aligned with ``t``, 0 where ``t+1`` is not a valid token."""
-    shifted = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
-    return torch.where(next_valid, shifted, torch.zeros_like(shifted))
-
-
-def td_targets(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """One-step TD(0) targets ``y_t = r_t + gamma * V(s_{t+1})`` for critic training.
-
-    Sutton & Barto, "Reinforcement Learning: An Introduction" (2nd ed.), eq. 6.2.
-    The episode ends at the last valid token: ``V(s_{t+1}) = 0`` there and at
-    every later position, so the last valid target is just its reward.
-
-    ``mask`` is expected to be a prefix mask (each row's valid tokens come first).
-    For any other mask, bootstrapping from ``t + 1`` happens exactly when
-    position ``t + 1`` is valid, i.e. a gap acts as an episode end.
-
-    Args:
-        rewards: ``(B, T)`` per-token rewards (e.g. from :func:`compute_rewards`).
-        values: ``(B, T)`` critic predictions ``V(s_t)``; only used as constants.
-        mask: ``(B, T)`` bool or 0/1 prefix mask of valid tokens.
-        gamma: discount factor in ``[0, 1]``.
-
-    Returns:
-        ``(B, T)`` targets, DETACHED (no gradient ever flows into ``values``
-        through them), dtype ``promote(rewards, values, float32)``, exactly 0 at
-        masked positions.
-
-    Raises:
-        ValueError: on mismatched or non-2-D shapes, or ``gamma`` outside ``[0, 1]``.
-    """
-    gamma = check_unit_interval("gamma", gamma)
-    r, v, m, next_valid = _prepare_returns_inputs(rewards, values, mask)
-    targets = r + gamma * _next_values(v, next_valid)
-    return torch.where(m, targets, torch.zeros_like(targets))
-
-
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
-    """Generalized Advantage Estimation (Schulman et al. 2016, "High-Dimensional
-    Continuous Control Using Generalized Advantage Estimation", eq. 16).
-
-    ``delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)``,
-    ``A_t = delta_t + gamma * lam * A_{t+1}`` (a reverse scan over ``T``,
-    vectorised over the batch), and ``returns_t = A_t + V(s_t)`` (the
-    ``lambda``-return, the critic's regression target).  ``V(s_{t+1})`` and
-    ``A_{t+1}`` are 0 at and after each row's last valid token.  ``lam = 0``
-    gives ``A_t = delta_t``; ``lam = 1`` gives the discounted return minus
-    ``V(s_t)``, so with ``gamma = lam = 1`` the returns are the reward-to-go.
-
-    ``mask`` is expected to be a prefix mask; for other masks, a gap acts as an
-    episode end (the recursion bootstraps from ``t + 1`` only if it is valid).
-    Advantages are not whitened here; use :func:`rlhf_lightning.ops.masked_whiten`.
-
-    Args:
-        rewards: ``(B, T)`` per-token rewards.
-        values: ``(B, T)`` critic predictions ``V(s_t)`` (used as constants).
-        mask: ``(B, T)`` bool or 0/1 prefix mask.
-        gamma: discount factor in ``[0, 1]``.
-        lam: GAE ``lambda`` in ``[0, 1]``.
-
-    Returns:
-        ``(advantages, returns)``, both ``(B, T)``, DETACHED, dtype
-        ``promote(rewards, values, float32)``, exactly 0 at masked positions.
-
-    Raises:
-        ValueError: on mismatched or non-2-D shapes, or ``gamma``/``lam``
-            outside ``[0, 1]``.
-    """
-    gamma = check_unit_interval("gamma", gamma)
-    lam = check_unit_interval("lam", lam)
-    r, v, m, next_valid = _prepare_returns_inputs(rewards, values, mask)
-    deltas = r + gamma * _next_values(v, next_valid) - v
-    deltas = torch.where(m, deltas, torch.zeros_like(deltas))
-    carry_coef = gamma * lam * next_valid.to(deltas.dtype)
-
-    T = deltas.shape[1]
-    advantages = torch.zeros_like(deltas)
-    running = torch.zeros_like(deltas[:, 0])
-    for t in range(T - 1, -1, -1):  # reverse scan over time only
-        running = deltas[:, t] + carry_coef[:, t] * running
-        advantages[:, t] = running
-    returns = torch.where(m, advantages + v, torch.zeros_like(advantages))
-    return advantages, returns
-
-
 def value_loss(
     values: Tensor,
     returns: Tensor,
@@ -319,7 +169,7 @@ def value_loss(
         clip_range: optional clip half-width ``c > 0``, in reward units.
         counts: keyword-only, the whole batch's counts over data-parallel processes: the mean (and
             ``clipfrac``) over every process's valid tokens, this process's share
-            (:func:`~rlhf_lightning.ops.token_mean`); ``None``: this batch's mean.
+            (:func:`~rlhf_lightning.algorithms.ops.token_mean`); ``None``: this batch's mean.
 
     Returns:
         ``(loss, stats)``: ``loss`` is 0-d, dtype ``promote(values, returns,
@@ -356,233 +206,6 @@ def value_loss(
 
 
 # --------------------------------------------------------------------------- #
-# Critic-free advantages: group baselines and REINFORCE++
-# --------------------------------------------------------------------------- #
-def _grouped_scores(scores: Tensor, group_size: int) -> Tensor:
-    """Validate and return ``scores`` DETACHED as a ``(N / G, G)`` float (>= float32) tensor, shifted by
-    each group's first score.
-
-    The shift leaves every difference from a group statistic unchanged in exact arithmetic, and makes
-    an all-equal group exactly 0, so its advantages are exactly 0 (``r - mean(r)`` can be off by an
-    ulp: ``mean(0.1, 0.1, 0.1) != 0.1`` in floating point).
-    """
-    if not isinstance(scores, Tensor) or scores.dim() != 1:
-        raise ValueError(
-            "scores must be a 1-D (N,) tensor, got "
-            f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
-        )
-    try:
-        group_size = operator.index(group_size)
-    except TypeError:
-        raise ValueError(f"group_size must be an int, got {type(group_size).__name__}") from None
-    if group_size < 2:
-        raise ValueError(
-            f"group_size must be >= 2 (the baseline comes from the other samples of the prompt), got {group_size}"
-        )
-    if scores.shape[0] % group_size:
-        raise ValueError(f"the number of scores ({scores.shape[0]}) is not a multiple of group_size ({group_size})")
-    r = scores.detach().to(float_dtype(scores)).reshape(-1, group_size)
-    return r - r[:, :1]
-
-
-def group_advantages(scores: Tensor, group_size: int, std_normalize: bool = True, eps: float = 1e-6) -> Tensor:
-    """Group-relative advantages of GRPO (Shao et al. 2024, "DeepSeekMath: Pushing the Limits of
-    Mathematical Reasoning in Open Language Models", §4.1.2, outcome supervision) and Dr. GRPO
-    (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective").
-
-    For each group of the ``G`` samples of one prompt, with ``mean`` and ``std`` the group's mean and
-    sample standard deviation (unbiased, ``n - 1``, as TRL and verl compute it):
-
-    * ``std_normalize=True`` (GRPO): ``A_i = (r_i - mean) / (std + eps)``;
-    * ``std_normalize=False`` (Dr. GRPO, which drops the division as a source of bias toward
-      too-easy and too-hard prompts): ``A_i = r_i - mean``.
-
-    A group whose scores are all equal gets advantages exactly 0 (it carries no learning signal).
-    Broadcast the result to tokens with :func:`sequence_to_token_advantages`.
-
-    Args:
-        scores: ``(N,)`` float scores (reward units), the ``G`` samples of each prompt contiguous.
-        group_size: ``G >= 2``, samples per prompt; ``N`` must be a multiple of it.
-        std_normalize: divide by the group's standard deviation (GRPO) or not (Dr. GRPO).
-        eps: ``> 0``, added to the standard deviation (not the variance) before dividing.
-
-    Returns:
-        ``(N,)`` advantages, DETACHED, dtype ``promote(scores, float32)`` (scale-free with
-        ``std_normalize``, reward units without).
-
-    Raises:
-        ValueError: ``scores`` not 1-D, ``group_size`` not an int or ``< 2`` (no baseline without
-            another sample), ``N`` not a multiple of ``group_size``, or ``eps <= 0``.
-    """
-    eps = float(eps)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    d = _grouped_scores(scores, group_size)
-    adv = d - d.mean(dim=1, keepdim=True)
-    if std_normalize:
-        std = (adv.pow(2).sum(dim=1, keepdim=True) / (d.shape[1] - 1)).sqrt()  # unbiased, as torch.std
-        adv = adv / (std + eps)
-    return adv.reshape(-1)
-
-
-def rloo_advantages(scores: Tensor, group_size: int) -> Tensor:
-    """REINFORCE Leave-One-Out advantages (Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline
-    for Free!"; Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
-    Learning from Human Feedback in LLMs", §3, the RLOO estimator).
-
-    ``A_i = r_i - (1 / (G - 1)) * sum_{j != i} r_j``: each sample's baseline is the mean score of the
-    other ``G - 1`` samples of its prompt, so it does not depend on ``r_i`` and the estimate stays
-    unbiased.  Equal to ``G / (G - 1) * (r_i - mean)``.  All-equal groups give exactly 0.
-
-    Args:
-        scores: ``(N,)`` float scores (reward units), the ``G`` samples of each prompt contiguous.
-        group_size: ``G >= 2``; ``N`` must be a multiple of it.
-
-    Returns:
-        ``(N,)`` advantages in reward units, DETACHED, dtype ``promote(scores, float32)``.
-
-    Raises:
-        ValueError: ``scores`` not 1-D, ``group_size`` not an int or ``< 2``, or ``N`` not a multiple
-            of ``group_size``.
-    """
-    d = _grouped_scores(scores, group_size)
-    others_mean = (d.sum(dim=1, keepdim=True) - d) / (d.shape[1] - 1)
-    return (d - others_mean).reshape(-1)
-
-
-def sequence_to_token_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
-    """Broadcast one advantage per sequence to each of its valid tokens.
-
-    ``out[b, t] = advantages[b]`` where ``mask[b, t]``, exactly 0 elsewhere (every token of an
-    outcome-rewarded response shares its advantage, as in GRPO and RLOO).
-
-    Args:
-        advantages: ``(B,)`` float per-sequence advantages (e.g. from :func:`group_advantages`).
-        mask: ``(B, T)`` bool or 0/1 mask of valid response tokens.
-
-    Returns:
-        ``(B, T)`` advantages, DETACHED, dtype ``promote(advantages, float32)``.
-
-    Raises:
-        ValueError: ``mask`` not a 2-D tensor or ``advantages`` not shaped ``(B,)``.
-    """
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    check_2d("mask", mask)
-    check_per_row("advantages", advantages, mask)
-    dtype = float_dtype(advantages)
-    zero = torch.zeros((), dtype=dtype, device=advantages.device)
-    return torch.where(bool_mask(mask), advantages.detach().to(dtype).unsqueeze(1), zero)
-
-
-def reinforce_pp_advantages(
-    rewards: Tensor,
-    mask: Tensor,
-    gamma: float = 1.0,
-    *,
-    all_reduce: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """REINFORCE++ advantages (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning
-    Large Language Models": a token-level KL penalty in the reward and advantages normalised over the
-    global batch).
-
-    The returns are the discounted rewards-to-go of each token,
-    ``G_t = sum_{k >= t} gamma^(k - t) r_k`` over the valid tokens of its row (GAE's advantage with
-    ``V = 0`` and ``lambda = 1``; the same episode-end rule as :func:`gae`), and the advantages are
-    those returns whitened over all valid tokens of the batch (:func:`rlhf_lightning.ops.masked_whiten`:
-    mean subtracted, divided by ``sqrt(unbiased variance + 1e-8)``), not per prompt: no critic, no
-    group.  With ``rewards`` from :func:`rlhf_lightning.rewards.compute_rewards` and ``gamma = 1``,
-    ``G_t = score - beta * sum_{k >= t} KL_k``.
-
-    Args:
-        rewards: ``(B, T)`` per-token rewards, KL penalty included and the score at the last valid
-            token (as :func:`rlhf_lightning.rewards.compute_rewards` gives them).
-        mask: ``(B, T)`` bool or 0/1 prefix mask of valid tokens.
-        gamma: discount factor in ``[0, 1]``.
-        all_reduce: keyword-only; passed to :func:`~rlhf_lightning.ops.masked_whiten` to whiten with the
-            statistics of every process's batch (``None``: this batch only).
-
-    Returns:
-        ``(advantages, returns)``, both ``(B, T)``, DETACHED, dtype ``promote(rewards, float32)``, exactly
-        0 at masked positions (and all zeros for an all-masked batch).  ``returns`` are in reward units,
-        ``advantages`` are whitened.
-
-    Raises:
-        ValueError: on mismatched or non-2-D shapes, or ``gamma`` outside ``[0, 1]``.
-    """
-    gamma = check_unit_interval("gamma", gamma)
-    check_same_shape(rewards=rewards, mask=mask)
-    check_2d("rewards", rewards)
-    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
-    advantages = masked_whiten(returns, bool_mask(mask), all_reduce=all_reduce)
-    return advantages, returns
-
-
-def reinforce_pp_baseline_advantages(
-    scores: Tensor,
-    kl_rewards: Tensor,
-    mask: Tensor,
-    group_size: int,
-    gamma: float = 1.0,
-    *,
-    all_reduce: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor]:
-    """REINFORCE++ with a group baseline ("REINFORCE++-baseline", Hu 2025, "REINFORCE++: A Simple and
-    Efficient Approach for Aligning Large Language Models"; OpenRLHF's ``reinforce_baseline``).
-
-    Exactly:
-
-    1. ``c_i = score_i - mean of the G scores of its prompt`` (:func:`group_advantages` with
-       ``std_normalize=False``; no division by the group's std);
-    2. per-token rewards ``r[i, t] = kl_rewards[i, t]`` at valid tokens, plus ``c_i`` at the last valid
-       token of row ``i`` (rows without a valid token get nothing; their score still counts in their
-       group's mean);
-    3. ``(advantages, returns) = reinforce_pp_advantages(r, mask, gamma)``: discounted rewards-to-go,
-       whitened over the batch's valid tokens.
-
-    So with ``gamma = 1``, ``returns[i, t] = c_i + sum_{k >= t} kl_rewards[i, k]``.  The KL penalty is
-    not centred per group; only the score is.
-
-    Args:
-        scores: ``(B,)`` float sequence scores (reward units, e.g. after
-            :func:`~rlhf_lightning.rewards.apply_missing_eos_penalty`), the ``G`` samples of each prompt
-            contiguous.
-        kl_rewards: ``(B, T)`` per-token KL penalty rewards WITHOUT the score, ``-beta * KL_t`` (e.g.
-            ``-kl_coef * kl`` with ``kl`` from :func:`~rlhf_lightning.rewards.compute_rewards`); all
-            zeros for no penalty.
-        mask: ``(B, T)`` bool or 0/1 prefix mask.
-        group_size: ``G >= 2``; ``B`` must be a multiple of it.
-        gamma: discount factor in ``[0, 1]``.
-        all_reduce: keyword-only, as in :func:`reinforce_pp_advantages` (whitening across processes;
-            the groups themselves must be whole on each process).
-
-    Returns:
-        ``(advantages, returns)``, both ``(B, T)``, DETACHED, dtype ``promote(scores, kl_rewards,
-        float32)``, exactly 0 at masked positions.
-
-    Raises:
-        ValueError: on mismatched or non-2-D shapes (``scores`` must be ``(B,)``), ``group_size`` not an
-            int or ``< 2``, ``B`` not a multiple of it, or ``gamma`` outside ``[0, 1]``.
-    """
-    gamma = check_unit_interval("gamma", gamma)
-    check_same_shape(kl_rewards=kl_rewards, mask=mask)
-    check_2d("kl_rewards", kl_rewards)
-    if not isinstance(scores, Tensor) or scores.shape != kl_rewards.shape[:1]:
-        raise ValueError(
-            f"scores must have shape ({kl_rewards.shape[0]},), got "
-            f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}"
-        )
-    centred = group_advantages(scores, group_size, std_normalize=False)
-    m = bool_mask(mask)
-    dtype = float_dtype(scores, kl_rewards)
-    zero = torch.zeros((), dtype=dtype, device=kl_rewards.device)
-    rewards = torch.where(m, kl_rewards.detach().to(dtype), zero)
-    row_score = torch.where(m.any(dim=1), centred.to(dtype), zero)
-    rewards = rewards.scatter_add(1, last_valid_index(m).unsqueeze(1), row_score.unsqueeze(1))
-    return reinforce_pp_advantages(rewards, m, gamma, all_reduce=all_reduce)
-
-
-# --------------------------------------------------------------------------- #
 # Policy
 # --------------------------------------------------------------------------- #
 def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_mean", *,
@@ -602,7 +225,7 @@ def aggregate_loss(per_token_loss: Tensor, mask: Tensor, loss_agg: str = "token_
       ``max_completion_length``, verl's ``loss_scale_factor``). The same response weighs the same whatever
       else is in the batch; rows without a valid token add 0 but count.
 
-    With ``counts`` (:class:`~rlhf_lightning.ops.BatchCounts`: the batch of every data-parallel process),
+    With ``counts`` (:class:`~rlhf_lightning.algorithms.ops.BatchCounts`: the batch of every data-parallel process),
     the denominators are the whole batch's (tokens, sequences or rows over every process) divided by the
     number of processes, so that the average of the processes' gradients (DDP's) is the gradient of the
     loss of the whole batch in one process; ``None``: this batch's own counts.
@@ -699,7 +322,7 @@ def ppo_policy_loss(
         token_weights: ``(B, T)`` constants multiplying each token's clipped term before aggregation
             (detached), e.g. :func:`tis_weights`; ``None``: 1.
         counts: keyword-only, the whole batch's counts over data-parallel processes
-            (:class:`~rlhf_lightning.ops.BatchCounts`): the loss and the stats are this process's shares of
+            (:class:`~rlhf_lightning.algorithms.ops.BatchCounts`): the loss and the stats are this process's shares of
             the whole batch's (see :func:`aggregate_loss`); ``None``: this batch alone.
         max_response_length: keyword-only, the generation budget (``"seq_mean_token_sum_norm"``).
 
@@ -810,7 +433,7 @@ def kl_loss(
     Shao et al. 2024, "DeepSeekMath", eqs. 3-4).
 
     ``loss = aggregate_loss(kl_penalty(logprobs, ref_logprobs, estimator), mask, loss_agg)`` with
-    :func:`rlhf_lightning.rewards.kl_penalty` (``"k1"``: ``log p - log q``; ``"k2"``:
+    :func:`rlhf_lightning.algorithms.kl.kl_penalty` (``"k1"``: ``log p - log q``; ``"k2"``:
     ``0.5 (log q - log p)^2``; ``"k3"``: ``q/p - 1 - log(q/p)``).  Differentiable w.r.t. ``logprobs``;
     ``ref_logprobs`` is detached.  Both are zeroed at padding first, so ``inf`` there cannot make
     ``NaN`` values or gradients.  Add ``coef * kl_loss(...)`` to the policy loss.
@@ -820,7 +443,7 @@ def kl_loss(
             differentiable).
         ref_logprobs: ``(B, T)`` log-probs of the same tokens under the reference model.
         mask: ``(B, T)`` bool or 0/1 mask.
-        estimator: one of :data:`rlhf_lightning.rewards.KL_ESTIMATORS`.
+        estimator: one of :data:`rlhf_lightning.algorithms.kl.KL_ESTIMATORS`.
         loss_agg: one of :data:`LOSS_AGG_MODES` (see :func:`aggregate_loss`).
         counts, max_response_length: keyword-only, as :func:`aggregate_loss`'s.
 

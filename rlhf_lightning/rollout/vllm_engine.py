@@ -8,9 +8,9 @@ names, ``model.layers.0.self_attn.q_proj.weight``..., are mapped to vLLM's fused
 ``load_weights``; no disk round trip), and again after every iteration's updates. The engine runs in-process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights are passed as tensors.
 
-:meth:`VLLMEngine.sample` returns what :func:`rlhf_lightning.rollout.sample_responses` returns (tokens and
-the sampler's log-probabilities of them, ``(B, R)`` each), so :func:`rlhf_lightning.rollout.generate` fills
-the same :class:`~rlhf_lightning.rollout.Rollout` with either backend.
+:meth:`VLLMEngine.sample` returns what :func:`rlhf_lightning.rollout.sampler.sample_responses` returns (tokens and
+the sampler's log-probabilities of them, ``(B, R)`` each), so :func:`rlhf_lightning.rollout.sampler.generate` fills
+the same :class:`~rlhf_lightning.rollout.sampler.Rollout` with either backend.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from rlhf_lightning.schema import GenerationConfig, VLLMConfig
+from rlhf_lightning.config.schema import GenerationConfig, VLLMConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class VLLMEngine:
     Args:
         policy: the causal LM being trained; its config, dtype and weights build the engine.
         tokenizer: its tokenizer (saved beside the config; vLLM is given token ids only).
-        config: :class:`~rlhf_lightning.schema.VLLMConfig`.
+        config: :class:`~rlhf_lightning.config.schema.VLLMConfig`.
         generation: the sampling settings (:meth:`sample`).
         max_model_len: longest prompt + response, in tokens.
         rank, world_size: this process's place among the training ranks (the seed is the run's seed +
@@ -197,7 +197,7 @@ class VLLMEngine:
             vLLM's log-probability of each (B, R) float32 (0 after the end), whatever the temperature under the
             distribution the token was drawn from: after temperature, top-k and top-p (vLLM's
             ``processed_logprobs``, what TRL records), as the HF sampler records it
-            (:func:`~rlhf_lightning.rollout.sample_responses`); without top-k/top-p it is the trainer's
+            (:func:`~rlhf_lightning.rollout.sampler.sample_responses`); without top-k/top-p it is the trainer's
             distribution at the temperature. Greedy decoding: vLLM's temperature-0 distribution (unscaled).
 
         The draws come from the engine's own generator, seeded once per rank (vLLM takes no per-request seed

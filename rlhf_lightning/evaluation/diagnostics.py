@@ -6,10 +6,10 @@
 - :func:`pearson`, :func:`spearman`: correlation (Spearman: Pearson of the ranks, ties given their mean rank);
 - :func:`repeats_ngram`, :func:`ngram_repeats`, :func:`repeated_ngram_frac`: responses that repeat an n-gram of tokens;
 - :func:`preference_diagnostics`: a reward model on preference pairs (accuracy with its interval, margin,
-  Bradley–Terry calibration, length bias, score distribution), used by :mod:`rlhf_lightning.rm_eval` and by
+  Bradley–Terry calibration, length bias, score distribution), used by :mod:`rlhf_lightning.evaluation.rm_eval` and by
   the reward stage's validation (``val/*``);
 - :func:`rollout_diagnostics` and :func:`check_alarms`: PPO's reward-hacking signals each iteration
-  (``ppo.alarms``, :class:`~rlhf_lightning.schema.AlarmsConfig`).
+  (``ppo.alarms``, :class:`~rlhf_lightning.config.schema.AlarmsConfig`).
 
 Inputs are 1-D tensors (or sequences of numbers) unless said otherwise; results are Python floats.
 """
@@ -307,7 +307,7 @@ def check_alarms(values: dict[str, float], thresholds, fired: set[str]) -> list[
 
     Args:
         values: :func:`rollout_diagnostics`'s result (a NaN never fires).
-        thresholds: an :class:`~rlhf_lightning.schema.AlarmsConfig` (attributes named as in
+        thresholds: an :class:`~rlhf_lightning.config.schema.AlarmsConfig` (attributes named as in
             :data:`ALARMS`; ``None``: that alarm is off).
         fired: kinds that already fired; updated in place.
 

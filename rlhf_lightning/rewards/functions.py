@@ -25,8 +25,8 @@ Differences from TRL, on purpose:
 Config specs (:func:`load_reward_functions`), e.g. in YAML::
 
     reward_functions:
-      - {fn: rlhf_lightning.verifiers.math_answer, weight: 1.0}
-      - {fn: rlhf_lightning.verifiers.format_match, weight: 0.5, kwargs: {format_regex: '^Answer: \\d+$'}}
+      - {fn: rlhf_lightning.rewards.verifiers.math_answer, weight: 1.0}
+      - {fn: rlhf_lightning.rewards.verifiers.format_match, weight: 0.5, kwargs: {format_regex: '^Answer: \\d+$'}}
 
 The ``fn`` string is imported with :mod:`importlib` (never instantiated by Hydra).
 """
@@ -147,7 +147,7 @@ def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunc
             or a callable; ``weight`` (default 1.0): a finite number; ``name`` (default: the last
             part of the dotted path, or a callable's ``__name__``): its key in the scores and logs, unique in the list;
             ``kwargs`` (default none): keyword arguments bound with :func:`functools.partial`
-            (e.g. ``format_regex`` for :func:`rlhf_lightning.verifiers.format_match`).
+            (e.g. ``format_regex`` for :func:`rlhf_lightning.rewards.verifiers.format_match`).
 
     Returns:
         One :class:`RewardFunction` per spec, in order.

@@ -6,7 +6,7 @@ most one ``/`` (source: ``huggingface_hub.utils.validate_repo_id``, whose rules 
 does not exist on disk but could not be a Hub id either is a mistyped local path, and is reported as
 "not found" instead of being sent to the Hub (which would fail later with a network or "repository not
 found" error that hides the typo). Used by :func:`rlhf_lightning.models.resolve_pretrained`,
-:mod:`rlhf_lightning.validate` (``reward_model_path``, ``critic_path``, ``model.name_or_path``) and
+:mod:`rlhf_lightning.training.validate` (``reward_model_path``, ``critic_path``, ``model.name_or_path``) and
 :func:`rlhf_lightning.data.read_rows`.
 """
 

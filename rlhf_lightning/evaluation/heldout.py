@@ -2,7 +2,7 @@
 before the first and after the last training step, scored by the reward model, with the KL to the reference.
 
 The two points of a run (``eval/score_before``, ``eval/score_after`` against ``eval/kl_after``) place it on the
-score-vs-KL frontier that :mod:`rlhf_lightning.report` draws, whichever stage trained the policy.
+score-vs-KL frontier that :mod:`rlhf_lightning.evaluation.report` draws, whichever stage trained the policy.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lightning.rewards import compute_rewards
-from rlhf_lightning.rollout import Experience
+from rlhf_lightning.algorithms.kl import compute_rewards
+from rlhf_lightning.rollout.experience import Experience
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ def evaluate_policy(module, phase: str, num_prompts: int, collect: Callable[...,
     see the same random numbers and the training's RNG stream is not advanced. Rows go to ``samples_path``
     (:func:`write_rows`); the means ``eval/score`` (reward-model units, missing-EOS penalty included),
     ``eval/rm_score`` (without it), ``eval/kl`` (nats per response, ``kl_estimator``:
-    :func:`~rlhf_lightning.rewards.kl_penalty` summed over the response's tokens) and ``eval/eos_frac`` go to every
+    :func:`~rlhf_lightning.algorithms.kl.kl_penalty` summed over the response's tokens) and ``eval/eos_frac`` go to
+    every
     logger, suffixed ``_<phase>``, at the current step; with reward functions, each one's mean too
     (``eval/reward/<name>``).
 
@@ -86,7 +87,7 @@ def evaluate_policy(module, phase: str, num_prompts: int, collect: Callable[...,
         phase: ``before`` or ``after`` (the suffix of the metrics, the ``phase`` of the rows).
         num_prompts: how many prompts (0: no evaluation).
         collect: ``collect(input_ids, attention_mask, prompt_index, do_sample=..., seed=...)`` → an
-            :class:`~rlhf_lightning.rollout.Experience` of one response per prompt, with ``scores``,
+            :class:`~rlhf_lightning.rollout.experience.Experience` of one response per prompt, with ``scores``,
             ``rm_scores``, ``logprobs`` and ``ref_logprobs`` (N, R) and ``reward_components``.
         kl_estimator: ``k1``, ``k2`` or ``k3``.
         seed, greedy: the sampling's seed; greedy decoding instead of sampling.

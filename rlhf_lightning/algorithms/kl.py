@@ -1,20 +1,26 @@
-"""Rewards of RLHF: what a sampled response earns, token by token.
+"""The KL-regularised reward of RLHF: what a sampled response earns, token by token.
 
 Everything that turns a scored rollout into per-token rewards lives here: the missing-EOS
 penalty on the score, the per-token KL estimators and the KL penalty β·KL_t, the score placed at
-the last token, and the controllers that set β. The losses and advantage estimators that consume
-the rewards are in :mod:`rlhf_lightning.losses`.
+the last token, and the controllers that set β. The advantage estimators that consume the rewards
+are in :mod:`rlhf_lightning.algorithms.advantages`, the losses in :mod:`rlhf_lightning.algorithms.losses`.
 
 Shapes: per-token tensors are ``(B, T)`` over response tokens, ``mask`` is true at valid tokens
-(up to and including EOS); log-probabilities are natural logs (nats).
-"""
+(up to and including EOS); log-probabilities are natural logs (nats)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from rlhf_lightning.ops import bool_mask, check_2d, check_per_row, check_same_shape, float_dtype, last_valid_index
+from rlhf_lightning.algorithms.ops import (
+    bool_mask,
+    check_2d,
+    check_per_row,
+    check_same_shape,
+    float_dtype,
+    last_valid_index,
+)
 
 __all__ = [
     "KL_ESTIMATORS",

@@ -106,7 +106,7 @@ class RNGStateCallback(Callback):
     runs between loading and that batch (setup, the loader's ``iter()``, greedy "before" samples) does
     not shift the stream: training batch k+1 of a resumed run draws the same numbers (sampling,
     minibatch permutations, dropout) as in an uninterrupted run. Added to every run by
-    :func:`rlhf_lightning.config.run`.
+    :func:`rlhf_lightning.training.run.run`.
     """
 
     def __init__(self):

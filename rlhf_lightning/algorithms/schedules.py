@@ -1,6 +1,6 @@
 """Learning-rate schedules as plain functions (no torch): warm-up, then constant, linear or cosine decay.
 
-Kept free of torch and Lightning so that :mod:`rlhf_lightning.validate` can check ``*.scheduler`` keys
+Kept free of torch and Lightning so that :mod:`rlhf_lightning.training.validate` can check ``*.scheduler`` keys
 without importing them. :func:`rlhf_lightning.modules.common.make_grouped_optimizer` turns
 :func:`lr_multiplier` into ``LambdaLR`` lambdas.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-#: The ``scheduler`` values of :class:`~rlhf_lightning.schema.OptimConfig`; the first is the default.
+#: The ``scheduler`` values of :class:`~rlhf_lightning.config.schema.OptimConfig`; the first is the default.
 SCHEDULERS = ("constant", "linear", "cosine")
 
 

@@ -8,9 +8,8 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_lightning import launch, tracking
-from rlhf_lightning.losses import ADV_ESTIMATORS
-from rlhf_lightning.schema import (
+from rlhf_lightning.algorithms.advantages import ADV_ESTIMATORS
+from rlhf_lightning.config.schema import (
     DPOConfig,
     LoRASettings,
     OptimConfig,
@@ -19,6 +18,7 @@ from rlhf_lightning.schema import (
     ValueConfig,
     ppo_optimizer_steps,
 )
+from rlhf_lightning.training import launch, tracking
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _ppo_optimizers(joint, ppo_epochs=1, num_minibatches=1, adv_estimator=ADV_ES
     """``${ppo_optimizers:${ppo.joint_optimizer},${ppo.ppo_epochs},${ppo.num_minibatches},${ppo.adv_estimator}}``:
     the optimizer steps PPO takes per iteration, the factor Lightning's ``global_step`` (so ``trainer.max_steps``)
     counts them with
-    (:func:`rlhf_lightning.schema.ppo_optimizer_steps`, as ``PPOModule.optimizer_steps_per_iteration``);
+    (:func:`rlhf_lightning.config.schema.ppo_optimizer_steps`, as ``PPOModule.optimizer_steps_per_iteration``);
     ``${ppo_optimizers:${ppo.joint_optimizer}}``: per minibatch, i.e. the number of optimizers (1 with the
     joint optimizer or a critic-free estimator, 2 otherwise).
 
@@ -68,7 +68,7 @@ def register_configs() -> None:
     """Store :data:`SCHEMAS` in Hydra's ConfigStore (group ``schema``; idempotent). Call before composing the
     configs: the stage configs' defaults lists name them (the model configs: ``- /schema/lora@lora``), and
     Hydra then types their nodes (an unknown key or
-    a value of the wrong type is refused while composing; :func:`rlhf_lightning.validate.composition_error`
+    a value of the wrong type is refused while composing; :func:`rlhf_lightning.training.validate.composition_error`
     says so in one line)."""
     from hydra.core.config_store import ConfigStore
 
@@ -81,7 +81,7 @@ def register_resolvers() -> None:
     """Register ``${mul:...}``, ``${ppo_optimizers:...}``, ``${tiny_source:...}``, ``${sweep_group:}``,
     ``${ddp_start_method:}`` and ``${claim_device:N}`` (idempotent). Call before composing the configs.
     ``${claim_device:N}`` is ``[i]``, the device list ``Trainer(devices=...)`` takes, with i from
-    :func:`rlhf_lightning.launch.claim_device`."""
+    :func:`rlhf_lightning.training.launch.claim_device`."""
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
     if not OmegaConf.has_resolver("tiny_source"):
@@ -115,9 +115,9 @@ def instantiate_group(node: DictConfig | None) -> list:
 
 def fault_tolerance_callbacks(cfg: DictConfig) -> list:
     """Callbacks every run gets, whatever ``callbacks=`` says: RNG states in checkpoints
-    (:class:`~rlhf_lightning.callbacks.RNGStateCallback`) and the NaN/inf step guard
-    (:class:`~rlhf_lightning.callbacks.NonFiniteGuard`, ``max_consecutive_bad_steps``)."""
-    from rlhf_lightning.callbacks import NonFiniteGuard, RNGStateCallback
+    (:class:`~rlhf_lightning.training.callbacks.RNGStateCallback`) and the NaN/inf step guard
+    (:class:`~rlhf_lightning.training.callbacks.NonFiniteGuard`, ``max_consecutive_bad_steps``)."""
+    from rlhf_lightning.training.callbacks import NonFiniteGuard, RNGStateCallback
 
     return [RNGStateCallback(), NonFiniteGuard(cfg.get("max_consecutive_bad_steps", 5))]
 
@@ -147,10 +147,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         The trainer's final ``callback_metrics`` as floats (what Hydra sweepers optimise).
 
     Raises:
-        rlhf_lightning.validate.ConfigError: an invalid config, found before anything is loaded.
-        rlhf_lightning.callbacks.TrainingDiverged: ``max_consecutive_bad_steps`` non-finite steps in a row.
+        rlhf_lightning.training.validate.ConfigError: an invalid config, found before anything is loaded.
+        rlhf_lightning.training.callbacks.TrainingDiverged: ``max_consecutive_bad_steps`` non-finite steps in a row.
     """
-    from rlhf_lightning.validate import validate_config
+    from rlhf_lightning.training.validate import validate_config
 
     validate_config(cfg)
     import lightning as L

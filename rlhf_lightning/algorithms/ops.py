@@ -47,6 +47,7 @@ __all__ = [
     "last_valid_index",
     "explained_variance",
     "DEFAULT_CHUNK_SIZE",
+    "position_ids_from_mask",
 ]
 
 #: Default number of token rows (positions) whose logits are processed at once by
@@ -200,7 +201,7 @@ class BatchCounts:
     count: the mean of per-process means weighs a token of a process with few tokens more than one of a
     process with many. TRL divides by ``num_items_in_batch`` gathered over processes, verl by the global
     token count times the data-parallel size; so does :func:`token_mean` and
-    :func:`rlhf_lightning.losses.aggregate_loss`.
+    :func:`rlhf_lightning.algorithms.losses.aggregate_loss`.
 
     Attributes:
         tokens: 0-d float64, valid tokens of the whole batch (every process's rows).
@@ -637,7 +638,7 @@ def sample_from_logits(
 
     Because each row reads one number, a row's token depends on that number and the row's own
     logits only, not on the other rows: with ``uniform`` given per row (e.g. from
-    :func:`rlhf_lightning.rollout.sampling_noise`), a response does not depend on the batch it is in.
+    :func:`rlhf_lightning.rollout.sampler.sampling_noise`), a response does not depend on the batch it is in.
 
     Args:
         logits: ``(B, V)`` float tensor of any float dtype (``-inf`` entries are never drawn).
@@ -713,7 +714,8 @@ def row_seed(seed: int, *key: int) -> int:
 
 def sampling_noise(seed: int, keys: torch.Tensor, steps: int) -> torch.Tensor:
     """The uniform numbers each row's sampling reads, one per decoding step (inverse-CDF sampling,
-    :func:`~rlhf_lightning.ops.sample_from_logits`), as a function of the run's ``seed`` and the row's key only.
+    :func:`~rlhf_lightning.algorithms.ops.sample_from_logits`), as a function of the run's ``seed`` and the row's key
+    only.
 
     A response then depends on its prompt, the weights, ``seed`` and its key, and not on the batch around
     it, the batch's order, the process it is sampled in or the number of processes: with keys (iteration,
@@ -722,7 +724,7 @@ def sampling_noise(seed: int, keys: torch.Tensor, steps: int) -> torch.Tensor:
     with other generation indices gets independent responses.
 
     Args:
-        seed: the run's seed (:func:`rlhf_lightning.rollout.run_seed`).
+        seed: the run's seed (:func:`rlhf_lightning.rollout.sampler.run_seed`).
         keys: ``(B, K)`` integer tensor, one key per row.
         steps: how many numbers per row (the generation budget, ``max_new_tokens``).
 
@@ -873,3 +875,12 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor,
             var_err = (q_e / n - (s_e / n) ** 2).clamp(min=0).to(dtype)
         safe = torch.where(var_r > 0, var_r, torch.ones_like(var_r))
         return torch.where(var_r > 0, 1.0 - var_err / safe, torch.zeros_like(var_r))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) long positions counting only attended tokens (0 at the first real token).
+
+    Padding positions get 1 (any value works: they are masked), as ``generate`` does.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)

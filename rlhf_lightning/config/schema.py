@@ -1,10 +1,10 @@
 """The settings of the three stages as dataclasses: their defaults, ranges and meaning, written once.
 
-:mod:`rlhf_lightning.config` registers them with Hydra's ConfigStore (group ``schema``), and the stage
+:mod:`rlhf_lightning.training.run` registers them with Hydra's ConfigStore (group ``schema``), and the stage
 configs place them in the run config (``- /schema/ppo@ppo`` in ``conf/stage/ppo.yaml``): the YAML holds only
 what a stage sets differently, and Hydra refuses a key that is not a field or a value of the wrong type.
 The ranges are checked in ``__post_init__``, when a module builds its settings (:func:`as_config`) and
-before anything loads (:func:`rlhf_lightning.validate.validate_config` builds the same dataclasses).
+before anything loads (:func:`rlhf_lightning.training.validate.validate_config` builds the same dataclasses).
 
 Every check raises a one-line ``ValueError`` (a value out of range) or ``TypeError`` (a value of the wrong
 kind, an unknown key) whose message begins with the setting's name relative to its dataclass
@@ -30,16 +30,10 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from rlhf_lightning.losses import (
-    ADV_ESTIMATORS,
-    CRITIC_ESTIMATORS,
-    DPO_LOSS_TYPES,
-    GROUP_ESTIMATORS,
-    LOSS_AGG_MODES,
-    RATIO_LEVELS,
-)
-from rlhf_lightning.rewards import KL_ESTIMATORS
-from rlhf_lightning.schedules import SCHEDULERS, check_scheduler
+from rlhf_lightning.algorithms.advantages import ADV_ESTIMATORS, CRITIC_ESTIMATORS, GROUP_ESTIMATORS
+from rlhf_lightning.algorithms.kl import KL_ESTIMATORS
+from rlhf_lightning.algorithms.losses import DPO_LOSS_TYPES, LOSS_AGG_MODES, RATIO_LEVELS
+from rlhf_lightning.algorithms.schedules import SCHEDULERS, check_scheduler
 
 T = TypeVar("T")
 
@@ -191,7 +185,7 @@ class OptimConfig:
     scheduler: str = SCHEDULERS[0]
     """After the warm-up: ``constant`` (``lr``), ``linear`` (linear decay to 0) or ``cosine`` (cosine decay
     to 0, Loshchilov & Hutter 2017) over the run's scheduler steps
-    (:func:`~rlhf_lightning.schedules.lr_multiplier`)."""
+    (:func:`~rlhf_lightning.algorithms.schedules.lr_multiplier`)."""
 
     def __post_init__(self):
         check_range("lr", self.lr, 0, low_open=True)
@@ -201,8 +195,8 @@ class OptimConfig:
 
 
 #: Rollout backends (``ppo.generation.backend``): the KV-cached decoding loop over the policy's own forward
-#: (:func:`~rlhf_lightning.rollout.sample_responses`), or a vLLM engine fed the policy's weights
-#: (:class:`~rlhf_lightning.vllm_engine.VLLMEngine`).
+#: (:func:`~rlhf_lightning.rollout.sampler.sample_responses`), or a vLLM engine fed the policy's weights
+#: (:class:`~rlhf_lightning.rollout.vllm_engine.VLLMEngine`).
 GENERATION_BACKENDS = ("hf", "vllm")
 
 
@@ -210,7 +204,7 @@ GENERATION_BACKENDS = ("hf", "vllm")
 class VLLMConfig:
     """The vLLM rollout engine (``ppo.generation.vllm``, used with ``ppo.generation.backend=vllm``): one
     ``vllm.LLM`` per rank, in the training process, built at fit start from the policy's weights and given
-    them again after every iteration's updates (:class:`~rlhf_lightning.vllm_engine.VLLMEngine`)."""
+    them again after every iteration's updates (:class:`~rlhf_lightning.rollout.vllm_engine.VLLMEngine`)."""
 
     gpu_memory_utilization: float = 0.3
     """Fraction of the device's memory vLLM may take for its weights and KV cache, in (0, 1] (vLLM's
@@ -294,7 +288,7 @@ class LoRASettings:
 @dataclass
 class GenerationConfig:
     """How the policy samples its responses (``ppo.generation``, ``value.generation``):
-    :func:`~rlhf_lightning.rollout.generate`."""
+    :func:`~rlhf_lightning.rollout.sampler.generate`."""
 
     max_new_tokens: int = 32
     """Response length cap R, in tokens (a positive integer)."""
@@ -311,7 +305,7 @@ class GenerationConfig:
     score_with_eos: bool = True
     """Score a response cut at ``max_new_tokens`` with an EOS token appended, so that the reward model reads
     it at an EOS, where it was trained to read complete responses
-    (:func:`~rlhf_lightning.rollout.scoring_inputs`). Responses that ended with their own EOS are scored as
+    (:func:`~rlhf_lightning.rollout.experience.scoring_inputs`). Responses that ended with their own EOS are scored as
     they are."""
     backend: str = GENERATION_BACKENDS[0]
     """Who samples the responses: ``hf``, the KV-cached loop over the policy's own forward (the reference), or
@@ -333,9 +327,10 @@ class GenerationConfig:
 @dataclass
 class AlarmsConfig:
     """Warnings when a PPO run looks like it is hacking its reward (``ppo.alarms``): each iteration
-    :func:`~rlhf_lightning.diagnostics.rollout_diagnostics` measures the training batch (logged as
+    :func:`~rlhf_lightning.evaluation.diagnostics.rollout_diagnostics` measures the training batch (logged as
     ``diagnostics/*``), and the first time a signal exceeds its threshold a warning line names what to change
-    (:func:`~rlhf_lightning.diagnostics.check_alarms`; each kind once per run). ``None`` turns an alarm off."""
+    (:func:`~rlhf_lightning.evaluation.diagnostics.check_alarms`; each kind once per run). ``None`` turns an alarm
+    off."""
 
     length_score_corr: float | None = 0.5
     """Pearson correlation of the responses' scores with their lengths in tokens, in absolute value (a reward
@@ -394,7 +389,7 @@ class RolloutConfig:
     PPO: the initial β with ``adaptive_kl``."""
     kl_estimator: str = KL_ESTIMATORS[0]
     """The per-token KL estimator: k1 (log ratio), k2 (½ log ratio²) or k3 (ratio − 1 − log ratio)
-    (Schulman 2020, "Approximating KL Divergence"); :func:`~rlhf_lightning.rewards.kl_penalty`."""
+    (Schulman 2020, "Approximating KL Divergence"); :func:`~rlhf_lightning.algorithms.kl.kl_penalty`."""
     gamma: float = 1.0
     """Discount γ, in [0, 1]."""
     lam: float = 0.95
@@ -487,7 +482,7 @@ class PPOConfig(RolloutConfig):
     2016), or critic-free: ``grpo`` (scores normalised by their prompt's group, Shao et al. 2024), ``dr_grpo``
     (group mean only, Liu et al. 2025), ``rloo`` (leave-one-out mean, Ahmadian et al. 2024), ``reinforce_pp``
     (whitened returns-to-go, Hu 2025), ``reinforce_pp_baseline`` (group mean, then as reinforce_pp).
-    Critic-free estimators load no critic and step one optimizer (:mod:`rlhf_lightning.losses`)."""
+    Critic-free estimators load no critic and step one optimizer (:mod:`rlhf_lightning.algorithms.losses`)."""
     num_generations: int = 1
     """G, responses sampled per prompt (each prompt repeated G times, contiguous; a prompt's responses stay on
     one rank); >= 2 for the group estimators (grpo, dr_grpo, rloo, reinforce_pp_baseline)."""
@@ -497,7 +492,7 @@ class PPOConfig(RolloutConfig):
     """How per-token policy losses become one number: ``token_mean`` (all valid tokens of the batch),
     ``seq_mean_token_mean`` (the mean of each response's mean), ``seq_mean_token_sum_norm`` (Dr. GRPO: each
     response's sum divided by the generation budget ``generation.max_new_tokens``, mean over responses);
-    :func:`~rlhf_lightning.losses.aggregate_loss`. Under data parallelism, over every rank's tokens or
+    :func:`~rlhf_lightning.algorithms.losses.aggregate_loss`. Under data parallelism, over every rank's tokens or
     responses together."""
     ratio_level: str = RATIO_LEVELS[0]
     """``token`` (PPO's per-token ratio) or ``sequence`` (GSPO, Zheng et al. 2025: one length-normalised ratio
@@ -522,7 +517,7 @@ class PPOConfig(RolloutConfig):
     """Truncated importance sampling against the sampler/trainer mismatch (Yao et al. 2025, "Your Efficient RL
     Framework Secretly Brings You Off-Policy RL Training"; TRL's and verl's ``tis_cap``/``tis_imp_ratio_cap``):
     each token's policy loss is multiplied by min(exp(old log-prob − sampler log-prob), ``tis_cap``)
-    (:func:`~rlhf_lightning.losses.tis_weights`), > 0; ``None``: off. For ``generation.backend=vllm``, whose
+    (:func:`~rlhf_lightning.algorithms.losses.tis_weights`), > 0; ``None``: off. For ``generation.backend=vllm``, whose
     log-probabilities differ from the trainer's (``rollout/logprob_diff``)."""
 
     def __post_init__(self):
@@ -566,7 +561,7 @@ def ppo_optimizer_steps(joint_optimizer: bool, ppo_epochs: int = 1, num_minibatc
     """Optimizer steps PPO takes per iteration: optimizers × ``ppo_epochs`` × ``num_minibatches``, with two
     optimizers (policy, critic), or one under ``joint_optimizer`` or with a critic-free ``adv_estimator``.
     Lightning counts every optimizer step in ``global_step``, so ``trainer.max_steps`` = ``iterations`` × this
-    (the ``${ppo_optimizers:...}`` resolver, :mod:`rlhf_lightning.config`); with the defaults of the
+    (the ``${ppo_optimizers:...}`` resolver, :mod:`rlhf_lightning.training.run`); with the defaults of the
     middle two, the number of optimizers."""
     optimizers = 2 if adv_estimator in CRITIC_ESTIMATORS and not joint_optimizer else 1
     return optimizers * ppo_epochs * num_minibatches
@@ -576,14 +571,15 @@ def ppo_optimizer_steps(joint_optimizer: bool, ppo_epochs: int = 1, num_minibatc
 class DPOConfig:
     """Direct preference optimisation (``dpo``): the policy trained on preference pairs against a frozen
     reference whose log-probabilities are computed once before training (:class:`~rlhf_lightning.modules.DPOModule`,
-    :func:`~rlhf_lightning.losses.dpo_loss`). Defaults follow TRL's ``DPOConfig`` where it has the setting."""
+    :func:`~rlhf_lightning.algorithms.losses.dpo_loss`). Defaults follow TRL's ``DPOConfig`` where it has the
+    setting."""
 
     beta: float = 0.1
     """β > 0: the strength of the KL constraint to the reference (DPO's β, Rafailov et al. 2023 eq. 7; IPO's τ,
     Azar et al. 2023 eq. 17). Smaller: the policy may move further from the reference."""
     loss_type: str = DPO_LOSS_TYPES[0]
     """``sigmoid`` (DPO), ``ipo`` (IPO, on length-averaged log-probabilities as its paper defines them) or
-    ``hinge`` (SLiC, Zhao et al. 2023); :func:`~rlhf_lightning.losses.dpo_loss`."""
+    ``hinge`` (SLiC, Zhao et al. 2023); :func:`~rlhf_lightning.algorithms.losses.dpo_loss`."""
     label_smoothing: float = 0.0
     """ε in [0, 0.5]: the assumed probability that a preference label is flipped (conservative DPO); only with
     ``loss_type=sigmoid``."""

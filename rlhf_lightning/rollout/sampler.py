@@ -1,33 +1,32 @@
-"""Rollouts: sample responses from the policy (:func:`generate` → :class:`Rollout`), then compute
-everything the update needs about them without gradients (:func:`make_experience` →
-:class:`Experience`). Shared by ValueModule and PPOModule.
+"""Sampling responses from the policy: :func:`generate` → :class:`Rollout`.
+
+The HF backend (``ppo.generation.backend=hf``): a KV-cached decoding loop over the policy's own forward
+(:func:`sample_responses`) that records the log-probability each token was drawn with. The vLLM backend
+(:mod:`rlhf_lightning.rollout.vllm_engine`) fills the same :class:`Rollout`. What the update needs about the
+responses (scores, reference log-probabilities, values) is computed from it by
+:func:`rlhf_lightning.rollout.experience.make_experience`.
 
 A rollout's sequences are laid out as ``[left padding | prompt (P columns) | response (R columns)]``:
 prompts come left-padded from :class:`~rlhf_lightning.data.PromptCollator`, and ``generate``
-appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EOS is padding.
-"""
+appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EOS is padding."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from rlhf_lightning.models.forward import position_ids_from_mask, response_logprobs, response_values, sequence_scores
-from rlhf_lightning.models.trunk import SharedTrunk, Trunks
-from rlhf_lightning.ops import (
-    BatchCounts,
+from rlhf_lightning.algorithms.ops import (
     logprobs_from_logits,
+    position_ids_from_mask,
     response_mask_from_eos,
     sample_from_logits,
     sampling_noise,
-    token_mean,
     truncates,
     truncation_log_mass,
 )
-from rlhf_lightning.rewards import apply_missing_eos_penalty
-from rlhf_lightning.schema import GenerationConfig
+from rlhf_lightning.config.schema import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -67,65 +66,6 @@ class Rollout:
                        sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs.to(device))
 
 
-@dataclass(frozen=True)
-class Experience:
-    """A rollout and everything the update computes about it, as OpenRLHF's ``Experience``.
-
-    Built once by :func:`make_experience` (no gradients), then completed by the PPO phases with
-    ``dataclasses.replace`` (frozen: nothing changes it in place). Shapes as :class:`Rollout`'s;
-    per-token tensors are float32, 0 where ``response_mask`` is False.
-
-    Attributes:
-        rollout: the sampled sequences (:class:`Rollout`).
-        scores: (B,) float32 score of each response: the reward model's minus the missing-EOS penalty,
-            plus the weighted reward functions' (``reward_components``).
-        rm_scores: (B,) float32 the reward model's own score (0 without a reward model).
-        ref_logprobs: (B, R) reference log-probabilities of the response tokens (``None``: no reference).
-        logprobs: (B, R) old log-probabilities, under the policy that sampled (``None`` until computed).
-        values: (B, R) old critic values V(s_t) (``None`` without a critic).
-        trunks: outputs of the frozen lower blocks the networks share (:class:`~rlhf_lightning.models.trunk.Trunks`;
-            empty when none is shared), reused by the training forwards on the same rows.
-        reused_forward: with one minibatch, the first PPO epoch's training forward over the whole
-            batch, with autograd: ``(logprobs, entropy, values)``, each (B, R); its detached outputs
-            are ``logprobs`` and ``values``, and the first update uses its graph instead of a
-            forward of its own (one policy and one critic forward fewer per iteration).
-        kl_coef: β used for ``rewards`` (filled by the advantage phase, as the next four fields).
-        kl: (B, R) per-token KL estimate to the reference.
-        rewards: (B, R) per-token rewards (−β·KL_t, plus the score at the last token).
-        advantages: (B, R) advantages (whitened if so configured).
-        returns: (B, R) value targets (advantages before whitening + values).
-        reward_components: reward function name → (B,) float32 unweighted rewards (empty without functions).
-        sampling_stats: counts from dynamic sampling (``resample_rounds``, ``flat_groups``, ``flat_groups_kept``),
-            if on.
-    """
-
-    rollout: Rollout
-    scores: torch.Tensor
-    rm_scores: torch.Tensor
-    ref_logprobs: torch.Tensor | None = None
-    logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    trunks: Trunks = Trunks()
-    reused_forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    kl_coef: float | None = None
-    kl: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
-    sampling_stats: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def response_mask(self) -> torch.Tensor:
-        """(B, R) bool, the rollout's valid response tokens."""
-        return self.rollout.response_mask
-
-    @property
-    def batch_size(self) -> int:
-        """B, the number of responses."""
-        return self.rollout.input_ids.shape[0]
-
-
 def run_seed() -> int:
     """The run's seed: ``PL_GLOBAL_SEED``, which Lightning's ``seed_everything`` sets (``train.py`` calls it with
     the config's ``seed``) and passes to every process; without it, torch's initial seed of this process."""
@@ -137,7 +77,7 @@ def run_seed() -> int:
 
 def prompt_noise(seed: int, prompt_index: torch.Tensor | None, steps: int, *key: int,
                  group: int = 1) -> torch.Tensor | None:
-    """The sampling numbers (:func:`~rlhf_lightning.ops.sampling_noise`) of rows that answer the prompts
+    """The sampling numbers (:func:`~rlhf_lightning.algorithms.ops.sampling_noise`) of rows that answer the prompts
     ``prompt_index`` ``group`` times each (the rows of one prompt contiguous, as
     ``repeat_interleave(group)`` lays them out): row keys ``(*key, prompt index, generation index)``.
 
@@ -167,7 +107,7 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
     """Decode up to ``config.max_new_tokens`` tokens per prompt with a KV cache.
 
     A plain loop over the causal LM's forward (``past_key_values``, ``logits_to_keep=1``): one
-    prefill, then one token per step, drawn by :func:`~rlhf_lightning.ops.sample_from_logits`
+    prefill, then one token per step, drawn by :func:`~rlhf_lightning.algorithms.ops.sample_from_logits`
     (temperature, top-k, top-p) or greedily. Rows that have produced an EOS get ``pad_token_id``
     afterwards; decoding stops when every row has or at the length limit.
 
@@ -273,7 +213,7 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         config: sampling settings.
         eos_token_id, pad_token_id: the tokenizer's.
         do_sample: False for greedy decoding (sample tables before/after training).
-        engine: a :class:`~rlhf_lightning.vllm_engine.VLLMEngine` holding the policy's current weights
+        engine: a :class:`~rlhf_lightning.rollout.vllm_engine.VLLMEngine` holding the policy's current weights
             samples instead of the policy's own forward (``ppo.generation.backend=vllm``); ``None``: the
             KV-cached loop.
         noise: the KV-cached loop's per-row numbers (:func:`sample_responses`; :func:`prompt_noise`);
@@ -338,7 +278,7 @@ def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
 
 def pad_prompts(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
     """The rollout with its prompt columns left-padded to ``width`` (≥ P): pad tokens, not attended. Positions
-    come from the attention mask (:func:`~rlhf_lightning.models.forward.position_ids_from_mask`), so every
+    come from the attention mask (:func:`~rlhf_lightning.algorithms.ops.position_ids_from_mask`), so every
     network reads the same sequence."""
     extra = width - rollout.response_start
     if extra <= 0:
@@ -367,121 +307,3 @@ def stack_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     return Rollout(input_ids=cat("input_ids"), attention_mask=cat("attention_mask"), response_start=prompt,
                    response_mask=cat("response_mask"), ends_with_eos=cat("ends_with_eos"),
                    sampler_logprobs=cat("sampler_logprobs"))
-
-
-def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rollout's sequences with ``eos_token_id`` appended to responses cut without one.
-
-    One column is added: it holds the EOS (attended) in rows that did not end with EOS, and
-    padding (not attended) in rows that did, so every response is read at an EOS. Earlier columns
-    are unchanged, and with causal attention so are their hidden states: a trunk computed on these
-    inputs serves the other networks through :meth:`~rlhf_lightning.models.trunk.TrunkOutput.columns`
-    (:func:`make_experience` does so).
-
-    Returns:
-        input_ids (B, T + 1) long and attention_mask (B, T + 1) long.
-    """
-    ids, mask = rollout.input_ids, rollout.attention_mask
-    cut = ~rollout.ends_with_eos  # (B,)
-    extra = torch.where(cut, torch.full_like(cut, eos_token_id, dtype=ids.dtype), ids[:, -1])
-    return torch.cat([ids, extra[:, None]], 1), torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
-
-
-def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn.Module | None = None,
-                    ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
-                    missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
-                    score_eos_token_id: int | None = None) -> Experience:
-    """Scores, reference and old log-probabilities, and values of a rollout, without autograd.
-
-    The reward model and the frozen reference run under ``torch.inference_mode``; the policy
-    and critic (trainable) under ``torch.no_grad``. Results are plain tensors (usable as
-    constants in a later gradient step). Models passed as ``None`` are skipped (their fields stay
-    ``None``).
-
-    Args:
-        rollout: the sampled sequences.
-        reward_model: scores each response at its last token (:func:`~rlhf_lightning.models.forward.sequence_scores`);
-            ``None``: scores 0 (the reward comes from reward functions, added by the caller).
-        policy, ref_policy, critic: for ``logprobs``, ``ref_logprobs`` and ``values``.
-        temperature: the sampling temperature (log-probabilities are computed at it).
-        missing_eos_penalty: see :func:`~rlhf_lightning.rewards.apply_missing_eos_penalty`.
-        trunk: frozen lower blocks shared by the networks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`,
-            whose names are ``reward_model``, ``ref_policy``, ``policy``, ``critic``): run once, on
-            the reward model's scoring inputs; each grouped network runs only its blocks above it,
-            the others reading the first T columns (with causal attention, the trunk of the rollout
-            itself). Kept in ``Experience.trunks`` for the training forwards on the same rows.
-        score_eos_token_id: score responses cut without EOS with this token appended
-            (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
-
-    Returns:
-        A new :class:`Experience` (advantage fields ``None``).
-    """
-    ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-    valid = rollout.response_mask
-    score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
-    trunks = Trunks()
-    if trunk is not None:
-        trunks = Trunks.of(trunk.compute(score_ids, score_mask), width=ids.shape[1])
-    with torch.inference_mode():
-        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
-                     if reward_model is not None else torch.zeros(ids.shape[0], device=ids.device))
-        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy)
-               if ref_policy is not None else None)
-    rm_scores = rm_scores.clone()  # out of inference mode
-    with torch.no_grad():
-        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy)
-                    .masked_fill(~valid, 0.0) if policy is not None else None)
-        values = (response_values(critic, ids, mask, start, trunk=trunks.critic).masked_fill(~valid, 0.0)
-                  if critic is not None else None)
-    return Experience(
-        rollout=rollout, scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
-        rm_scores=rm_scores, ref_logprobs=ref.clone().masked_fill(~valid, 0.0) if ref is not None else None,
-        logprobs=logprobs, values=values, trunks=trunks,
-    )
-
-
-def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float = 1.0,
-                         trunk: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference log-probabilities of a LoRA policy: its own forward with its adapters switched off
-    (:func:`~rlhf_lightning.models.lora.adapters_disabled`), i.e. the base model's distribution, without autograd
-    (the reference of TRL's and verl's LoRA training; no second copy of the model).
-
-    Args:
-        policy: a causal LM with LoRA adapters.
-        rollout: the sampled sequences.
-        temperature: the sampling temperature (log-probabilities are computed at it).
-        trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
-
-    Returns:
-        (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding.
-    """
-    from rlhf_lightning.models.lora import adapters_disabled
-
-    with adapters_disabled(policy), torch.inference_mode():
-        ref = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
-                                temperature, trunk=trunk)
-    return ref.clone().masked_fill(~rollout.response_mask, 0.0)
-
-
-def logprob_diff(exp: Experience, counts: BatchCounts | None = None) -> torch.Tensor:
-    """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
-
-    The sampler's log-probabilities are recorded while decoding (``Rollout.sampler_logprobs``), the
-    trainer's are the old log-probabilities of the update (``Experience.logprobs``), both at the
-    sampling temperature. PPO's ratios assume they are one distribution: with the HF sampler on CPU
-    in float32 the difference is rounding; a larger one means the trainer computes another
-    distribution than the one sampled (a family's logit transform skipped, dropout on, a trunk that
-    is not exact, another inference engine's numerics).
-
-    Args:
-        exp: the experience (sampler and old log-probabilities).
-        counts: the whole batch's counts over processes (:class:`~rlhf_lightning.ops.BatchCounts`): this
-            process's share of the mean over every process's tokens (:func:`~rlhf_lightning.ops.token_mean`);
-            ``None``: this batch's mean.
-
-    Returns:
-        () float32 tensor, in nats; NaN when either side is missing.
-    """
-    if exp.rollout.sampler_logprobs is None or exp.logprobs is None:
-        return torch.tensor(float("nan"))
-    return token_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask, counts)

@@ -1,4 +1,4 @@
-"""Built-in verifiers: reward functions with TRL's signature (:mod:`rlhf_lightning.reward_functions`).
+"""Built-in verifiers: reward functions with TRL's signature (:mod:`rlhf_lightning.rewards.functions`).
 
 Each takes ``completions`` (N strings, or TRL conversational ``[{"role": "assistant", "content": ...}]``
 lists) and dataset columns as keyword lists of N values, and returns N floats:
@@ -14,8 +14,8 @@ lists) and dataset columns as keyword lists of N values, and returns N floats:
 * :func:`soft_overlong_penalty`: DAPO's soft overlong punishment, 0 down to −1 near a length limit.
 
 A bad row (a gold answer that cannot be parsed, a missing column, an invalid regex) raises
-``ValueError`` naming the function and the row; :func:`~rlhf_lightning.reward_functions.score_with_functions`
-turns it into a one-line :class:`~rlhf_lightning.reward_functions.RewardFunctionError`.
+``ValueError`` naming the function and the row; :func:`~rlhf_lightning.rewards.functions.score_with_functions`
+turns it into a one-line :class:`~rlhf_lightning.rewards.functions.RewardFunctionError`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def require_math_verify():
     try:
         import math_verify
     except ImportError as e:
-        raise ImportError("rlhf_lightning.verifiers.math_answer needs math-verify: pip install "
+        raise ImportError("rlhf_lightning.rewards.verifiers.math_answer needs math-verify: pip install "
                           "'rlhf-lightning[rlvr]' (or EXTRAS=dev,rlvr bash scripts/setup.sh)") from e
     return math_verify
 

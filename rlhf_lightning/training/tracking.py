@@ -7,11 +7,11 @@
 - :func:`finish_wandb`: ends the current W&B run, so that the next job of a multirun (the basic and
   joblib launchers run several jobs in one process) starts a run of its own instead of reusing it.
 - :func:`wandb_credentials_found`: whether W&B would find an API key without prompting, so that
-  :func:`rlhf_lightning.validate.validate_config` can stop an online run without one before anything
+  :func:`rlhf_lightning.training.validate.validate_config` can stop an online run without one before anything
   loads (``wandb.init`` would stop it when the trainer starts, models loaded, with a long ``UsageError``
   traceback).
 
-:func:`rlhf_lightning.config.run` wires these in; nothing here imports ``wandb`` unless a run uses it.
+:func:`rlhf_lightning.training.run.run` wires these in; nothing here imports ``wandb`` unless a run uses it.
 """
 
 from __future__ import annotations

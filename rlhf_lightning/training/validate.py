@@ -1,13 +1,13 @@
 """Checks of a composed run config that fail fast, before any model or data is loaded.
 
-:func:`validate_config` is called at the top of :func:`rlhf_lightning.config.run`. It only reads the
+:func:`validate_config` is called at the top of :func:`rlhf_lightning.training.run.run`. It only reads the
 config, looks at the file system (``exists``, ``config.json``), reads the small JSON files of
 tokenizers and, for an online W&B logger, looks up W&B credentials in the environment and local files;
 it never builds a network, never converts a GGUF file and never touches the network.
 Each problem is a :class:`ConfigError` whose message is one line naming the offending key, e.g.
 ``ppo.clip_eps=1.5 must be in (0, 1)``; ``train.py`` prints it as ``error: <message>`` and exits with
 status 2. The ranges of the stages' settings are not restated here: :func:`validate_config` builds their
-dataclasses (:mod:`rlhf_lightning.schema`), whose checks word the message; what Hydra already refuses while
+dataclasses (:mod:`rlhf_lightning.config.schema`), whose checks word the message; what Hydra already refuses while
 composing (an unknown key, a value of the wrong type) :func:`composition_error` words in one line.
 
 Tokenizer compatibility (``reward_model_path`` and ``critic_path`` against the policy): the reward
@@ -64,9 +64,16 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from rlhf_lightning.losses import CRITIC_ESTIMATORS
-from rlhf_lightning.paths import looks_like_local_path
-from rlhf_lightning.schema import LoRASettings, as_config, check_range, describe_type, field_type, unknown_key_message
+from rlhf_lightning.algorithms.advantages import CRITIC_ESTIMATORS
+from rlhf_lightning.config.paths import looks_like_local_path
+from rlhf_lightning.config.schema import (
+    LoRASettings,
+    as_config,
+    check_range,
+    describe_type,
+    field_type,
+    unknown_key_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +114,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
 
 
 def _check_number(cfg: DictConfig, key: str, what: str = "", **bounds: Any) -> float | int | None:
-    """The number at dotted ``key``, checked by :func:`rlhf_lightning.schema.check_range` with ``bounds``
+    """The number at dotted ``key``, checked by :func:`rlhf_lightning.config.schema.check_range` with ``bounds``
     (``None`` when the key is absent or null); ``what``, if given, ends the message in parentheses."""
     value = _get(cfg, key)
     if value is _ABSENT or value is None:
@@ -409,17 +416,18 @@ def _check_tokenizers(cfg: DictConfig, stage: str, model_dirs: dict[str, Path]) 
 
 
 def _check_wandb_login(cfg: DictConfig) -> None:
-    """A W&B logger that logs online needs credentials (:func:`rlhf_lightning.tracking.wandb_credentials_found`).
+    """A W&B logger that logs online needs credentials
+    (:func:`rlhf_lightning.training.tracking.wandb_credentials_found`).
 
     The mode of a ``logger.<name>`` entry whose ``_target_`` is a ``WandbLogger``: ``offline: true`` is
     offline; else its ``mode``, else ``WANDB_MODE``, else ``online``. Modes in
-    :data:`rlhf_lightning.tracking.WANDB_MODES_WITHOUT_LOGIN` need no credentials. Nothing is checked
+    :data:`rlhf_lightning.training.tracking.WANDB_MODES_WITHOUT_LOGIN` need no credentials. Nothing is checked
     (and ``wandb`` is not imported) without an online W&B logger.
     """
     loggers = _get(cfg, "logger")
     if not isinstance(loggers, DictConfig):
         return
-    from rlhf_lightning import tracking
+    from rlhf_lightning.training import tracking
 
     for name in loggers:
         target = _get(cfg, f"logger.{name}._target_")
@@ -477,9 +485,9 @@ def _check_renamed_keys(cfg: DictConfig) -> None:
 
 
 def _check_settings(cfg: DictConfig) -> None:
-    """Build every top-level node that Hydra typed with a settings dataclass of :mod:`rlhf_lightning.schema`
+    """Build every top-level node that Hydra typed with a settings dataclass of :mod:`rlhf_lightning.config.schema`
     (``reward``, ``value``, ``ppo``, ``policy_optim``, ``critic_optim``: the ``schema`` entries of the stage's
-    defaults list), as the modules will (:func:`rlhf_lightning.schema.as_config`), so that its
+    defaults list), as the modules will (:func:`rlhf_lightning.config.schema.as_config`), so that its
     ``__post_init__`` checks the ranges now; its ``ValueError`` or ``TypeError`` becomes a
     :class:`ConfigError` naming the full key (``ppo.clip_eps=1.5 must be in (0, 1)``)."""
     for key in cfg:
@@ -499,7 +507,7 @@ def _check_settings(cfg: DictConfig) -> None:
 
 
 def _check_lora(cfg: DictConfig) -> None:
-    """``model.lora`` builds (:class:`~rlhf_lightning.schema.LoRASettings`); with ``r`` set, no
+    """``model.lora`` builds (:class:`~rlhf_lightning.config.schema.LoRASettings`); with ``r`` set, no
     ``model.trainable_layers`` (``model.lora.layers`` limits the adapters instead) and no sharded strategy
     (:func:`rlhf_lightning.modules.common.check_lora_strategy` says why)."""
     node = OmegaConf.select(cfg, "model.lora", default=None)
@@ -554,17 +562,17 @@ def _check_bool_overrides(cfg: DictConfig) -> None:
 def composition_error(err: BaseException, overrides: Sequence[str] = ()) -> ConfigError | None:
     """The one-line :class:`ConfigError` for a config Hydra could not compose because of a key or a value.
 
-    With the settings dataclasses in the ConfigStore (:func:`rlhf_lightning.config.register_configs`), Hydra
+    With the settings dataclasses in the ConfigStore (:func:`rlhf_lightning.training.run.register_configs`), Hydra
     refuses while composing what OmegaConf refuses in a typed node, and reports it in several lines. Found in
     ``err``'s chain of causes, an OmegaConf error naming a key becomes:
 
     - a renamed key (:data:`RENAMED_KEYS`): :func:`renamed_key_message`, with the matching ``overrides``
       rewritten (``value_optim.lr=1e-3`` → ``critic_optim.lr=1e-3``);
-    - a key that is not a field: :func:`rlhf_lightning.schema.unknown_key_message`
+    - a key that is not a field: :func:`rlhf_lightning.config.schema.unknown_key_message`
       (``ppo.kl_coeff is not a setting of PPOConfig (did you mean kl_coef?)``); an unknown key outside the
       dataclasses: ``<key> is not a key of the config ...``;
     - a value of the wrong type: ``ppo.kl_coef='big' must be a number`` (the field's type,
-      :func:`rlhf_lightning.schema.describe_type`).
+      :func:`rlhf_lightning.config.schema.describe_type`).
 
     Args:
         err: what Hydra's ``compose`` (or ``@hydra.main`` with ``HYDRA_FULL_ERROR=1``) raised.
@@ -614,7 +622,7 @@ def validate_config(cfg: DictConfig) -> None:
     1. the stage: ``module._target_`` is one of the four modules, Hydra's stage choice (when known)
        is ``reward``, ``value``, ``ppo`` or ``dpo`` and agrees with it;
     2. no renamed key (:data:`RENAMED_KEYS`: ``value_optim``, now ``critic_optim``);
-    3. the stage's settings: every top-level node typed by a dataclass of :mod:`rlhf_lightning.schema`
+    3. the stage's settings: every top-level node typed by a dataclass of :mod:`rlhf_lightning.config.schema`
        (``reward``, ``value``, ``ppo``, ``policy_optim``, ``critic_optim``) builds, i.e. passes that
        dataclass's checks (β >= 0, ε in (0, 1), γ and λ in [0, 1], positive sizes, known schedules and KL
        estimators, ...); a ``bool`` field set on the command line is ``true`` or ``false``;
@@ -626,7 +634,7 @@ def validate_config(cfg: DictConfig) -> None:
        (:data:`PPO_FP16_ERROR`; DeepSpeed excepted); ``model.lora`` builds, and with ``model.lora.r`` set
        neither ``model.trainable_layers`` nor a DeepSpeed/FSDP strategy is (:func:`_check_lora`);
        ``ppo.generation.backend=vllm`` needs vLLM installed
-       (:data:`rlhf_lightning.vllm_engine.MISSING_VLLM`);
+       (:data:`rlhf_lightning.rollout.vllm_engine.MISSING_VLLM`);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
@@ -634,13 +642,13 @@ def validate_config(cfg: DictConfig) -> None:
     5. value/PPO: ``reward_model_path`` is given (PPO: or null with ``reward.functions``), the value stage
        is not asked for with a critic-free ``ppo.adv_estimator``; it and ``critic_path`` (only for an
        estimator with a critic), when existing or local-looking
-       (:func:`rlhf_lightning.paths.looks_like_local_path`: not a Hub id), are directories with
+       (:func:`rlhf_lightning.config.paths.looks_like_local_path`: not a Hub id), are directories with
        ``config.json``;
     6. value/PPO: their tokenizers equal the policy's (module docstring), where that is cheap to know;
        DPO: ``reward_model_path``, when given, is checked as in 5 and 6 (it scores the evaluation);
     7. a W&B logger that logs online (``logger.<name>.mode``, default ``WANDB_MODE`` or ``online``) has
        credentials to log with (``wandb login``, ``WANDB_API_KEY``; see
-       :func:`rlhf_lightning.tracking.wandb_credentials_found`); offline and disabled modes need none.
+       :func:`rlhf_lightning.training.tracking.wandb_credentials_found`); offline and disabled modes need none.
 
     Raises:
         ConfigError: one line naming the offending key.
@@ -668,7 +676,7 @@ def validate_config(cfg: DictConfig) -> None:
         if precision in FP16_MIXED and target is None:  # DeepSpeed scales and clips in its engine
             raise ConfigError(PPO_FP16_ERROR.format(precision=precision))
         if _get(cfg, "ppo.generation.backend") == "vllm" and importlib.util.find_spec("vllm") is None:
-            from rlhf_lightning.vllm_engine import MISSING_VLLM
+            from rlhf_lightning.rollout.vllm_engine import MISSING_VLLM
 
             raise ConfigError(MISSING_VLLM)
 

@@ -1,0 +1,198 @@
+"""Experience: everything the update needs about a batch of sampled responses, computed without gradients.
+
+:func:`make_experience` takes a :class:`~rlhf_lightning.rollout.sampler.Rollout` and adds the reward model's
+scores (a response cut at ``max_new_tokens`` read with an EOS appended, :func:`scoring_inputs`), the
+reference's log-probabilities, and the log-probabilities and values of the networks that collected the rollout:
+an :class:`Experience`, which the advantage estimators and the losses read. :func:`logprob_diff` compares the
+sampler's log-probabilities with the trainer's; :func:`adapter_off_logprobs` gives the reference's for a LoRA
+policy (the policy with its adapters off). Shared by the value, PPO and DPO stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from rlhf_lightning.algorithms.kl import apply_missing_eos_penalty
+from rlhf_lightning.algorithms.ops import BatchCounts, token_mean
+from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores
+from rlhf_lightning.models.trunk import SharedTrunk, Trunks
+from rlhf_lightning.rollout.sampler import Rollout
+
+
+@dataclass(frozen=True)
+class Experience:
+    """A rollout and everything the update computes about it, as OpenRLHF's ``Experience``.
+
+    Built once by :func:`make_experience` (no gradients), then completed by the PPO phases with
+    ``dataclasses.replace`` (frozen: nothing changes it in place). Shapes as :class:`Rollout`'s;
+    per-token tensors are float32, 0 where ``response_mask`` is False.
+
+    Attributes:
+        rollout: the sampled sequences (:class:`Rollout`).
+        scores: (B,) float32 score of each response: the reward model's minus the missing-EOS penalty,
+            plus the weighted reward functions' (``reward_components``).
+        rm_scores: (B,) float32 the reward model's own score (0 without a reward model).
+        ref_logprobs: (B, R) reference log-probabilities of the response tokens (``None``: no reference).
+        logprobs: (B, R) old log-probabilities, under the policy that sampled (``None`` until computed).
+        values: (B, R) old critic values V(s_t) (``None`` without a critic).
+        trunks: outputs of the frozen lower blocks the networks share (:class:`~rlhf_lightning.models.trunk.Trunks`;
+            empty when none is shared), reused by the training forwards on the same rows.
+        reused_forward: with one minibatch, the first PPO epoch's training forward over the whole
+            batch, with autograd: ``(logprobs, entropy, values)``, each (B, R); its detached outputs
+            are ``logprobs`` and ``values``, and the first update uses its graph instead of a
+            forward of its own (one policy and one critic forward fewer per iteration).
+        kl_coef: β used for ``rewards`` (filled by the advantage phase, as the next four fields).
+        kl: (B, R) per-token KL estimate to the reference.
+        rewards: (B, R) per-token rewards (−β·KL_t, plus the score at the last token).
+        advantages: (B, R) advantages (whitened if so configured).
+        returns: (B, R) value targets (advantages before whitening + values).
+        reward_components: reward function name → (B,) float32 unweighted rewards (empty without functions).
+        sampling_stats: counts from dynamic sampling (``resample_rounds``, ``flat_groups``, ``flat_groups_kept``),
+            if on.
+    """
+
+    rollout: Rollout
+    scores: torch.Tensor
+    rm_scores: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    trunks: Trunks = Trunks()
+    reused_forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    kl_coef: float | None = None
+    kl: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+    sampling_stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """(B, R) bool, the rollout's valid response tokens."""
+        return self.rollout.response_mask
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of responses."""
+        return self.rollout.input_ids.shape[0]
+
+
+def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's sequences with ``eos_token_id`` appended to responses cut without one.
+
+    One column is added: it holds the EOS (attended) in rows that did not end with EOS, and
+    padding (not attended) in rows that did, so every response is read at an EOS. Earlier columns
+    are unchanged, and with causal attention so are their hidden states: a trunk computed on these
+    inputs serves the other networks through :meth:`~rlhf_lightning.models.trunk.TrunkOutput.columns`
+    (:func:`make_experience` does so).
+
+    Returns:
+        input_ids (B, T + 1) long and attention_mask (B, T + 1) long.
+    """
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    cut = ~rollout.ends_with_eos  # (B,)
+    extra = torch.where(cut, torch.full_like(cut, eos_token_id, dtype=ids.dtype), ids[:, -1])
+    return torch.cat([ids, extra[:, None]], 1), torch.cat([mask, cut.to(mask.dtype)[:, None]], 1)
+
+
+def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn.Module | None = None,
+                    ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
+                    missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
+                    score_eos_token_id: int | None = None) -> Experience:
+    """Scores, reference and old log-probabilities, and values of a rollout, without autograd.
+
+    The reward model and the frozen reference run under ``torch.inference_mode``; the policy
+    and critic (trainable) under ``torch.no_grad``. Results are plain tensors (usable as
+    constants in a later gradient step). Models passed as ``None`` are skipped (their fields stay
+    ``None``).
+
+    Args:
+        rollout: the sampled sequences.
+        reward_model: scores each response at its last token (:func:`~rlhf_lightning.models.forward.sequence_scores`);
+            ``None``: scores 0 (the reward comes from reward functions, added by the caller).
+        policy, ref_policy, critic: for ``logprobs``, ``ref_logprobs`` and ``values``.
+        temperature: the sampling temperature (log-probabilities are computed at it).
+        missing_eos_penalty: see :func:`~rlhf_lightning.algorithms.kl.apply_missing_eos_penalty`.
+        trunk: frozen lower blocks shared by the networks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`,
+            whose names are ``reward_model``, ``ref_policy``, ``policy``, ``critic``): run once, on
+            the reward model's scoring inputs; each grouped network runs only its blocks above it,
+            the others reading the first T columns (with causal attention, the trunk of the rollout
+            itself). Kept in ``Experience.trunks`` for the training forwards on the same rows.
+        score_eos_token_id: score responses cut without EOS with this token appended
+            (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
+
+    Returns:
+        A new :class:`Experience` (advantage fields ``None``).
+    """
+    ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+    valid = rollout.response_mask
+    score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
+    trunks = Trunks()
+    if trunk is not None:
+        trunks = Trunks.of(trunk.compute(score_ids, score_mask), width=ids.shape[1])
+    with torch.inference_mode():
+        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
+                     if reward_model is not None else torch.zeros(ids.shape[0], device=ids.device))
+        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy)
+               if ref_policy is not None else None)
+    rm_scores = rm_scores.clone()  # out of inference mode
+    with torch.no_grad():
+        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy)
+                    .masked_fill(~valid, 0.0) if policy is not None else None)
+        values = (response_values(critic, ids, mask, start, trunk=trunks.critic).masked_fill(~valid, 0.0)
+                  if critic is not None else None)
+    return Experience(
+        rollout=rollout, scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
+        rm_scores=rm_scores, ref_logprobs=ref.clone().masked_fill(~valid, 0.0) if ref is not None else None,
+        logprobs=logprobs, values=values, trunks=trunks,
+    )
+
+
+def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float = 1.0,
+                         trunk: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference log-probabilities of a LoRA policy: its own forward with its adapters switched off
+    (:func:`~rlhf_lightning.models.lora.adapters_disabled`), i.e. the base model's distribution, without autograd
+    (the reference of TRL's and verl's LoRA training; no second copy of the model).
+
+    Args:
+        policy: a causal LM with LoRA adapters.
+        rollout: the sampled sequences.
+        temperature: the sampling temperature (log-probabilities are computed at it).
+        trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
+
+    Returns:
+        (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding.
+    """
+    from rlhf_lightning.models.lora import adapters_disabled
+
+    with adapters_disabled(policy), torch.inference_mode():
+        ref = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
+                                temperature, trunk=trunk)
+    return ref.clone().masked_fill(~rollout.response_mask, 0.0)
+
+
+def logprob_diff(exp: Experience, counts: BatchCounts | None = None) -> torch.Tensor:
+    """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
+
+    The sampler's log-probabilities are recorded while decoding (``Rollout.sampler_logprobs``), the
+    trainer's are the old log-probabilities of the update (``Experience.logprobs``), both at the
+    sampling temperature. PPO's ratios assume they are one distribution: with the HF sampler on CPU
+    in float32 the difference is rounding; a larger one means the trainer computes another
+    distribution than the one sampled (a family's logit transform skipped, dropout on, a trunk that
+    is not exact, another inference engine's numerics).
+
+    Args:
+        exp: the experience (sampler and old log-probabilities).
+        counts: the whole batch's counts over processes (:class:`~rlhf_lightning.algorithms.ops.BatchCounts`): this
+            process's share of the mean over every process's tokens (:func:`~rlhf_lightning.algorithms.ops.token_mean`);
+            ``None``: this batch's mean.
+
+    Returns:
+        () float32 tensor, in nats; NaN when either side is missing.
+    """
+    if exp.rollout.sampler_logprobs is None or exp.logprobs is None:
+        return torch.tensor(float("nan"))
+    return token_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask, counts)
