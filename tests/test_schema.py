@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose_run_config
 from rlhf_lightning.config.schema import (
+    EvalConfig,
     GenerationConfig,
     LoRASettings,
     OptimConfig,
@@ -57,7 +58,7 @@ def _leaves(node, prefix: str = "") -> dict[str, object]:
 @pytest.mark.parametrize("stage, nodes", [
     ("reward", {"reward": RewardConfig}),
     ("value", {"value": ValueConfig, "critic_optim": OptimConfig}),
-    ("ppo", {"ppo": PPOConfig, "policy_optim": OptimConfig, "critic_optim": OptimConfig}),
+    ("ppo", {"ppo": PPOConfig, "policy_optim": OptimConfig, "critic_optim": OptimConfig, "eval": EvalConfig}),
 ])
 def test_stage_yaml_states_only_what_differs_from_the_dataclasses(stage, nodes):
     stage_file = CONF / "stage" / f"{stage}.yaml"
@@ -78,6 +79,7 @@ def test_composed_settings_are_the_dataclass_defaults(tmp_path):
     assert _built(value, "critic_optim", OptimConfig) == OptimConfig()
     ppo = _compose("ppo", tmp_path)
     assert _built(ppo, "ppo", PPOConfig) == PPOConfig()
+    assert _built(ppo, "eval", EvalConfig) == EvalConfig()
     for key in ("policy_optim", "critic_optim"):  # what conf/stage/ppo.yaml changes
         assert _built(ppo, key, OptimConfig) == OptimConfig(lr=3e-6)
     # the defaults the two rollout stages differ in come from the dataclasses, not from YAML

@@ -19,7 +19,8 @@ setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
 - :class:`OptimConfig`: ``reward.optim``, ``critic_optim``, ``policy_optim``, ``dpo.optim``;
 - :class:`LoRASettings`: ``model.lora`` (the adapters of the trained networks);
 - :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``;
-- :class:`VLLMConfig`: ``ppo.generation.vllm`` (the vLLM rollout engine, ``ppo.generation.backend=vllm``).
+- :class:`VLLMConfig`: ``ppo.generation.vllm`` (the vLLM rollout engine, ``ppo.generation.backend=vllm``);
+- :class:`EvalConfig`: ``eval`` (the held-out evaluation's judges and schedule, PPO and DPO).
 """
 
 from __future__ import annotations
@@ -565,6 +566,45 @@ def ppo_optimizer_steps(joint_optimizer: bool, ppo_epochs: int = 1, num_minibatc
     middle two, the number of optimizers."""
     optimizers = 2 if adv_estimator in CRITIC_ESTIMATORS and not joint_optimizer else 1
     return optimizers * ppo_epochs * num_minibatches
+
+
+#: The keys of an ``eval.judges`` entry (:class:`EvalConfig`).
+JUDGE_KEYS = ("name", "path", "fn", "kwargs")
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation of PPO and DPO (``eval``): besides the before/after evaluation of the policy on the
+    fixed held-out prompts (``ppo.num_sample_prompts``, ``dpo.num_sample_prompts``), judges that score those
+    responses and never a training batch, and evaluations along training
+    (:class:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation`). A judge the policy never trained on says
+    whether a rising proxy score (``eval/score``: the reward model PPO optimises) is a better policy or a hacked
+    reward (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization": a gold reward model beside the proxy)."""
+
+    every_n_iterations: int | None = None
+    """Also evaluate every N PPO iterations (DPO: optimizer steps), a positive integer; null: before and after
+    only. Each evaluation is logged as ``eval/*`` at its step (the overoptimization curve of
+    ``python -m rlhf_lightning.report``)."""
+    judges: list[Any] = field(default_factory=list)
+    """Judges: a list of ``{name, path | fn, kwargs}``: ``path`` a reward model's directory (a scalar-head model,
+    e.g. ``<reward run dir>/model`` of a reward stage trained on other pairs than the proxy's), or ``fn`` a reward
+    function with TRL's signature (a dotted path, ``kwargs`` bound to it); ``name`` (default: the path's last
+    folder's parent, or the function's name) keys ``eval/judge/<name>``, unique."""
+
+    def __post_init__(self):
+        if self.every_n_iterations is not None:
+            check_range("every_n_iterations", self.every_n_iterations, 1, integer=True)
+        self.judges = list(self.judges)
+        for i, spec in enumerate(self.judges):
+            where = f"judges[{i}]"
+            if not isinstance(spec, typing.Mapping):
+                raise TypeError(f"{where}={spec!r} must be a mapping with path or fn")
+            unknown = sorted(set(spec) - set(JUDGE_KEYS))
+            if unknown:
+                raise TypeError(f"{where}.{unknown[0]} is not a judge setting (allowed keys: {', '.join(JUDGE_KEYS)})")
+            if (spec.get("path") is None) == (spec.get("fn") is None):
+                raise ValueError(f"{where}={dict(spec)!r} needs exactly one of path (a reward model) and fn "
+                                 "(a reward function)")
 
 
 @dataclass

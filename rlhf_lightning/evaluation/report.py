@@ -20,6 +20,11 @@ multirun directory (or ``--out``):
   after training are plotted, with their intervals as error bars (the same prompts for every run: a fair
   comparison); otherwise the last training batch's (``objective/score``, ``objective/kl``).
 
+With judges (``eval.judges``) and evaluations along training (``eval.every_n_iterations``), also
+``overoptimization.md`` and ``overoptimization.png``: each run's proxy score and judge scores on the held-out prompts
+against √KL along training (the axes of Gao et al. 2022), the KL at which each judge's score peaked, tabulated with
+the run's β, ε and estimator (:func:`write_overoptimization`).
+
 DPO runs (``stage=dpo``) are their own groups, ``dpo``, ``ipo`` or ``hinge`` (``dpo.loss_type``), with β =
 ``dpo.beta``; they log no training score, so they are read from the before/after evaluation on the held-out
 prompts (``eval/score_before``, ``eval/score_after``, ``eval/kl_after``), which PPO runs log too: with
@@ -39,7 +44,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf_lightning.evaluation.diagnostics import BOOTSTRAP_RESAMPLES, bootstrap_ci
-from rlhf_lightning.evaluation.summary import read_metrics, series
+from rlhf_lightning.evaluation.summary import EvalCurve, eval_curve, read_metrics, series
 
 SCORE_KEY = "objective/score"
 KL_KEY = "objective/kl"
@@ -319,19 +324,106 @@ def plot(results: list[RunResult], path: str | Path) -> Path:
     return Path(path)
 
 
+def overoptimization_table(runs: list[tuple[RunResult, EvalCurve]]) -> list[dict]:
+    """One row per run and judge: where the judge's score peaked along training (its KL and √KL, the judge's and
+    the proxy's score there) and where training ended (KL, proxy, judge), with the run's β, ε and estimator: the
+    KL budget beyond which the proxy's gains stopped being the judge's (Gao et al. 2022)."""
+    table = []
+    for result, curve in runs:
+        for name in curve.judges:
+            i = curve.peak(name)
+            judge = curve.judges[name]
+            table.append({"run": Path(result.run_dir).name, "estimator": result.adv_estimator,
+                          "kl_coef": result.kl_coef, "clip_eps": result.clip_eps, "judge": name,
+                          "evaluations": len(curve.kl), "peak_kl": curve.kl[i], "peak_sqrt_kl": curve.sqrt_kl[i],
+                          "peak_judge": judge[i], "proxy_at_peak": curve.score[i], "final_kl": curve.kl[-1],
+                          "final_proxy": curve.score[-1], "final_judge": judge[-1], "judge_before": judge[0],
+                          "proxy_before": curve.score[0]})
+    return table
+
+
+def plot_overoptimization(runs: list[tuple[str, EvalCurve]], path: str | Path) -> Path:
+    """Proxy and judges against √KL along training (Gao et al. 2022, Fig. 1's axes), one colour per run: the
+    change of each score from the run's first evaluation (the proxy solid, each judge dashed), the judge's peak
+    marked with a star. Writes a PNG (matplotlib, Agg backend).
+
+    Args:
+        runs: ``(label, curve)`` per run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10").colors
+    styles = ["--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    try:
+        for k, (label, curve) in enumerate(runs):
+            colour = colours[k % len(colours)]
+            x = curve.sqrt_kl
+            ax.plot(x, [v - curve.score[0] for v in curve.score], "o-", color=colour, label=f"{label}: proxy")
+            for j, (name, values) in enumerate(curve.judges.items()):
+                ax.plot(x, [v - values[0] for v in values], styles[j % len(styles)], marker=".", color=colour,
+                        label=f"{label}: judge {name}")
+                i = curve.peak(name)
+                ax.plot([x[i]], [values[i] - values[0]], "*", color=colour, markersize=12)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("√KL to the reference (√nats per response), held-out prompts")
+        ax.set_ylabel("score change from the start (each scorer's units)")
+        ax.set_title("Overoptimization: the proxy against judges it never trained on")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def write_overoptimization(runs: list[tuple[RunResult, EvalCurve]], out_dir: str | Path) -> tuple[Path, Path] | None:
+    """``overoptimization.md`` (:func:`overoptimization_table`) and ``overoptimization.png``
+    (:func:`plot_overoptimization`) in ``out_dir`` for the runs whose evaluations have judges; ``None`` when none
+    has."""
+    runs = [(r, c) for r, c in runs if c.judges]
+    if not runs:
+        return None
+    out_dir = Path(out_dir)
+    table = overoptimization_table(runs)
+    header = ["run", "estimator", "β", "ε", "judge", "evaluations", "judge peak at KL (nats)", "√KL",
+              "judge: before → peak → final", "proxy: before → at peak → final", "final KL"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in table:
+        judge = f"{_cell(t['judge_before'])} → {_cell(t['peak_judge'])} → {_cell(t['final_judge'])}"
+        proxy = f"{_cell(t['proxy_before'])} → {_cell(t['proxy_at_peak'])} → {_cell(t['final_proxy'])}"
+        cells = [t["run"], t["estimator"], t["kl_coef"], t["clip_eps"], t["judge"], t["evaluations"], t["peak_kl"],
+                 t["peak_sqrt_kl"], judge, proxy, t["final_kl"]]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    md = out_dir / "overoptimization.md"
+    md.write_text("\n".join(lines) + "\n")
+    labels = [f"β={_cell(r.kl_coef)}" + (f" ε={_cell(r.clip_eps)}" if r.clip_eps is not None else "")
+              + (f" {r.adv_estimator}" if len({x.adv_estimator for x, _ in runs}) > 1 else "") for r, _ in runs]
+    png = plot_overoptimization(list(zip(labels, [c for _, c in runs], strict=True)), out_dir / "overoptimization.png")
+    return md, png
+
+
 def report(multirun_dir: str | Path, out_dir: str | Path | None = None, score_key: str = SCORE_KEY,
            kl_key: str = KL_KEY) -> list[RunResult]:
     """Summarize every run of ``multirun_dir`` and write ``report.md``, ``report.csv`` and ``report.png``
-    into ``out_dir`` (default: ``multirun_dir``). Returns the runs' results in job order.
+    into ``out_dir`` (default: ``multirun_dir``), and, when the runs' held-out evaluations have judges,
+    ``overoptimization.md`` and ``overoptimization.png`` (:func:`write_overoptimization`). Returns the runs' results in
+    job order.
 
     Raises:
         FileNotFoundError: no run in ``multirun_dir`` (see :func:`find_runs`).
         ValueError: a run without the score or KL metric.
     """
-    results = [summarize_run(d, score_key, kl_key) for d in find_runs(multirun_dir)]
+    runs = find_runs(multirun_dir)
+    results = [summarize_run(d, score_key, kl_key) for d in runs]
     out_dir = Path(out_dir or multirun_dir)
     write_tables(results, out_dir)
     plot(results, out_dir / "report.png")
+    curves = [(r, c) for r, c in zip(results, map(eval_curve, runs), strict=True) if c is not None]
+    write_overoptimization(curves, out_dir)
     return results
 
 
@@ -353,7 +445,11 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         parser.exit(2, f"error: {err}\n")
     out = Path(args.out or args.multirun_dir)
     print((out / "report.md").read_text(), end="")
-    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
+    written = [out / "report.md", out / "report.csv", out / "report.png"]
+    if (out / "overoptimization.md").exists():
+        print((out / "overoptimization.md").read_text(), end="")
+        written += [out / "overoptimization.md", out / "overoptimization.png"]
+    print("wrote " + ", ".join(map(str, written)))
     return results
 
 

@@ -8,6 +8,10 @@ policy's responses before and after PPO. Without a reward run (PPO with reward f
 the RLVR demo) the reward model's line is left out; each reward function's mean on the held-out prompts
 before and after (``eval/reward/<name>``: a verifier's is the held-out accuracy) is shown when logged.
 
+With judges (``eval.judges``): each judge's held-out score before and after, with intervals and the paired change;
+with evaluations along training (``eval.every_n_iterations``): the proxy and the judges against √KL at each
+evaluation, each judge's peak marked (:class:`EvalCurve`).
+
 Diagnostics (:mod:`rlhf_lightning.evaluation.diagnostics`): the reward model's held-out accuracy interval, calibration
 error and length bias (from ``<reward run dir>/rm_eval.json`` when ``python -m rlhf_lightning.rm_eval`` wrote
 it, else the reward stage's ``val/*`` metrics); bootstrap 95% intervals of the held-out score before, after,
@@ -21,6 +25,7 @@ import argparse
 import csv
 import json
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlhf_lightning.evaluation.diagnostics import ALARMS, bootstrap_ci
@@ -55,6 +60,48 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
 def series(rows: list[dict[str, float]], key: str) -> list[float]:
     """Finite values of one metric in logging order."""
     return [r[key] for r in rows if key in r and math.isfinite(r[key])]
+
+
+@dataclass
+class EvalCurve:
+    """A run's held-out evaluations along training (``eval/*`` logged without a suffix at each evaluation: before,
+    every ``eval.every_n_iterations``, after; :class:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation`).
+
+    Attributes:
+        steps: the optimizer step of each evaluation.
+        kl: the mean KL to the reference of the held-out responses (nats per response).
+        score: the proxy's mean score (``eval/score``).
+        judges: judge name → its mean score at each evaluation (``eval/judge/<name>``).
+    """
+
+    steps: list[float]
+    kl: list[float]
+    score: list[float]
+    judges: dict[str, list[float]]
+
+    @property
+    def sqrt_kl(self) -> list[float]:
+        """√KL of each evaluation (Gao et al. 2022's axis; a negative k1 estimate counts as 0)."""
+        return [math.sqrt(max(k, 0.0)) for k in self.kl]
+
+    def peak(self, judge: str) -> int:
+        """The index of the evaluation where ``judge``'s score was highest (the first of equal ones)."""
+        values = self.judges[judge]
+        return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def eval_curve(run_dir: str | Path) -> EvalCurve | None:
+    """The :class:`EvalCurve` of a run from its ``csv/metrics.csv`` (rows with ``eval/kl`` and ``eval/score``),
+    ``None`` when it logged no evaluation series."""
+    rows = [r for r in read_metrics(run_dir) if "eval/kl" in r and "eval/score" in r]
+    if not rows:
+        return None
+    names = sorted({key.removeprefix("eval/judge/") for r in rows for key in r
+                    if key.startswith("eval/judge/") and not key.endswith(("_ci_low", "_ci_high", "_change"))
+                    and "_before" not in key and "_after" not in key})
+    return EvalCurve(steps=[r.get("step", math.nan) for r in rows], kl=[r["eval/kl"] for r in rows],
+                     score=[r["eval/score"] for r in rows],
+                     judges={name: [r.get(f"eval/judge/{name}", math.nan) for r in rows] for name in names})
 
 
 def summarize(reward_dir: str | Path | None, ppo_dir: str | Path, window: int = 5, samples_shown: int = 3) -> dict:
@@ -105,11 +152,34 @@ def summarize(reward_dir: str | Path | None, ppo_dir: str | Path, window: int = 
     paired = [after[b["prompt"]]["score"] - b["score"] for b in before if b["prompt"] in after]
     if paired:
         out["eval_change"] = {"prompts": len(paired), "mean": _mean(paired), "ci": list(bootstrap_ci(paired))}
+    out["judges"] = _judges(before, after)
+    curve = eval_curve(ppo_dir)
+    out["eval_curve"] = None if curve is None else {**asdict(curve), "sqrt_kl": curve.sqrt_kl,
+                                                    "peaks": {name: curve.peak(name) for name in curve.judges}}
     out["reward_diagnostics"] = _reward_diagnostics(reward_dir, reward_rows)
     out["diagnostics"] = _ppo_diagnostics(ppo_dir, ppo_rows)
     out["samples"] = [{"prompt": b["prompt"], "before": b["response"], "before_score": b["score"],
                        "after": after.get(b["prompt"], {}).get("response"),
                        "after_score": after.get(b["prompt"], {}).get("score")} for b in before[:samples_shown]]
+    return out
+
+
+def _judges(before: list[dict], after: dict[str, dict]) -> dict:
+    """Each judge's held-out mean before and after training with bootstrap 95% intervals, and its change paired by
+    prompt with its interval: ``{name: {"before", "before_ci", "after", "after_ci", "change", "change_ci",
+    "prompts"}}`` from the samples' ``judge/<name>`` values (``{}`` without judges)."""
+    names = sorted({key.removeprefix("judge/") for row in before for key in row if key.startswith("judge/")})
+    out = {}
+    for name in names:
+        key = f"judge/{name}"
+        pairs = [(b[key], after[b["prompt"]][key]) for b in before if key in b and key in after.get(b["prompt"], {})]
+        if not pairs:
+            continue
+        first, last = [p[0] for p in pairs], [p[1] for p in pairs]
+        change = [b - a for a, b in pairs]
+        out[name] = {"prompts": len(pairs), "before": _mean(first), "before_ci": list(bootstrap_ci(first)),
+                     "after": _mean(last), "after_ci": list(bootstrap_ci(last)), "change": _mean(change),
+                     "change_ci": list(bootstrap_ci(change))}
     return out
 
 
@@ -162,6 +232,12 @@ def _ppo_diagnostics(ppo_dir, ppo_rows: list[dict[str, float]]) -> dict:
 def _f(value) -> str:
     """A figure with 3 decimals; ``n/a`` for None or NaN (undefined: e.g. no pair with a shorter chosen)."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _with_ci(value: float, ci, signed: bool = False) -> str:
+    """``"0.123 [0.100, 0.150]"`` (``signed``: with a sign, for changes)."""
+    form = "+.3f" if signed else ".3f"
+    return f"{value:{form}} [{ci[0]:{form}}, {ci[1]:{form}}]"
 
 
 def _mean(values) -> float:
@@ -220,6 +296,24 @@ def render(summary: dict) -> None:
         console.print(f"Held-out score change, paired by prompt: {change['mean']:+.3f} "
                       f"[95% bootstrap CI {change['ci'][0]:+.3f}, {change['ci'][1]:+.3f}] over {change['prompts']} "
                       "prompts", highlight=False)
+    if summary.get("judges"):
+        table = Table(title="Judges (eval.judges: scorers the policy never trained on), the same held-out responses")
+        for column in ("judge", "prompts", "before [95% CI]", "after [95% CI]", "change, paired [95% CI]"):
+            table.add_column(column)
+        for name, v in summary["judges"].items():
+            table.add_row(name, str(v["prompts"]), _with_ci(v["before"], v["before_ci"]),
+                          _with_ci(v["after"], v["after_ci"]), _with_ci(v["change"], v["change_ci"], signed=True))
+        console.print(table)
+    curve = summary.get("eval_curve")
+    if curve and len(curve["kl"]) > 2:
+        table = Table(title="Held-out evaluation along training (Gao et al. 2022's axes: scores against √KL)")
+        for column in ("step", "KL (nats)", "√KL", "proxy score", *(f"judge {n}" for n in curve["judges"])):
+            table.add_column(column)
+        for i, step in enumerate(curve["steps"]):
+            marks = {n: " (peak)" if curve["peaks"][n] == i else "" for n in curve["judges"]}
+            table.add_row(f"{step:.0f}", f"{curve['kl'][i]:.3f}", f"{curve['sqrt_kl'][i]:.3f}",
+                          f"{curve['score'][i]:.3f}", *(f"{v[i]:.3f}{marks[n]}" for n, v in curve["judges"].items()))
+        console.print(table)
     if summary.get("diagnostics"):
         table = Table(title="Reward hacking? Training batches (ppo.alarms: a warning when one exceeds its threshold)")
         table.add_column("diagnostic", no_wrap=True)

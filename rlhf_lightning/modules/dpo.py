@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from rlhf_lightning.algorithms.losses import dpo_loss
-from rlhf_lightning.config.schema import DPOConfig, as_config
-from rlhf_lightning.evaluation.heldout import evaluate_policy
+from rlhf_lightning.config.schema import DPOConfig, EvalConfig, as_config
+from rlhf_lightning.evaluation.heldout import HeldOutEvaluation
+from rlhf_lightning.evaluation.judges import load_judges
 from rlhf_lightning.models.forward import response_logprobs
 from rlhf_lightning.models.lora import adapters_disabled, has_lora, log_network_memory
 from rlhf_lightning.modules.common import (
@@ -64,6 +65,8 @@ class DPOModule(L.LightningModule):
         export_dir: where the trained policy is written at the end of fit (``None``: not written).
         samples_path: JSON-lines file of the evaluation's responses.
         ref_logps_path: the reference log-probability cache (``None``: kept in memory only).
+        eval: :class:`~rlhf_lightning.config.schema.EvalConfig` or dict: the held-out evaluation's judges and
+            schedule (``every_n_iterations`` counts optimizer steps here), as PPO's.
 
     Raises:
         ValueError, TypeError: a setting :class:`~rlhf_lightning.config.schema.DPOConfig` refuses; ``ref_policy`` is
@@ -72,7 +75,7 @@ class DPOModule(L.LightningModule):
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None, reward_model: nn.Module | None, tokenizer,
                  dpo: DPOConfig | dict | None = None, export_dir: str | None = None, samples_path: str | None = None,
-                 ref_logps_path: str | None = None):
+                 ref_logps_path: str | None = None, eval: EvalConfig | dict | None = None):
         super().__init__()
         if ref_policy is None and not has_lora(policy):
             raise ValueError("DPOModule: ref_policy=None needs a LoRA policy (model.lora.r), whose adapters switched "
@@ -82,6 +85,11 @@ class DPOModule(L.LightningModule):
         self.tokenizer = tokenizer
         self.dpo = as_config(DPOConfig, dpo, "dpo")
         self.export_dir, self.samples_path, self.ref_logps_path = export_dir, samples_path, ref_logps_path
+        cfg, eval_config = self.dpo, as_config(EvalConfig, eval, "eval")
+        self.heldout = HeldOutEvaluation(self.collect, cfg.num_sample_prompts, cfg.kl_estimator, cfg.eval_seed,
+                                         cfg.eval_greedy, samples_path, eval_config.every_n_iterations,
+                                         load_judges(eval_config),
+                                         int(tokenizer.eos_token_id) if cfg.generation.score_with_eos else None)
         #: pair key -> (chosen sum, rejected sum, chosen tokens, rejected tokens) under the reference
         self.ref_cache: dict[str, tuple[float, float, float, float]] = {}
         self.save_hyperparameters(ignore=["policy", "ref_policy", "reward_model", "tokenizer"])
@@ -240,19 +248,18 @@ class DPOModule(L.LightningModule):
             exp = replace(exp, ref_logprobs=adapter_off_logprobs(self.policy, rollout, gen.temperature))
         return exp
 
-    def evaluate_samples(self, phase: str) -> dict[str, float] | None:
-        """PPO's before/after evaluation (:func:`~rlhf_lightning.evaluation.heldout.evaluate_policy`) with
-        ``dpo``'s ``num_sample_prompts``, ``kl_estimator``, ``eval_seed`` and ``eval_greedy``."""
-        cfg = self.dpo
-        return evaluate_policy(self, phase, cfg.num_sample_prompts, self.collect, cfg.kl_estimator, cfg.eval_seed,
-                               cfg.eval_greedy, self.samples_path, self.global_step)
+    def configure_callbacks(self):
+        """The held-out evaluation (:class:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation`), as PPO's."""
+        return [self.heldout]
 
-    def on_train_start(self) -> None:
-        if self.global_step == 0:  # not again when resuming from a checkpoint
-            self.evaluate_samples("before")
+    def evaluate_samples(self, phase: str) -> dict[str, float] | None:
+        """PPO's held-out evaluation (:meth:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation.evaluate`) with
+        ``dpo``'s ``num_sample_prompts``, ``kl_estimator``, ``eval_seed`` and ``eval_greedy``, and ``eval``'s
+        judges."""
+        return self.heldout.evaluate(self, phase)
 
     def on_train_end(self) -> None:
-        self.evaluate_samples("after")
+        """Export the trained policy on the global-zero rank (after the held-out evaluation's ``after``)."""
         if self.trainer.is_global_zero and self.export_dir:
             export_pretrained(self.policy, self.tokenizer, self.export_dir)
 

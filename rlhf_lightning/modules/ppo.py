@@ -20,9 +20,10 @@ from rlhf_lightning.algorithms.advantages import (
 from rlhf_lightning.algorithms.kl import compute_rewards, make_kl_controller
 from rlhf_lightning.algorithms.losses import kl_loss, ppo_policy_loss, tis_weights, value_loss
 from rlhf_lightning.algorithms.ops import explained_variance, masked_whiten, token_mean
-from rlhf_lightning.config.schema import OptimConfig, PPOConfig, as_config
+from rlhf_lightning.config.schema import EvalConfig, OptimConfig, PPOConfig, as_config
 from rlhf_lightning.evaluation.diagnostics import check_alarms, rollout_diagnostics
-from rlhf_lightning.evaluation.heldout import evaluate_policy, write_samples
+from rlhf_lightning.evaluation.heldout import HeldOutEvaluation, write_samples
+from rlhf_lightning.evaluation.judges import load_judges
 from rlhf_lightning.models.builders import PolicyBaseCritic
 from rlhf_lightning.models.forward import response_logprobs, response_values
 from rlhf_lightning.models.lora import has_lora, log_network_memory, own_parameters
@@ -39,8 +40,14 @@ from rlhf_lightning.modules.common import (
     scheduler_total_steps,
     sum_over_ranks,
 )
-from rlhf_lightning.rewards.functions import load_reward_functions, score_with_functions
-from rlhf_lightning.rollout.experience import Experience, adapter_off_logprobs, logprob_diff, make_experience
+from rlhf_lightning.rewards.functions import load_reward_functions
+from rlhf_lightning.rollout.experience import (
+    Experience,
+    adapter_off_logprobs,
+    function_rewards,
+    logprob_diff,
+    make_experience,
+)
 from rlhf_lightning.rollout.sampler import Rollout, generate, prompt_noise, run_seed, select_rows, stack_rollouts
 
 log = logging.getLogger(__name__)
@@ -157,13 +164,16 @@ class PPOModule(L.LightningModule):
         ppo: :class:`PPOConfig` or dict. policy_optim, critic_optim: :class:`OptimConfig` or dict.
         export_dir: where the trained policy is written at the end of fit (critic beside it in
             ``<export_dir>_critic``); samples_path: JSON-lines file for sample generations.
+        eval: :class:`~rlhf_lightning.config.schema.EvalConfig` or dict: the held-out evaluation's judges and
+            schedule (:class:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation`, with ``ppo``'s
+            ``num_sample_prompts``, ``eval_seed``, ``eval_greedy`` and ``kl_estimator``).
     """
 
     def __init__(self, policy: nn.Module, ref_policy: nn.Module | None, critic: nn.Module | None,
                  reward_model: nn.Module | None, tokenizer, ppo: PPOConfig | dict | None = None,
                  policy_optim: OptimConfig | dict | None = None, critic_optim: OptimConfig | dict | None = None,
                  export_dir: str | None = None, samples_path: str | None = None,
-                 reward_functions: list[dict] | None = None):
+                 reward_functions: list[dict] | None = None, eval: EvalConfig | dict | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.strict_loading = False  # frozen networks are not in checkpoints
@@ -187,6 +197,12 @@ class PPOModule(L.LightningModule):
         self.policy_optim = as_config(OptimConfig, policy_optim, "policy_optim")
         self.critic_optim = as_config(OptimConfig, critic_optim, "critic_optim")
         self.export_dir, self.samples_path = export_dir, samples_path
+        eval_config = as_config(EvalConfig, eval, "eval")
+        gen = self.ppo.generation
+        self.heldout = HeldOutEvaluation(self._eval_collect, self.ppo.num_sample_prompts, self.ppo.kl_estimator,
+                                         self.ppo.eval_seed, self.ppo.eval_greedy, samples_path,
+                                         eval_config.every_n_iterations, load_judges(eval_config),
+                                         int(tokenizer.eos_token_id) if gen.score_with_eos else None)
         self.kl_ctl = make_kl_controller(self.ppo.kl_coef, self.ppo.adaptive_kl, self.ppo.kl_target,
                                          self.ppo.kl_horizon)
         self.save_hyperparameters(ignore=["policy", "ref_policy", "critic", "reward_model", "tokenizer"])
@@ -524,29 +540,14 @@ class PPOModule(L.LightningModule):
 
     def _function_rewards(self, rollout: Rollout, prompt_index: torch.Tensor | None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The reward functions' weighted total (N,) and unweighted rewards by name, on the rollout's
-        decoded responses, with TRL's arguments: ``completions`` (text), ``prompts`` (the dataset's chat
-        messages when the datamodule has them, else the decoded prompt), ``completion_ids`` and the
-        dataset columns (``PromptDataModule.columns``).
+        """The reward functions' weighted total (N,) and unweighted rewards by name on the rollout
+        (:func:`~rlhf_lightning.rollout.experience.function_rewards`, with the datamodule's prompts and columns).
 
         Raises:
             RewardFunctionError: a function raised or returned a bad value (one line naming it and the row).
         """
-        completions = self.tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
-        completion_ids = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask,
-                                                                  strict=True)]
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        rows = prompt_index.tolist() if prompt_index is not None else None
-        if rows is not None and datamodule is not None and hasattr(datamodule, "columns"):
-            prompts, columns = [datamodule.prompts[i] for i in rows], datamodule.columns(rows)
-        else:
-            prompts = self.tokenizer.batch_decode(rollout.input_ids[:, : rollout.response_start],
-                                                  skip_special_tokens=True)
-            columns = {}
-        total, per_function = score_with_functions(self.reward_functions, completions, prompts, columns,
-                                                   completion_ids=completion_ids, row_ids=rows)
-        device = rollout.input_ids.device
-        return total.to(device), {name: values.to(device) for name, values in per_function.items()}
+        return function_rewards(self.reward_functions, rollout, self.tokenizer, datamodule, prompt_index)
 
     def _scores(self, rollout: Rollout, prompt_index: torch.Tensor | None):
         """The responses' scores (reward model minus the missing-EOS penalty, plus reward functions), (N,),
@@ -714,31 +715,34 @@ class PPOModule(L.LightningModule):
         return write_samples(self, self.tokenizer, exp, phase, self.iteration, limit or self.ppo.num_sample_prompts,
                              self.samples_path)
 
+    def _eval_collect(self, input_ids, attention_mask, prompt_index, do_sample, seed) -> Experience:
+        """The held-out evaluation's rollout: :meth:`collect` with ``for_update=False`` (one response per prompt,
+        the policy's own forward, noise keyed by the evaluation's seed and the prompt)."""
+        return self.collect(input_ids, attention_mask, prompt_index, do_sample=do_sample, for_update=False, seed=seed)
+
+    def configure_callbacks(self):
+        """The held-out evaluation (:class:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation`): before the first
+        iteration, every ``eval.every_n_iterations`` and after the last."""
+        return [self.heldout]
+
     def evaluate_samples(self, phase: str) -> dict[str, float] | None:
-        """Answer the fixed evaluation prompts, score them, and record the result under ``phase``
-        (:func:`~rlhf_lightning.evaluation.heldout.evaluate_policy`, shared with DPO): ``ppo.num_sample_prompts``
-        prompts sampled with ``ppo.eval_seed`` (greedy with ``ppo.eval_greedy``), one response each
-        (:meth:`collect` with ``for_update=False``), split between the ranks and gathered; ``eval/score``,
-        ``eval/rm_score``, ``eval/kl`` (estimator ``ppo.kl_estimator``), ``eval/eos_frac`` and
-        ``eval/reward/<name>`` logged with the suffix ``_<phase>``.
+        """Answer the fixed evaluation prompts, score them with the proxy and the judges, and record the result
+        under ``phase`` (:meth:`~rlhf_lightning.evaluation.heldout.HeldOutEvaluation.evaluate`, shared with DPO):
+        ``ppo.num_sample_prompts`` prompts sampled with ``ppo.eval_seed`` (greedy with ``ppo.eval_greedy``), one
+        response each (:meth:`collect` with ``for_update=False``), split between the ranks and gathered;
+        ``eval/score``, ``eval/rm_score``, ``eval/kl`` (estimator ``ppo.kl_estimator``), ``eval/eos_frac``,
+        ``eval/reward/<name>``, ``eval/judge/<name>``, intervals and paired changes
+        (:func:`~rlhf_lightning.evaluation.heldout.evaluate_policy`).
 
         Returns:
-            The metrics without the suffix, as floats, or ``None`` when there is nothing to evaluate
-            (``num_sample_prompts`` 0 or a datamodule without ``sample_batch``).
+            The metrics as floats, or ``None`` when there is nothing to evaluate (``num_sample_prompts`` 0 or a
+            datamodule without ``sample_batch``).
         """
-        def collect(input_ids, attention_mask, prompt_index, do_sample, seed):
-            return self.collect(input_ids, attention_mask, prompt_index, do_sample=do_sample, for_update=False,
-                                seed=seed)
-
-        return evaluate_policy(self, phase, self.ppo.num_sample_prompts, collect, self.ppo.kl_estimator,
-                               self.ppo.eval_seed, self.ppo.eval_greedy, self.samples_path, self.iteration)
-
-    def on_train_start(self) -> None:
-        if self.global_step == 0:  # not again when resuming from a checkpoint
-            self.evaluate_samples("before")
+        return self.heldout.evaluate(self, phase)
 
     def on_train_end(self) -> None:
-        self.evaluate_samples("after")
+        """Export the trained policy (and critic) on the global-zero rank (after the held-out evaluation's
+        ``after``, which its callback runs first)."""
         if self.trainer.is_global_zero and self.export_dir:
             export_pretrained(self.policy, self.tokenizer, self.export_dir)
             if self.critic is not None:

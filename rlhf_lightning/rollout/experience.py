@@ -18,6 +18,7 @@ from rlhf_lightning.algorithms.kl import apply_missing_eos_penalty
 from rlhf_lightning.algorithms.ops import BatchCounts, token_mean
 from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
+from rlhf_lightning.rewards.functions import score_with_functions
 from rlhf_lightning.rollout.sampler import Rollout
 
 
@@ -196,3 +197,40 @@ def logprob_diff(exp: Experience, counts: BatchCounts | None = None) -> torch.Te
     if exp.rollout.sampler_logprobs is None or exp.logprobs is None:
         return torch.tensor(float("nan"))
     return token_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask, counts)
+
+
+def function_rewards(functions, rollout: Rollout, tokenizer, datamodule=None, prompt_index: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Reward functions on a rollout's decoded responses, with TRL's arguments: ``completions`` (text), ``prompts``
+    (the dataset's chat messages when the datamodule has them, else the decoded prompt), ``completion_ids`` and the
+    dataset's other columns (``PromptDataModule.columns``)
+    (:func:`~rlhf_lightning.rewards.functions.score_with_functions`).
+
+    Args:
+        functions: loaded reward functions (:func:`~rlhf_lightning.rewards.functions.load_reward_functions`).
+        rollout: the sampled sequences (N rows).
+        tokenizer: decodes prompts and responses.
+        datamodule: with ``prompts`` and ``columns`` (a :class:`~rlhf_lightning.data.PromptDataModule`), or
+            ``None``.
+        prompt_index: (N,) long, the rows' prompts' indices in the datamodule; ``None``: decoded prompts, no columns.
+
+    Returns:
+        ``(total, per_function)``: the weighted total (N,) float32 and each function's unweighted rewards (N,)
+        float32 by name, on the rollout's device.
+
+    Raises:
+        RewardFunctionError: a function raised or returned a bad value (one line naming it and the row).
+    """
+    completions = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    completion_ids = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask,
+                                                              strict=True)]
+    rows = prompt_index.tolist() if prompt_index is not None else None
+    if rows is not None and datamodule is not None and hasattr(datamodule, "columns"):
+        prompts, columns = [datamodule.prompts[i] for i in rows], datamodule.columns(rows)
+    else:
+        prompts = tokenizer.batch_decode(rollout.input_ids[:, : rollout.response_start], skip_special_tokens=True)
+        columns = {}
+    total, per_function = score_with_functions(functions, completions, prompts, columns, completion_ids=completion_ids,
+                                               row_ids=rows)
+    device = rollout.input_ids.device
+    return total.to(device), {name: values.to(device) for name, values in per_function.items()}

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf_lightning.algorithms.advantages import ADV_ESTIMATORS
 from rlhf_lightning.config.schema import (
     DPOConfig,
+    EvalConfig,
     LoRASettings,
     OptimConfig,
     PPOConfig,
@@ -61,7 +62,7 @@ def _tiny_source(family) -> str:
 #: The settings dataclasses in Hydra's ConfigStore, group ``schema``: ``conf/stage/*.yaml`` place them with
 #: defaults-list entries such as ``- /schema/ppo@ppo`` and ``- /schema/optim@policy_optim``.
 SCHEMAS = {"reward": RewardConfig, "value": ValueConfig, "ppo": PPOConfig, "dpo": DPOConfig,
-           "optim": OptimConfig, "lora": LoRASettings}
+           "optim": OptimConfig, "lora": LoRASettings, "eval": EvalConfig}
 
 
 def register_configs() -> None:
