@@ -26,6 +26,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf_lightning.data import DataError, DataSourceError
+from rlhf_lightning.rewards.functions import RewardFunctionError
 from rlhf_lightning.training.callbacks import TrainingDiverged
 from rlhf_lightning.training.run import run
 from rlhf_lightning.training.validate import ConfigError, composition_error
@@ -42,6 +43,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as err:  # NaN/inf steps in a row: the message names the last good checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except RewardFunctionError as err:  # a reward function failed mid-training: one line naming it and the row
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     objective = cfg.get("objective")

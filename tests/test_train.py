@@ -61,23 +61,30 @@ def test_ppo_without_reward_model_path_is_a_config_error(tmp_path):
         OmegaConf.to_container(cfg.module, resolve=True, throw_on_missing=True)
 
 
-def _train(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _train(*overrides: str, run_dir: Path, status: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
     # The default callbacks (progress bar, checkpoints) with the trainer switching both off: the
     # trainer settings win (without_disabled_callbacks), Lightning would otherwise refuse the run.
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
            "trainer.enable_progress_bar=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+#: What a newcomer's first run must not show (issue 25): transformers' table of the reward model's missing head
+#: (expected: this project initialises it), Lightning's tip for its hosted logger, a deprecation warning torch
+#: raises inside Lightning, the model-summary table (each module logs its networks' sizes in one line).
+NOISE = ("LOAD REPORT", "litlogger", "LeafSpec", "┏━━", "Loading weights")
 
 
 def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
     common = ["model=tiny", f"data.path={hh_file}", "trainer.enable_checkpointing=false"]
     reward_dir, value_dir, ppo_dir = tmp_path / "reward", tmp_path / "value", tmp_path / "ppo"
-    _train("stage=reward", *common, "data.val_size=8", "reward.max_length=64", "reward.batch_size=4",
-           "trainer.max_epochs=1", run_dir=reward_dir)
+    first = _train("stage=reward", *common, "data.val_size=8", "reward.max_length=64", "reward.batch_size=4",
+                   "trainer.max_epochs=1", run_dir=reward_dir)
     assert (reward_dir / "model" / "model.safetensors").exists()
+    assert not [noise for noise in NOISE if noise in first.stdout + first.stderr]
     reward_header = (reward_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert all(key in reward_header for key in ("val/accuracy_ci_low", "val/ece", "val/acc_chosen_shorter"))
     evaluation = rm_eval.main([str(reward_dir / "model"), str(hh_file), "--heldout", "--resamples", "200"])
@@ -105,3 +112,15 @@ def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
     assert out.returncode == 0, out.stderr
     assert "Reward model validation accuracy" in out.stdout
     assert json.loads((tmp_path / "s.json").read_text())["ppo"]["objective/kl"]["iterations"] == 2
+
+
+def test_a_reward_function_failing_mid_training_ends_in_one_line(tmp_path, hh_file):
+    """A reward function that returns NaN: train.py stops with one line naming the function and the row (status 1),
+    not a traceback."""
+    proc = _train("stage=ppo", "model=tiny", f"data.path={hh_file}", "algorithm=grpo", "reward_model_path=null",
+                  "reward.functions=[{fn: test_critic_free.broken}]", "iterations=1", "batch_size=2",
+                  "ppo.generation.max_new_tokens=4", "trainer.enable_checkpointing=false", run_dir=tmp_path / "ppo",
+                  status=1)
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "broken" in last and "row" in last

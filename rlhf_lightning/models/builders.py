@@ -232,15 +232,56 @@ def load_scalar_model(name_or_path: str, gguf_file: str | None = None, dtype: st
     has_head = _names_scalar_head(config.architectures)
     scalar_model_config(config)
     register_scalar_model(type(config))
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), _load_report_held():
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=_dtype(dtype),
-                                                                   trust_remote_code=trust_remote_code)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, output_loading_info=True)
+    _report_unexpected_loading(path, info, expected_missing=() if has_head else SCALAR_HEAD_NAMES)
     if head != "keep" or not has_head:
         init_scalar_head(score_head(model), "zero" if head == "zero" else "normal", seed)
     if frozen:
         return freeze(_finish(model, trainable_layers, gradient_checkpointing))
     return _finish(model, trainable_layers, gradient_checkpointing, lora, head=score_head(model))
+
+
+class _HoldLoadReport(logging.Filter):
+    """Drops transformers' ``LOAD REPORT`` records (its table of missing, unexpected and mismatched keys):
+    :func:`_report_unexpected_loading` says in one line what was not expected instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _load_report_held():
+    """A context in which transformers' ``LOAD REPORT`` is not printed (:class:`_HoldLoadReport` on
+    ``transformers.modeling_utils``'s logger)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def held():
+        target = logging.getLogger("transformers.modeling_utils")
+        report_filter = _HoldLoadReport()
+        target.addFilter(report_filter)
+        try:
+            yield
+        finally:
+            target.removeFilter(report_filter)
+
+    return held()
+
+
+def _report_unexpected_loading(path: str, info: dict, expected_missing: tuple[str, ...] = ()) -> None:
+    """Log one warning naming what loading ``path`` did not expect: missing weights other than a scalar head this
+    module initialises itself (``expected_missing``: its module names), unexpected and mismatched keys; nothing when
+    all is as expected (a causal LM's checkpoint read as a reward model lacks only the head, which is then
+    initialised: transformers' table of it looks like an error and is not one)."""
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".", 1)[0] not in expected_missing]
+    problems = {"missing": missing, "unexpected": list(info.get("unexpected_keys", ())),
+                "mismatched": [str(k) for k in info.get("mismatched_keys", ())]}
+    said = "; ".join(f"{kind} {', '.join(sorted(keys)[:8])}" + (" ..." if len(keys) > 8 else "")
+                     for kind, keys in problems.items() if keys)
+    if said:
+        log.warning("loading %s: %s", path, said)
 
 
 def _names_scalar_head(architectures: list[str] | None) -> bool:

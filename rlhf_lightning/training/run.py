@@ -141,6 +141,30 @@ def without_disabled_callbacks(callbacks: list, trainer_cfg) -> list:
     return kept
 
 
+class _DropLitLoggerTip(logging.Filter):
+    """Drops Lightning's advertisement for its hosted logger (printed by every ``Trainer`` without one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_library_noise() -> None:
+    """Keep a run's log to what a user needs (data counts, progress, metrics, the summary): transformers' progress
+    bars of every weight load and save, Lightning's tip for its hosted logger, and a deprecation warning torch raises
+    inside Lightning's own code (``isinstance(treespec, LeafSpec)``, lightning/pytorch/utilities/_pytree.py) are
+    left out; transformers' table of a load's missing keys is replaced by one line when something is unexpected
+    (:func:`rlhf_lightning.models.builders.load_scalar_model`). Idempotent."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tip_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in tip_logger.filters):
+        tip_logger.addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Build tokenizer, data, module, loggers, callbacks and Trainer from ``cfg``, then ``Trainer.fit``.
 
@@ -156,6 +180,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     import lightning as L
     from hydra.utils import instantiate
+
+    quiet_library_noise()
 
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = instantiate(cfg.tokenizer)
