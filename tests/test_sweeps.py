@@ -166,3 +166,29 @@ def test_estimator_by_beta_multirun_and_report_by_estimator(tmp_path, hh_file, t
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert sorted(r["adv_estimator"] for r in rows) == ["gae", "gae", "grpo", "grpo"]
     assert {r["adv_estimator"] for r in rows if r["pareto"] == "True"} == {"gae", "grpo"}
+
+
+@pytest.mark.slow  # about 60 s alone on 2 cores (3 PPO jobs, 3 evaluations each)
+def test_overoptimization_sweep_draws_proxy_and_judge_against_sqrt_kl(tmp_path, hh_file, tiny_dir):
+    """``sweep=overoptimization``: PPO at several β with a judge reward model beside the proxy, evaluated along
+    training; the report writes the overoptimization table (one row per β: where the judge peaked) and figure."""
+    from rlhf_lightning.models import load_scalar_model, load_tokenizer
+
+    judge_dir = tmp_path / "judge" / "model"
+    load_scalar_model(tiny_dir, seed=7).save_pretrained(judge_dir)
+    load_tokenizer(tiny_dir).save_pretrained(judge_dir)
+    sweep_dir = tmp_path / "multirun"
+    _multirun(sweep_dir, hh_file, tiny_dir, "sweep=overoptimization", f"judge_path={judge_dir}",
+              "ppo.kl_coef=0.0,0.05,0.2", "iterations=4", "ppo.num_sample_prompts=2", "policy_optim.lr=1e-2")
+    jobs = _job_dirs(sweep_dir)
+    assert len(jobs) == 3
+    for job in jobs:
+        rows = [r for r in read_metrics(job) if "eval/kl" in r and "eval/judge/judge" in r]
+        assert len(rows) == 3  # before, after iteration 2, after the last (4)
+    report = subprocess.run([sys.executable, "-m", "rlhf_lightning.report", str(sweep_dir)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    table = (sweep_dir / "overoptimization.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and all("| judge |" in line for line in table[2:])
+    assert (sweep_dir / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
+    assert "overoptimization.md" in report.stdout
