@@ -36,6 +36,8 @@ SECTIONS = [
     ("policy_optim", "OptimConfig", "`stage=ppo`: the policy's optimizer (the critic's: `critic_optim`, the same "
                                     "settings; their defaults are set in `conf/stage/*.yaml`)."),
     ("model.lora", "LoRASettings", "every stage: LoRA adapters on the trained networks."),
+    ("eval", "EvalConfig", "`stage=ppo` and `stage=dpo`: judges of the held-out responses, evaluations along "
+                           "training."),
 ]
 #: checks of a setting against a list of names other than ``check_choice``: function -> the list's name in the
 #: schema module (called as ``check(value, "name")``)
