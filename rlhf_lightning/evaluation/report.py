@@ -44,7 +44,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from rlhf_lightning.evaluation.diagnostics import BOOTSTRAP_RESAMPLES, bootstrap_ci
-from rlhf_lightning.evaluation.summary import EvalCurve, eval_curve, read_metrics, series
+from rlhf_lightning.evaluation.summary import EvalCurve, eval_curve, plot_overoptimization, read_metrics, series
 
 SCORE_KEY = "objective/score"
 KL_KEY = "objective/kl"
@@ -340,44 +340,6 @@ def overoptimization_table(runs: list[tuple[RunResult, EvalCurve]]) -> list[dict
                           "final_proxy": curve.score[-1], "final_judge": judge[-1], "judge_before": judge[0],
                           "proxy_before": curve.score[0]})
     return table
-
-
-def plot_overoptimization(runs: list[tuple[str, EvalCurve]], path: str | Path) -> Path:
-    """Proxy and judges against √KL along training (Gao et al. 2022, Fig. 1's axes), one colour per run: the
-    change of each score from the run's first evaluation (the proxy solid, each judge dashed), the judge's peak
-    marked with a star. Writes a PNG (matplotlib, Agg backend).
-
-    Args:
-        runs: ``(label, curve)`` per run.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = plt.get_cmap("tab10").colors
-    styles = ["--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    try:
-        for k, (label, curve) in enumerate(runs):
-            colour = colours[k % len(colours)]
-            x = curve.sqrt_kl
-            ax.plot(x, [v - curve.score[0] for v in curve.score], "o-", color=colour, label=f"{label}: proxy")
-            for j, (name, values) in enumerate(curve.judges.items()):
-                ax.plot(x, [v - values[0] for v in values], styles[j % len(styles)], marker=".", color=colour,
-                        label=f"{label}: judge {name}")
-                i = curve.peak(name)
-                ax.plot([x[i]], [values[i] - values[0]], "*", color=colour, markersize=12)
-        ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_xlabel("√KL to the reference (√nats per response), held-out prompts")
-        ax.set_ylabel("score change from the start (each scorer's units)")
-        ax.set_title("Overoptimization: the proxy against judges it never trained on")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
-    return Path(path)
 
 
 def write_overoptimization(runs: list[tuple[RunResult, EvalCurve]], out_dir: str | Path) -> tuple[Path, Path] | None:

@@ -104,6 +104,44 @@ def eval_curve(run_dir: str | Path) -> EvalCurve | None:
                      judges={name: [r.get(f"eval/judge/{name}", math.nan) for r in rows] for name in names})
 
 
+def plot_overoptimization(runs: list[tuple[str, EvalCurve]], path: str | Path) -> Path:
+    """Proxy and judges against √KL along training (Gao et al. 2022, Fig. 1's axes), one colour per run: the
+    change of each score from the run's first evaluation (the proxy solid, each judge dashed), the judge's peak
+    marked with a star. Writes a PNG (matplotlib, Agg backend).
+
+    Args:
+        runs: ``(label, curve)`` per run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10").colors
+    styles = ["--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    try:
+        for k, (label, curve) in enumerate(runs):
+            colour = colours[k % len(colours)]
+            x = curve.sqrt_kl
+            ax.plot(x, [v - curve.score[0] for v in curve.score], "o-", color=colour, label=f"{label}: proxy")
+            for j, (name, values) in enumerate(curve.judges.items()):
+                ax.plot(x, [v - values[0] for v in values], styles[j % len(styles)], marker=".", color=colour,
+                        label=f"{label}: judge {name}")
+                i = curve.peak(name)
+                ax.plot([x[i]], [values[i] - values[0]], "*", color=colour, markersize=12)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("√KL to the reference (√nats per response), held-out prompts")
+        ax.set_ylabel("score change from the start (each scorer's units)")
+        ax.set_title("Overoptimization: the proxy against judges it never trained on")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
 def summarize(reward_dir: str | Path | None, ppo_dir: str | Path, window: int = 5, samples_shown: int = 3) -> dict:
     """Collect the demo's figures as a dict (see module docstring).
 
@@ -338,12 +376,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("run_dirs", nargs="+", metavar="run_dir",
                         help="<reward run dir> <ppo run dir>, or <ppo run dir> alone (no reward-model stage)")
     parser.add_argument("--json", help="also write the summary to this JSON file")
+    parser.add_argument("--figure", help="also draw the proxy and the judges against √KL along training to this PNG "
+                                         "(with eval.judges and eval.every_n_iterations)")
     args = parser.parse_args(argv)
     if len(args.run_dirs) > 2:
         parser.error("expected [<reward run dir>] <ppo run dir>")
     reward_dir, ppo_dir = ([None] + args.run_dirs)[-2:]
     summary = summarize(reward_dir, ppo_dir)
     render(summary)
+    curve = eval_curve(ppo_dir)
+    if args.figure and curve is not None:
+        plot_overoptimization([("this run", curve)], args.figure)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return summary
