@@ -212,6 +212,7 @@ def test_ddp_cpu_value_model(tmp_path, tiny_dir, tokenizer, hh_file):
         _assert_reduced(ranks, key, [_last_local(r, key) for r in ranks])
 
 
+@pytest.mark.slow
 def test_ddp_cpu_ppo_with_uneven_response_lengths(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     iterations, epochs, minibatches = 2, 2, 2
@@ -293,6 +294,7 @@ class ChangeRecorder(L.Callback):
                    Path(self.out_dir) / f"guard{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_cpu_nonfinite_step_on_one_rank_is_skipped_on_every_rank(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     module = NaNLossOnRank1(load_scalar_model(tiny_dir, trainable_layers=1), tokenizer, optim={"lr": 1e-3})

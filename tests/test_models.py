@@ -36,6 +36,7 @@ def test_resolve_pretrained_sources(tmp_path):
         resolve_pretrained(str(tmp_path), gguf_file="missing.gguf")
 
 
+@pytest.mark.slow
 def test_smollm2_from_gguf_package_matches_transformers_gguf_loader():
     """The cached safetensors conversion is the GGUF model transformers dequantises, weight for weight."""
     from transformers import AutoModelForCausalLM

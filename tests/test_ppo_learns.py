@@ -127,8 +127,9 @@ def _assert_every_run_rose(runs: list[dict]) -> None:
         assert before["eval/kl"] == 0.0, (seed, runs)
 
 
-@pytest.mark.parametrize("joint_optimizer, adv_estimator", [(False, "gae"), (True, "gae"), (False, "grpo"),
-                                                            (False, "rloo"), (False, "reinforce_pp")])
+@pytest.mark.parametrize("joint_optimizer, adv_estimator", [
+    (False, "gae"), (True, "gae"), (False, "grpo"),
+    pytest.param(False, "rloo", marks=pytest.mark.slow), pytest.param(False, "reinforce_pp", marks=pytest.mark.slow)])
 def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, joint_optimizer, adv_estimator):
     """On held-out prompts with the same sampling seed, the policy picks many more target tokens (of 8) after
     training, having moved away from the reference, in every one of 3 seeded runs; a sign or alignment error
@@ -138,7 +139,8 @@ def test_ppo_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, j
     _assert_every_run_rose(runs)
 
 
-@pytest.mark.parametrize("share_base", [False, True], ids=["critic_own_base", "critic_share_base"])
+@pytest.mark.parametrize("share_base", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["critic_own_base", "critic_share_base"])
 def test_ppo_with_lora_raises_a_learnable_reward(tmp_path, tiny_dir, tokenizer, hh_file, share_base):
     """As above with LoRA adapters (rank 8, every block) on the policy and the critic: the reference is the
     policy with its adapters off, and the reward rises as with full fine-tuning; also with the critic as a second

@@ -42,7 +42,7 @@ def reward_dir(tmp_path_factory) -> Path:
 
 def _command(run_dir: Path, overrides: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
-            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "+trainer.enable_model_summary=false"]
+            "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "trainer.enable_model_summary=false"]
 
 
 def _check(proc: subprocess.Popen, expect_kill: bool = False) -> None:
@@ -130,7 +130,8 @@ def test_value_resume_matches_uninterrupted_run(tmp_path, hh_file, reward_dir):
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"critic"}
 
 
-@pytest.mark.parametrize("joint", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["two_optimizers", "joint"])
+@pytest.mark.slow
+@pytest.mark.parametrize("joint", [False, True], ids=["two_optimizers", "joint"])
 def test_ppo_resume_matches_uninterrupted_run(joint, tmp_path, hh_file, reward_dir):
     # 4 optimizer steps per iteration (2 minibatches x policy + critic; 2 with ppo.joint_optimizer), a
     # checkpoint after each iteration; 8 prompts in batches of 4: 2 iterations per epoch. Killed after

@@ -78,6 +78,7 @@ def _train(*overrides: str, run_dir: Path, status: int = 0) -> subprocess.Comple
 NOISE = ("LOAD REPORT", "litlogger", "LeafSpec", "┏━━", "Loading weights")
 
 
+@pytest.mark.slow
 def test_train_py_runs_reward_value_ppo_on_tiny(tmp_path, hh_file):
     common = ["model=tiny", f"data.path={hh_file}", "trainer.enable_checkpointing=false"]
     reward_dir, value_dir, ppo_dir = tmp_path / "reward", tmp_path / "value", tmp_path / "ppo"
