@@ -157,6 +157,9 @@ def test_preference_diagnostics_by_hand():
     assert (bias["n_chosen_shorter"], bias["n_chosen_longer"], bias["n_same_length"]) == (1, 2, 1)
     assert bias["acc_chosen_shorter"] == 1.0 and bias["acc_chosen_longer"] == 0.5
     assert bias["shorter_wins_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0) / 4)
+    # per pair, model − rule: 1 − 1, 0 − 0, 0.5 − 0.5, 1 − 0: only the last pair gains
+    assert bias["gain_over_shorter_rule"] == pytest.approx(1 / 4)
+    assert bias["gain_over_shorter_rule_ci"] == list(bootstrap_ci([0.0, 0.0, 0.0, 1.0], 200))
     assert bias["pearson"] == pytest.approx(pearson(torch.cat([chosen, rejected]), torch.cat([chosen_len,
                                                                                                rejected_len])))
     # calibration: σ(|margin|) = σ(1), σ(1), σ(0)=0.5, σ(3) against 1, 0, 0.5, 1
@@ -168,6 +171,17 @@ def test_preference_diagnostics_by_hand():
     assert d["scores"]["mean"] == pytest.approx(9 / 8) and d["scores"]["max"] == 3.0
     low, high = d["accuracy_ci"]
     assert 0.0 <= low <= d["accuracy"] <= high <= 1.0
+
+
+def test_gain_over_the_shorter_rule_is_paired():
+    """A 'reward model' that prefers the shorter response agrees with the rule on every pair: its gain is 0 and
+    so is every resample's (an unpaired interval of two accuracies near 0.5 would be some ±0.1 wide)."""
+    gen = torch.Generator().manual_seed(0)
+    chosen_len, rejected_len = torch.randint(1, 50, (300,), generator=gen), torch.randint(1, 50, (300,), generator=gen)
+    d = preference_diagnostics(-chosen_len.float(), -rejected_len.float(), chosen_len, rejected_len)
+    assert d["accuracy"] == d["length_bias"]["shorter_wins_accuracy"]
+    assert d["length_bias"]["gain_over_shorter_rule"] == 0.0
+    assert d["length_bias"]["gain_over_shorter_rule_ci"] == [0.0, 0.0]
 
 
 def test_preference_diagnostics_sees_a_length_loving_reward():

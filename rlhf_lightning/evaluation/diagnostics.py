@@ -204,6 +204,9 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
       equal length in neither). A model that rewards length does well on the second and badly on the first.
       ``shorter_wins_accuracy``: the accuracy of the rule "the shorter response is preferred" (a tie in length
       counts half; 1 − it is the rule "the longer"): the baseline a length-only model reaches.
+      ``gain_over_shorter_rule``: accuracy − that rule's accuracy on the same pairs (accuracy points / 100),
+      ``gain_over_shorter_rule_ci``: its paired :func:`bootstrap_ci` (95%), the mean over the pairs of
+      c_i − s_i with s_i the rule's 1/0.5/0 (both resampled together, so the interval is of the difference).
       ``pearson``/``spearman``: correlation of score with response length over all 2n responses;
       ``pearson_margin_vs_length_diff``: of r_w − r_l with len_w − len_l.
     - ``scores``: mean, std (population), min, quantiles 0.05/0.25/0.5/0.75/0.95, max of all 2n scores, and
@@ -228,6 +231,7 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
     margin = w - l_
     correct = (margin > 0).double() + 0.5 * (margin == 0).double()
     shorter, longer = lw < ll, lw > ll
+    rule = shorter.double() + 0.5 * (lw == ll).double()  # the rule "the shorter response is preferred"
 
     def acc(select: torch.Tensor) -> float:
         return float(correct[select].mean()) if bool(select.any()) else math.nan
@@ -244,7 +248,9 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
         "length_bias": {"acc_chosen_shorter": acc(shorter), "n_chosen_shorter": int(shorter.sum()),
                         "acc_chosen_longer": acc(longer), "n_chosen_longer": int(longer.sum()),
                         "n_same_length": int((lw == ll).sum()),
-                        "shorter_wins_accuracy": float((shorter.double() + 0.5 * (lw == ll).double()).mean()),
+                        "shorter_wins_accuracy": float(rule.mean()),
+                        "gain_over_shorter_rule": float((correct - rule).mean()),
+                        "gain_over_shorter_rule_ci": list(bootstrap_ci(correct - rule, n_resamples, 0.95, seed)),
                         "pearson": pearson(scores, lengths), "spearman": spearman(scores, lengths),
                         "pearson_margin_vs_length_diff": pearson(margin, lw - ll)},
         "scores": {"mean": float(scores.mean()), "std": float(scores.std(unbiased=False)),

@@ -104,6 +104,8 @@ def render(result: dict) -> None:
              f"{bias['acc_chosen_shorter']:.3f}  ({bias['n_chosen_shorter']} pairs)"),
             ("accuracy, chosen is the longer", f"{bias['acc_chosen_longer']:.3f}  ({bias['n_chosen_longer']} pairs)"),
             ("accuracy of 'the shorter one is preferred'", f"{bias['shorter_wins_accuracy']:.3f}"),
+            ("accuracy − that rule's (paired)", "{:+.3f}  [95% CI {:+.3f}, {:+.3f}]".format(
+                bias["gain_over_shorter_rule"], *bias["gain_over_shorter_rule_ci"])),
             ("score vs length: Pearson / Spearman", f"{bias['pearson']:.3f} / {bias['spearman']:.3f}"),
             ("score: mean ± std", f"{scores['mean']:.3f} ± {scores['std']:.3f}"),
             ("score: min / q05 / median / q95 / max", " / ".join(f"{scores[k]:.2f}" for k in
