@@ -29,7 +29,7 @@ from rlhf_lightning.data import (
     read_rows,
     truncate_pair,
 )
-from rlhf_lightning.data.datamodule import split_indices
+from rlhf_lightning.data.datamodule import split_indices, train_part
 
 REAL_HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
 
@@ -426,6 +426,43 @@ def test_split_is_seeded_deterministic_and_disjoint(tok, tmp_path):
     assert len(l_train) == 3 and len(l_val) == 5 and (l_train, l_val) == wheres(limit=8)
     with pytest.raises(ValueError, match="no training rows"):
         PreferenceDataModule(tok, str(path), val_size=20).setup()
+
+
+def test_train_part_partitions_the_training_rows():
+    rows = [3, 5, 8, 13, 21, 34, 55, 89, 144, 233]
+    parts = [train_part(rows, (k, 3), seed=0) for k in range(3)]
+    assert [len(p) for p in parts] == [4, 3, 3]  # 10 = 4 + 3 + 3: the first 10 % 3 parts get one more
+    assert sorted(sum(parts, [])) == rows  # disjoint, and together all of them
+    assert all(p == sorted(p) for p in parts)
+    assert parts == [train_part(rows, (k, 3), seed=0) for k in range(3)]  # seeded
+    assert parts != [train_part(rows, (k, 3), seed=1) for k in range(3)]
+    assert train_part(rows[::-1], None, seed=0) == rows and train_part(rows, (0, 1), seed=0) == rows
+    for bad in ((2, 2), (-1, 2), (0, 0), (0,), (0.0, 2), (True, 2)):
+        with pytest.raises(ValueError, match="train_part must be"):
+            train_part(rows, bad, seed=0)
+    with pytest.raises(ValueError, match="cannot make 11 non-empty parts"):
+        train_part(rows, (0, 11), seed=0)
+
+
+def test_train_parts_are_disjoint_and_held_out_on_the_same_pairs(tok, tmp_path):
+    """A proxy (part 0 of 2) and a judge (part 1 of 2): disjoint training pairs, the same held-out pairs,
+    both recorded by split_record."""
+    path = write_rows(tmp_path / "pairs.jsonl", rows_of("conversational", 21)[0])
+
+    def record(part):
+        dm = PreferenceDataModule(tok, str(path), val_size=5, seed=7, train_part=part)
+        dm.setup()
+        assert dm.stats["train_part"] == (None if part is None else list(part))
+        return dm.split_record()
+
+    whole, proxy, judge = record(None), record((0, 2)), record((1, 2))
+    assert proxy["val"] == judge["val"] == whole["val"] and len(whole["val"]) == 5
+    assert (len(proxy["train"]), len(judge["train"])) == (8, 8)  # 16 = 8 + 8
+    assert not set(proxy["train"]) & set(judge["train"])
+    assert sorted(proxy["train"] + judge["train"]) == whole["train"]
+    assert (proxy["train_part"], proxy["val_size"], proxy["seed"], proxy["limit"]) == ([0, 2], 5, 7, None)
+    with pytest.raises(RuntimeError, match="setup"):
+        PreferenceDataModule(tok, str(path)).split_record()
 
 
 def test_train_loader_shuffle_is_seeded(tok, tmp_path):

@@ -12,6 +12,7 @@ from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.models.forward import sequence_scores
 from rlhf_lightning.modules import PPOModule, RewardModule, ValueModule
+from rlhf_lightning.modules.reward import SPLIT_RECORD
 
 
 def _trainer(tmp_path, max_steps: int, callbacks=(), limit_val_batches=0, logger=False, **kwargs) -> L.Trainer:
@@ -49,13 +50,17 @@ def test_reward_module_trains_and_exports(tmp_path, tiny_dir, tokenizer, hh_file
     model = load_scalar_model(tiny_dir)
     before = _snapshot(model)
     module = RewardModule(model, tokenizer, optim={"lr": 1e-3}, center_coef=0.01, export_dir=str(tmp_path / "model"))
-    dm = PreferenceDataModule(tokenizer, str(hh_file), val_size=8, batch_size=4, max_length=64)
+    dm = PreferenceDataModule(tokenizer, str(hh_file), val_size=8, batch_size=4, max_length=64, train_part=(1, 2))
     trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=1.0, val_check_interval=3)
     trainer.fit(module, datamodule=dm)
     changed = _changed(before, model)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert "score.weight" in changed and len(changed) == len(trainable)
     assert {"train/loss", "train/accuracy", "val/accuracy", "val/reward_abs_mean"} <= set(trainer.callback_metrics)
+    # the split it trained on, beside the model: half of the 40 pairs not held out, and the 8 held out
+    split = json.loads((tmp_path / "model" / SPLIT_RECORD).read_text())
+    assert split == dm.split_record() and split["train_part"] == [1, 2]
+    assert (len(split["train"]), len(split["val"])) == (20, 8)
 
     # Export -> AutoModelForSequenceClassification round trip gives the same reward.
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model").eval()

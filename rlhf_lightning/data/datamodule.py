@@ -66,6 +66,31 @@ def seeded_subset(items: list, limit: int | None, seed: int) -> list:
     return [items[i] for i in sorted(picked.tolist())]
 
 
+def train_part(indices: list[int], part: Sequence[int] | None, seed: int) -> list[int]:
+    """Part ``k`` of ``n`` of ``indices`` (``part = (k, n)``, 0 <= k < n): the n parts are disjoint, their union is
+    ``indices``, and their sizes differ by at most one (the first ``len(indices) % n`` parts have one more).
+    The parts come from a seeded random permutation (a stream of its own, not the split's or the subset's), so
+    two runs with the same data, ``limit``, ``val_size`` and ``seed`` but parts 0 and 1 of 2 train on disjoint
+    pairs and hold out the same ones (a proxy reward model and its judge). ``None``: all of ``indices``.
+
+    Args:
+        indices: the training rows' indices (any order); returned sorted.
+
+    Raises:
+        ValueError: ``part`` not two integers with 0 <= k < n, or a part that would be empty (n > len(indices)).
+    """
+    if part is None:
+        return sorted(indices)
+    if (len(part) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in part)
+            or not 0 <= part[0] < part[1]):
+        raise ValueError(f"train_part must be [k, n] with integers 0 <= k < n, got {list(part)}")
+    k, n = part
+    if n > len(indices):
+        raise ValueError(f"train_part={list(part)}: {len(indices)} training rows cannot make {n} non-empty parts")
+    order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 104729)).tolist()
+    return sorted(indices[j] for j in order[k::n])
+
+
 class SourceDataModule(lightning.LightningDataModule):
     """Base of :class:`~rlhf_lightning.data.PreferenceDataModule` and :class:`~rlhf_lightning.data.PromptDataModule`.
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from rlhf_lightning.data.datamodule import ListDataset, SourceDataModule, split_indices
+from rlhf_lightning.data.datamodule import ListDataset, SourceDataModule, split_indices, train_part
 from rlhf_lightning.data.rows import DataError, PreferenceExample
 from rlhf_lightning.data.sources import NoUsableRowError, load_examples
 from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt, encode_response, truncate_pair
@@ -64,28 +64,32 @@ class PreferenceDataModule(SourceDataModule):
         limit: use only a seeded random subset of this many loaded rows (before the split).
         batch_size: pairs per training batch (the batch holds 2 * batch_size sequences).
         eval_batch_size: pairs per validation batch (default ``batch_size``).
-        seed: seeds the subset, the split and the training shuffle.
+        seed: seeds the subset, the split, the training part and the training shuffle.
         on_error: ``"raise"`` or ``"skip"`` bad rows (also rows identical after truncation).
+        train_part: ``[k, n]``: train on part k of n of the training rows (:func:`~rlhf_lightning.data.datamodule.train_part`), the
+            validation rows unchanged; ``None``: all of them. Parts 0 and 1 of 2: a proxy and a judge reward
+            model trained on disjoint pairs and held out on the same ones.
 
     After :meth:`setup`: ``train_dataset``/``val_dataset`` (ListDataset of the item dicts) and
     ``stats``, a dict with ``rows`` (usable rows loaded), ``limited`` (rows after ``limit``),
     ``truncated``, ``dropped`` (reason -> count, load-time and truncation drops), ``kept``,
-    ``train``, ``val``.
+    ``train``, ``val``, ``train_part``; :meth:`split_record` names the pairs of each subset.
 
     Raises (in setup):
         DataError: a bad row with ``on_error="raise"``.
-        ValueError: no usable row; ``val_size`` leaving no training rows.
+        ValueError: no usable row; ``val_size`` leaving no training rows; a bad ``train_part``.
         DataSourceError: unreadable, refused or empty source (see ``read_rows``).
     """
 
     def __init__(self, tokenizer, path: str, split: str = "train", data_dir: str | None = None,
                  max_length: int = 512, val_size: int | float = 200, limit: int | None = None,
                  batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
-                 seed: int = 0, on_error: str = "raise"):
+                 seed: int = 0, on_error: str = "raise", train_part: Sequence[int] | None = None):
         super().__init__(tokenizer, path, split, data_dir, val_size, limit, batch_size, num_workers, seed, on_error,
                          PreferenceCollator(tokenizer.pad_token_id))
         self.max_length = max_length
         self.eval_batch_size = eval_batch_size or batch_size
+        self.train_part = None if train_part is None else [int(v) for v in train_part]
 
     def build(self) -> None:
         """Load, tokenize, truncate and split (``setup`` calls it once)."""
@@ -105,15 +109,33 @@ class PreferenceDataModule(SourceDataModule):
         if not items:
             raise NoUsableRowError(f"no usable preference pair in {self.path} (dropped: {dict(dropped)})")
         train_idx, val_idx = split_indices(len(items), self.val_size, self.seed)
+        train_idx = train_part(train_idx, self.train_part, self.seed)
         self.train_dataset = ListDataset([items[i] for i in train_idx])
         self.val_dataset = ListDataset([items[i] for i in val_idx])
-        self.stats = {"rows": rows, "limited": len(examples), "truncated": truncated,
-                      "dropped": dict(dropped), "kept": len(items), "train": len(train_idx), "val": len(val_idx)}
-        logger.info("preference data %s: %d rows, %d used, %d truncated to %d tokens, %d train / %d val",
-                    self.path, rows, len(items), truncated, self.max_length, len(train_idx), len(val_idx))
+        self.stats = {"rows": rows, "limited": len(examples), "truncated": truncated, "dropped": dict(dropped),
+                      "kept": len(items), "train": len(train_idx), "val": len(val_idx), "train_part": self.train_part}
+        logger.info("preference data %s: %d rows, %d used, %d truncated to %d tokens, %d train%s / %d val",
+                    self.path, rows, len(items), truncated, self.max_length, len(train_idx),
+                    f" (part {self.train_part[0]} of {self.train_part[1]})" if self.train_part else "", len(val_idx))
         if dropped:
             logger.warning("preference data %s: dropped %s", self.path,
                            ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())))
+
+    def split_record(self) -> dict:
+        """Which source rows each subset holds, after :meth:`setup`: ``{"path", "split", "limit", "val_size",
+        "seed", "train_part", "train", "val"}``, ``train``/``val`` the sorted ``where`` of their pairs (``file:line``
+        or ``split:index``, see ``sources.read_rows``). Two records' training rows are disjoint when their
+        ``train`` lists share no entry; they were held out on the same pairs when their ``val`` lists are equal.
+
+        Raises:
+            RuntimeError: ``setup`` has not run.
+        """
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before split_record()")
+        return {"path": self.path, "split": self.split, "limit": self.limit, "val_size": self.val_size,
+                "seed": self.seed, "train_part": self.train_part,
+                "train": sorted(it["where"] for it in self.train_dataset),
+                "val": sorted(it["where"] for it in self.val_dataset)}
 
     def _encode(self, ex: PreferenceExample) -> tuple[dict, bool]:
         prompt = encode_prompt(self.tokenizer, ex.prompt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import torch
 from torch import nn
@@ -19,6 +21,9 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
     scheduler_total_steps,
 )
+
+#: The file beside an exported reward model that records its data split (``RewardModule.on_train_end``).
+SPLIT_RECORD = "split.json"
 
 
 class RewardModule(L.LightningModule):
@@ -154,5 +159,11 @@ class RewardModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
+        """Export the model and tokenizer to ``export_dir``, with ``split.json`` beside them: the datamodule's
+        :meth:`~rlhf_lightning.data.PreferenceDataModule.split_record` (which source rows it trained on and which
+        it held out), when it has one; what shows that a judge's training pairs are not the proxy's."""
         if self.trainer.is_global_zero:
-            export_pretrained(self.model, self.tokenizer, self.export_dir)
+            directory = export_pretrained(self.model, self.tokenizer, self.export_dir)
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if directory is not None and hasattr(datamodule, "split_record"):
+                (directory / SPLIT_RECORD).write_text(json.dumps(datamodule.split_record(), indent=1))
