@@ -44,6 +44,13 @@ def test_stage_configs_compose_and_instantiate(stage, tmp_path, hh_file, tokeniz
         assert trainer.max_steps == 2 * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches * cfg.iterations
 
 
+def test_train_part_reaches_the_reward_datamodule(tmp_path):
+    cfg = _compose(["stage=reward", "model=tiny", "data.train_part=[1,2]"], tmp_path)
+    assert OmegaConf.to_container(cfg.datamodule, resolve=True)["train_part"] == [1, 2]
+    cfg = _compose(["stage=reward", "model=tiny", "data=hh_rlhf_hub"], tmp_path)
+    assert OmegaConf.to_container(cfg.datamodule, resolve=True)["train_part"] is None
+
+
 def test_ppo_overrides_reach_the_module_config(tmp_path):
     cfg = _compose(["stage=ppo", "model=tiny", "reward_model_path=x", "ppo.kl_coef=0.2", "ppo.clip_eps=0.1"], tmp_path)
     from rlhf_lightning.config.schema import as_config
