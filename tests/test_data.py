@@ -30,6 +30,7 @@ from rlhf_lightning.data import (
     truncate_pair,
 )
 from rlhf_lightning.data.datamodule import split_indices, train_part
+from rlhf_lightning.data.preference import compare_splits
 
 REAL_HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
 
@@ -461,6 +462,13 @@ def test_train_parts_are_disjoint_and_held_out_on_the_same_pairs(tok, tmp_path):
     assert not set(proxy["train"]) & set(judge["train"])
     assert sorted(proxy["train"] + judge["train"]) == whole["train"]
     assert (proxy["train_part"], proxy["val_size"], proxy["seed"], proxy["limit"]) == ([0, 2], 5, 7, None)
+    assert compare_splits(proxy, judge) == {"shared_train": 0, "first_train_held_out_by_second": 0,
+                                            "second_train_held_out_by_first": 0, "same_val": True, "same_source": True}
+    assert compare_splits(whole, judge)["shared_train"] == 8
+    other_seed = PreferenceDataModule(tok, str(path), val_size=5, seed=8, train_part=(1, 2))
+    other_seed.setup()
+    crossed = compare_splits(proxy, other_seed.split_record())
+    assert not crossed["same_val"] and crossed["first_train_held_out_by_second"] > 0
     with pytest.raises(RuntimeError, match="setup"):
         PreferenceDataModule(tok, str(path)).split_record()
 

@@ -56,7 +56,8 @@ def test_reward_module_trains_and_exports(tmp_path, tiny_dir, tokenizer, hh_file
     changed = _changed(before, model)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert "score.weight" in changed and len(changed) == len(trainable)
-    assert {"train/loss", "train/accuracy", "val/accuracy", "val/reward_abs_mean"} <= set(trainer.callback_metrics)
+    assert {"train/loss", "train/accuracy", "val/accuracy", "val/reward_abs_mean",
+            "val/gain_over_shorter_rule"} <= set(trainer.callback_metrics)
     # the split it trained on, beside the model: half of the 40 pairs not held out, and the 8 held out
     split = json.loads((tmp_path / "model" / SPLIT_RECORD).read_text())
     assert split == dm.split_record() and split["train_part"] == [1, 2]

@@ -20,6 +20,26 @@ from rlhf_lightning.data.tokenization import PaddingCollator, encode_prompt, enc
 logger = logging.getLogger("rlhf_lightning.data")
 
 
+def compare_splits(first: dict, second: dict) -> dict:
+    """How two reward models' data splits relate (their :meth:`PreferenceDataModule.split_record`, e.g. a proxy's
+    and its judge's ``split.json``).
+
+    Returns:
+        ``{"shared_train": pairs both trained on, "first_train_held_out_by_second": pairs the first trained on that
+        the second held out, "second_train_held_out_by_first": the reverse, "same_val": whether both held out the
+        same pairs, "same_source": same path and split}``. A judge that never saw the proxy's training pairs and is
+        evaluated on the same held-out pairs has ``shared_train == 0``, both cross counts 0 and ``same_val``.
+
+    Raises:
+        KeyError: a record without ``train`` or ``val``.
+    """
+    train_a, train_b, val_a, val_b = (set(r[k]) for r, k in ((first, "train"), (second, "train"),
+                                                            (first, "val"), (second, "val")))
+    return {"shared_train": len(train_a & train_b), "first_train_held_out_by_second": len(train_a & val_b),
+            "second_train_held_out_by_first": len(train_b & val_a), "same_val": val_a == val_b,
+            "same_source": (first.get("path"), first.get("split")) == (second.get("path"), second.get("split"))}
+
+
 class PreferenceCollator(PaddingCollator):
     """Batch preference pairs for a scalar (reward) model.
 
@@ -66,9 +86,10 @@ class PreferenceDataModule(SourceDataModule):
         eval_batch_size: pairs per validation batch (default ``batch_size``).
         seed: seeds the subset, the split, the training part and the training shuffle.
         on_error: ``"raise"`` or ``"skip"`` bad rows (also rows identical after truncation).
-        train_part: ``[k, n]``: train on part k of n of the training rows (:func:`~rlhf_lightning.data.datamodule.train_part`), the
-            validation rows unchanged; ``None``: all of them. Parts 0 and 1 of 2: a proxy and a judge reward
-            model trained on disjoint pairs and held out on the same ones.
+        train_part: ``[k, n]``: train on part k of n of the training rows
+            (:func:`~rlhf_lightning.data.datamodule.train_part`), the validation rows unchanged; ``None``: all of
+            them. Parts 0 and 1 of 2: a proxy and a judge reward model trained on disjoint pairs and held out on
+            the same ones.
 
     After :meth:`setup`: ``train_dataset``/``val_dataset`` (ListDataset of the item dicts) and
     ``stats``, a dict with ``rows`` (usable rows loaded), ``limited`` (rows after ``limit``),

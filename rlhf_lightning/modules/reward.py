@@ -40,7 +40,8 @@ class RewardModule(L.LightningModule):
     ``/reward_mean`` and ``/reward_abs_mean`` (score-inflation monitor). After each validation epoch (not the
     sanity check) the diagnostics of :func:`~rlhf_lightning.evaluation.diagnostics.preference_diagnostics` on the
     validation pairs: ``val/accuracy_ci_low``/``_high`` (bootstrap 95%), ``val/ece``,
-    ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson) and ``val/score_std``, on the
+    ``val/acc_chosen_shorter``/``longer``, ``val/length_score_corr`` (Pearson), ``val/gain_over_shorter_rule``
+    (accuracy − that of the rule "the shorter response wins", on the same pairs) and ``val/score_std``, on the
     validation pairs of every rank together (``python -m rlhf_lightning.rm_eval`` gives them all). At the end of fit the
     model and tokenizer are written to ``export_dir`` with ``save_pretrained`` (reload with
     ``AutoModelForSequenceClassification.from_pretrained``; its one logit is the reward); a LoRA model
@@ -143,6 +144,7 @@ class RewardModule(L.LightningModule):
         metrics = {"val/accuracy_ci_low": d["accuracy_ci"][0], "val/accuracy_ci_high": d["accuracy_ci"][1],
                    "val/ece": d["calibration"]["ece"], "val/acc_chosen_shorter": bias["acc_chosen_shorter"],
                    "val/acc_chosen_longer": bias["acc_chosen_longer"], "val/length_score_corr": bias["pearson"],
+                   "val/gain_over_shorter_rule": bias["gain_over_shorter_rule"],
                    "val/score_std": d["scores"]["std"]}
         # The same on every rank (all ranks' pairs): the mean over ranks changes nothing; floats: on self.device.
         self.log_dict(metrics, sync_dist=True)
