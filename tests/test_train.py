@@ -44,9 +44,10 @@ def test_stage_configs_compose_and_instantiate(stage, tmp_path, hh_file, tokeniz
         assert trainer.max_steps == 2 * cfg.ppo.ppo_epochs * cfg.ppo.num_minibatches * cfg.iterations
 
 
-def test_train_part_reaches_the_reward_datamodule(tmp_path):
-    cfg = _compose(["stage=reward", "model=tiny", "data.train_part=[1,2]"], tmp_path)
+def test_train_part_and_cache_trunk_reach_the_reward_stage(tmp_path):
+    cfg = _compose(["stage=reward", "model=tiny", "data.train_part=[1,2]", "reward.cache_trunk=true"], tmp_path)
     assert OmegaConf.to_container(cfg.datamodule, resolve=True)["train_part"] == [1, 2]
+    assert OmegaConf.to_container(cfg.module, resolve=True)["cache_trunk"] is True
     cfg = _compose(["stage=reward", "model=tiny", "data=hh_rlhf_hub"], tmp_path)
     assert OmegaConf.to_container(cfg.datamodule, resolve=True)["train_part"] is None
 

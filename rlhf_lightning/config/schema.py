@@ -370,6 +370,12 @@ class RewardConfig:
     """Preference pairs per training batch (a positive integer)."""
     eval_batch_size: int = 16
     """Preference pairs per validation batch (a positive integer)."""
+    cache_trunk: bool = False
+    """Keep the frozen lower blocks' output of every sequence after its first forward and run only the blocks
+    above on it afterwards (:class:`~rlhf_lightning.models.trunk_cache.TrunkCache`): later epochs and validation
+    passes cost the trained blocks only, for 4 · hidden bytes of memory per token seen. Needs
+    ``model.trainable_layers`` (frozen blocks below), no dropout, one device per model (not FSDP/DeepSpeed);
+    off with a log line otherwise."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """The reward model's optimizer and schedule."""
 

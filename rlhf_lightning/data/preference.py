@@ -50,6 +50,8 @@ class PreferenceCollator(PaddingCollator):
                                       (row i and row B+i are the same pair); RIGHT-padded with pad_token_id
         attention_mask  (2B, L) long  1 on real tokens, 0 on padding
         response_lengths (2B,) long   tokens of each row's response (for the length diagnostics)
+        pair_index      (B,) long     each pair's ``index`` (its dataset index, see
+                                      :class:`PreferenceDataModule`); only when every item has one
 
     L is the longest sequence of the batch. With right padding each row's last attended token
     (the response's EOS unless truncated) is at ``attention_mask.sum(1) - 1``.
@@ -63,15 +65,20 @@ class PreferenceCollator(PaddingCollator):
                      + [it["prompt_ids"] + it["rejected_ids"] for it in items])
         input_ids, attention_mask = self.pad(sequences, side="right")
         lengths = [len(it["chosen_ids"]) for it in items] + [len(it["rejected_ids"]) for it in items]
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "response_lengths": torch.tensor(lengths, dtype=torch.long)}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "response_lengths": torch.tensor(lengths, dtype=torch.long)}
+        if all("index" in it for it in items):
+            batch["pair_index"] = torch.tensor([it["index"] for it in items], dtype=torch.long)
+        return batch
 
 
 class PreferenceDataModule(SourceDataModule):
     """Preference pairs from a file, directory or Hub dataset (see ``sources.read_rows``), tokenized,
     truncated and split into train/validation.
 
-    Each kept pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids", "where"}``: the prompt via
+    Each kept pair becomes ``{"prompt_ids", "chosen_ids", "rejected_ids", "where", "index"}``, ``index`` its
+    position among the kept pairs before the split (the dataset index: decided by the data, ``limit`` and ``seed``,
+    the same on every rank, unique across training and validation pairs): the prompt via
     ``encode_prompt`` (chat template + generation prompt), each response via ``encode_response``
     (ends in EOS), then ``truncate_pair(..., max_length)`` (prompt cut from the left; responses
     cut from the right only when they alone do not fit). Batches come from :class:`PreferenceCollator`.
@@ -129,6 +136,8 @@ class PreferenceDataModule(SourceDataModule):
             items.append(item)
         if not items:
             raise NoUsableRowError(f"no usable preference pair in {self.path} (dropped: {dict(dropped)})")
+        for index, item in enumerate(items):
+            item["index"] = index
         train_idx, val_idx = split_indices(len(items), self.val_size, self.seed)
         train_idx = train_part(train_idx, self.train_part, self.seed)
         self.train_dataset = ListDataset([items[i] for i in train_idx])

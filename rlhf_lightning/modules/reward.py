@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import lightning as L
 import torch
@@ -13,6 +14,7 @@ from rlhf_lightning.config.schema import OptimConfig, RewardConfig, as_config
 from rlhf_lightning.evaluation.diagnostics import preference_diagnostics
 from rlhf_lightning.models.forward import right_padded_scores
 from rlhf_lightning.models.lora import has_lora, log_network_memory
+from rlhf_lightning.models.trunk_cache import TrunkCache, cacheable_depth
 from rlhf_lightning.modules.common import (
     check_lora_strategy,
     drop_frozen_lora_weights,
@@ -21,6 +23,8 @@ from rlhf_lightning.modules.common import (
     make_optimizer,
     scheduler_total_steps,
 )
+
+log = logging.getLogger(__name__)
 
 #: The file beside an exported reward model that records its data split (``RewardModule.on_train_end``).
 SPLIT_RECORD = "split.json"
@@ -52,8 +56,8 @@ class RewardModule(L.LightningModule):
             (:func:`~rlhf_lightning.models.load_scalar_model`).
         tokenizer: saved beside the model.
         optim: :class:`~rlhf_lightning.config.schema.OptimConfig` or dict (``reward.optim``).
-        center_coef, margin: as :class:`~rlhf_lightning.config.schema.RewardConfig`'s (``reward.center_coef``,
-            ``reward.margin``), which checks them.
+        center_coef, margin, cache_trunk: as :class:`~rlhf_lightning.config.schema.RewardConfig`'s
+            (``reward.center_coef``, ``reward.margin``, ``reward.cache_trunk``), which checks them.
         export_dir: where to write the trained model (``None``: don't).
 
     Raises:
@@ -63,10 +67,13 @@ class RewardModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, tokenizer=None, optim: OptimConfig | dict | None = None,
                  center_coef: float = RewardConfig.center_coef, margin: float | None = RewardConfig.margin,
-                 export_dir: str | None = None):
+                 export_dir: str | None = None, cache_trunk: bool = RewardConfig.cache_trunk):
         super().__init__()
-        settings = {"center_coef": center_coef, "margin": margin} | ({} if optim is None else {"optim": optim})
+        settings = ({"center_coef": center_coef, "margin": margin, "cache_trunk": cache_trunk}
+                    | ({} if optim is None else {"optim": optim}))
         config = as_config(RewardConfig, settings, "reward")
+        self.cache_trunk = config.cache_trunk
+        self.trunk_cache = None  # a TrunkCache during fit with cache_trunk (on_fit_start)
         self.model = model
         self.strict_loading = not has_lora(model)  # a LoRA model's checkpoint holds its adapters and head only
         self.tokenizer = tokenizer
@@ -75,16 +82,24 @@ class RewardModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self._val_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rewards (2B,), response_lengths (2B,))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pair_index: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (N,) float32 for N sequences (N, L), read at each row's last attended token.
 
         Right-padded rows run in groups of similar length, each cut to its longest row
-        (:func:`~rlhf_lightning.models.forward.right_padded_scores`): little compute on padding.
+        (:func:`~rlhf_lightning.models.forward.right_padded_scores`): little compute on padding. With
+        ``cache_trunk`` during fit and ``pair_index`` (B,) long (N = 2B rows of a
+        :class:`~rlhf_lightning.data.PreferenceCollator` batch, its ``pair_index``), the frozen blocks run once per
+        sequence of the dataset (:class:`~rlhf_lightning.models.trunk_cache.TrunkCache`, keyed by the dataset index:
+        ``2 · index`` chosen, ``2 · index + 1`` rejected); without ``pair_index`` every block runs.
         """
+        if self.trunk_cache is not None and pair_index is not None:
+            keys = torch.cat([2 * pair_index, 2 * pair_index + 1])
+            return self.trunk_cache.scores(input_ids, attention_mask, keys)
         return right_padded_scores(self.model, input_ids, attention_mask)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
-        rewards = self(batch["input_ids"], batch["attention_mask"])  # (2B,)
+        rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("pair_index"))  # (2B,)
         n_pairs = rewards.shape[0] // 2
         chosen, rejected = rewards[:n_pairs], rewards[n_pairs:]
         loss, stats = pairwise_reward_loss(chosen, rejected, self.center_coef, self.margin)
@@ -107,8 +122,27 @@ class RewardModule(L.LightningModule):
         check_lora_strategy(self.trainer.strategy, {"model": self.model})
 
     def on_fit_start(self) -> None:
-        """Log the model's size (parameters, trainable parameters, bytes of weights)."""
+        """Log the model's size (parameters, trainable parameters, bytes of weights); with ``cache_trunk``, start
+        the :class:`~rlhf_lightning.models.trunk_cache.TrunkCache` (or say in the log why not)."""
         log_network_memory({"reward model": self.model})
+        if not self.cache_trunk:
+            return
+        strategy = type(self.trainer.strategy).__name__
+        depth = 0 if "FSDP" in strategy or "DeepSpeed" in strategy else cacheable_depth(self.model)
+        if depth < 1:
+            log.info("reward.cache_trunk off: no frozen lower block to cache (model.trainable_layers, LoRA on "
+                     "every block, dropout) or a sharded strategy (%s)", strategy)
+            return
+        self.trunk_cache = TrunkCache(self.model, depth)
+        log.info("reward.cache_trunk: the first %d blocks' output is kept per sequence (by dataset index)", depth)
+
+    def on_fit_end(self) -> None:
+        """Log what the trunk cache held and release it."""
+        if self.trunk_cache is not None:
+            c = self.trunk_cache
+            log.info("trunk cache: %d sequences, %.2f GB; %d forwards from it, %d computed", len(c), c.bytes / 1e9,
+                     c.hits, c.misses)
+            self.trunk_cache = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """A LoRA model's frozen base weights are left out (reloaded from its source)."""
