@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 import rlhf_lightning.training.run  # noqa: F401  (registers ${mul:...})
 from conftest import compose_run_config
+from rlhf_lightning.data.preference import compare_splits
 from rlhf_lightning.evaluation import rm_eval
 from rlhf_lightning.evaluation.summary import summarize
 
@@ -50,6 +51,22 @@ def test_train_part_and_cache_trunk_reach_the_reward_stage(tmp_path):
     assert OmegaConf.to_container(cfg.module, resolve=True)["cache_trunk"] is True
     cfg = _compose(["stage=reward", "model=tiny", "data=hh_rlhf_hub"], tmp_path)
     assert OmegaConf.to_container(cfg.datamodule, resolve=True)["train_part"] is None
+
+
+def test_demo_proxy_and_judge_presets_train_on_disjoint_pairs(tmp_path, hh_file, tokenizer):
+    """experiment=demo_reward_proxy / demo_reward_judge: demo_reward's settings on parts 0 and 1 of 2 of all the
+    pairs not held out; the same held-out pairs (checked on the tiny data, with its val_size)."""
+    records = []
+    for preset, part in (("demo_reward_proxy", [0, 2]), ("demo_reward_judge", [1, 2])):
+        cfg = _compose(["stage=reward", f"experiment={preset}", "model=tiny", f"data.path={hh_file}",
+                        "data.val_size=8"], tmp_path)
+        assert (cfg.data.limit, list(cfg.data.train_part), cfg.model.trainable_layers) == (None, part, 4)
+        datamodule = instantiate(OmegaConf.to_container(cfg.datamodule, resolve=True), tokenizer=tokenizer)
+        datamodule.setup("fit")
+        records.append(datamodule.split_record())
+    assert compare_splits(*records) == {"shared_train": 0, "first_train_held_out_by_second": 0,
+                                        "second_train_held_out_by_first": 0, "same_val": True, "same_source": True}
+    assert [len(r["train"]) for r in records] == [20, 20] and len(records[0]["val"]) == 8
 
 
 def test_ppo_overrides_reach_the_module_config(tmp_path):
