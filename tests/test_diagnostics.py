@@ -230,3 +230,21 @@ def test_alarms_config_checks_its_ranges():
         PPOConfig(alarms={"repeated_ngram_frac": 1.5})
     with pytest.raises(ValueError, match="ngram=0"):
         AlarmsConfig(ngram=0)
+
+
+def test_rm_eval_prints_the_gain_over_the_shorter_rule(capsys, monkeypatch):
+    """rm_eval's table has the paired gain over the rule 'the shorter response wins' with its interval."""
+    from rlhf_lightning.evaluation import rm_eval
+
+    monkeypatch.setenv("COLUMNS", "200")  # rich's table: one line per row
+
+    gen = torch.Generator().manual_seed(1)
+    chosen_len, rejected_len = torch.randint(1, 50, (60,), generator=gen), torch.randint(1, 50, (60,), generator=gen)
+    d = preference_diagnostics(torch.randn(60, generator=gen), torch.randn(60, generator=gen), chosen_len,
+                               rejected_len, n_resamples=100)
+    rm_eval.render({**d, "pairs": 60, "source": "test"})
+    out = capsys.readouterr().out
+    bias = d["length_bias"]
+    assert "that rule's (paired)" in out
+    assert "{:+.3f}  [95% CI {:+.3f}, {:+.3f}]".format(bias["gain_over_shorter_rule"],
+                                                      *bias["gain_over_shorter_rule_ci"]) in out
