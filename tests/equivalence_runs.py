@@ -28,6 +28,9 @@ COMPARED = ("objective/", "value/", "ppo/", "train/", "val/", "rewards/", "logps
 #: for some prompts); LoRA with the critic on the policy's base and a critic warm-up iteration.
 CASES: dict[str, tuple[str, dict]] = {
     "reward": ("reward", {}),
+    # the reward stage on part 1 of 2 of its pairs with the frozen block's output cached by dataset index, for
+    # 2 epochs and some (the cache computes in the first, reads in the second and in the validation passes)
+    "reward_part_cache": ("reward", {"train_part": [1, 2], "cache_trunk": True, "steps": 7}),
     "value": ("value", {}),
     "dpo": ("dpo", {}),
     "ppo_gae": ("ppo", {"ppo_epochs": 2}),
@@ -70,11 +73,17 @@ def flat_on_rank_0(completions, **kwargs) -> list[float]:
 
 class Recorder(L.Callback):
     """Keeps the compared metrics Lightning holds after every training step and validation (reduced over ranks),
-    and the trainable parameters at the start."""
+    the trainable parameters at the start, and what the reward stage's trunk cache held at the end."""
 
     def __init__(self):
         self.metrics: list[dict[str, float]] = []
         self.initial: dict[str, torch.Tensor] = {}
+        self.trunk_cache: tuple[int, int, int] | None = None  # (sequences kept, computed, read) of this rank
+
+    def on_train_end(self, trainer, pl_module):
+        cache = getattr(pl_module, "trunk_cache", None)
+        if cache is not None:
+            self.trunk_cache = (len(cache), cache.misses, cache.hits)
 
     def on_train_start(self, trainer, pl_module):
         self.initial = trainable(pl_module)
@@ -108,10 +117,14 @@ def build(case: str, model_dir: str, data_file: str, world_size: int):
     rm = load_scalar_model(model_dir, frozen=True, seed=1)
     trainer_kwargs = {"limit_val_batches": 0}
     if stage == "reward":
-        module = RewardModule(load_scalar_model(model_dir, trainable_layers=1), tokenizer, optim={"lr": 1e-3})
-        dm = PreferenceDataModule(tokenizer, data_file, val_size=8, batch_size=batch, eval_batch_size=2, max_length=48)
+        settings = dict(settings)
+        steps = settings.pop("steps", STEPS)
+        module = RewardModule(load_scalar_model(model_dir, trainable_layers=1), tokenizer, optim={"lr": 1e-3},
+                              cache_trunk=settings.pop("cache_trunk", False))
+        dm = PreferenceDataModule(tokenizer, data_file, val_size=8, batch_size=batch, eval_batch_size=2, max_length=48,
+                                  **settings)
         trainer_kwargs = {"limit_val_batches": None, "val_check_interval": STEPS}
-        return module, dm, STEPS, trainer_kwargs
+        return module, dm, steps, trainer_kwargs
     if stage == "value":
         module = ValueModule(load_reference(model_dir), load_scalar_model(model_dir, trainable_layers=1), rm,
                              tokenizer, ref_policy=None, value={"generation": {"max_new_tokens": 5}},
@@ -164,7 +177,7 @@ def run(case: str, out_dir: str, model_dir: str, data_file: str, world_size: int
                         default_root_dir=out_dir, callbacks=[recorder], **trainer_kwargs)
     trainer.fit(module, datamodule=dm)
     result = {"initial": recorder.initial, "final": trainable(module), "metrics": recorder.metrics,
-              "evaluations": evaluations, "world_size": world_size}
+              "evaluations": evaluations, "world_size": world_size, "trunk_cache": recorder.trunk_cache}
     if trainer.is_global_zero:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         torch.save(result, Path(out_dir) / f"{case}.pt")

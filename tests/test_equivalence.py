@@ -84,6 +84,11 @@ def test_two_processes_train_as_one(case, two_process_runs, tmp_path, tiny_dir, 
     assert one["evaluations"].keys() == two["evaluations"].keys()
     for phase, result in one["evaluations"].items():
         assert two["evaluations"][phase] == pytest.approx(result, rel=RTOL, abs=1e-9), phase
+    if CASES[case][1].get("cache_trunk"):  # the cache was used: 20 training and 8 validation pairs in all, each
+        # rank keeps its own (10 and 4 in the first epoch, more if the second epoch's shuffle hands it others)
+        (kept1, computed1, read1), (kept2, computed2, read2) = one["trunk_cache"], two["trunk_cache"]
+        assert kept1 == computed1 == 2 * (20 + 8) and read1 > 0
+        assert kept2 == computed2 and 2 * (10 + 4) <= kept2 < kept1 and read2 > 0
     if CASES[case][1].get("dynamic_sampling"):  # the runs drew further prompts (the ranks exchanged groups)
         assert any(m.get("rollout/resample_rounds", 0) > 0 for m in one["metrics"])
 
