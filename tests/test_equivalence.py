@@ -28,7 +28,7 @@ from equivalence_runs import CASES, TWO_PROCESS_CASES
 #: Relative tolerance of the trained weights (of each tensor's change) and of the logged metrics.
 RTOL = 1e-6
 #: Cases in the default suite; the others are marked slow (CI runs both).
-DEFAULT = ("reward", "ppo_gae", "grpo", "dapo", "dpo", "lora_share_base_warmup")
+DEFAULT = ("reward", "reward_part_cache", "ppo_gae", "grpo", "dapo", "dpo", "lora_share_base_warmup")
 
 
 def _free_port() -> int:
