@@ -37,6 +37,7 @@ __all__ = [
     "CRITIC_ESTIMATORS",
     "GROUP_ESTIMATORS",
     "td_targets",
+    "next_valid_values",
     "gae",
     "group_advantages",
     "rloo_advantages",
@@ -74,15 +75,9 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 # --------------------------------------------------------------------------- #
 # Critic targets and advantages
 # --------------------------------------------------------------------------- #
-def _prepare_returns_inputs(
-    rewards: Tensor, values: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Validate and return detached ``(r, v, m, next_valid)`` in a >= float32 dtype.
-
-    ``r`` and ``v`` are zeroed at invalid positions; ``next_valid[:, t]`` is
-    ``mask[:, t + 1]`` (False at ``t = T - 1``), i.e. whether ``V(s_{t+1})`` may
-    be bootstrapped from.
-    """
+def _prepare_returns_inputs(rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate and return detached ``(r, v, m)`` in a >= float32 dtype, ``r`` and ``v`` zeroed at invalid
+    positions."""
     check_same_shape(rewards=rewards, values=values, mask=mask)
     check_2d("rewards", rewards)
     m = bool_mask(mask)
@@ -90,14 +85,37 @@ def _prepare_returns_inputs(
     zero = torch.zeros((), dtype=dtype, device=rewards.device)
     r = torch.where(m, rewards.detach().to(dtype), zero)
     v = torch.where(m, values.detach().to(dtype), zero)
-    next_valid = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
-    return r, v, m, next_valid
+    return r, v, m
 
 
-def _next_values(v: Tensor, next_valid: Tensor) -> Tensor:
-    """``V(s_{t+1})`` aligned with ``t``, 0 where ``t+1`` is not a valid token."""
-    shifted = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], dim=1)
-    return torch.where(next_valid, shifted, torch.zeros_like(shifted))
+def next_valid_values(values: Tensor, mask: Tensor) -> Tensor:
+    """``V`` at the next valid token: ``out[b, t] = values[b, t']`` with ``t'`` the first valid position after
+    ``t`` in row ``b`` (0 when there is none: the episode ends at the row's last valid token).
+
+    With a prefix mask ``t' = t + 1``. With gaps (a multi-turn trajectory's environment tokens, 0 in its
+    ``loss_mask``) the gaps are stepped over: the state after a policy token is the one the policy acts in next,
+    after the environment's answer, and the critic reads its value at the policy's next token.
+
+    Args:
+        values: ``(B, T)`` float.
+        mask: ``(B, T)`` bool or 0/1.
+
+    Returns:
+        ``(B, T)`` with ``values``' dtype (not masked: position ``t`` holds the next value whatever ``mask[b, t]``).
+
+    Raises:
+        ValueError: mismatched or non-2-D shapes.
+    """
+    check_same_shape(values=values, mask=mask)
+    check_2d("values", values)
+    m = bool_mask(mask)
+    B, T = m.shape
+    position = torch.arange(T, device=m.device).expand(B, T)
+    at = torch.where(m, position, torch.full_like(position, T))  # valid positions, T elsewhere
+    following = torch.cat([at[:, 1:], at.new_full((B, 1), T)], dim=1)  # the candidates strictly after t
+    nxt = following.flip(1).cummin(dim=1).values.flip(1)  # (B, T): the first valid position after t, or T
+    gathered = values.gather(1, nxt.clamp(max=max(T - 1, 0)))
+    return torch.where(nxt < T, gathered, torch.zeros_like(gathered))
 
 
 def td_targets(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> Tensor:
@@ -107,14 +125,14 @@ def td_targets(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> T
     The episode ends at the last valid token: ``V(s_{t+1}) = 0`` there and at
     every later position, so the last valid target is just its reward.
 
-    ``mask`` is expected to be a prefix mask (each row's valid tokens come first).
-    For any other mask, bootstrapping from ``t + 1`` happens exactly when
-    position ``t + 1`` is valid, i.e. a gap acts as an episode end.
+    Invalid positions between valid ones (the environment's tokens of a multi-turn
+    trajectory) are stepped over: ``s_{t+1}`` is the state of the next valid token
+    (:func:`next_valid_values`), one step of ``gamma`` away.
 
     Args:
         rewards: ``(B, T)`` per-token rewards (e.g. from :func:`compute_rewards`).
         values: ``(B, T)`` critic predictions ``V(s_t)``; only used as constants.
-        mask: ``(B, T)`` bool or 0/1 prefix mask of valid tokens.
+        mask: ``(B, T)`` bool or 0/1 mask of valid tokens (a prefix, or with gaps).
         gamma: discount factor in ``[0, 1]``.
 
     Returns:
@@ -126,8 +144,8 @@ def td_targets(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float) -> T
         ValueError: on mismatched or non-2-D shapes, or ``gamma`` outside ``[0, 1]``.
     """
     gamma = check_unit_interval("gamma", gamma)
-    r, v, m, next_valid = _prepare_returns_inputs(rewards, values, mask)
-    targets = r + gamma * _next_values(v, next_valid)
+    r, v, m = _prepare_returns_inputs(rewards, values, mask)
+    targets = r + gamma * next_valid_values(v, m)
     return torch.where(m, targets, torch.zeros_like(targets))
 
 
@@ -145,14 +163,19 @@ def gae(
     gives ``A_t = delta_t``; ``lam = 1`` gives the discounted return minus
     ``V(s_t)``, so with ``gamma = lam = 1`` the returns are the reward-to-go.
 
-    ``mask`` is expected to be a prefix mask; for other masks, a gap acts as an
-    episode end (the recursion bootstraps from ``t + 1`` only if it is valid).
-    Advantages are not whitened here; use :func:`rlhf_lightning.algorithms.ops.masked_whiten`.
+    The recursion runs over the valid tokens only: invalid positions between
+    valid ones (the environment's tokens of a multi-turn trajectory, 0 in its
+    ``loss_mask``) hold no reward, no value and no advantage, and are stepped
+    over: ``t + 1`` reads "the next valid token", so ``delta_t`` bootstraps from
+    the value at the policy's next token (the state after the environment's
+    answer) and ``A_t`` carries ``gamma * lam * A_{next valid}``: one factor
+    ``gamma * lam`` per policy step, none per environment token. With a prefix
+    mask this is the usual recursion. Advantages are not whitened here; use :func:`rlhf_lightning.algorithms.ops.masked_whiten`.
 
     Args:
         rewards: ``(B, T)`` per-token rewards.
         values: ``(B, T)`` critic predictions ``V(s_t)`` (used as constants).
-        mask: ``(B, T)`` bool or 0/1 prefix mask.
+        mask: ``(B, T)`` bool or 0/1 mask of valid tokens (a prefix, or with gaps).
         gamma: discount factor in ``[0, 1]``.
         lam: GAE ``lambda`` in ``[0, 1]``.
 
@@ -166,17 +189,16 @@ def gae(
     """
     gamma = check_unit_interval("gamma", gamma)
     lam = check_unit_interval("lam", lam)
-    r, v, m, next_valid = _prepare_returns_inputs(rewards, values, mask)
-    deltas = r + gamma * _next_values(v, next_valid) - v
+    r, v, m = _prepare_returns_inputs(rewards, values, mask)
+    deltas = r + gamma * next_valid_values(v, m) - v
     deltas = torch.where(m, deltas, torch.zeros_like(deltas))
-    carry_coef = gamma * lam * next_valid.to(deltas.dtype)
 
     T = deltas.shape[1]
     advantages = torch.zeros_like(deltas)
-    running = torch.zeros_like(deltas[:, 0])
-    for t in range(T - 1, -1, -1):  # reverse scan over time only
-        running = deltas[:, t] + carry_coef[:, t] * running
-        advantages[:, t] = running
+    running = torch.zeros_like(deltas[:, 0])  # A at the next valid token (0 past the row's last)
+    for t in range(T - 1, -1, -1):  # reverse scan over time only; invalid positions carry `running` through
+        running = torch.where(m[:, t], deltas[:, t] + gamma * lam * running, running)
+        advantages[:, t] = torch.where(m[:, t], running, torch.zeros_like(running))
     returns = torch.where(m, advantages + v, torch.zeros_like(advantages))
     return advantages, returns
 
@@ -313,8 +335,9 @@ def reinforce_pp_advantages(
     global batch).
 
     The returns are the discounted rewards-to-go of each token,
-    ``G_t = sum_{k >= t} gamma^(k - t) r_k`` over the valid tokens of its row (GAE's advantage with
-    ``V = 0`` and ``lambda = 1``; the same episode-end rule as :func:`gae`), and the advantages are
+    ``G_t = sum_{k >= t} gamma^(n(k) - n(t)) r_k`` over the valid tokens ``k`` of its row, ``n`` counting
+    valid tokens (GAE's advantage with ``V = 0`` and ``lambda = 1``: invalid tokens between valid ones are
+    stepped over, as in :func:`gae`), and the advantages are
     those returns whitened over all valid tokens of the batch (:func:`rlhf_lightning.algorithms.ops.masked_whiten`:
     mean subtracted, divided by ``sqrt(unbiased variance + 1e-8)``), not per prompt: no critic, no
     group.  With ``rewards`` from :func:`rlhf_lightning.algorithms.kl.compute_rewards` and ``gamma = 1``,
@@ -323,7 +346,7 @@ def reinforce_pp_advantages(
     Args:
         rewards: ``(B, T)`` per-token rewards, KL penalty included and the score at the last valid
             token (as :func:`rlhf_lightning.algorithms.kl.compute_rewards` gives them).
-        mask: ``(B, T)`` bool or 0/1 prefix mask of valid tokens.
+        mask: ``(B, T)`` bool or 0/1 mask of valid tokens (a prefix, or with gaps).
         gamma: discount factor in ``[0, 1]``.
         all_reduce: keyword-only; passed to :func:`~rlhf_lightning.algorithms.ops.masked_whiten` to whiten with the
             statistics of every process's batch (``None``: this batch only).
@@ -376,7 +399,7 @@ def reinforce_pp_baseline_advantages(
         kl_rewards: ``(B, T)`` per-token KL penalty rewards WITHOUT the score, ``-beta * KL_t`` (e.g.
             ``-kl_coef * kl`` with ``kl`` from :func:`~rlhf_lightning.algorithms.kl.compute_rewards`); all
             zeros for no penalty.
-        mask: ``(B, T)`` bool or 0/1 prefix mask.
+        mask: ``(B, T)`` bool or 0/1 mask (a prefix, or with gaps).
         group_size: ``G >= 2``; ``B`` must be a multiple of it.
         gamma: discount factor in ``[0, 1]``.
         all_reduce: keyword-only, as in :func:`reinforce_pp_advantages` (whitening across processes;

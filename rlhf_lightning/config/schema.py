@@ -20,7 +20,8 @@ setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
 - :class:`LoRASettings`: ``model.lora`` (the adapters of the trained networks);
 - :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``;
 - :class:`VLLMConfig`: ``ppo.generation.vllm`` (the vLLM rollout engine, ``ppo.generation.backend=vllm``);
-- :class:`EvalConfig`: ``eval`` (the held-out evaluation's judges and schedule, PPO and DPO).
+- :class:`EvalConfig`: ``eval`` (the held-out evaluation's judges and schedule, PPO and DPO);
+- :class:`AgentConfig`: ``ppo.agent`` (multi-turn rollouts with tools or an environment).
 """
 
 from __future__ import annotations
@@ -326,6 +327,77 @@ class GenerationConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn rollouts (``ppo.agent``): the policy acts, its tools or an environment answer, and the policy acts
+    again, up to ``max_turns`` turns (:func:`~rlhf_lightning.rollout.agent.run_episodes`). The trajectory keeps
+    every token as sampled; the environment's tokens are appended with the chat template's role markers and are
+    left out of the losses, the KL and the advantages by the rollout's ``loss_mask``. Off (one response per prompt)
+    unless ``tools`` or ``environment_factory`` is set; one of the two, not both. Each turn samples at most
+    ``generation.max_new_tokens`` tokens (the per-turn budget)."""
+
+    tools: list[str] = field(default_factory=list)
+    """Plain Python functions the policy may call, as dotted paths (``my_tools.add``), each with a typed signature
+    and a Google-style docstring (its JSON schema is transformers' ``get_json_schema``). They are listed in a
+    system message (``system_prompt``), and a call is read from the policy's turn as
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` or ``<tool_call>name(arg, key=value)</tool_call>``
+    (:func:`~rlhf_lightning.rollout.agent.parse_tool_calls`); its result, or the error, is the next observation.
+    A turn without a call ends the episode (the answer)."""
+    environment_factory: str | None = None
+    """A dotted path to an environment class (or a function returning one), called with ``environment_kwargs``
+    once per episode; the environment has Gym/OpenEnv-style ``reset(row) -> observation`` and
+    ``step(action) -> (observation, reward, done)`` (:class:`~rlhf_lightning.rollout.agent.Environment`).
+    Its rewards, summed over the episode, are added to the score (``reward/environment``)."""
+    environment_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``environment_factory``."""
+    max_turns: int = 4
+    """The policy's turns per episode at most (a positive integer); an episode still running after them ends
+    there (``agent/cut/max_turns``)."""
+    max_total_tokens: int = 256
+    """Tokens of a trajectory after its prompt at most, the policy's and the environment's together (a positive
+    integer): a turn or an observation that would pass it ends the episode there (``agent/cut/total_budget``).
+    With ``loss_agg=seq_mean_token_sum_norm`` it is the constant normaliser of multi-turn rollouts."""
+    tool_timeout: float = 10.0
+    """Seconds a tool call may take (> 0); a call still running then gives the model an error observation
+    (``agent/errors/tool_timeout``). The call's thread is left to finish in the background (Python cannot stop
+    a thread)."""
+    observation_role: str = "tool"
+    """The chat role of the environment's and the tools' messages (``tool``, or ``user`` for a game that
+    talks to the policy as its user)."""
+    system_prompt: str | None = None
+    """With ``tools``: the system message that describes them, ``{tools}`` standing for their JSON schemas, one per
+    line (added to the prompt's own system message, if any); ``None``: a default that states the call format
+    (:data:`~rlhf_lightning.rollout.agent.DEFAULT_TOOL_PROMPT`)."""
+
+    def __post_init__(self):
+        self.tools = list(self.tools)
+        self.environment_kwargs = dict(self.environment_kwargs)
+        for i, tool in enumerate(self.tools):
+            if not isinstance(tool, str) or "." not in tool:
+                raise ValueError(f"tools[{i}]={tool!r} must be a dotted path 'module.function'")
+        if self.environment_factory is not None and (not isinstance(self.environment_factory, str)
+                                                     or "." not in self.environment_factory):
+            raise ValueError(f"environment_factory={self.environment_factory!r} must be a dotted path "
+                             "'module.Class' or null")
+        if self.tools and self.environment_factory is not None:
+            raise ValueError("tools and environment_factory are exclusive: give the policy plain functions as tools, "
+                             "or an environment whose step() answers it")
+        if self.environment_kwargs and self.environment_factory is None:
+            raise ValueError("environment_kwargs needs an environment_factory")
+        check_range("max_turns", self.max_turns, 1, integer=True)
+        check_range("max_total_tokens", self.max_total_tokens, 1, integer=True)
+        check_range("tool_timeout", self.tool_timeout, 0, low_open=True)
+        if not isinstance(self.observation_role, str) or not self.observation_role:
+            raise ValueError(f"observation_role={self.observation_role!r} must be a chat role such as tool or user")
+        if self.system_prompt is not None and "{tools}" not in self.system_prompt:
+            raise ValueError("system_prompt must contain {tools} (where the tools' JSON schemas go)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether rollouts are multi-turn (tools or an environment are set)."""
+        return bool(self.tools) or self.environment_factory is not None
+
+
+@dataclass
 class AlarmsConfig:
     """Warnings when a PPO run looks like it is hacking its reward (``ppo.alarms``): each iteration
     :func:`~rlhf_lightning.evaluation.diagnostics.rollout_diagnostics` measures the training batch (logged as
@@ -526,10 +598,14 @@ class PPOConfig(RolloutConfig):
     each token's policy loss is multiplied by min(exp(old log-prob − sampler log-prob), ``tis_cap``)
     (:func:`~rlhf_lightning.algorithms.losses.tis_weights`), > 0; ``None``: off. For ``generation.backend=vllm``, whose
     log-probabilities differ from the trainer's (``rollout/logprob_diff``)."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Multi-turn rollouts with tools or an environment (off unless ``agent.tools`` or
+    ``agent.environment_factory`` is set)."""
 
     def __post_init__(self):
         super().__post_init__()
         self.alarms = as_config(AlarmsConfig, self.alarms, "alarms")
+        self.agent = as_config(AgentConfig, self.agent, "agent")
         check_range("clip_eps", self.clip_eps, 0, 1, low_open=True, high_open=True)
         for name in ("ppo_epochs", "num_minibatches", "num_generations"):
             check_range(name, getattr(self, name), 1, integer=True)
@@ -555,6 +631,12 @@ class PPOConfig(RolloutConfig):
     def uses_critic(self) -> bool:
         """Whether ``adv_estimator`` needs a critic (GAE) or is critic-free."""
         return self.adv_estimator in CRITIC_ESTIMATORS
+
+    @property
+    def response_budget(self) -> int:
+        """The most tokens a response holds: ``generation.max_new_tokens``, or ``agent.max_total_tokens`` for
+        multi-turn rollouts (Dr. GRPO's constant normaliser, ``loss_agg=seq_mean_token_sum_norm``)."""
+        return self.agent.max_total_tokens if self.agent.enabled else self.generation.max_new_tokens
 
     @property
     def optimizer_steps_per_iteration(self) -> int:

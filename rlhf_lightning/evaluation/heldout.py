@@ -23,6 +23,7 @@ from rlhf_lightning.algorithms.kl import compute_rewards
 from rlhf_lightning.evaluation.diagnostics import bootstrap_ci
 from rlhf_lightning.evaluation.judges import Judge, judge_scores
 from rlhf_lightning.rollout.experience import Experience
+from rlhf_lightning.rollout.sampler import decode_responses
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ def sample_rows(tokenizer, exp: Experience, phase: str, step: int, limit: int) -
     ro = exp.rollout
     n = min(limit, exp.batch_size)
     prompts = tokenizer.batch_decode(ro.input_ids[:n, : ro.response_start], skip_special_tokens=True)
-    responses = tokenizer.batch_decode(ro.response_ids[:n], skip_special_tokens=True)
-    kl_seq = (exp.kl * ro.response_mask).sum(1)
+    responses = decode_responses(tokenizer, ro)[:n]
+    kl_seq = (exp.kl * exp.loss_mask).sum(1)
     return [{"phase": phase, "step": step, "prompt": p, "response": r,
              "score": float(exp.scores[i]), "rm_score": float(exp.rm_scores[i]),
              "ends_with_eos": bool(ro.ends_with_eos[i]), "kl": float(kl_seq[i]),
@@ -132,7 +133,7 @@ def evaluate_policy(module, phase: str, num_prompts: int, collect: Callable[...,
         torch.manual_seed(seed)
         exp = collect(pick["input_ids"].to(device), pick["attention_mask"].to(device), pick.get("prompt_index"),
                       do_sample=not greedy, seed=seed)
-    _, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, exp.response_mask, 0.0, kl_estimator)
+    _, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, exp.loss_mask, 0.0, kl_estimator)
     rows = sample_rows(module.tokenizer, replace(exp, kl=kl), phase, step, len(own))
     for name, values in judge_scores(judges, exp.rollout, module.tokenizer, datamodule, pick.get("prompt_index"),
                                      score_eos_token_id).items():

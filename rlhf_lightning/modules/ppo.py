@@ -41,6 +41,7 @@ from rlhf_lightning.modules.common import (
     sum_over_ranks,
 )
 from rlhf_lightning.rewards.functions import load_reward_functions
+from rlhf_lightning.rollout.agent import load_environment_factory, run_episodes, sample_turn
 from rlhf_lightning.rollout.experience import (
     Experience,
     adapter_off_logprobs,
@@ -147,6 +148,10 @@ class PPOModule(L.LightningModule):
     2 takes its baseline from the other responses to the same prompt (``ppo.num_generations``) or from
     the batch, and phase 3 steps the policy's optimizer alone.
 
+    With ``ppo.agent`` (tools or an environment) phase 1 samples multi-turn episodes
+    (:func:`~rlhf_lightning.rollout.agent.run_episodes`) and every later phase reads the rollout's ``loss_mask``
+    (the policy's own tokens) where a single-turn rollout has its response mask.
+
     Args:
         policy: causal LM to train. ref_policy: frozen copy of its initial weights; ``None`` when the policy is a
             LoRA model (:mod:`rlhf_lightning.models.lora`): the reference is then the policy with its
@@ -191,9 +196,11 @@ class PPOModule(L.LightningModule):
             raise ValueError(f"ppo.adv_estimator={self.ppo.adv_estimator} is critic-free: pass critic=None "
                              "(the configs load none for it)")
         self.reward_functions = load_reward_functions(reward_functions) if reward_functions else []
-        if reward_model is None and not self.reward_functions:
+        #: one environment per episode (ppo.agent), or None: one response per prompt
+        self.make_environment = load_environment_factory(self.ppo.agent) if self.ppo.agent.enabled else None
+        if reward_model is None and not self.reward_functions and self.ppo.agent.environment_factory is None:
             raise ValueError("PPO needs a reward: a reward model (reward_model_path), reward functions "
-                             "(reward.functions), or both")
+                             "(reward.functions), an environment (ppo.agent.environment_factory), or some of them")
         self.policy_optim = as_config(OptimConfig, policy_optim, "policy_optim")
         self.critic_optim = as_config(OptimConfig, critic_optim, "critic_optim")
         self.export_dir, self.samples_path = export_dir, samples_path
@@ -231,7 +238,8 @@ class PPOModule(L.LightningModule):
     def build_engine(self):
         """This rank's :class:`~rlhf_lightning.rollout.vllm_engine.VLLMEngine` on its device, from the policy's config,
         dtype and weights; ``max_model_len`` from ``ppo.generation.vllm.max_model_len``, else the datamodule's
-        ``max_prompt_length`` + ``max_new_tokens``, else the model's ``max_position_embeddings``.
+        ``max_prompt_length`` + ``max_new_tokens`` (single-turn rollouts), else the model's
+        ``max_position_embeddings``.
 
         Raises:
             ImportError: vLLM is not installed (one line naming the extra).
@@ -248,8 +256,8 @@ class PPOModule(L.LightningModule):
         max_len = gen.vllm.max_model_len
         if max_len is None:
             prompt = getattr(getattr(self.trainer, "datamodule", None), "max_prompt_length", None)
-            max_len = (prompt + gen.max_new_tokens if prompt is not None
-                       else self.policy.config.max_position_embeddings)
+            max_len = (prompt + gen.max_new_tokens if prompt is not None and not self.ppo.agent.enabled
+                       else self.policy.config.max_position_embeddings)  # multi-turn: reset() may change the prompt
         return VLLMEngine(self.policy, self.tokenizer, gen.vllm, gen, max_model_len=max_len, rank=self.global_rank,
                           world_size=self.trainer.world_size, device=self.device)
 
@@ -353,11 +361,14 @@ class PPOModule(L.LightningModule):
         if self.reward_functions:
             total, per_function = functions or self._function_rewards(rollout, prompt_index)
             exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
+        if self.ppo.agent.environment_factory is not None:  # the environment's rewards, summed per episode
+            exp = replace(exp, scores=exp.scores + rollout.env_rewards,
+                          reward_components={**exp.reward_components, "environment": rollout.env_rewards})
         exp = replace(exp, sampling_stats=stats)
         if not reuse:
             return exp
         first = self._train_forward(rollout.input_ids, rollout.attention_mask, rollout.response_start, exp.trunks)
-        invalid = ~rollout.response_mask
+        invalid = ~rollout.policy_mask
         values = first[2].detach().masked_fill(invalid, 0.0) if first[2] is not None else None
         return replace(exp, logprobs=first[0].detach().masked_fill(invalid, 0.0), values=values, reused_forward=first)
 
@@ -374,6 +385,10 @@ class PPOModule(L.LightningModule):
             input_ids = input_ids.repeat_interleave(group, 0)
             attention_mask = attention_mask.repeat_interleave(group, 0)
         seed, key = (self.sampling_seed, (self.iteration, round_)) if seed is None else (seed, ())
+        if self.make_environment is not None:
+            rollout = self._sample_episodes(input_ids, attention_mask, prompt_index, group, do_sample,
+                                            self.engine if for_update else None, seed, key)
+            return rollout, None if prompt_index is None else prompt_index.repeat_interleave(group, 0)
         noise = prompt_noise(seed, prompt_index, gen.max_new_tokens, *key, group=group)
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
                            self.tokenizer.pad_token_id, do_sample=do_sample,
@@ -381,6 +396,37 @@ class PPOModule(L.LightningModule):
         if prompt_index is not None and group > 1:
             prompt_index = prompt_index.repeat_interleave(group, 0)
         return rollout, prompt_index
+
+    def _sample_episodes(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_index: torch.Tensor | None,
+                         group: int, do_sample: bool, engine, seed: int, key: tuple) -> Rollout:
+        """Multi-turn episodes (``ppo.agent``; :func:`~rlhf_lightning.rollout.agent.run_episodes`) from the rows of
+        ``input_ids`` (each prompt already repeated ``group`` times): each environment's ``reset`` reads the prompt
+        row (the datamodule's chat messages and columns), and turn ``k`` of a row draws the noise keyed by
+        ``(*key, k, prompt index, generation index)`` (:func:`~rlhf_lightning.rollout.sampler.prompt_noise`).
+
+        Raises:
+            ValueError: no ``prompt_index``, or a datamodule without ``prompts`` and ``columns``
+                (:class:`~rlhf_lightning.data.PromptDataModule` has them).
+        """
+        gen, tokenizer = self.ppo.generation, self.tokenizer
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if prompt_index is None or not hasattr(datamodule, "columns"):
+            raise ValueError("ppo.agent: multi-turn rollouts read each prompt's row (reset(row)): they need batches "
+                             "with prompt_index from a datamodule with prompts and columns (PromptDataModule)")
+        index = prompt_index.repeat_interleave(group, 0).tolist()
+        columns = datamodule.columns(index)
+        rows = [{"prompt": datamodule.prompts[i], **{name: values[k] for name, values in columns.items()}}
+                for k, i in enumerate(index)]
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+
+        def sample(contexts, rows_now, turn, limit):
+            noise = prompt_noise(seed, prompt_index, gen.max_new_tokens, *key, turn, group=group)
+            return sample_turn(self.policy, contexts, gen, limit, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                               do_sample=do_sample, engine=engine,
+                               noise=None if noise is None else noise[torch.tensor(rows_now, device=noise.device)])
+
+        return run_episodes(sample, prompts, rows, self.make_environment, self.ppo.agent, gen.max_new_tokens,
+                            tokenizer, tokenizer.pad_token_id, device=input_ids.device)
 
     def compute_advantages(self, exp: Experience) -> Experience:
         """Phase 2: per-token rewards −β·KL_t plus the score at the last token, then the advantages of
@@ -393,11 +439,15 @@ class PPOModule(L.LightningModule):
         - ``reinforce_pp`` / ``reinforce_pp_baseline``: whitened returns-to-go of the per-token rewards
           (the latter with the group's mean score subtracted first).
 
+        Every per-token quantity is on the policy's tokens (``exp.loss_mask``): a multi-turn trajectory's
+        environment tokens get no KL, no reward and no advantage, and GAE and the returns-to-go step over them
+        (:func:`~rlhf_lightning.algorithms.advantages.gae`: one γλ per policy token).
+
         Returns:
             ``exp`` with ``kl_coef`` (the β used), ``kl``, ``rewards``, ``advantages`` and ``returns``
             (critic-free: the returns are the advantages' targets only for logging).
         """
-        cfg, mask = self.ppo, exp.response_mask
+        cfg, mask = self.ppo, exp.loss_mask
         kl_coef = self.kl_ctl.value
         rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
         estimator, group = cfg.adv_estimator, cfg.num_generations
@@ -433,11 +483,11 @@ class PPOModule(L.LightningModule):
             The minibatch statistics averaged over the iteration, and ``ppo/policy_frozen`` (1 during
             the critic warm-up), 0-d tensors by metric name.
         """
-        cfg, ro, mask = self.ppo, exp.rollout, exp.response_mask
+        cfg, ro, mask = self.ppo, exp.rollout, exp.loss_mask
         optimizers = _as_list(self.optimizers())  # [policy, critic], or [joint] with ppo.joint_optimizer
         policy_frozen = self.iteration < cfg.critic_warmup_iterations
         batch_size, reused = exp.batch_size, exp.reused_forward
-        budget = cfg.generation.max_new_tokens  # Dr. GRPO's constant normaliser (loss_agg=seq_mean_token_sum_norm)
+        budget = cfg.response_budget  # Dr. GRPO's constant normaliser (loss_agg=seq_mean_token_sum_norm)
         weights = (tis_weights(exp.logprobs, ro.sampler_logprobs, mask, cfg.tis_cap)
                    if cfg.tis_cap is not None and ro.sampler_logprobs is not None else None)  # (B, R) or None
         stats: dict[str, list[torch.Tensor]] = {}
@@ -490,7 +540,7 @@ class PPOModule(L.LightningModule):
         many), token means as shares (:func:`~rlhf_lightning.modules.common.batch_counts`), the explained
         variance pooled, and the ``diagnostics/*`` computed on the rows of every rank (so every rank's alarms
         agree)."""
-        mask, kl_coef = exp.response_mask, exp.kl_coef
+        mask, kl_coef = exp.loss_mask, exp.kl_coef
         kl_per_seq = (exp.kl * mask).sum(1).mean()
         metrics = dict(stats)
         metrics.update({
@@ -510,6 +560,8 @@ class PPOModule(L.LightningModule):
             metrics["value/explained_var"] = explained_variance(exp.values, exp.returns, mask, sum_over_ranks(self))
         metrics.update({f"reward/{name}": values.mean() for name, values in exp.reward_components.items()})
         metrics.update({f"rollout/{name}": torch.tensor(float(value)) for name, value in exp.sampling_stats.items()})
+        if exp.rollout.episode_stats is not None:  # multi-turn: means per episode (cuts: the share of episodes)
+            metrics.update({f"agent/{name}": values.mean() for name, values in exp.rollout.episode_stats.items()})
         if self.ppo.num_generations > 1:
             groups = exp.scores.view(-1, self.ppo.num_generations)
             metrics["rollout/mixed_groups"] = (groups.amax(1) > groups.amin(1)).float().mean()
@@ -541,7 +593,8 @@ class PPOModule(L.LightningModule):
     def _function_rewards(self, rollout: Rollout, prompt_index: torch.Tensor | None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The reward functions' weighted total (N,) and unweighted rewards by name on the rollout
-        (:func:`~rlhf_lightning.rollout.experience.function_rewards`, with the datamodule's prompts and columns).
+        (:func:`~rlhf_lightning.rollout.experience.function_rewards`, with the datamodule's prompts and columns;
+        multi-turn: the whole trajectory as ``completions``, the policy's last turn as ``final_turns``).
 
         Raises:
             RewardFunctionError: a function raised or returned a bad value (one line naming it and the row).
@@ -556,6 +609,8 @@ class PPOModule(L.LightningModule):
         scores = make_experience(rollout, self.reward_model, missing_eos_penalty=gen.missing_eos_penalty,
                                  score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
                                  ).scores
+        if self.ppo.agent.environment_factory is not None:
+            scores = scores + rollout.env_rewards
         functions = self._function_rewards(rollout, prompt_index) if self.reward_functions else None
         return (scores + functions[0] if functions else scores), functions
 

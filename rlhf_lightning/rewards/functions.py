@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 #: Keyword names the scorer passes itself; a dataset column may not use them.
-RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "prompt")
+RESERVED_COLUMNS = ("completions", "prompts", "completion_ids", "prompt", "final_turns")
 
 
 class RewardSpecError(ValueError):
@@ -103,7 +103,7 @@ class RewardFunction:
 # --------------------------------------------------------------------------- loading
 
 
-def _import_dotted(path: str) -> Any:
+def import_dotted(path: str) -> Any:
     """The object at dotted ``path`` (``package.module.attr[.attr...]``): the longest importable module
     prefix, then attributes. Raises ImportError / AttributeError with the reason."""
     parts = path.split(".")
@@ -177,7 +177,7 @@ def load_reward_functions(specs: Sequence[Mapping[str, Any]]) -> list[RewardFunc
         target = spec["fn"]
         if isinstance(target, str):
             try:
-                fn = _import_dotted(target)
+                fn = import_dotted(target)
             except (ImportError, AttributeError) as e:
                 raise RewardSpecError(f"{label}: cannot import {target!r}: {_first_line(e)}") from e
             source = target
@@ -343,7 +343,8 @@ def _call(rf: RewardFunction, kwargs: dict[str, Any], n: int, row_ids: Sequence[
 def score_with_functions(functions: Sequence[RewardFunction], completions: Sequence[str],
                          prompts: Sequence[Any] | None = None, columns: Mapping[str, Sequence[Any]] | None = None,
                          *, completion_ids: Sequence[Sequence[int]] | None = None, conversational: bool = False,
-                         row_ids: Sequence[Any] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         row_ids: Sequence[Any] | None = None, final_turns: Sequence[str] | None = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score N completions with every reward function; the total is the weighted sum.
 
     Each function is called once on the whole batch, with keyword arguments only: ``completions``,
@@ -361,6 +362,8 @@ def score_with_functions(functions: Sequence[RewardFunction], completions: Seque
         conversational: pass each completion as ``[{"role": "assistant", "content": text}]`` (TRL's
             conversational format) instead of a string.
         row_ids: N labels for error messages (e.g. dataset indices); default: the batch position.
+        final_turns: multi-turn rollouts: the text of each trajectory's last policy turn, passed as ``final_turns``
+            (``completions`` then holds the whole trajectory); ``None``: not passed.
 
     Returns:
         ``(total, per_function)``: ``total`` (N,) float32 = Σ_f weight_f · reward_f; ``per_function``
@@ -391,7 +394,7 @@ def score_with_functions(functions: Sequence[RewardFunction], completions: Seque
         if name in RESERVED_COLUMNS:
             raise ValueError(f"score_with_functions: column {name!r} is reserved ({', '.join(RESERVED_COLUMNS)}); "
                              "pass the prompt as prompts and token ids as completion_ids")
-    checks = dict(columns, prompts=prompts, completion_ids=completion_ids, row_ids=row_ids)
+    checks = dict(columns, prompts=prompts, completion_ids=completion_ids, row_ids=row_ids, final_turns=final_turns)
     for name, values in checks.items():
         if values is not None and len(values) != n:
             raise ValueError(f"score_with_functions: {name!r} has {len(values)} values for {n} completions")
@@ -402,6 +405,8 @@ def score_with_functions(functions: Sequence[RewardFunction], completions: Seque
     }
     if completion_ids is not None:
         available["completion_ids"] = [list(ids) for ids in completion_ids]
+    if final_turns is not None:
+        available["final_turns"] = list(final_turns)
     available.update({k: list(v) for k, v in columns.items()})
     total = torch.zeros(n, dtype=torch.float64)
     per_function: dict[str, torch.Tensor] = {}

@@ -13,6 +13,10 @@ lists) and dataset columns as keyword lists of N values, and returns N floats:
   a bound ``format_regex``, or a ``format_regex`` column), else 0.0.
 * :func:`soft_overlong_penalty`: DAPO's soft overlong punishment, 0 down to −1 near a length limit.
 
+The answer verifiers (:func:`math_answer`, :func:`last_number_answer`, :func:`exact_answer`) read the policy's
+final turn of a multi-turn trajectory (the ``final_turns`` keyword, which PPO passes with multi-turn rollouts)
+instead of the whole trajectory: an answer the environment or a tool wrote earlier in it does not count.
+
 A bad row (a gold answer that cannot be parsed, a missing column, an invalid regex) raises
 ``ValueError`` naming the function and the row; :func:`~rlhf_lightning.rewards.functions.score_with_functions`
 turns it into a one-line :class:`~rlhf_lightning.rewards.functions.RewardFunctionError`.
@@ -123,6 +127,7 @@ def math_answer(completions: Sequence[Any], answer: Sequence[Any] | None = None,
             (a data error, never scored 0).
     """
     mv = require_math_verify()
+    completions = kwargs.get("final_turns") or completions
     n = len(completions)
     golds = _column(answer, "answer", n, "math_answer")
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
@@ -162,6 +167,7 @@ def last_number_answer(completions: Sequence[Any], answer: Sequence[Any] | None 
     Args:
         completions: N completions (str or TRL conversational messages).
         answer: N gold answers, each a number or a string holding one number literal.
+        kwargs: ``final_turns`` (multi-turn rollouts: the policy's last turns, read instead of ``completions``).
 
     Returns:
         N floats in {0.0, 1.0}.
@@ -169,6 +175,7 @@ def last_number_answer(completions: Sequence[Any], answer: Sequence[Any] | None 
     Raises:
         ValueError: no ``answer`` column, or a gold answer at some row that is not a single number.
     """
+    completions = kwargs.get("final_turns") or completions
     n = len(completions)
     golds = _column(answer, "answer", n, "last_number_answer")
     scores = []
@@ -202,6 +209,7 @@ def exact_answer(completions: Sequence[Any], answer: Sequence[Any] | None = None
     Raises:
         ValueError: no ``answer`` column, or a gold answer that is None or empty after normalisation.
     """
+    completions = kwargs.get("final_turns") or completions
     n = len(completions)
     golds = _column(answer, "answer", n, "exact_answer")
     scores = []

@@ -19,7 +19,7 @@ from rlhf_lightning.algorithms.ops import BatchCounts, token_mean
 from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.rewards.functions import score_with_functions
-from rlhf_lightning.rollout.sampler import Rollout
+from rlhf_lightning.rollout.sampler import Rollout, decode_responses, final_turns
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,8 @@ class Experience:
 
     Built once by :func:`make_experience` (no gradients), then completed by the PPO phases with
     ``dataclasses.replace`` (frozen: nothing changes it in place). Shapes as :class:`Rollout`'s;
-    per-token tensors are float32, 0 where ``response_mask`` is False.
+    per-token tensors are float32, 0 where :attr:`loss_mask` is False (padding, and a multi-turn
+    trajectory's environment tokens).
 
     Attributes:
         rollout: the sampled sequences (:class:`Rollout`).
@@ -72,8 +73,15 @@ class Experience:
 
     @property
     def response_mask(self) -> torch.Tensor:
-        """(B, R) bool, the rollout's valid response tokens."""
+        """(B, R) bool, the rollout's valid response tokens (multi-turn: the environment's too)."""
         return self.rollout.response_mask
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """(B, R) bool, the tokens the policy sampled (:attr:`Rollout.policy_mask
+        <rlhf_lightning.rollout.sampler.Rollout.policy_mask>`): what the losses, the KL, the values and the
+        advantages are computed on."""
+        return self.rollout.policy_mask
 
     @property
     def batch_size(self) -> int:
@@ -126,10 +134,11 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
             (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
 
     Returns:
-        A new :class:`Experience` (advantage fields ``None``).
+        A new :class:`Experience` (advantage fields ``None``); log-probabilities and values are 0 outside the
+        rollout's :attr:`~rlhf_lightning.rollout.sampler.Rollout.policy_mask`.
     """
     ids, mask, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-    valid = rollout.response_mask
+    valid = rollout.policy_mask
     score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
     trunks = Trunks()
     if trunk is not None:
@@ -165,18 +174,20 @@ def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float
         trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
 
     Returns:
-        (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding.
+        (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding and at the environment's
+        tokens.
     """
     from rlhf_lightning.models.lora import adapters_disabled
 
     with adapters_disabled(policy), torch.inference_mode():
         ref = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
                                 temperature, trunk=trunk)
-    return ref.clone().masked_fill(~rollout.response_mask, 0.0)
+    return ref.clone().masked_fill(~rollout.policy_mask, 0.0)
 
 
 def logprob_diff(exp: Experience, counts: BatchCounts | None = None) -> torch.Tensor:
-    """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over valid response tokens.
+    """``rollout/logprob_diff``: mean |sampler log-probability − trainer log-probability| over the policy's tokens
+    (:attr:`Experience.loss_mask`).
 
     The sampler's log-probabilities are recorded while decoding (``Rollout.sampler_logprobs``), the
     trainer's are the old log-probabilities of the update (``Experience.logprobs``), both at the
@@ -196,15 +207,17 @@ def logprob_diff(exp: Experience, counts: BatchCounts | None = None) -> torch.Te
     """
     if exp.rollout.sampler_logprobs is None or exp.logprobs is None:
         return torch.tensor(float("nan"))
-    return token_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.response_mask, counts)
+    return token_mean((exp.rollout.sampler_logprobs - exp.logprobs).abs(), exp.loss_mask, counts)
 
 
 def function_rewards(functions, rollout: Rollout, tokenizer, datamodule=None, prompt_index: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Reward functions on a rollout's decoded responses, with TRL's arguments: ``completions`` (text), ``prompts``
-    (the dataset's chat messages when the datamodule has them, else the decoded prompt), ``completion_ids`` and the
-    dataset's other columns (``PromptDataModule.columns``)
-    (:func:`~rlhf_lightning.rewards.functions.score_with_functions`).
+    """Reward functions on a rollout's decoded responses, with TRL's arguments: ``completions`` (text; a multi-turn
+    trajectory whole, the environment's messages and the chat template's role markers included:
+    :func:`~rlhf_lightning.rollout.sampler.decode_responses`), ``prompts`` (the dataset's chat messages when the
+    datamodule has them, else the decoded prompt), ``completion_ids`` (the trajectory's tokens), multi-turn:
+    ``final_turns`` (the policy's last turn, :func:`~rlhf_lightning.rollout.sampler.final_turns`), and the dataset's
+    other columns (``PromptDataModule.columns``) (:func:`~rlhf_lightning.rewards.functions.score_with_functions`).
 
     Args:
         functions: loaded reward functions (:func:`~rlhf_lightning.rewards.functions.load_reward_functions`).
@@ -221,7 +234,7 @@ def function_rewards(functions, rollout: Rollout, tokenizer, datamodule=None, pr
     Raises:
         RewardFunctionError: a function raised or returned a bad value (one line naming it and the row).
     """
-    completions = tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    completions = decode_responses(tokenizer, rollout)
     completion_ids = [ids[mask].tolist() for ids, mask in zip(rollout.response_ids, rollout.response_mask,
                                                               strict=True)]
     rows = prompt_index.tolist() if prompt_index is not None else None
@@ -230,7 +243,8 @@ def function_rewards(functions, rollout: Rollout, tokenizer, datamodule=None, pr
     else:
         prompts = tokenizer.batch_decode(rollout.input_ids[:, : rollout.response_start], skip_special_tokens=True)
         columns = {}
-    total, per_function = score_with_functions(functions, completions, prompts, columns, completion_ids=completion_ids,
-                                               row_ids=rows)
+    total, per_function = score_with_functions(
+        functions, completions, prompts, columns, completion_ids=completion_ids, row_ids=rows,
+        final_turns=final_turns(tokenizer, rollout) if rollout.multi_turn else None)
     device = rollout.input_ids.device
     return total.to(device), {name: values.to(device) for name, values in per_function.items()}

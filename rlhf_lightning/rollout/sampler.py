@@ -8,7 +8,10 @@ responses (scores, reference log-probabilities, values) is computed from it by
 
 A rollout's sequences are laid out as ``[left padding | prompt (P columns) | response (R columns)]``:
 prompts come left-padded from :class:`~rlhf_lightning.data.PromptCollator`, and ``generate``
-appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EOS is padding."""
+appends R ≤ ``max_new_tokens`` columns. Everything after a response's first EOS is padding. A multi-turn
+rollout (:mod:`rlhf_lightning.rollout.agent`) has the same layout, its response columns holding the whole
+trajectory (the policy's turns and the environment's answers), with a ``loss_mask`` marking the policy's own
+tokens."""
 
 from __future__ import annotations
 
@@ -39,12 +42,20 @@ class Rollout:
         input_ids: (B, T) long, prompt + response (padding after each response's EOS).
         attention_mask: (B, T) long, 1 on prompt tokens and on response tokens up to EOS.
         response_start: P, the column of the first response token.
-        response_mask: (B, R) bool, True up to and including the first EOS.
-        ends_with_eos: (B,) bool.
+        response_mask: (B, R) bool, True up to and including the first EOS; in a multi-turn rollout, on every
+            token of the trajectory (the policy's and the environment's: what is attended).
+        ends_with_eos: (B,) bool; multi-turn: whether the policy's last turn ended with its EOS (not cut by a
+            token budget).
         sampler_logprobs: (B, R) float32, the log-probability each response token was drawn with: under
             the distribution it was sampled from (temperature, then top-k/top-p, renormalised: the
             "processed" log-probability, as vLLM's ``processed_logprobs`` and TRL record it; 0 where masked).
             Compared with the trainer's by :func:`logprob_diff`, and the denominator of the TIS weights.
+        loss_mask: (B, R) bool, True on the tokens the policy sampled (verl's ``response_mask``, SkyRL's
+            ``loss_masks``): a multi-turn rollout's environment and tool tokens are False. ``None``: every response
+            token is the policy's (a single-turn rollout); read it through :attr:`policy_mask`.
+        env_rewards: (B,) float32, multi-turn: the environment's rewards summed over each episode (``None``: none).
+        episode_stats: multi-turn: name → (B,) float32 per-episode counts
+            (:func:`~rlhf_lightning.rollout.agent.run_episodes`: turns, tool calls, errors and cuts by kind).
     """
 
     input_ids: torch.Tensor
@@ -53,6 +64,20 @@ class Rollout:
     response_mask: torch.Tensor
     ends_with_eos: torch.Tensor
     sampler_logprobs: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    env_rewards: torch.Tensor | None = None
+    episode_stats: dict[str, torch.Tensor] | None = None
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """(B, R) bool, the tokens the policy sampled: ``loss_mask``, or ``response_mask`` when there is none. Every
+        loss, the KL, the values, GAE, the entropy, ``rollout/logprob_diff`` and the TIS weights read this mask."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether the rollout has environment tokens among its responses' (a ``loss_mask``)."""
+        return self.loss_mask is not None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -61,9 +86,16 @@ class Rollout:
 
     def to(self, device) -> Rollout:
         """The same rollout with its tensors on ``device``."""
-        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                       response_mask=self.response_mask.to(device), ends_with_eos=self.ends_with_eos.to(device),
-                       sampler_logprobs=None if self.sampler_logprobs is None else self.sampler_logprobs.to(device))
+        return self.map_rows(lambda t: t.to(device))
+
+    def map_rows(self, fn) -> Rollout:
+        """The same rollout with ``fn`` applied to each of its per-row tensors (all but ``response_start``)."""
+        apply = lambda t: None if t is None else fn(t)  # noqa: E731
+        stats = None if self.episode_stats is None else {k: fn(v) for k, v in self.episode_stats.items()}
+        return replace(self, input_ids=fn(self.input_ids), attention_mask=fn(self.attention_mask),
+                       response_mask=fn(self.response_mask), ends_with_eos=fn(self.ends_with_eos),
+                       sampler_logprobs=apply(self.sampler_logprobs), loss_mask=apply(self.loss_mask),
+                       env_rewards=apply(self.env_rewards), episode_stats=stats)
 
 
 def run_seed() -> int:
@@ -150,7 +182,7 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
                  use_cache=True, logits_to_keep=1)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     processed = do_sample and truncates(config.top_k, config.top_p)
-    steps = _max_over_ranks(limit, input_ids.device)
+    steps = max_over_ranks(limit, input_ids.device)
     tokens, logprobs = [], []
     for step in range(steps):
         logits = out.logits[:, -1]  # (B, V)
@@ -168,7 +200,7 @@ def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask:
         finished |= torch.isin(token, eos)
         if step + 1 >= limit:
             finished.fill_(True)  # this rank's limit: its rows are done, its forwards go on with the others'
-        if step + 1 == steps or _all_finished(finished):
+        if step + 1 == steps or all_finished(finished):
             break
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
@@ -182,7 +214,7 @@ def _distributed() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
-def _max_over_ranks(value: int, device: torch.device) -> int:
+def max_over_ranks(value: int, device: torch.device) -> int:
     """The largest ``value`` over all ranks (``value`` itself when not distributed)."""
     if not _distributed():
         return value
@@ -191,7 +223,7 @@ def _max_over_ranks(value: int, device: torch.device) -> int:
     return int(t)
 
 
-def _all_finished(finished: torch.Tensor) -> bool:
+def all_finished(finished: torch.Tensor) -> bool:
     """Whether every row of every rank has ended (one host sync; one all-reduce when distributed)."""
     done = finished.all()
     if _distributed():
@@ -261,19 +293,16 @@ def pad_responses(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
     def widen(t: torch.Tensor, value) -> torch.Tensor:
         return torch.cat([t, t.new_full((batch, extra), value)], 1)
 
-    return Rollout(input_ids=widen(rollout.input_ids, pad_token_id), attention_mask=widen(rollout.attention_mask, 0),
-                   response_start=rollout.response_start, response_mask=widen(rollout.response_mask, False),
-                   ends_with_eos=rollout.ends_with_eos,
+    return replace(rollout, input_ids=widen(rollout.input_ids, pad_token_id),
+                   attention_mask=widen(rollout.attention_mask, 0), response_mask=widen(rollout.response_mask, False),
                    sampler_logprobs=(widen(rollout.sampler_logprobs, 0.0) if rollout.sampler_logprobs is not None
-                                     else None))
+                                     else None),
+                   loss_mask=widen(rollout.loss_mask, False) if rollout.loss_mask is not None else None)
 
 
 def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
     """The rollout restricted to rows ``index`` ((n,) long), in that order."""
-    pick = lambda t: t[index] if t is not None else None  # noqa: E731
-    return Rollout(input_ids=pick(rollout.input_ids), attention_mask=pick(rollout.attention_mask),
-                   response_start=rollout.response_start, response_mask=pick(rollout.response_mask),
-                   ends_with_eos=pick(rollout.ends_with_eos), sampler_logprobs=pick(rollout.sampler_logprobs))
+    return rollout.map_rows(lambda t: t[index])
 
 
 def pad_prompts(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
@@ -293,12 +322,14 @@ def stack_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
     (:func:`pad_prompts`) and their responses right-padded to the longest response (:func:`pad_responses`).
 
     Raises:
-        ValueError: no rollout, or some with sampler log-probabilities and some without.
+        ValueError: no rollout, or some with sampler log-probabilities (or a ``loss_mask``) and some without.
     """
     if not rollouts:
         raise ValueError("stack_rollouts: no rollout")
     if len({r.sampler_logprobs is None for r in rollouts}) > 1:
         raise ValueError("stack_rollouts: some rollouts have sampler log-probabilities and some do not")
+    if len({r.loss_mask is None for r in rollouts}) > 1 or len({r.episode_stats is None for r in rollouts}) > 1:
+        raise ValueError("stack_rollouts: some rollouts are multi-turn (a loss_mask) and some are not")
     prompt = max(r.response_start for r in rollouts)
     response = max(r.response_mask.shape[1] for r in rollouts)
     parts = [pad_responses(pad_prompts(r, prompt, pad_token_id), response, pad_token_id) for r in rollouts]
@@ -306,4 +337,32 @@ def stack_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
                         else torch.cat([getattr(p, name) for p in parts]))
     return Rollout(input_ids=cat("input_ids"), attention_mask=cat("attention_mask"), response_start=prompt,
                    response_mask=cat("response_mask"), ends_with_eos=cat("ends_with_eos"),
-                   sampler_logprobs=cat("sampler_logprobs"))
+                   sampler_logprobs=cat("sampler_logprobs"), loss_mask=cat("loss_mask"), env_rewards=cat("env_rewards"),
+                   episode_stats=None if parts[0].episode_stats is None else
+                   {k: torch.cat([p.episode_stats[k] for p in parts]) for k in parts[0].episode_stats})
+
+
+def final_turns(tokenizer, rollout: Rollout) -> list[str]:
+    """The text of each row's last run of policy tokens (:attr:`Rollout.policy_mask`): a multi-turn trajectory's
+    final turn (the answer, when the episode ended with one), special tokens skipped; a row without a policy
+    token gives ``""``."""
+    out = []
+    for ids, mask in zip(rollout.response_ids.cpu(), rollout.policy_mask.cpu(), strict=True):
+        where = mask.nonzero().flatten().tolist()
+        if not where:
+            out.append("")
+            continue
+        start = end = where[-1]
+        while start > 0 and bool(mask[start - 1]):
+            start -= 1
+        out.append(tokenizer.decode(ids[start:end + 1].tolist(), skip_special_tokens=True))
+    return out
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """The rollout's responses as text: special tokens skipped; a multi-turn trajectory whole, its role markers kept
+    (so the turns and the environment's messages stay apart), its padding left out."""
+    if not rollout.multi_turn:
+        return tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=False)
+            for ids, mask in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu(), strict=True)]

@@ -182,7 +182,8 @@ class VLLMEngine:
         return self._asleep
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, eos_token_id: int | list[int],
-               pad_token_id: int, do_sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               pad_token_id: int, do_sample: bool = True, max_new_tokens: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample a response to each prompt: vLLM's sampler with the generation settings mapped one to one
         (``temperature``, ``top_p``, ``top_k`` (0: off), ``max_new_tokens``, stop at ``eos_token_id``).
 
@@ -191,6 +192,8 @@ class VLLMEngine:
                 prompt's own tokens).
             eos_token_id, pad_token_id: the tokenizer's.
             do_sample: False for greedy decoding.
+            max_new_tokens: tokens at most per response (``None``: the generation settings'; a multi-turn
+                rollout's turn passes its own budget).
 
         Returns:
             tokens (B, R) long (R: the longest response; ``pad_token_id`` after a shorter one's end) and
@@ -207,7 +210,7 @@ class VLLMEngine:
         eos = [int(t) for t in torch.as_tensor(eos_token_id).reshape(-1).tolist()]
         params = self._sampling_params(
             n=1, temperature=gen.temperature if do_sample else 0.0, top_p=gen.top_p if do_sample else 1.0,
-            top_k=gen.top_k if do_sample else 0, max_tokens=gen.max_new_tokens, stop_token_ids=eos,
+            top_k=gen.top_k if do_sample else 0, max_tokens=max_new_tokens or gen.max_new_tokens, stop_token_ids=eos,
             ignore_eos=True, logprobs=0, detokenize=False)  # ignore_eos: the model's own EOS is in stop_token_ids
         prompts = [{"prompt_token_ids": ids[mask.bool()].tolist()} for ids, mask in zip(input_ids, attention_mask,
                                                                                           strict=True)]

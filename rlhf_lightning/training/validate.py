@@ -171,6 +171,25 @@ def _hydra_stage_choice(cfg: DictConfig) -> str | None:
     return None if choice is None else str(choice)
 
 
+def _check_agent(cfg: DictConfig) -> None:
+    """``ppo.agent``: its tools (each imported, with a JSON schema) or its environment factory (imported), before
+    anything loads (:func:`~rlhf_lightning.rollout.agent.load_environment_factory`)."""
+    from rlhf_lightning.config.schema import AgentConfig, as_config
+
+    node = _get(cfg, "ppo.agent")
+    if node in (_ABSENT, _MISSING, None):
+        return
+    settings = as_config(AgentConfig, OmegaConf.to_container(node, resolve=True), "ppo.agent")
+    if not settings.enabled:
+        return
+    from rlhf_lightning.rollout.agent import load_environment_factory
+
+    try:
+        load_environment_factory(settings)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 # --------------------------------------------------------------------------- paths
 
 
@@ -182,7 +201,8 @@ def _check_model_dir(cfg: DictConfig, key: str, stage: str) -> Path | None:
     value = _get(cfg, key)
     if value is _MISSING or value is None:
         if key == "reward_model_path":
-            extra = " (or reward.functions, with reward_model_path=null)" if stage == "ppo" else ""
+            extra = (" (or reward.functions or ppo.agent.environment_factory, with reward_model_path=null)"
+                     if stage == "ppo" else "")
             raise ConfigError(f"reward_model_path is required for stage={stage}: "
                               f"pass reward_model_path=<reward run dir>/model{extra}")
         raise ConfigError(f"{key} is required for stage={stage}: pass {key}=<run dir>/model")
@@ -639,7 +659,8 @@ def validate_config(cfg: DictConfig) -> None:
        local file (not a URL: see the module docstring); ``checkpoint.every_n_train_steps`` is a
        positive integer, ``checkpoint.every_n_minutes`` > 0, ``max_consecutive_bad_steps`` >= 0 (each
        may be null);
-    5. value/PPO: ``reward_model_path`` is given (PPO: or null with ``reward.functions``), the value stage
+    5. value/PPO: ``reward_model_path`` is given (PPO: or null with ``reward.functions`` or
+       ``ppo.agent.environment_factory``), the value stage
        is not asked for with a critic-free ``ppo.adv_estimator``; it and ``critic_path`` (only for an
        estimator with a critic), when existing or local-looking
        (:func:`rlhf_lightning.config.paths.looks_like_local_path`: not a Hub id), are directories with
@@ -675,6 +696,7 @@ def validate_config(cfg: DictConfig) -> None:
         precision = _get(cfg, "trainer.precision")
         if precision in FP16_MIXED and target is None:  # DeepSpeed scales and clips in its engine
             raise ConfigError(PPO_FP16_ERROR.format(precision=precision))
+        _check_agent(cfg)
         if _get(cfg, "ppo.generation.backend") == "vllm" and importlib.util.find_spec("vllm") is None:
             from rlhf_lightning.rollout.vllm_engine import MISSING_VLLM
 
@@ -697,9 +719,11 @@ def validate_config(cfg: DictConfig) -> None:
     if stage in ("value", "ppo"):
         keys = ["reward_model_path"]
         functions = _get(cfg, "reward.functions") if stage == "ppo" else None
-        if stage == "ppo" and _get(cfg, "reward_model_path") is None and functions not in (_ABSENT, _MISSING, None) \
-                and len(functions):
-            keys = []  # the reward functions alone give the reward
+        environment = _get(cfg, "ppo.agent.environment_factory") if stage == "ppo" else None
+        has_functions = functions not in (_ABSENT, _MISSING, None) and len(functions)
+        if stage == "ppo" and _get(cfg, "reward_model_path") is None and (
+                has_functions or environment not in (_ABSENT, _MISSING, None)):
+            keys = []  # the reward functions, or the environment's rewards, alone give the reward
         if not critic_free:
             keys.append("critic_path")
         model_dirs = {}
