@@ -6,14 +6,11 @@ config alone."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from torch import nn
 
 import agent_envs
 from rlhf_lightning.algorithms.advantages import gae, next_valid_values, reinforce_pp_advantages, td_targets

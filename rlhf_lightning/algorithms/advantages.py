@@ -170,7 +170,8 @@ def gae(
     the value at the policy's next token (the state after the environment's
     answer) and ``A_t`` carries ``gamma * lam * A_{next valid}``: one factor
     ``gamma * lam`` per policy step, none per environment token. With a prefix
-    mask this is the usual recursion. Advantages are not whitened here; use :func:`rlhf_lightning.algorithms.ops.masked_whiten`.
+    mask this is the usual recursion. Advantages are not whitened here; use
+    :func:`rlhf_lightning.algorithms.ops.masked_whiten`.
 
     Args:
         rewards: ``(B, T)`` per-token rewards.
