@@ -6,6 +6,9 @@ config alone."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -373,3 +376,52 @@ def test_the_tiny_model_learns_a_two_turn_environment(estimator, tiny_dir, token
     _fit(module, hh_file, tokenizer, tmp_path, iterations=8, prompts=4 if estimator == "grpo" else 8, val_size=16)
     before, after = (evaluations[p]["eval/reward/environment"] for p in ("before", "after"))
     assert after > before + 0.3, (before, after)
+
+
+# --------------------------------------------------------------------------- by config alone
+
+
+def test_agent_config_errors_are_one_line_before_anything_loads(tmp_path):
+    """``ppo.agent`` as train.py composes it: a factory that cannot be imported, or a tool without a schema, is a
+    one-line ConfigError naming the setting (:func:`~rlhf_lightning.training.validate.validate_config`)."""
+    import rlhf_lightning.training.run  # noqa: F401  (registers the schemas and resolvers)
+    from conftest import compose_run_config
+    from rlhf_lightning.training.validate import ConfigError, validate_config
+
+    common = ["stage=ppo", "model=tiny", "algorithm=grpo", "reward_model_path=null"]
+    cfg = compose_run_config([*common, "ppo.agent.environment_factory=agent_envs.NoSuchEnv"], tmp_path)
+    with pytest.raises(ConfigError, match=r"ppo.agent.environment_factory='agent_envs.NoSuchEnv': cannot import"):
+        validate_config(cfg)
+    cfg = compose_run_config([*common, "ppo.agent.tools=[agent_envs.with_eos_bias]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"agent.tools\[0\]='agent_envs.with_eos_bias': no JSON schema"):
+        validate_config(cfg)
+
+
+@pytest.mark.slow
+def test_an_environment_outside_the_package_trains_by_config_alone(tmp_path, hh_file):
+    """train.py with Hydra overrides only: the number-guessing game of ``examples/guess_number.py`` (a file outside
+    the package, found by its dotted path) as the environment and its only reward, GRPO on the tiny model; then
+    the tool functions of ``tests/agent_envs.py`` with PPO+GAE's critic-free sibling ``reinforce_pp``."""
+    import csv
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), *sys.path])}
+    common = ["stage=ppo", "model=tiny", f"data.path={hh_file}", "reward_model_path=null", "iterations=2",
+              "batch_size=2", "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=4", "ppo.num_sample_prompts=2",
+              "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"]
+    runs = {"game": ["algorithm=grpo", "ppo.agent.environment_factory=examples.guess_number.GuessNumber",
+                     "ppo.agent.environment_kwargs={high: 5}", "ppo.agent.max_turns=3",
+                     "ppo.agent.observation_role=user"],
+            "tools": ["algorithm=reinforce_pp", "ppo.agent.tools=[agent_envs.add,agent_envs.divide]",
+                      "ppo.agent.max_turns=2", "reward.functions=[{fn: rlhf_lightning.rewards.verifiers."
+                      "soft_overlong_penalty, kwargs: {max_length: 40, cache_length: 20, unit: tokens}}]"]}
+    for name, overrides in runs.items():
+        run_dir = tmp_path / name
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides, f"hydra.run.dir={run_dir}"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        with open(run_dir / "csv" / "metrics.csv") as f:
+            header = next(csv.reader(f))
+        assert {"agent/turns", "agent/cut/turn_budget", "agent/errors/malformed_call"} <= set(header), name
+        if name == "game":
+            assert {"reward/environment", "agent/errors/no_number", "eval/reward/environment"} <= set(header)
+        assert (run_dir / "model" / "model.safetensors").exists()

@@ -33,8 +33,12 @@ SAMPLE_COLUMNS = ("phase", "step", "prompt", "response", "score", "rm_score", "e
 
 def sample_rows(tokenizer, exp: Experience, phase: str, step: int, limit: int) -> list[dict]:
     """The first ``limit`` rows of ``exp`` (its ``kl`` (N, R) set) decoded into dicts of :data:`SAMPLE_COLUMNS`,
-    with each reward function's unweighted reward as ``reward/<name>`` (when there are any)."""
+    with each reward function's unweighted reward as ``reward/<name>`` (when there are any) and, for multi-turn
+    rollouts, each episode's counts as ``agent/<name>`` (turns, tool calls, errors and cuts by kind:
+    :func:`~rlhf_lightning.rollout.agent.run_episodes`); a multi-turn response is the whole trajectory, the chat
+    template's role markers kept (:func:`~rlhf_lightning.rollout.sampler.decode_responses`)."""
     ro = exp.rollout
+    stats = ro.episode_stats or {}
     n = min(limit, exp.batch_size)
     prompts = tokenizer.batch_decode(ro.input_ids[:n, : ro.response_start], skip_special_tokens=True)
     responses = decode_responses(tokenizer, ro)[:n]
@@ -42,7 +46,8 @@ def sample_rows(tokenizer, exp: Experience, phase: str, step: int, limit: int) -
     return [{"phase": phase, "step": step, "prompt": p, "response": r,
              "score": float(exp.scores[i]), "rm_score": float(exp.rm_scores[i]),
              "ends_with_eos": bool(ro.ends_with_eos[i]), "kl": float(kl_seq[i]),
-             **{f"reward/{name}": float(values[i]) for name, values in exp.reward_components.items()}}
+             **{f"reward/{name}": float(values[i]) for name, values in exp.reward_components.items()},
+             **{f"agent/{name}": float(values[i]) for name, values in stats.items()}}
             for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
 
 
@@ -92,7 +97,9 @@ def evaluate_policy(module, phase: str, num_prompts: int, collect: Callable[...,
     - ``eval/score`` (the proxy: reward-model units, missing-EOS penalty included, plus the reward functions),
       ``eval/rm_score`` (the reward model alone), ``eval/kl`` (nats per response, ``kl_estimator``:
       :func:`~rlhf_lightning.algorithms.kl.kl_penalty` summed over the response's tokens), ``eval/eos_frac``,
-      ``eval/reward/<name>`` (each reward function), ``eval/judge/<name>`` (each judge,
+      ``eval/reward/<name>`` (each reward function; ``environment``: a multi-turn environment's rewards),
+      ``eval/agent/<name>`` (multi-turn: turns, tool calls, errors and cuts per episode), ``eval/judge/<name>``
+      (each judge,
       :func:`~rlhf_lightning.evaluation.judges.judge_scores`);
     - for the score and each judge, the bootstrap 95% interval of the mean over the prompts (``..._ci_low``,
       ``..._ci_high``; :func:`~rlhf_lightning.evaluation.diagnostics.bootstrap_ci`), and with ``baseline`` (the
@@ -167,7 +174,8 @@ _STAT_SUFFIXES = ("_ci_low", "_ci_high", "_change", "_change_ci_low", "_change_c
 
 def heldout_metrics(rows: list[dict], baseline: list[dict] | None = None) -> dict[str, float]:
     """The held-out evaluation's metrics from its rows (:func:`evaluate_policy`): the means of ``score``,
-    ``rm_score``, ``kl``, ``ends_with_eos`` (``eval/eos_frac``), ``reward/<name>`` and ``judge/<name>`` over the
+    ``rm_score``, ``kl``, ``ends_with_eos`` (``eval/eos_frac``), ``reward/<name>``, ``agent/<name>`` (multi-turn
+    rollouts) and ``judge/<name>`` over the
     prompts; for the score and each judge the bootstrap 95% interval of the mean; with ``baseline`` (rows of the
     same prompts, in the same order) the mean change, paired by prompt, and its interval.
 
@@ -182,7 +190,7 @@ def heldout_metrics(rows: list[dict], baseline: list[dict] | None = None) -> dic
     result = {"eval/score": mean([r["score"] for r in rows]), "eval/rm_score": mean([r["rm_score"] for r in rows]),
               "eval/kl": mean([r["kl"] for r in rows]),
               "eval/eos_frac": mean([float(r["ends_with_eos"]) for r in rows])}
-    extra = [key for key in rows[0] if key.startswith(("reward/", "judge/"))]
+    extra = [key for key in rows[0] if key.startswith(("reward/", "judge/", "agent/"))]
     result.update({f"eval/{key}": mean([r[key] for r in rows]) for key in extra})
     for key in ["score", *(k for k in extra if k.startswith("judge/"))]:
         values = [float(r[key]) for r in rows]
