@@ -412,7 +412,7 @@ def test_an_environment_outside_the_package_trains_by_config_alone(tmp_path, hh_
               "batch_size=2", "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=4", "ppo.num_sample_prompts=2",
               "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false"]
     runs = {"game": ["algorithm=grpo", "ppo.agent.environment_factory=examples.guess_number.GuessNumber",
-                     "ppo.agent.environment_kwargs={high: 5}", "ppo.agent.max_turns=3",
+                     "+ppo.agent.environment_kwargs.high=5", "ppo.agent.max_turns=3",
                      "ppo.agent.observation_role=user"],
             "tools": ["algorithm=reinforce_pp", "ppo.agent.tools=[agent_envs.add,agent_envs.divide]",
                       "ppo.agent.max_turns=2", "reward.functions=[{fn: rlhf_lightning.rewards.verifiers."

@@ -348,7 +348,8 @@ class AgentConfig:
     ``step(action) -> (observation, reward, done)`` (:class:`~rlhf_lightning.rollout.agent.Environment`).
     Its rewards, summed over the episode, are added to the score (``reward/environment``)."""
     environment_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of ``environment_factory``."""
+    """Keyword arguments of ``environment_factory`` (new keys from the command line with a ``+``:
+    ``+ppo.agent.environment_kwargs.high=10``)."""
     max_turns: int = 4
     """The policy's turns per episode at most (a positive integer); an episode still running after them ends
     there (``agent/cut/max_turns``)."""
