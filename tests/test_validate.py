@@ -341,7 +341,8 @@ def test_remote_or_missing_ckpt_path_is_an_error(reward_dir, tmp_path):
 @pytest.mark.parametrize("stage", ["value", "ppo"])
 def test_missing_reward_model_path_is_an_error(stage, tmp_path):
     message = _error([f"stage={stage}", "model=tiny"], tmp_path)
-    extra = " (or reward.functions, with reward_model_path=null)" if stage == "ppo" else ""
+    extra = (" (or reward.functions or ppo.agent.environment_factory, with reward_model_path=null)" if stage == "ppo"
+             else "")
     assert message == (f"reward_model_path is required for stage={stage}: "
                        f"pass reward_model_path=<reward run dir>/model{extra}")
 
