@@ -1,5 +1,6 @@
-"""GPU presets on the tiny model through train.py: bf16, DDP over NCCL, FSDP, DeepSpeed ZeRO 2/3 (reward and
-PPO; PPO under DeepSpeed runs with ppo.joint_optimizer, which the presets turn on).
+"""GPU presets on the tiny model through train.py: bf16, DDP over NCCL, FSDP2 (trainer=fsdp: every stage, LoRA,
+a sharded resume), DeepSpeed ZeRO 2/3 (reward and PPO; PPO under DeepSpeed runs with ppo.joint_optimizer, which the
+presets turn on).
 
 Marked ``gpu`` (left out of the default run: ``pytest -m gpu``) and skipped without CUDA (or with
 fewer GPUs / no ``deepspeed`` where a test needs them).
@@ -49,7 +50,31 @@ def test_ppo_ddp_nccl_two_gpus(tmp_path, hh_file, tiny_dir):
 
 @two_gpus
 def test_reward_fsdp_two_gpus(tmp_path, hh_file):
-    _reward(tmp_path, hh_file, "trainer=fsdp", "trainer.devices=2")
+    """FSDP2 over NCCL (trainer=fsdp: bf16 params, fp32 reduction), a sharded checkpoint resumed with
+    ckpt_path=last, and the export gathered on every rank."""
+    run_dir = _reward(tmp_path, hh_file, "trainer=fsdp", "trainer.devices=2", "trainer.enable_checkpointing=true")
+    assert (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a directory of DCP shards
+    _train("stage=reward", "model=tiny", f"data.path={hh_file}", "data.val_size=8", "reward.max_length=64",
+           "reward.batch_size=4", "trainer.max_steps=6", "trainer=fsdp", "trainer.devices=2", "ckpt_path=last",
+           run_dir=run_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+
+
+@two_gpus
+@pytest.mark.parametrize("extra", [[], ["model.lora.r=4"]], ids=["full", "lora"])
+def test_ppo_grpo_and_dpo_fsdp_two_gpus(extra, tmp_path, hh_file, tiny_dir):
+    """FSDP2 over NCCL: critic-free PPO and DPO, with full weights and with LoRA adapters."""
+    ppo_dir = _ppo(tmp_path, hh_file, tiny_dir, "trainer=fsdp", "trainer.devices=2", "algorithm=grpo",
+                   "ppo.num_generations=2", *extra)
+    if extra:
+        assert (ppo_dir / "model_adapter" / "adapter_model.safetensors").exists()
+    dpo_dir = tmp_path / "dpo"
+    _train("stage=dpo", "model=tiny", f"data.path={hh_file}", "dpo.max_length=64", "dpo.batch_size=2",
+           "trainer.max_steps=2", "trainer.enable_checkpointing=false", "trainer=fsdp", "trainer.devices=2", *extra,
+           run_dir=dpo_dir)
+    assert (dpo_dir / "model" / "model.safetensors").exists()
 
 
 @two_gpus
@@ -78,7 +103,7 @@ def test_ppo_deepspeed_two_gpus(preset, tmp_path, hh_file, tiny_dir):
 
 @two_gpus
 def test_value_and_ppo_fsdp_two_gpus(tmp_path, hh_file, tiny_dir):
-    """Value and PPO under FSDP: generation with sharded parameters, both PPO optimizers stepping."""
+    """Value and PPO under FSDP2: generation with sharded parameters, both PPO optimizers stepping."""
     value_dir = tmp_path / "value"
     _train("stage=value", "model=tiny", f"data.path={hh_file}", f"reward_model_path={tiny_dir}", "iterations=2",
            "batch_size=4", "value.generation.max_new_tokens=8", "trainer.enable_checkpointing=false",

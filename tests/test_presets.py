@@ -26,7 +26,7 @@ def _compose(overrides: list[str], tmp_path: Path):
 
 def test_every_trainer_preset_is_tested():
     assert {p.stem for p in (CONF / "trainer").glob("*.yaml")} == {
-        "cpu", "gpu", "gpu_per_job", "ddp", "ddp_cpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+        "cpu", "gpu", "gpu_per_job", "ddp", "ddp_cpu", "fsdp", "fsdp_cpu", "deepspeed_zero2", "deepspeed_zero3"}
 
 
 def test_cpu_trainer_presets_instantiate(tmp_path):
@@ -39,15 +39,53 @@ def test_cpu_trainer_presets_instantiate(tmp_path):
     assert trainer.strategy._start_method == "spawn" and trainer.strategy._process_group_backend == "gloo"
 
 
+def test_fsdp_cpu_preset_is_fsdp2_over_gloo(tmp_path):
+    """trainer=fsdp_cpu: FSDP2 (ModelParallelStrategy) on 2 CPU processes, spawned, every rank data-parallel, its
+    sharding settings in one FSDP2Settings; no FSDP1 wrap policy anywhere."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from rlhf_lightning.config.schema import FSDP2Settings
+    from rlhf_lightning.training.fsdp2 import FSDP2Strategy
+
+    trainer = instantiate(_compose(["trainer=fsdp_cpu"], tmp_path).trainer, logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, FSDP2Strategy) and isinstance(strategy, ModelParallelStrategy)
+    assert trainer.num_devices == 2 and strategy._start_method == "spawn"
+    assert strategy._process_group_backend == "gloo" and strategy._tensor_parallel_size == 1
+    assert strategy.settings == FSDP2Settings()  # fp32, shards freed after each forward, frozen networks sharded
+    assert not any("auto_wrap" in str(v) for v in OmegaConf.to_container(_compose(["trainer=fsdp_cpu"], tmp_path)
+                                                                         .trainer.strategy).keys())
+
+
+def test_fsdp2_settings_are_checked_with_one_line_naming_the_key(tmp_path):
+    from rlhf_lightning.training.fsdp2 import FSDP2Strategy
+    from rlhf_lightning.training.validate import ConfigError, validate_config
+
+    with pytest.raises(ValueError, match=r"^trainer.strategy.frozen_networks='copy': expected one of shard, "):
+        FSDP2Strategy(frozen_networks="copy")
+    with pytest.raises(TypeError, match=r"^trainer.strategy.cpu_offload='yes' must be true or false$"):
+        FSDP2Strategy(cpu_offload="yes")
+    for override, message in [
+            ("trainer.strategy.param_dtype=fp8", r"^trainer.strategy.param_dtype='fp8': expected one of float32, "),
+            ("trainer.precision=bf16-mixed", r"^trainer.precision=bf16-mixed under FSDP2: use 32-true"),
+            ("critic.share_base=true", r"^critic.share_base=true is not supported under FSDP2"),
+            ("trainer.strategy.frozen_networks=replicate trainer.strategy.cpu_offload=true",
+             r"^trainer.strategy.cpu_offload=True needs frozen_networks=shard")]:
+        cfg = _compose(["trainer=fsdp_cpu", *override.split()], tmp_path)
+        with pytest.raises(ConfigError, match=message):
+            validate_config(cfg)
+
+
 @pytest.mark.parametrize("preset, strategy", [
     ("gpu", None), ("ddp", "lightning.pytorch.strategies.DDPStrategy"),
-    ("fsdp", "lightning.pytorch.strategies.FSDPStrategy"),
+    ("fsdp", "rlhf_lightning.training.fsdp2.FSDP2Strategy"),
     ("deepspeed_zero2", "lightning.pytorch.strategies.DeepSpeedStrategy"),
     ("deepspeed_zero3", "lightning.pytorch.strategies.DeepSpeedStrategy"),
 ])
 def test_gpu_trainer_presets_compose(preset, strategy, tmp_path):
     trainer = _compose([f"trainer={preset}"], tmp_path).trainer
-    assert trainer.accelerator == "gpu" and trainer.precision == "bf16-mixed"
+    assert trainer.accelerator == "gpu"
+    assert trainer.precision == ("32-true" if preset == "fsdp" else "bf16-mixed")  # FSDP2: bf16 param_dtype
     if strategy is None:
         assert trainer.strategy == "auto"
         return
@@ -56,10 +94,10 @@ def test_gpu_trainer_presets_compose(preset, strategy, tmp_path):
     if preset == "ddp":
         assert resolved["start_method"] == "spawn" and resolved["process_group_backend"] == "nccl"
     if preset == "fsdp":  # the strategy object itself needs no GPU
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
         fsdp = instantiate(trainer.strategy)
-        assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+        assert resolved["start_method"] == "spawn" and resolved["process_group_backend"] == "nccl"
+        assert (fsdp.settings.param_dtype, fsdp.settings.reduce_dtype) == ("bfloat16", "float32")
+        assert fsdp.settings.reshard_after_forward and fsdp.settings.frozen_networks == "shard"
 
 
 @pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3"])

@@ -21,7 +21,9 @@ setting as the run config does (``ppo.clip_eps=1.5 must be in (0, 1)``).
 - :class:`GenerationConfig`: ``value.generation``, ``ppo.generation``, ``dpo.generation``;
 - :class:`VLLMConfig`: ``ppo.generation.vllm`` (the vLLM rollout engine, ``ppo.generation.backend=vllm``);
 - :class:`EvalConfig`: ``eval`` (the held-out evaluation's judges and schedule, PPO and DPO);
-- :class:`AgentConfig`: ``ppo.agent`` (multi-turn rollouts with tools or an environment).
+- :class:`AgentConfig`: ``ppo.agent`` (multi-turn rollouts with tools or an environment);
+- :class:`FSDP2Settings`: the sharding settings of ``trainer=fsdp`` / ``trainer=fsdp_cpu`` (the keyword arguments
+  of :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy`, ``trainer.strategy.*``).
 """
 
 from __future__ import annotations
@@ -753,3 +755,49 @@ class DPOConfig:
     def average_logps(self) -> bool:
         """Whether the loss reads length-averaged response log-probabilities (IPO) instead of sums."""
         return self.loss_type == "ipo"
+
+
+#: Dtypes :class:`FSDP2Settings` takes for ``param_dtype`` and ``reduce_dtype`` (null: the parameters' own).
+FSDP2_DTYPES = ("float32", "bfloat16", "float16")
+#: What :class:`FSDP2Settings` does with the frozen networks (PPO's and DPO's reference, the reward model, the
+#: value stage's policy): ``shard`` them per block as the trained ones (each rank holds 1/N of their weights,
+#: gathered block by block in each forward), or ``replicate`` them (a whole copy on every rank, no communication).
+FROZEN_PLACEMENTS = ("shard", "replicate")
+
+
+@dataclass
+class FSDP2Settings:
+    """How :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy` shards the networks with FSDP2 (torch's
+    ``fully_shard``,
+    per decoder block; :func:`~rlhf_lightning.models.sharding.shard_model`). The keyword arguments of the
+    strategy, so ``trainer.strategy.<name>`` in ``conf/trainer/fsdp.yaml`` and ``fsdp_cpu.yaml`` is the one
+    place they are written.
+    """
+
+    reshard_after_forward: bool = True
+    """Free each block's gathered weights after its forward and gather them again in the backward (ZeRO-3's
+    memory); false keeps them from the forward to the backward (ZeRO-2's: less communication, more memory)."""
+    param_dtype: str | None = None
+    """Mixed precision (torch's ``MixedPrecisionPolicy``): the dtype the gathered weights are cast to for the
+    forward and backward (``bfloat16`` on GPUs, ``float32``, ``float16``); the shards and the optimizer
+    stay in the loaded dtype. null: no cast."""
+    reduce_dtype: str | None = None
+    """The dtype gradients are reduce-scattered in (``float32`` with ``param_dtype=bfloat16``: exact sums of
+    bf16 gradients); null: ``param_dtype``'s."""
+    cpu_offload: bool = False
+    """Keep the shards, their gradients and the optimizer states in CPU memory between uses (torch's
+    ``CPUOffloadPolicy``): GPUs only; the optimizer steps on the CPU."""
+    frozen_networks: str = FROZEN_PLACEMENTS[0]
+    """``shard`` or ``replicate`` the frozen networks (:data:`FROZEN_PLACEMENTS`)."""
+
+    def __post_init__(self):
+        check_bool("reshard_after_forward", self.reshard_after_forward)
+        check_bool("cpu_offload", self.cpu_offload)
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None:
+                check_choice(name, value, FSDP2_DTYPES)
+        check_choice("frozen_networks", self.frozen_networks, FROZEN_PLACEMENTS)
+        if self.cpu_offload and self.frozen_networks != "shard":
+            raise ValueError(f"cpu_offload={self.cpu_offload} needs frozen_networks=shard (got "
+                             f"{self.frozen_networks}): a replicated network would stay in CPU memory")

@@ -18,6 +18,7 @@ from rlhf_lightning.algorithms.ops import (
 )
 from rlhf_lightning.models.lora import own_adapter_active
 from rlhf_lightning.models.parts import score_head
+from rlhf_lightning.models.sharding import is_sharded
 from rlhf_lightning.models.trunk import TrunkOutput, model_above, upper_view
 
 
@@ -91,7 +92,10 @@ def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
     padding a row's real tokens never see its padding, so the scores equal the padded batch's
     (up to float rounding), for a fraction of the compute when lengths vary (preference
     batches: chosen and rejected responses of different lengths). Rows that are not
-    right-padded (a zero before a one in the mask) fall back to one padded forward.
+    right-padded (a zero before a one in the mask) fall back to one padded forward, and so does
+    a sharded model (:func:`~rlhf_lightning.models.sharding.is_sharded`): every rank must run the
+    same number of forwards (each gathers the weights with the other ranks), and the number of
+    groups depends on the rank's rows.
 
     Args:
         input_ids, attention_mask: (N, L) right-padded sequences (long).
@@ -100,6 +104,8 @@ def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
     Returns:
         (N,) float32 scores, differentiable like :func:`sequence_scores`.
     """
+    if is_sharded(model):
+        return sequence_scores(model, input_ids, attention_mask)
     lengths = attention_mask.sum(1)
     if not torch.equal(attention_mask.long().cumprod(1).sum(1), lengths):  # one host sync
         return sequence_scores(model, input_ids, attention_mask)

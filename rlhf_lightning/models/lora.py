@@ -361,8 +361,19 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
                 layer.enable_adapters(True)
 
 
+def _delta_from_state(module: nn.Module, name: str, adapter: str, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``peft``'s ``get_delta_weight`` of the LoRA layer ``module`` (named ``name``) computed from ``state_dict``'s
+    tensors instead of the layer's own: (B·A, transposed for ``fan_in_fan_out`` layers) × the adapter's scale."""
+    b = state_dict[f"{name}.lora_B.{adapter}.weight"]
+    a = state_dict[f"{name}.lora_A.{adapter}.weight"]
+    delta = b.float() @ a.float() if b.dtype in (torch.float16, torch.bfloat16) else b @ a
+    delta = delta.T if getattr(module, "fan_in_fan_out", False) else delta
+    return (delta * module.scaling[adapter]).to(b.dtype)
+
+
 @torch.no_grad()
-def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_named_weights(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """The weights of ``model`` with its adapters merged in, as ``(name, tensor)`` pairs named as in the plain
     transformers model (what a generation engine such as vLLM loads, or ``save_pretrained`` writes).
 
@@ -371,15 +382,24 @@ def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     ``state_dict`` as it is. The tensors are new for the merged layers and the model's own (detached) for the
     rest: do not modify them in place.
 
+    Args:
+        state_dict: the model's whole weights to merge instead of its own (a sharded model's, gathered with
+            :func:`~rlhf_lightning.training.fsdp2.full_state_dict`): the layers give only their names and scales.
+
     Yields:
         ``(name, tensor)`` for every entry of the plain model's ``state_dict``.
     """
     from peft.tuners.lora import LoraLayer
 
     adapter = adapter_of(model)
-    deltas = {f"{name}.base_layer.weight": module.get_delta_weight(adapter)
-              for name, module in model.named_modules() if isinstance(module, LoraLayer) and adapter in module.lora_A}
-    for key, tensor in model.state_dict().items():
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, LoraLayer) and adapter in module.lora_A]
+    if state_dict is None:
+        deltas = {f"{name}.base_layer.weight": module.get_delta_weight(adapter) for name, module in layers}
+    else:
+        deltas = {f"{name}.base_layer.weight": _delta_from_state(module, name, adapter, state_dict)
+                  for name, module in layers}
+    for key, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if ".lora_" in key:
             continue
         if key in deltas:
@@ -387,25 +407,38 @@ def merged_named_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         yield key.replace(".base_layer.", "."), tensor
 
 
-def merged_model(model: nn.Module) -> nn.Module:
-    """A plain transformers model (same class, no adapters) holding :func:`merged_named_weights` of ``model``.
+def merged_model(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A plain transformers model (same class, no adapters) holding :func:`merged_named_weights` of ``model``
+    (of ``state_dict``, the model's whole weights, when given).
 
     Built on the meta device and filled by assignment, so it costs only the merged layers' new tensors.
     For export (its non-persistent buffers stay on the meta device: do not run it).
     """
     with torch.device("meta"):
-        plain = type(model)(copy.deepcopy(model.config))
-    plain.load_state_dict(dict(merged_named_weights(model)), strict=True, assign=True)
+        plain = _plain_class(model)(copy.deepcopy(model.config))
+    plain.load_state_dict(dict(merged_named_weights(model, state_dict)), strict=True, assign=True)
     return plain
 
 
-def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = ()) -> Path:
+def _plain_class(model: nn.Module) -> type:
+    """The transformers class of ``model`` as loaded: FSDP2 gives a sharded module a class of its own
+    (``FSDP<name>``, a subclass of the model's class), which ``save_pretrained`` would record in the config."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    return cls.__mro__[2] if issubclass(cls, FSDPModule) and cls.__mro__[1] is FSDPModule else cls
+
+
+def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = (),
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter of ``model`` as ``peft`` does: ``adapter_config.json`` and ``adapter_model.safetensors``
     (keys ``base_model.model.<name>``), loadable with ``peft.PeftModel.from_pretrained(base_model, directory)``.
 
     Args:
         head_names: modules trained in full beside the adapters (a scalar model's ``score``): listed in the
             config's ``modules_to_save`` and their weights saved with the adapter.
+        state_dict: the model's whole weights to take the adapter and heads from instead of its own (a sharded
+            model's, gathered with :func:`~rlhf_lightning.training.fsdp2.full_state_dict`).
 
     Raises:
         ValueError: the model has no adapter.
@@ -418,9 +451,11 @@ def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     adapter = adapter_of(model)
-    state = dict(get_peft_model_state_dict(model, adapter_name=adapter))
+    state = dict(get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter))
     for head in head_names:
-        for name, tensor in getattr(model, head).state_dict().items():
+        head_state = (getattr(model, head).state_dict() if state_dict is None else
+                      {k[len(head) + 1:]: v for k, v in state_dict.items() if k.startswith(head + ".")})
+        for name, tensor in head_state.items():
             state[f"{head}.{name}"] = tensor
     save_file({f"base_model.model.{k}": v.detach().contiguous() for k, v in state.items()},
               directory / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -435,12 +470,14 @@ def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str,
     return directory
 
 
-def save_lora_export(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = ()) -> Path:
+def save_lora_export(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = (),
+                     state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a LoRA network's export: the merged model to ``directory`` (``save_pretrained``) and its adapter to
-    ``<directory>_adapter`` (:func:`save_adapter`). Returns the adapter's directory."""
-    merged_model(model).save_pretrained(directory, safe_serialization=True)
+    ``<directory>_adapter`` (:func:`save_adapter`), from ``state_dict`` (its whole weights) when given. Returns the
+    adapter's directory."""
+    merged_model(model, state_dict).save_pretrained(directory, safe_serialization=True)
     adapter_dir = Path(str(directory).rstrip("/") + ADAPTER_SUFFIX)
-    save_adapter(model, adapter_dir, head_names)
+    save_adapter(model, adapter_dir, head_names, state_dict)
     meta = {"merged_model": str(directory), "r": model.peft_config[adapter_of(model)].r}
     (adapter_dir / "rlhf_lightning.json").write_text(json.dumps(meta) + "\n")
     return adapter_dir
@@ -454,7 +491,8 @@ def trainable_state_keys(model: nn.Module) -> set[str]:
 
 def network_memory(model: nn.Module, seen: set[int] | None = None) -> dict[str, int]:
     """Size of a network: ``parameters`` and ``trainable`` (counts) and ``bytes`` of its weights and
-    buffers, each storage counted once (tied weights share storage).
+    buffers, each storage counted once (tied weights share storage). A network sharded with FSDP2 (``DTensor``
+    parameters): the whole network's counts, and the bytes this rank holds (its shards).
 
     Args:
         seen: storages already counted (by another network that shares them: the policy's base under a critic
@@ -466,6 +504,7 @@ def network_memory(model: nn.Module, seen: set[int] | None = None) -> dict[str, 
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     for tensor in [*model.parameters(), *model.buffers()]:
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor: this rank's shard
         key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
         if key not in seen:
             seen.add(key)

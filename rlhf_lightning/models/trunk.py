@@ -308,7 +308,11 @@ def shared_trunk_for(strategy: object, enabled: bool, models: dict[str, nn.Modul
         the probe failed).
     """
     name = type(strategy).__name__
-    if not enabled or "FSDP" in name or "DeepSpeed" in name:
+    if not enabled:
+        return None
+    if "FSDP" in name or "DeepSpeed" in name:
+        log.warning("shared frozen trunk off under %s: its blocks are sharded units, not modules that can run one "
+                    "range at a time (share_trunk=false silences this)", name)
         return None
     present = {k: m for k, m in models.items() if m is not None}
     trunk = SharedTrunk(present, [g for g in groups if all(n in present for n in g)])

@@ -170,14 +170,20 @@ def make_grouped_optimizer(groups, total_steps: float | None = None, fused: bool
     return optimizer, scheduler
 
 
-def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None) -> Path | None:
+def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None,
+                      state_dict: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Write ``model`` (``save_pretrained``, safetensors) and its tokenizer to ``directory``.
 
     A LoRA network (:func:`~rlhf_lightning.models.lora.has_lora`) is written merged (loadable by plain
     transformers, as a full fine-tune) and its adapter beside it in ``<directory>_adapter`` (loadable by
     ``peft``; a scalar model's head is saved with it, :func:`~rlhf_lightning.models.lora.save_lora_export`).
 
-    Call on the global-zero rank only. ``None`` skips the export. Returns the directory.
+    Call on the global-zero rank only (a sharded network: :func:`export_trained` on every rank). ``None`` skips
+    the export. Returns the directory.
+
+    Args:
+        state_dict: the weights to write instead of ``model``'s own (a sharded network's, gathered by
+            :func:`~rlhf_lightning.training.fsdp2.full_state_dict`); ``model`` then gives the config and the class.
     """
     from rlhf_lightning.models.lora import has_lora, save_lora_export
     from rlhf_lightning.models.parts import SCALAR_HEAD_NAMES
@@ -188,14 +194,38 @@ def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None)
     directory.mkdir(parents=True, exist_ok=True)
     if has_lora(model):
         heads = tuple(name for name in SCALAR_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Linear))
-        adapter_dir = save_lora_export(model, directory, heads)
+        adapter_dir = save_lora_export(model, directory, heads, state_dict=state_dict)
         log.info("wrote the LoRA adapter of %s to %s", type(model).__name__, adapter_dir)
     else:
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     log.info("wrote %s to %s", type(model).__name__, directory)
     return directory
+
+
+def export_trained(module, model: nn.Module | None, tokenizer, directory: str | Path | None) -> Path | None:
+    """:func:`export_pretrained` of one of ``module``'s networks, called on every rank at the end of fit.
+
+    Under :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy` every rank takes part in gathering the network's whole
+    weights (:func:`~rlhf_lightning.training.fsdp2.full_state_dict`, a collective) and the global-zero rank writes them;
+    elsewhere the global-zero rank writes its own copy and the other ranks do nothing (no communication). Then
+    every rank waits for the files (``strategy.barrier``), so a rank that goes on to read them finds them.
+
+    Returns:
+        The directory on the global-zero rank, else ``None``; ``None`` also when ``model`` or ``directory`` is
+        ``None`` (nothing written, nothing gathered).
+    """
+    from rlhf_lightning.models.sharding import is_sharded
+    from rlhf_lightning.training.fsdp2 import fsdp2_settings, full_state_dict
+
+    if model is None or directory is None:
+        return None
+    trainer = module.trainer
+    state = full_state_dict(model) if fsdp2_settings(module) is not None and is_sharded(model) else None
+    written = export_pretrained(model, tokenizer, directory, state_dict=state) if trainer.is_global_zero else None
+    trainer.strategy.barrier("export")
+    return written
 
 
 def find_shared_trunk(module, enabled: bool):
@@ -246,17 +276,23 @@ def drop_frozen_lora_weights(state_dict: dict, networks: dict[str, nn.Module | N
 
 
 def check_lora_strategy(strategy: object, networks: dict[str, nn.Module | None]) -> None:
-    """Refuse LoRA networks under a sharded strategy (FSDP, DeepSpeed).
+    """Refuse LoRA networks under FSDP1 (Lightning's ``FSDPStrategy``) and DeepSpeed.
 
     Their parameters are flattened or partitioned there, which the adapters' switching off (PPO's reference),
-    the merged export and the adapter-only checkpoints do not handle; DDP and single-device strategies take it.
+    the merged export and the adapter-only checkpoints do not handle; DDP, single-device strategies and FSDP2
+    (:class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy`: parameters stay per module, sharded on their first
+    dimension,
+    the exports merge the gathered weights) take it.
 
     Raises:
         ValueError: one line naming the strategy and ``model.lora.r``.
     """
     from rlhf_lightning.models.lora import has_lora
+    from rlhf_lightning.training.fsdp2 import FSDP2Strategy
 
     name = type(strategy).__name__
+    if isinstance(strategy, FSDP2Strategy):
+        return
     if ("FSDP" in name or "DeepSpeed" in name) and any(has_lora(m) for m in networks.values()):
         raise ValueError(f"model.lora.r is set but {name} cannot train LoRA networks here: use trainer=ddp or a "
                          "single device, or model.lora.r=null")

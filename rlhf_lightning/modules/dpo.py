@@ -19,13 +19,14 @@ from rlhf_lightning.models.lora import adapters_disabled, has_lora, log_network_
 from rlhf_lightning.modules.common import (
     check_lora_strategy,
     drop_frozen_lora_weights,
-    export_pretrained,
+    export_trained,
     fused_adamw_allowed,
     make_optimizer,
     scheduler_total_steps,
 )
 from rlhf_lightning.rollout.experience import Experience, adapter_off_logprobs, make_experience
 from rlhf_lightning.rollout.sampler import generate, prompt_noise
+from rlhf_lightning.training.fsdp2 import shard_networks
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,11 @@ class DPOModule(L.LightningModule):
         """Refuse a LoRA policy under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
         check_lora_strategy(self.trainer.strategy, {"policy": self.policy})
 
+    def configure_model(self) -> None:
+        """Under FSDP2 (``trainer=fsdp``), shard the policy, and the frozen networks unless
+        ``trainer.strategy.frozen_networks=replicate`` (:func:`~rlhf_lightning.training.fsdp2.shard_networks`)."""
+        shard_networks(self, trained=("policy",), frozen=("ref_policy", "reward_model"))
+
     def on_fit_start(self) -> None:
         """Log each network's size; the reference's one pass over the data (:meth:`precompute_reference`),
         before any step."""
@@ -259,9 +265,9 @@ class DPOModule(L.LightningModule):
         return self.heldout.evaluate(self, phase)
 
     def on_train_end(self) -> None:
-        """Export the trained policy on the global-zero rank (after the held-out evaluation's ``after``)."""
-        if self.trainer.is_global_zero and self.export_dir:
-            export_pretrained(self.policy, self.tokenizer, self.export_dir)
+        """Export the trained policy (after the held-out evaluation's ``after``), gathered with every rank taking
+        part under FSDP2 (:func:`~rlhf_lightning.modules.common.export_trained`)."""
+        export_trained(self, self.policy, self.tokenizer, self.export_dir)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave the frozen reference and reward model out (they are reloaded from their sources), and a LoRA

@@ -32,7 +32,7 @@ from rlhf_lightning.modules.common import (
     batch_counts,
     check_lora_strategy,
     drop_frozen_lora_weights,
-    export_pretrained,
+    export_trained,
     find_shared_trunk,
     gather_rows,
     make_grouped_optimizer,
@@ -50,6 +50,7 @@ from rlhf_lightning.rollout.experience import (
     make_experience,
 )
 from rlhf_lightning.rollout.sampler import Rollout, generate, prompt_noise, run_seed, select_rows, stack_rollouts
+from rlhf_lightning.training.fsdp2 import shard_networks
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,11 @@ class PPOModule(L.LightningModule):
         self.engine = None  # the vLLM rollout engine (ppo.generation.backend=vllm), built in on_fit_start
         self.sampling_seed = run_seed()  # the sampling noise's seed (responses keyed by prompt, not by rank)
 
+    def configure_model(self) -> None:
+        """Under FSDP2 (``trainer=fsdp``), shard the policy and the critic, and the frozen networks unless
+        ``trainer.strategy.frozen_networks=replicate`` (:func:`~rlhf_lightning.training.fsdp2.shard_networks`)."""
+        shard_networks(self, trained=("policy", "critic"), frozen=("ref_policy", "reward_model"))
+
     def on_fit_start(self) -> None:
         """Log each network's size; find the frozen lower blocks the four networks share (``ppo.share_trunk``);
         with ``ppo.generation.backend=vllm``, build this rank's vLLM engine from the policy (:meth:`build_engine`)."""
@@ -245,11 +251,11 @@ class PPOModule(L.LightningModule):
             ImportError: vLLM is not installed (one line naming the extra).
             ValueError: a sharded strategy (FSDP, DeepSpeed): the engine needs each rank's whole policy.
         """
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
         from rlhf_lightning.rollout.vllm_engine import VLLMEngine
 
-        if isinstance(self.trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
             raise ValueError("ppo.generation.backend=vllm needs each rank's whole policy: use a single device or "
                              "DDP (trainer=ddp), not FSDP or DeepSpeed")
         gen = self.ppo.generation
@@ -796,12 +802,12 @@ class PPOModule(L.LightningModule):
         return self.heldout.evaluate(self, phase)
 
     def on_train_end(self) -> None:
-        """Export the trained policy (and critic) on the global-zero rank (after the held-out evaluation's
-        ``after``, which its callback runs first)."""
-        if self.trainer.is_global_zero and self.export_dir:
-            export_pretrained(self.policy, self.tokenizer, self.export_dir)
-            if self.critic is not None:
-                export_pretrained(self.critic, self.tokenizer, str(self.export_dir).rstrip("/") + "_critic")
+        """Export the trained policy (and critic) after the held-out evaluation's ``after`` (which its callback runs
+        first), gathered with every rank taking part under FSDP2
+        (:func:`~rlhf_lightning.modules.common.export_trained`)."""
+        if self.export_dir:
+            export_trained(self, self.policy, self.tokenizer, self.export_dir)
+            export_trained(self, self.critic, self.tokenizer, str(self.export_dir).rstrip("/") + "_critic")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

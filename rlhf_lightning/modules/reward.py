@@ -18,11 +18,12 @@ from rlhf_lightning.models.trunk_cache import TrunkCache, cacheable_depth
 from rlhf_lightning.modules.common import (
     check_lora_strategy,
     drop_frozen_lora_weights,
-    export_pretrained,
+    export_trained,
     fused_adamw_allowed,
     make_optimizer,
     scheduler_total_steps,
 )
+from rlhf_lightning.training.fsdp2 import shard_networks
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ class RewardModule(L.LightningModule):
         """Refuse a LoRA model under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
         check_lora_strategy(self.trainer.strategy, {"model": self.model})
 
+    def configure_model(self) -> None:
+        """Under FSDP2 (``trainer=fsdp``), shard the model per decoder block
+        (:func:`~rlhf_lightning.training.fsdp2.shard_networks`)."""
+        shard_networks(self, trained=("model",))
+
     def on_fit_start(self) -> None:
         """Log the model's size (parameters, trainable parameters, bytes of weights); with ``cache_trunk``, start
         the :class:`~rlhf_lightning.models.trunk_cache.TrunkCache` (or say in the log why not)."""
@@ -195,11 +201,12 @@ class RewardModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        """Export the model and tokenizer to ``export_dir``, with ``split.json`` beside them: the datamodule's
-        :meth:`~rlhf_lightning.data.PreferenceDataModule.split_record` (which source rows it trained on and which
-        it held out), when it has one; what shows that a judge's training pairs are not the proxy's."""
-        if self.trainer.is_global_zero:
-            directory = export_pretrained(self.model, self.tokenizer, self.export_dir)
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if directory is not None and hasattr(datamodule, "split_record"):
-                (directory / SPLIT_RECORD).write_text(json.dumps(datamodule.split_record(), indent=1))
+        """Export the model and tokenizer to ``export_dir`` (every rank takes part: the weights are gathered under
+        FSDP2, :func:`~rlhf_lightning.modules.common.export_trained`), with ``split.json`` beside them, written by the
+        global-zero rank: the datamodule's :meth:`~rlhf_lightning.data.PreferenceDataModule.split_record` (which
+        source rows it trained on and which it held out), when it has one; what shows that a judge's training pairs
+        are not the proxy's."""
+        directory = export_trained(self, self.model, self.tokenizer, self.export_dir)  # None except on rank 0
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if directory is not None and hasattr(datamodule, "split_record"):
+            (directory / SPLIT_RECORD).write_text(json.dumps(datamodule.split_record(), indent=1))

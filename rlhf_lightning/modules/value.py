@@ -18,7 +18,7 @@ from rlhf_lightning.modules.common import (
     batch_counts,
     check_lora_strategy,
     drop_frozen_lora_weights,
-    export_pretrained,
+    export_trained,
     find_shared_trunk,
     fused_adamw_allowed,
     make_optimizer,
@@ -27,6 +27,7 @@ from rlhf_lightning.modules.common import (
 )
 from rlhf_lightning.rollout.experience import make_experience
 from rlhf_lightning.rollout.sampler import generate, prompt_noise, run_seed
+from rlhf_lightning.training.fsdp2 import shard_networks
 
 
 class ValueModule(L.LightningModule):
@@ -71,6 +72,11 @@ class ValueModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse a LoRA critic under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
         check_lora_strategy(self.trainer.strategy, {"critic": self.critic})
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``trainer=fsdp``), shard the critic, and the frozen networks unless
+        ``trainer.strategy.frozen_networks=replicate`` (:func:`~rlhf_lightning.training.fsdp2.shard_networks`)."""
+        shard_networks(self, trained=("critic",), frozen=("policy", "ref_policy", "reward_model"))
 
     def on_fit_start(self) -> None:
         """Log each network's size; find the frozen lower blocks the networks share (``value.share_trunk``)."""
@@ -138,5 +144,4 @@ class ValueModule(L.LightningModule):
         drop_frozen_lora_weights(state, {"critic": self.critic})
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero:
-            export_pretrained(self.critic, self.tokenizer, self.export_dir)
+        export_trained(self, self.critic, self.tokenizer, self.export_dir)  # every rank: gathered under FSDP2

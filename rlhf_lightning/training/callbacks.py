@@ -196,7 +196,7 @@ class NonFiniteGuard(Callback):
         # Under fp16 AMP the GradScaler skips overflowing steps itself (and they are routine while it
         # calibrates its scale): only the loss is checked then.
         scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
-        grads = [] if scaled else [p.grad for p in params if p.grad is not None]
+        grads = [] if scaled else [_local(p.grad) for p in params if p.grad is not None]
         finite = [torch.isfinite(g).all().to(grads[0].device) for g in grads]
         grads_finite = not grads or bool(torch.stack(finite).all())  # one device sync
         bad_here = not (self._loss_finite and grads_finite)
@@ -238,6 +238,13 @@ def any_rank(trainer, flag: bool) -> bool:
     strategy = trainer.strategy
     value = torch.tensor(float(flag), device=strategy.root_device)
     return bool(strategy.reduce(value, reduce_op="max") > 0)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (``DTensor``) gradient under FSDP2, else the tensor itself: each rank checks
+    its own shard, and :func:`any_rank` combines the answers."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def _drop_grads(params: list[torch.Tensor]) -> None:

@@ -528,8 +528,8 @@ def _check_settings(cfg: DictConfig) -> None:
 
 def _check_lora(cfg: DictConfig) -> None:
     """``model.lora`` builds (:class:`~rlhf_lightning.config.schema.LoRASettings`); with ``r`` set, no
-    ``model.trainable_layers`` (``model.lora.layers`` limits the adapters instead) and no sharded strategy
-    (:func:`rlhf_lightning.modules.common.check_lora_strategy` says why)."""
+    ``model.trainable_layers`` (``model.lora.layers`` limits the adapters instead) and no FSDP1 or DeepSpeed
+    strategy (:func:`rlhf_lightning.modules.common.check_lora_strategy` says why; FSDP2 takes LoRA)."""
     node = OmegaConf.select(cfg, "model.lora", default=None)
     if node is None:
         return
@@ -544,9 +544,47 @@ def _check_lora(cfg: DictConfig) -> None:
                           "limits the adapters to the top blocks")
     strategy = _get(cfg, "trainer.strategy")
     target = strategy.get("_target_") if isinstance(strategy, DictConfig) else strategy
-    if isinstance(target, str) and ("deepspeed" in target.lower() or "fsdp" in target.lower()):
+    if isinstance(target, str) and ("deepspeed" in target.lower() or "fsdp" in target.lower()) \
+            and not target.endswith("FSDP2Strategy"):
         raise ConfigError(f"model.lora.r is set but trainer.strategy={target} cannot train LoRA networks here: "
                           "use trainer=ddp or a single device, or model.lora.r=null")
+
+
+#: Keys of ``trainer.strategy`` that :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy` takes besides its
+#: :class:`~rlhf_lightning.config.schema.FSDP2Settings`.
+FSDP2_STRATEGY_KEYS = ("_target_", "start_method", "process_group_backend", "timeout")
+
+
+def _check_fsdp2(cfg: DictConfig, stage: str) -> None:
+    """Under :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy` (``trainer=fsdp``, ``trainer=fsdp_cpu``): its
+    settings
+    build (:class:`~rlhf_lightning.config.schema.FSDP2Settings`, named ``trainer.strategy.<key>``),
+    ``trainer.precision``
+    is 32-true (mixed precision is ``trainer.strategy.param_dtype``), and PPO asks for neither vLLM rollouts (the
+    engine needs each rank's whole policy) nor ``critic.share_base`` (the critic would run the sharded policy's
+    backbone outside the policy's own forward). Other strategies: nothing."""
+    from rlhf_lightning.config.schema import FSDP2Settings
+
+    strategy = _get(cfg, "trainer.strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    if not (isinstance(target, str) and target.endswith("FSDP2Strategy")):
+        return
+    settings = {k: v for k, v in OmegaConf.to_container(strategy, resolve=True).items()
+                if k not in FSDP2_STRATEGY_KEYS}
+    try:
+        as_config(FSDP2Settings, settings, "trainer.strategy")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(_one_line(err)) from None
+    precision = _get(cfg, "trainer.precision")
+    if precision not in (_ABSENT, "32-true", "32", 32):
+        raise ConfigError(f"trainer.precision={precision} under FSDP2: use 32-true and set "
+                          "trainer.strategy.param_dtype=bfloat16 for mixed precision")
+    if stage == "ppo" and _get(cfg, "ppo.generation.backend") == "vllm":
+        raise ConfigError("ppo.generation.backend=vllm needs each rank's whole policy: use trainer=ddp or one device "
+                          "with vLLM, or ppo.generation.backend=hf under FSDP2")
+    if stage == "ppo" and _get(cfg, "critic.share_base") is True:
+        raise ConfigError("critic.share_base=true is not supported under FSDP2 (the critic would run the sharded "
+                          "policy's backbone outside the policy's forward): set critic.share_base=false")
 
 
 def _task_overrides(cfg: DictConfig) -> list[str]:
@@ -653,6 +691,8 @@ def validate_config(cfg: DictConfig) -> None:
        DeepSpeed strategy of one's own); PPO does not run under ``trainer.precision=16-mixed``
        (:data:`PPO_FP16_ERROR`; DeepSpeed excepted); ``model.lora`` builds, and with ``model.lora.r`` set
        neither ``model.trainable_layers`` nor a DeepSpeed/FSDP strategy is (:func:`_check_lora`);
+       under FSDP2 (``trainer=fsdp``, ``fsdp_cpu``) its settings build, the precision is 32-true, and PPO uses
+       neither vLLM nor ``critic.share_base`` (:func:`_check_fsdp2`);
        ``ppo.generation.backend=vllm`` needs vLLM installed
        (:data:`rlhf_lightning.rollout.vllm_engine.MISSING_VLLM`);
     4. ``data.on_error`` is ``raise`` or ``skip``; ``ckpt_path`` is a special value or an existing
@@ -678,6 +718,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_renamed_keys(cfg)
     _check_settings(cfg)
     _check_lora(cfg)
+    _check_fsdp2(cfg, stage)
     _check_bool_overrides(cfg)
 
     if stage in ("value", "ppo"):
