@@ -1,7 +1,8 @@
 """Peak resident memory of every rank of a multi-process ``train.py`` run: FSDP2 against DDP on 2 CPU processes.
 
-    # SmolLM2 PPO (full fine-tuning), a few iterations, under each preset (each run alone, under the shared lock):
-    python bench/rank_memory.py --presets fsdp_cpu ddp_cpu --out bench/results/rank_memory_smollm2_ppo.json
+    # SmolLM2 PPO (full fine-tuning), a few iterations, under each preset (one run at a time):
+    python bench/rank_memory.py --presets fsdp_cpu fsdp_cpu:trainer.strategy.frozen_networks=replicate ddp_cpu \
+        --out bench/results/rank_memory_smollm2_ppo.json
 
 Each run is ``train.py stage=ppo trainer=<preset>`` with :class:`RankPeakMemory` added as a callback: every rank
 writes its peak resident set (``VmHWM`` of /proc/self/status, the high-water mark since the worker started, which
@@ -39,18 +40,34 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _reset_peak() -> bool:
+    """Reset this process's ``VmHWM`` to its current resident set (``5`` written to /proc/self/clear_refs, Linux
+    4.0+); False where that is not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 class RankPeakMemory(Callback):
-    """Writes ``<out_dir>/rank<r>.json`` on every rank at the end of fit: ``{"rank", "pid", "points": [{"at",
-    "peak_mib", "rss_mib"}, ...], "peak_mib"}`` with one point at fit start (after ``configure_model`` sharded the
-    networks), one after each training batch and one at the end (MiB of resident memory, Linux)."""
+    """Writes ``<out_dir>/rank<r>.json`` on every rank at the end of fit: ``{"rank", "pid", "startup_peak_mib",
+    "points": [{"at", "peak_mib", "rss_mib"}, ...], "peak_mib"}`` (MiB of resident memory, Linux).
+
+    ``startup_peak_mib`` is the high-water mark at fit start, after ``configure_model`` sharded the networks: it
+    includes the whole networks each spawned rank unpickles before sharding them. The peak is then reset
+    (:func:`_reset_peak`), so ``points`` (fit start, after each training batch, the end) and ``peak_mib`` are the
+    training's own peak; without the reset they include the start-up peak."""
 
     def __init__(self, out_dir: str):
-        self.out_dir, self.points = out_dir, []
+        self.out_dir, self.points, self.startup_peak, self.reset = out_dir, [], None, False
 
     def _point(self, at: str) -> None:
         self.points.append({"at": at, "peak_mib": _status_mb("VmHWM"), "rss_mib": _status_mb("VmRSS")})
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self.startup_peak = _status_mb("VmHWM")
+        self.reset = _reset_peak()
         self._point("fit_start")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -61,7 +78,8 @@ class RankPeakMemory(Callback):
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"rank": trainer.global_rank, "pid": os.getpid(), "points": self.points,
+            {"rank": trainer.global_rank, "pid": os.getpid(), "startup_peak_mib": self.startup_peak,
+             "peak_reset": self.reset, "points": self.points,
              "peak_mib": max(p["peak_mib"] for p in self.points)}) + "\n")
 
 
@@ -95,12 +113,14 @@ def run_preset(preset: str, run_dir: Path, overrides: list[str]) -> dict:
     ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "rank_memory").glob("rank*.json"))]
     return {"preset": preset, "overrides": overrides, "wall_s": round(time.time() - start, 1),
             "ranks": ranks, "peak_mib_per_rank": [r["peak_mib"] for r in ranks],
+            "startup_peak_mib_per_rank": [r["startup_peak_mib"] for r in ranks],
             "largest_process_peak_mib": max(before, main_peak) / 1024}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["fsdp_cpu", "ddp_cpu"])
+    parser.add_argument("--presets", nargs="+", default=["fsdp_cpu", "ddp_cpu"],
+                        help="trainer presets, each optionally with overrides: fsdp_cpu:key=value,key=value")
     parser.add_argument("--run-root", default="/tmp/rank_memory")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("overrides", nargs="*", help="more train.py overrides")
@@ -109,11 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
                  "ppo.generation.max_new_tokens=16", "ppo.num_sample_prompts=0", "max_prompt_length=64",
                  *args.overrides]
     results = []
-    for preset in args.presets:
-        run_dir = Path(args.run_root) / f"{preset}_{time.strftime('%H%M%S')}"
-        result = run_preset(preset, run_dir, overrides)
-        print(f"{preset}: peak RSS per rank {[round(m) for m in result['peak_mib_per_rank']]} MiB, "
-              f"{result['wall_s']} s", flush=True)
+    for index, spec in enumerate(args.presets):
+        preset, _, extra = spec.partition(":")  # fsdp_cpu:trainer.strategy.frozen_networks=replicate
+        run_dir = Path(args.run_root) / f"{index}_{preset}_{time.strftime('%H%M%S')}"
+        result = run_preset(preset, run_dir, overrides + [e for e in extra.split(",") if e])
+        print(f"{spec}: training peak RSS per rank "
+              f"{[round(m) for m in result['peak_mib_per_rank']]} MiB, start-up peak "
+              f"{[round(m) for m in result['startup_peak_mib_per_rank']]} MiB, {result['wall_s']} s", flush=True)
         results.append(result)
     import torch
 

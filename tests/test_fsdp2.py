@@ -113,6 +113,7 @@ def _assert_close_weights(a: dict, b: dict, tol: dict, changed_from: dict | None
         for key, value in a[network].items():
             torch.testing.assert_close(b[network][key], value, **tol, msg=f"{network}.{key}")
             worst = max(worst, float((b[network][key] - value).abs().max()))
+    print(f"max |dw| = {worst:.3g}")  # the figure docs/fsdp2.md quotes (pytest -s)
     if changed_from is not None:
         changed = any(not torch.equal(changed_from[n][k], v) for n in a for k, v in a[n].items())
         assert changed, "training changed nothing"
@@ -167,9 +168,10 @@ def _fit(preset, tmp_path, tag, make_module, make_data, networks, steps, **train
     module, data = make_module(), make_data()
     callbacks = [FullWeights(str(tmp_path), tag, networks), Counts(str(tmp_path), tag),
                  *trainer_kwargs.pop("callbacks", [])]
+    ckpt_path = trainer_kwargs.pop("ckpt_path", None)
     trainer = _trainer(preset, tmp_path, callbacks, max_steps=steps, max_epochs=-1, limit_val_batches=0,
                        **trainer_kwargs)
-    trainer.fit(module, datamodule=data, ckpt_path=trainer_kwargs.pop("ckpt_path", None))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module, _load(tmp_path / f"{tag}.pt")
 
 
@@ -194,6 +196,7 @@ def test_decoder_blocks_are_found_from_the_model_for_every_family():
             assert not is_sharded(model)
 
 
+@pytest.mark.slow  # ~40 s: two 2-process fits (PPO's tests cover the same machinery in the default suite)
 def test_fsdp2_reward_model_matches_ddp_and_exports(tmp_path, tiny_dir, tokenizer, hh_file):
     networks = ("model",)
     export = tmp_path / "export"
@@ -347,3 +350,64 @@ def test_fsdp2_ppo_with_lora_matches_ddp_and_exports_merged_and_adapter(tmp_path
     adapted = PeftModel.from_pretrained(base, tmp_path / "fsdp" / "model_adapter")
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+class StartWeights(L.Callback):
+    """At the start of training (after a checkpoint was loaded), every rank gathers the named networks' weights and
+    rank 0 writes ``<out_dir>/<tag>.pt`` as :class:`FullWeights` does."""
+
+    def __init__(self, out_dir: str, tag: str, networks: tuple[str, ...]):
+        self.inner = FullWeights(out_dir, tag, networks)
+
+    def on_train_start(self, trainer, pl_module):
+        self.inner.on_train_end(trainer, pl_module)
+
+
+@pytest.mark.slow  # ~35 s: two fits
+def test_fsdp2_checkpoint_of_two_ranks_loads_into_one(tmp_path, tiny_dir, tokenizer, hh_file):
+    """DCP stores global shapes: a checkpoint written by 2 ranks resumes in 1 process (world size 1), with the
+    weights the 2 ranks saved (the optimizer states are resharded the same way)."""
+    networks = ("policy", "critic")
+    per_iteration = 2 * 2 * 2
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0,
+                                  every_n_train_steps=per_iteration)
+    _, saved = _fit("fsdp_cpu", tmp_path, "two", lambda: _ppo_module(tiny_dir, tokenizer, uneven=False),
+                    lambda: _prompt_data(tokenizer, hh_file), networks, steps=per_iteration,
+                    enable_checkpointing=True, callbacks=[checkpoints])
+    L.seed_everything(0)
+    module = _ppo_module(tiny_dir, tokenizer, uneven=False)
+    trainer = _trainer("fsdp_cpu", tmp_path, [StartWeights(str(tmp_path), "one", networks)], devices=1,
+                       max_steps=2 * per_iteration, max_epochs=-1, limit_val_batches=0)
+    assert trainer.world_size == 1
+    trainer.fit(module, datamodule=_prompt_data(tokenizer, hh_file), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    loaded = _load(tmp_path / "one.pt")
+    assert loaded["sharded"] == {"policy": True, "critic": True}
+    _assert_close_weights(saved["weights"], loaded["weights"], {"rtol": 0.0, "atol": 0.0})
+
+
+@pytest.mark.slow  # ~4 min: five train.py runs of 2 processes
+def test_train_py_runs_every_stage_under_fsdp_cpu(tmp_path, hh_file):
+    """``python train.py trainer=fsdp_cpu`` on the tiny model: reward, value, PPO with GAE (critic from the value
+    stage), GRPO and DPO chain through their exports, each of which plain transformers loads."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from test_train import _train
+
+    common = ["model=tiny", f"data.path={hh_file}", "trainer=fsdp_cpu", "trainer.enable_checkpointing=false"]
+    runs = {name: tmp_path / name for name in ("reward", "value", "ppo", "grpo", "dpo")}
+    _train("stage=reward", *common, "data.val_size=8", "reward.max_length=64", "reward.batch_size=4",
+           "trainer.max_steps=3", run_dir=runs["reward"])
+    rm = f"reward_model_path={runs['reward']}/model"
+    _train("stage=value", *common, rm, "iterations=2", "batch_size=4", "value.generation.max_new_tokens=8",
+           run_dir=runs["value"])
+    _train("stage=ppo", *common, rm, f"critic_path={runs['value']}/model", "iterations=2", "batch_size=4",
+           "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=8", run_dir=runs["ppo"])
+    _train("stage=ppo", *common, rm, "algorithm=grpo", "ppo.num_generations=2", "iterations=2", "batch_size=2",
+           "ppo.generation.max_new_tokens=8", run_dir=runs["grpo"])
+    _train("stage=dpo", *common, rm, "dpo.max_length=64", "dpo.batch_size=2", "trainer.max_steps=2",
+           "dpo.generation.max_new_tokens=8", run_dir=runs["dpo"])
+    for name in ("reward", "value"):
+        AutoModelForSequenceClassification.from_pretrained(runs[name] / "model")
+    AutoModelForSequenceClassification.from_pretrained(runs["ppo"] / "model_critic")
+    for name in ("ppo", "grpo", "dpo"):
+        AutoModelForCausalLM.from_pretrained(runs[name] / "model")
