@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
     for index, spec in enumerate(args.presets):
         preset, _, extra = spec.partition(":")  # fsdp_cpu:trainer.strategy.frozen_networks=replicate
         run_dir = Path(args.run_root) / f"{index}_{preset}_{time.strftime('%H%M%S')}"
-        result = run_preset(preset, run_dir, overrides + [e for e in extra.split(",") if e])
+        try:
+            result = run_preset(preset, run_dir, overrides + [e for e in extra.split(",") if e])
+        except subprocess.CalledProcessError as err:  # the others still run; the error is in the results
+            print(f"{spec}: failed\n{err.stderr}", flush=True)
+            results.append({"preset": spec, "error": err.stderr[-2000:]})
+            continue
         print(f"{spec}: training peak RSS per rank "
               f"{[round(m) for m in result['peak_mib_per_rank']]} MiB, start-up peak "
               f"{[round(m) for m in result['startup_peak_mib_per_rank']]} MiB, {result['wall_s']} s", flush=True)

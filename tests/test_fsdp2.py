@@ -32,7 +32,7 @@ from rlhf_lightning.data import PreferenceDataModule, PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.models.sharding import decoder_blocks, is_sharded
 from rlhf_lightning.modules import DPOModule, PPOModule, RewardModule, ValueModule
-from rlhf_lightning.training.callbacks import RNGStateCallback
+from rlhf_lightning.training.callbacks import NonFiniteGuard, RNGStateCallback
 from rlhf_lightning.training.fsdp2 import full_state_dict
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -162,12 +162,12 @@ def _prompt_data(tokenizer, hh_file):
 
 
 def _fit(preset, tmp_path, tag, make_module, make_data, networks, steps, **trainer_kwargs):
-    """Seed, build, fit under ``preset`` with :class:`FullWeights` and :class:`Counts`; return
-    ``(module, gathered weights)``."""
+    """Seed, build, fit under ``preset`` with :class:`FullWeights`, :class:`Counts` and the NaN/inf guard train.py
+    adds; return ``(module, gathered weights)``."""
     L.seed_everything(0)
     module, data = make_module(), make_data()
-    callbacks = [FullWeights(str(tmp_path), tag, networks), Counts(str(tmp_path), tag),
-                 *trainer_kwargs.pop("callbacks", [])]
+    callbacks = [FullWeights(str(tmp_path), tag, networks), Counts(str(tmp_path), tag), NonFiniteGuard(),
+                 *trainer_kwargs.pop("callbacks", [])]  # the guard checks every rank's gradient shards
     ckpt_path = trainer_kwargs.pop("ckpt_path", None)
     trainer = _trainer(preset, tmp_path, callbacks, max_steps=steps, max_epochs=-1, limit_val_batches=0,
                        **trainer_kwargs)
@@ -194,6 +194,34 @@ def test_decoder_blocks_are_found_from_the_model_for_every_family():
             layers = model.base_model.layers
             assert [id(b) for b in blocks] == [id(b) for b in layers], family
             assert not is_sharded(model)
+
+
+def test_lora_exports_from_a_given_state_dict_equal_those_from_the_model(tiny_dir, tokenizer, tmp_path):
+    """What rank 0 writes under FSDP2 (the LoRA merge and the adapter from the gathered weights, no layer touched)
+    equals what the model's own layers give: the merged weights, the merged export and the adapter files."""
+    from safetensors.torch import load_file
+
+    from rlhf_lightning.models.lora import merged_named_weights
+    from rlhf_lightning.modules.common import export_pretrained
+
+    torch.manual_seed(0)
+    model = load_scalar_model(tiny_dir, seed=1, lora={"r": 4})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_()  # B = 0 at the start would make every merge trivial
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    own, given = dict(merged_named_weights(model)), dict(merged_named_weights(model, state))
+    assert own.keys() == given.keys() and not any(".lora_" in k for k in own)
+    for key, value in own.items():
+        torch.testing.assert_close(given[key], value, rtol=0, atol=0, msg=key)
+    export_pretrained(model, tokenizer, tmp_path / "own")
+    export_pretrained(model, tokenizer, tmp_path / "given", state_dict=state)
+    for name, file in (("", "model.safetensors"), ("_adapter", "adapter_model.safetensors")):
+        a, b = load_file(tmp_path / f"own{name}" / file), load_file(tmp_path / f"given{name}" / file)
+        assert a.keys() == b.keys() and any("score" in k for k in a)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.slow  # ~40 s: two 2-process fits (PPO's tests cover the same machinery in the default suite)

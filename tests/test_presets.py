@@ -69,6 +69,7 @@ def test_fsdp2_settings_are_checked_with_one_line_naming_the_key(tmp_path):
             ("trainer.strategy.param_dtype=fp8", r"^trainer.strategy.param_dtype='fp8': expected one of float32, "),
             ("trainer.precision=bf16-mixed", r"^trainer.precision=bf16-mixed under FSDP2: use 32-true"),
             ("critic.share_base=true", r"^critic.share_base=true is not supported under FSDP2"),
+            ("algorithm=dapo", r"^ppo.dynamic_sampling=true is not supported under FSDP2"),
             ("trainer.strategy.frozen_networks=replicate trainer.strategy.cpu_offload=true",
              r"^trainer.strategy.cpu_offload=True needs frozen_networks=shard")]:
         cfg = _compose(["trainer=fsdp_cpu", *override.split()], tmp_path)

@@ -557,12 +557,11 @@ FSDP2_STRATEGY_KEYS = ("_target_", "start_method", "process_group_backend", "tim
 
 def _check_fsdp2(cfg: DictConfig, stage: str) -> None:
     """Under :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy` (``trainer=fsdp``, ``trainer=fsdp_cpu``): its
-    settings
-    build (:class:`~rlhf_lightning.config.schema.FSDP2Settings`, named ``trainer.strategy.<key>``),
-    ``trainer.precision``
-    is 32-true (mixed precision is ``trainer.strategy.param_dtype``), and PPO asks for neither vLLM rollouts (the
-    engine needs each rank's whole policy) nor ``critic.share_base`` (the critic would run the sharded policy's
-    backbone outside the policy's own forward). Other strategies: nothing."""
+    settings build (:class:`~rlhf_lightning.config.schema.FSDP2Settings`, named ``trainer.strategy.<key>``),
+    ``trainer.precision`` is 32-true (mixed precision is ``trainer.strategy.param_dtype``), and PPO asks for
+    neither vLLM rollouts (the engine needs each rank's whole policy), ``ppo.dynamic_sampling`` (a rank resamples
+    alone) nor ``critic.share_base`` (the critic would run the sharded policy's backbone outside the policy's own
+    forward). Other strategies: nothing."""
     from rlhf_lightning.config.schema import FSDP2Settings
 
     strategy = _get(cfg, "trainer.strategy")
@@ -582,6 +581,9 @@ def _check_fsdp2(cfg: DictConfig, stage: str) -> None:
     if stage == "ppo" and _get(cfg, "ppo.generation.backend") == "vllm":
         raise ConfigError("ppo.generation.backend=vllm needs each rank's whole policy: use trainer=ddp or one device "
                           "with vLLM, or ppo.generation.backend=hf under FSDP2")
+    if stage == "ppo" and _get(cfg, "ppo.dynamic_sampling") is True:
+        raise ConfigError("ppo.dynamic_sampling=true is not supported under FSDP2: each rank resamples its own flat "
+                          "groups, so the ranks would run different numbers of sharded forwards")
     if stage == "ppo" and _get(cfg, "critic.share_base") is True:
         raise ConfigError("critic.share_base=true is not supported under FSDP2 (the critic would run the sharded "
                           "policy's backbone outside the policy's forward): set critic.share_base=false")
