@@ -196,6 +196,18 @@ def test_decoder_blocks_are_found_from_the_model_for_every_family():
             assert not is_sharded(model)
 
 
+def test_the_shared_trunk_is_off_under_fsdp2_with_one_warning(tiny_dir, caplog):
+    from rlhf_lightning.fsdp2 import FSDP2Strategy
+    from rlhf_lightning.models.trunk import shared_trunk_for
+
+    models = {"policy": load_policy(tiny_dir, trainable_layers=1), "ref_policy": load_reference(tiny_dir)}
+    with caplog.at_level("WARNING"):
+        assert shared_trunk_for(FSDP2Strategy(), True, models) is None
+        assert shared_trunk_for(FSDP2Strategy(), False, models) is None  # switched off: nothing to say
+    warnings = [r.getMessage() for r in caplog.records if "shared frozen trunk off" in r.getMessage()]
+    assert len(warnings) == 1 and "FSDP2Strategy" in warnings[0]
+
+
 def test_lora_exports_from_a_given_state_dict_equal_those_from_the_model(tiny_dir, tokenizer, tmp_path):
     """What rank 0 writes under FSDP2 (the LoRA merge and the adapter from the gathered weights, no layer touched)
     equals what the model's own layers give: the merged weights, the merged export and the adapter files."""
