@@ -197,8 +197,8 @@ def test_decoder_blocks_are_found_from_the_model_for_every_family():
 
 
 def test_the_shared_trunk_is_off_under_fsdp2_with_one_warning(tiny_dir, caplog):
-    from rlhf_lightning.fsdp2 import FSDP2Strategy
     from rlhf_lightning.models.trunk import shared_trunk_for
+    from rlhf_lightning.training.fsdp2 import FSDP2Strategy
 
     models = {"policy": load_policy(tiny_dir, trainable_layers=1), "ref_policy": load_reference(tiny_dir)}
     with caplog.at_level("WARNING"):
