@@ -330,6 +330,48 @@ def test_fsdp2_grpo_matches_ddp(tmp_path, tiny_dir, tokenizer, hh_file):
     assert [c["backward_calls"] for c in _counts(tmp_path, "fsdp")] == [2, 2]
 
 
+class ResampleRounds(L.Callback):
+    """Rank 0 writes ``<out_dir>/<tag>_rounds.pt``: ``rollout/resample_rounds`` after every iteration."""
+
+    def __init__(self, out_dir: str, tag: str):
+        self.out_dir, self.tag, self.rounds = out_dir, tag, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if "rollout/resample_rounds" in trainer.callback_metrics:
+            self.rounds.append(float(trainer.callback_metrics["rollout/resample_rounds"]))
+
+    def on_train_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(self.rounds, Path(self.out_dir) / f"{self.tag}_rounds.pt")
+
+
+@pytest.mark.slow  # ~50 s: two 2-process fits with resampling rounds
+def test_fsdp2_dapo_dynamic_sampling_matches_ddp(tmp_path, tiny_dir, tokenizer, hh_file):
+    """DAPO's dynamic sampling under FSDP2: the ranks decide the resampling rounds together (issue 21), so every
+    rank runs the same sharded forwards; a reward flat for some prompts (``equivalence_runs``) makes rounds happen,
+    and the trained policy equals the DDP run's."""
+    from equivalence_runs import flat_for_some_prompts
+
+    networks = ("policy",)
+    settings = {"adv_estimator": "grpo", "num_generations": 2, "kl_coef": 0.0, "loss_agg": "token_mean",
+                "dynamic_sampling": True, "max_resample_rounds": 2, "ppo_epochs": 1, "num_minibatches": 1}
+
+    def module():
+        return PPOModule(load_policy(tiny_dir, trainable_layers=1), load_reference(tiny_dir), None, None, tokenizer,
+                         ppo={"num_sample_prompts": 0, "log_samples_every_n_steps": 0,
+                              "generation": {"max_new_tokens": 6}, **settings},
+                         policy_optim={"lr": 1e-3}, reward_functions=[{"fn": flat_for_some_prompts}])
+
+    runs = {}
+    for preset, tag in (("fsdp_cpu", "fsdp"), ("ddp_cpu", "ddp")):
+        built, runs[tag] = _fit(preset, tmp_path, tag, module, lambda: _prompt_data(tokenizer, hh_file), networks,
+                                steps=2, callbacks=[ResampleRounds(str(tmp_path), tag)])
+    _assert_close_weights(runs["ddp"]["weights"], runs["fsdp"]["weights"], DDP_TOL,
+                          changed_from=_initial(built, networks))
+    rounds = _load(tmp_path / "fsdp_rounds.pt")
+    assert rounds == _load(tmp_path / "ddp_rounds.pt") and len(rounds) == 2 and max(rounds) >= 1
+
+
 @pytest.mark.slow  # ~45 s: two 2-process fits
 def test_fsdp2_dpo_matches_ddp_and_exports(tmp_path, tiny_dir, tokenizer, hh_file):
     from rlhf_lightning.data import DPODataModule

@@ -59,7 +59,7 @@ def test_fsdp_cpu_preset_is_fsdp2_over_gloo(tmp_path):
 
 def test_fsdp2_settings_are_checked_with_one_line_naming_the_key(tmp_path):
     from rlhf_lightning.training.fsdp2 import FSDP2Strategy
-    from rlhf_lightning.training.validate import ConfigError, validate_config
+    from rlhf_lightning.training.validate import ConfigError, _check_fsdp2, validate_config
 
     with pytest.raises(ValueError, match=r"^trainer.strategy.frozen_networks='copy': expected one of shard, "):
         FSDP2Strategy(frozen_networks="copy")
@@ -69,12 +69,13 @@ def test_fsdp2_settings_are_checked_with_one_line_naming_the_key(tmp_path):
             ("trainer.strategy.param_dtype=fp8", r"^trainer.strategy.param_dtype='fp8': expected one of float32, "),
             ("trainer.precision=bf16-mixed", r"^trainer.precision=bf16-mixed under FSDP2: use 32-true"),
             ("critic.share_base=true", r"^critic.share_base=true is not supported under FSDP2"),
-            ("algorithm=dapo", r"^ppo.dynamic_sampling=true is not supported under FSDP2"),
             ("trainer.strategy.frozen_networks=replicate trainer.strategy.cpu_offload=true",
              r"^trainer.strategy.cpu_offload=True needs frozen_networks=shard")]:
         cfg = _compose(["trainer=fsdp_cpu", *override.split()], tmp_path)
         with pytest.raises(ConfigError, match=message):
             validate_config(cfg)
+    # DAPO's dynamic sampling is taken: the ranks decide its rounds together (the same sharded forwards on each)
+    _check_fsdp2(_compose(["trainer=fsdp_cpu", "algorithm=dapo"], tmp_path), "ppo")
 
 
 @pytest.mark.parametrize("preset, strategy", [

@@ -25,12 +25,13 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from torch import nn
 
 from rlhf_lightning.config.schema import FSDP2Settings, as_config
+from rlhf_lightning.training.validate import SHARDED_CKPT_METADATA
 
 log = logging.getLogger(__name__)
 
 #: The file of a sharded (directory) checkpoint that holds everything but the weights and optimizer states
-#: (Lightning's ``_METADATA_FILENAME``).
-METADATA_FILE = "meta.pt"
+#: (Lightning's ``_METADATA_FILENAME``; ``ckpt_path`` may name a directory holding it).
+METADATA_FILE = SHARDED_CKPT_METADATA
 
 #: Precisions the strategy takes: mixed precision is FSDP2's (``trainer.strategy.param_dtype``), not autocast's.
 FULL_PRECISIONS = ("32-true", "32", 32)

@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 
 #: ``module._target_`` class name -> stage name.
 STAGES = {"RewardModule": "reward", "ValueModule": "value", "PPOModule": "ppo", "DPOModule": "dpo"}
+#: The file that marks a sharded checkpoint directory (FSDP2's ``last.ckpt/``:
+#: :data:`rlhf_lightning.training.fsdp2.METADATA_FILE`, Lightning's name), which ``ckpt_path`` may name.
+SHARDED_CKPT_METADATA = "meta.pt"
 #: ``ckpt_path`` values Lightning resolves itself (no file to check).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 ON_ERROR = ("raise", "skip")
@@ -241,8 +244,9 @@ def _check_ckpt_path(cfg: DictConfig) -> None:
     elif "://" in name:
         raise ConfigError(f"ckpt_path={name}: remote checkpoints are loaded by Lightning with weights_only=False "
                           "(unsafe); download the file and pass its local path")
-    elif not Path(name).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={name}: checkpoint file not found")
+    elif not (Path(name).expanduser().is_file() or (Path(name).expanduser() / SHARDED_CKPT_METADATA).is_file()):
+        raise ConfigError(f"ckpt_path={name}: checkpoint file not found (nor a sharded checkpoint directory with "
+                          f"{SHARDED_CKPT_METADATA})")
     if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
         log.warning("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: ckpt_path=%s will be unpickled with "
                     "weights_only=False", name)
@@ -559,9 +563,10 @@ def _check_fsdp2(cfg: DictConfig, stage: str) -> None:
     """Under :class:`~rlhf_lightning.training.fsdp2.FSDP2Strategy` (``trainer=fsdp``, ``trainer=fsdp_cpu``): its
     settings build (:class:`~rlhf_lightning.config.schema.FSDP2Settings`, named ``trainer.strategy.<key>``),
     ``trainer.precision`` is 32-true (mixed precision is ``trainer.strategy.param_dtype``), and PPO asks for
-    neither vLLM rollouts (the engine needs each rank's whole policy), ``ppo.dynamic_sampling`` (a rank resamples
-    alone) nor ``critic.share_base`` (the critic would run the sharded policy's backbone outside the policy's own
-    forward). Other strategies: nothing."""
+    neither vLLM rollouts (the engine needs each rank's whole policy) nor ``critic.share_base`` (the critic would run
+    the sharded policy's backbone outside the policy's own forward). ``ppo.dynamic_sampling`` is taken: the ranks
+    decide the resampling rounds together (:meth:`~rlhf_lightning.modules.ppo.PPOModule.dynamic_sampling`), so
+    every rank runs the same sharded forwards. Other strategies: nothing."""
     from rlhf_lightning.config.schema import FSDP2Settings
 
     strategy = _get(cfg, "trainer.strategy")
@@ -581,9 +586,6 @@ def _check_fsdp2(cfg: DictConfig, stage: str) -> None:
     if stage == "ppo" and _get(cfg, "ppo.generation.backend") == "vllm":
         raise ConfigError("ppo.generation.backend=vllm needs each rank's whole policy: use trainer=ddp or one device "
                           "with vLLM, or ppo.generation.backend=hf under FSDP2")
-    if stage == "ppo" and _get(cfg, "ppo.dynamic_sampling") is True:
-        raise ConfigError("ppo.dynamic_sampling=true is not supported under FSDP2: each rank resamples its own flat "
-                          "groups, so the ranks would run different numbers of sharded forwards")
     if stage == "ppo" and _get(cfg, "critic.share_base") is True:
         raise ConfigError("critic.share_base=true is not supported under FSDP2 (the critic would run the sharded "
                           "policy's backbone outside the policy's forward): set critic.share_base=false")
