@@ -125,11 +125,15 @@ def _initial(module, networks: tuple[str, ...]) -> dict:
 
 
 def _assert_export_loads(directory: Path, weights: dict[str, torch.Tensor], scalar: bool) -> None:
-    """``directory`` loads with plain transformers and holds exactly ``weights``."""
+    """``directory`` loads with plain transformers and holds exactly ``weights``; its config names the plain class
+    (not FSDP2's ``FSDP<name>``: vLLM and pipelines look ``architectures`` up)."""
+    import json
+
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForSequenceClassification if scalar else AutoModelForCausalLM
     model = cls.from_pretrained(directory)
+    assert json.loads((Path(directory) / "config.json").read_text())["architectures"] == [type(model).__name__]
     state = model.state_dict()
     for key, value in weights.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)

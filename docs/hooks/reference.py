@@ -36,6 +36,8 @@ SECTIONS = [
     ("policy_optim", "OptimConfig", "`stage=ppo`: the policy's optimizer (the critic's: `critic_optim`, the same "
                                     "settings; their defaults are set in `conf/stage/*.yaml`)."),
     ("model.lora", "LoRASettings", "every stage: LoRA adapters on the trained networks."),
+    ("trainer.strategy", "FSDP2Settings", "`trainer=fsdp`, `trainer=fsdp_cpu`: FSDP2's sharding settings (the "
+                                          "strategy's keyword arguments)."),
     ("eval", "EvalConfig", "`stage=ppo` and `stage=dpo`: judges of the held-out responses, evaluations along "
                            "training."),
 ]

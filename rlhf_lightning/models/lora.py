@@ -31,6 +31,7 @@ from torch import nn
 
 from rlhf_lightning.config.schema import LoRASettings, as_config
 from rlhf_lightning.models.parts import decoder_layers, register_scalar_model, scalar_model_config, score_head
+from rlhf_lightning.models.sharding import plain_class
 
 log = logging.getLogger(__name__)
 
@@ -415,18 +416,9 @@ def merged_model(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = 
     For export (its non-persistent buffers stay on the meta device: do not run it).
     """
     with torch.device("meta"):
-        plain = _plain_class(model)(copy.deepcopy(model.config))
+        plain = plain_class(model)(copy.deepcopy(model.config))
     plain.load_state_dict(dict(merged_named_weights(model, state_dict)), strict=True, assign=True)
     return plain
-
-
-def _plain_class(model: nn.Module) -> type:
-    """The transformers class of ``model`` as loaded: FSDP2 gives a sharded module a class of its own
-    (``FSDP<name>``, a subclass of the model's class), which ``save_pretrained`` would record in the config."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(model)
-    return cls.__mro__[2] if issubclass(cls, FSDPModule) and cls.__mro__[1] is FSDPModule else cls
 
 
 def save_adapter(model: nn.Module, directory: str | Path, head_names: tuple[str, ...] = (),

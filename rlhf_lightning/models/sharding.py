@@ -68,6 +68,19 @@ def is_sharded(model: nn.Module | None) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def plain_class(model: nn.Module) -> type:
+    """The transformers class of ``model`` as loaded. ``fully_shard`` gives a sharded module a class of its own
+    (``FSDP<name>``, a subclass of :class:`~torch.distributed.fsdp.FSDPModule` and of the model's class), which
+    ``save_pretrained`` would record in the config's ``architectures`` (where vLLM and pipelines look the class up).
+    An unsharded model: its own class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if issubclass(cls, FSDPModule) and cls.__mro__[1] is FSDPModule:
+        return cls.__mro__[2]
+    return cls
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     return None if name is None else getattr(torch, name)
 

@@ -198,10 +198,26 @@ def export_pretrained(model: nn.Module, tokenizer, directory: str | Path | None,
         log.info("wrote the LoRA adapter of %s to %s", type(model).__name__, adapter_dir)
     else:
         model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+        _record_plain_class(model, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     log.info("wrote %s to %s", type(model).__name__, directory)
     return directory
+
+
+def _record_plain_class(model: nn.Module, directory: Path) -> None:
+    """Name the plain transformers class in ``<directory>/config.json``'s ``architectures`` where ``save_pretrained``
+    wrote a sharded model's own (``FSDPLlamaForCausalLM``: :func:`~rlhf_lightning.models.sharding.plain_class`)."""
+    import json
+
+    from rlhf_lightning.models.sharding import plain_class
+
+    name = plain_class(model).__name__
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures") != [name]:
+        config["architectures"] = [name]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_trained(module, model: nn.Module | None, tokenizer, directory: str | Path | None) -> Path | None:
