@@ -111,9 +111,11 @@ def _assert_close_weights(a: dict, b: dict, tol: dict, changed_from: dict | None
     for network in a:
         assert a[network].keys() == b[network].keys(), network
         for key, value in a[network].items():
-            torch.testing.assert_close(b[network][key], value, **tol, msg=f"{network}.{key}")
             worst = max(worst, float((b[network][key] - value).abs().max()))
-    print(f"max |dw| = {worst:.3g}")  # the figure docs/fsdp2.md quotes (pytest -s)
+    print(f"max |dw| = {worst:.3g}")  # the figure docs/guides/fsdp2.md quotes (pytest -s)
+    for network in a:
+        for key, value in a[network].items():
+            torch.testing.assert_close(b[network][key], value, **tol, msg=f"{network}.{key} (max |dw| {worst:.3g})")
     if changed_from is not None:
         changed = any(not torch.equal(changed_from[n][k], v) for n in a for k, v in a[n].items())
         assert changed, "training changed nothing"
@@ -240,7 +242,26 @@ def test_lora_exports_from_a_given_state_dict_equal_those_from_the_model(tiny_di
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.slow  # ~40 s: two 2-process fits (PPO's tests cover the same machinery in the default suite)
+def test_fsdp2_reward_trains_checkpoints_and_exports_in_two_processes(tmp_path, tiny_dir, tokenizer, hh_file):
+    """The default suite's one 2-process FSDP2 fit (the comparisons with DDP and the resumes are slow): the reward
+    model is sharded, both ranks step on their own pairs, ``last.ckpt`` is a directory of DCP shards (one per rank)
+    and ``meta.pt``, and the export, gathered with both ranks taking part, loads with plain transformers."""
+    networks = ("model",)
+    export = tmp_path / "export"
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=2)
+    module, fsdp = _fit("fsdp_cpu", tmp_path, "fsdp", lambda: _reward_module(tiny_dir, tokenizer, str(export)),
+                        lambda: _reward_data(tokenizer, hh_file), networks, steps=2, enable_checkpointing=True,
+                        callbacks=[checkpoints])
+    assert fsdp["sharded"] == {"model": True}
+    assert any(not torch.equal(v, fsdp["weights"]["model"][k]) for k, v in _initial(module, networks)["model"].items())
+    counts = _counts(tmp_path, "fsdp")
+    assert [c["backward_calls"] for c in counts] == [2, 2] and not set(counts[0]["rows"]) & set(counts[1]["rows"])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.is_dir() and (last / "meta.pt").is_file() and len(list(last.glob("*.distcp"))) == WORLD_SIZE
+    _assert_export_loads(export, fsdp["weights"]["model"], scalar=True)
+
+
+@pytest.mark.slow  # ~40 s: two 2-process fits
 def test_fsdp2_reward_model_matches_ddp_and_exports(tmp_path, tiny_dir, tokenizer, hh_file):
     networks = ("model",)
     export = tmp_path / "export"
@@ -256,6 +277,7 @@ def test_fsdp2_reward_model_matches_ddp_and_exports(tmp_path, tiny_dir, tokenize
     _assert_export_loads(export, fsdp["weights"]["model"], scalar=True)
 
 
+@pytest.mark.slow  # ~55 s: two 2-process fits
 def test_fsdp2_ppo_gae_with_uneven_lengths_matches_ddp_and_exports(tmp_path, tiny_dir, tokenizer, hh_file):
     """PPO with GAE: sharded policy, critic, reference and reward model; ranks decoding different lengths
     (the sampler's lock-step keeps the sharded forwards paired); both optimizers stepped, clipped per network
@@ -275,6 +297,7 @@ def test_fsdp2_ppo_gae_with_uneven_lengths_matches_ddp_and_exports(tmp_path, tin
     _assert_export_loads(Path(f"{export}_critic"), fsdp["weights"]["critic"], scalar=True)
 
 
+@pytest.mark.slow  # ~75 s: three 2-process fits
 def test_fsdp2_ppo_resumes_from_a_sharded_checkpoint_exactly(tmp_path, tiny_dir, tokenizer, hh_file):
     """A run stopped after its first iteration resumes with ``ckpt_path=last`` (a directory of DCP shards
     without the frozen networks) and ends with the uninterrupted run's weights."""
@@ -366,12 +389,12 @@ def test_fsdp2_dapo_dynamic_sampling_matches_ddp(tmp_path, tiny_dir, tokenizer, 
                               "generation": {"max_new_tokens": 6}, **settings},
                          policy_optim={"lr": 1e-3}, reward_functions=[{"fn": flat_for_some_prompts}])
 
-    runs = {}
+    runs, built = {}, {}
     for preset, tag in (("fsdp_cpu", "fsdp"), ("ddp_cpu", "ddp")):
-        built, runs[tag] = _fit(preset, tmp_path, tag, module, lambda: _prompt_data(tokenizer, hh_file), networks,
+        built[tag], runs[tag] = _fit(preset, tmp_path, tag, module, lambda: _prompt_data(tokenizer, hh_file), networks,
                                 steps=2, callbacks=[ResampleRounds(str(tmp_path), tag)])
     _assert_close_weights(runs["ddp"]["weights"], runs["fsdp"]["weights"], DDP_TOL,
-                          changed_from=_initial(built, networks))
+                          changed_from=_initial(built["fsdp"], networks))  # spawn returns DDP's trained weights
     rounds = _load(tmp_path / "fsdp_rounds.pt")
     assert rounds == _load(tmp_path / "ddp_rounds.pt") and len(rounds) == 2 and max(rounds) >= 1
 
@@ -490,7 +513,7 @@ def test_train_py_runs_every_stage_under_fsdp_cpu(tmp_path, hh_file):
            "ppo.ppo_epochs=1", "ppo.generation.max_new_tokens=8", run_dir=runs["ppo"])
     _train("stage=ppo", *common, rm, "algorithm=grpo", "ppo.num_generations=2", "iterations=2", "batch_size=2",
            "ppo.generation.max_new_tokens=8", run_dir=runs["grpo"])
-    _train("stage=dpo", *common, rm, "dpo.max_length=64", "dpo.batch_size=2", "trainer.max_steps=2",
+    _train("stage=dpo", *common, rm, "data.val_size=8", "dpo.max_length=64", "dpo.batch_size=2", "trainer.max_steps=2",
            "dpo.generation.max_new_tokens=8", run_dir=runs["dpo"])
     for name in ("reward", "value"):
         AutoModelForSequenceClassification.from_pretrained(runs[name] / "model")

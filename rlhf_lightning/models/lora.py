@@ -412,12 +412,14 @@ def merged_model(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = 
     """A plain transformers model (same class, no adapters) holding :func:`merged_named_weights` of ``model``
     (of ``state_dict``, the model's whole weights, when given).
 
-    Built on the meta device and filled by assignment, so it costs only the merged layers' new tensors.
-    For export (its non-persistent buffers stay on the meta device: do not run it).
+    Built on the meta device and filled by assignment, so it costs only the merged layers' new tensors; tied
+    weights (``tie_word_embeddings``) are tied again. For export (its non-persistent buffers stay on the meta device:
+    do not run it).
     """
     with torch.device("meta"):
         plain = plain_class(model)(copy.deepcopy(model.config))
     plain.load_state_dict(dict(merged_named_weights(model, state_dict)), strict=True, assign=True)
+    plain.tie_weights()  # a gathered state dict holds tied weights as separate copies: one tensor again
     return plain
 
 
