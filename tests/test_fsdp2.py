@@ -523,3 +523,26 @@ def test_train_py_runs_every_stage_under_fsdp_cpu(tmp_path, hh_file):
     AutoModelForSequenceClassification.from_pretrained(runs["ppo"] / "model_critic")
     for name in ("ppo", "grpo", "dpo"):
         AutoModelForCausalLM.from_pretrained(runs[name] / "model")
+
+
+@pytest.mark.slow  # ~2 min: three train.py runs of 2 processes
+def test_train_py_resumes_a_sharded_checkpoint_under_fsdp_cpu(tmp_path, hh_file):
+    """``python train.py trainer=fsdp_cpu ... ckpt_path=last``: a reward run stopped after 2 of 4 steps resumes from
+    its sharded ``checkpoints/last.ckpt/`` and exports the uninterrupted run's model (max |Δw| ≤ 1e-5)."""
+    from safetensors.torch import load_file
+
+    from test_train import _train
+
+    common = ["stage=reward", "model=tiny", f"data.path={hh_file}", "trainer=fsdp_cpu", "data.limit=28",
+              "data.val_size=4", "reward.batch_size=2", "reward.max_length=48", "trainer.max_epochs=-1",
+              "checkpoint.every_n_train_steps=1", "reward.optim.lr=1e-3", "seed=3"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(*common, "trainer.max_steps=4", run_dir=full)
+    _train(*common, "trainer.max_steps=2", run_dir=cut)
+    last = cut / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == WORLD_SIZE
+    _train(*common, "trainer.max_steps=4", "ckpt_path=last", run_dir=cut)
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], **RESUME_TOL, msg=key)
