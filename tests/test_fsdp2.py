@@ -245,9 +245,10 @@ def test_lora_exports_from_a_given_state_dict_equal_those_from_the_model(tiny_di
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow  # 13-20 s: one 2-process fit (over the default suite's budget for this file)
 def test_fsdp2_reward_trains_checkpoints_and_exports_in_two_processes(tmp_path, tiny_dir, tokenizer, hh_file):
-    """The default suite's one 2-process FSDP2 fit (the comparisons with DDP and the resumes are slow): the reward
-    model is sharded, both ranks step on their own pairs, ``last.ckpt`` is a directory of DCP shards (one per rank)
+    """The quickest 2-process FSDP2 fit (no comparison, no resume): the reward model is sharded, both ranks step
+    on their own pairs, ``last.ckpt`` is a directory of DCP shards (one per rank)
     and ``meta.pt``, and the export, gathered with both ranks taking part, loads with plain transformers."""
     networks = ("model",)
     export = tmp_path / "export"
