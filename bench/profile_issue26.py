@@ -207,6 +207,8 @@ def main(argv=None) -> dict:
             counted, "ours", work, gen_log, sync, lambda a, k, ro: (ro.attention_mask[:, : ro.response_start],
                                                                    ro.response_ids))
         ppo_module.generate.eos_ids = [tokenizer.eos_token_id]
+        for attr in ("plain", "wrapped", "sides"):  # ppo_iteration's per-thread dispatch, read at train start
+            setattr(ppo_module.generate, attr, getattr(counted, attr))
     else:
         pairs = reward_step.hh_pairs(tokenizer)
         fit = reward_step.ours_loop(args, tokenizer, pairs, alternation, dtype, device)
