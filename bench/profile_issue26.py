@@ -226,6 +226,7 @@ def main(argv=None) -> dict:
             if args.workload == "ppo":
                 work.count_blocks("ours", pl_module.policy, pl_module.ref_policy, pl_module.critic,
                                   pl_module.reward_model)
+                work.bind_thread("ours")
             for opt in trainer.optimizers:
                 opt.step = phases.wrap("optimizer", opt.step)
                 opt.zero_grad = phases.wrap("optimizer" if args.workload != "reward" else "zero_grad",
@@ -239,6 +240,8 @@ def main(argv=None) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             state["steps"] += 1
+            if args.workload == "ppo":  # grpo_iteration's loop closes its own iterations
+                work.step_end("ours")
 
     plain_fit = L.Trainer.fit
 
