@@ -154,18 +154,57 @@ def response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return out.logits[:, :-1]  # (B, R, V): positions P - 1 ... T - 2
 
 
+def valid_response_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          response_start: int, trunk: TrunkOutput | None = None) -> torch.Tensor:
+    """:func:`response_logits` at the valid response tokens only (``attention_mask[:, P:]`` 1), as one matrix.
+
+    The model's own ``forward`` gets ``logits_to_keep`` as a (B, T) boolean mask (transformers'
+    ``slice_logits_to_keep``: the kept hidden states flattened, row by row), so the LM head is one
+    contiguous (n, H) × (H, V) product over the n positions that predict a valid response token, and
+    none on padding (after EOS, or a row cut short), with the family's logit transforms applied as in
+    :func:`response_logits`. The numbers are those of :func:`response_logits` at the same positions:
+    each logit is the same dot product (up to the rounding of another matrix-product kernel).
+
+    Args:
+        input_ids, attention_mask: (B, T) prompt + response, prompt left-padded to ``response_start``
+            columns; response tokens attended up to and including EOS.
+        response_start: P (≥ 1). trunk: as :func:`response_logits`.
+
+    Returns:
+        (n, V) logits in the model's dtype, n = ``attention_mask[:, P:].sum()``, in row-major order of the
+        valid tokens (``logits[i]`` predicts the i-th True of ``attention_mask[:, P:].bool()``).
+
+    Raises:
+        ValueError: the model's ``forward`` does not take a boolean ``logits_to_keep`` (its logits are not
+            (n, V)).
+    """
+    lm = model if trunk is None else model_above(model, trunk)
+    valid = attention_mask[:, response_start:].bool()  # (B, R)
+    keep = torch.zeros_like(attention_mask, dtype=torch.bool)
+    keep[:, response_start - 1 : -1] = valid  # position t predicts token t + 1
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+             use_cache=False, logits_to_keep=keep)
+    n = int(valid.sum())
+    if out.logits.dim() != 2 or out.logits.shape[0] != n:
+        raise ValueError(f"{type(model).__name__}.forward does not take a boolean logits_to_keep: logits "
+                         f"{tuple(out.logits.shape)}, expected ({n}, V)")
+    return out.logits
+
+
 def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       response_start: int, temperature: float = 1.0, with_entropy: bool = False,
                       trunk: TrunkOutput | None = None):
     """Log-probabilities of the response tokens under a causal LM, as its sampler computes them.
 
-    The logits are :func:`response_logits` (the model's own forward and logit transforms, the
-    head on the response positions only), divided by ``temperature``; log-probabilities are
-    gathered without a full (B, R, V) log-softmax (:func:`~rlhf_lightning.algorithms.ops.logprobs_from_logits`).
+    The logits are :func:`valid_response_logits` (the model's own forward and logit transforms, the
+    head on the valid response tokens only, as one matrix), divided by ``temperature``;
+    log-probabilities are gathered without a full log-softmax
+    (:func:`~rlhf_lightning.algorithms.ops.logprobs_from_logits`), then put back in (B, R) with 0 at padding.
+    Entropy, when asked, is computed on the same valid tokens only.
 
     Args:
         input_ids, attention_mask: (B, T) prompt + response, prompt left-padded to
-            ``response_start`` columns.
+            ``response_start`` columns; the response's valid tokens are ``attention_mask[:, response_start:]``.
         response_start: column of the first response token.
         temperature: the sampling temperature (logits are divided by it, as when sampling).
         with_entropy: also return the per-token entropy (nats, no gradient).
@@ -173,14 +212,17 @@ def response_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
             (:class:`~rlhf_lightning.models.trunk.SharedTrunk`), if already computed.
 
     Returns:
-        logprobs (B, R) float32, and entropy (B, R) float32 when ``with_entropy``.
+        logprobs (B, R) float32 (float64 for a float64 model), 0 where the response is padding, and entropy
+        (B, R) of the same dtype (0 at padding) when ``with_entropy``.
     """
-    logits = response_logits(model, input_ids, attention_mask, response_start, trunk)  # (B, R, V)
+    valid = attention_mask[:, response_start:].bool()  # (B, R)
+    logits = valid_response_logits(model, input_ids, attention_mask, response_start, trunk)  # (n, V)
     if temperature != 1.0:
         logits = logits / temperature
-    logprobs = logprobs_from_logits(logits, input_ids[:, response_start:])  # (B, R)
+    picked = logprobs_from_logits(logits, input_ids[:, response_start:][valid])  # (n,)
+    logprobs = picked.new_zeros(valid.shape).masked_scatter(valid, picked)  # (B, R)
     if not with_entropy:
         return logprobs
     with torch.no_grad():
-        entropy = entropy_from_logits(logits.detach())
-    return logprobs, entropy
+        entropy = entropy_from_logits(logits.detach())  # (n,)
+    return logprobs, entropy.new_zeros(valid.shape).masked_scatter(valid, entropy)

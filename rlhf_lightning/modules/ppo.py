@@ -350,12 +350,14 @@ class PPOModule(L.LightningModule):
             rollout, prompt_index = self._sample(input_ids, attention_mask, prompt_index, do_sample=do_sample,
                                                  for_update=for_update, seed=seed)
         reuse = for_update and cfg.num_minibatches == 1
+        reference = not for_update or cfg.uses_reference  # an evaluation logs eval/kl
         exp = make_experience(rollout, self.reward_model, policy=None if reuse else self.policy,
-                              ref_policy=self.ref_policy, critic=self.critic if for_update and not reuse else None,
+                              ref_policy=self.ref_policy if reference else None,
+                              critic=self.critic if for_update and not reuse else None,
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
                               trunk=self.trunk,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
-        if self.ref_policy is None:  # LoRA policy: the reference is the policy with its adapters off
+        if self.ref_policy is None and reference:  # LoRA policy: the reference is the policy with its adapters off
             exp = replace(exp, ref_logprobs=adapter_off_logprobs(self.policy, rollout, gen.temperature,
                                                                  exp.trunks.ref_policy))
         if self.reward_functions:
@@ -377,22 +379,22 @@ class PPOModule(L.LightningModule):
                 ) -> tuple[Rollout, torch.Tensor | None]:
         """Answer each prompt ``ppo.num_generations`` times (once when not ``for_update``), rows of one prompt
         contiguous, with the noise of :meth:`collect` (keys ``(iteration, round_, prompt, generation)``, or
-        ``(prompt, generation)`` under an evaluation's ``seed``). Returns the rollout and the rows' prompt
-        indices (``None`` without ``prompt_index``)."""
+        ``(prompt, generation)`` under an evaluation's ``seed``); each prompt prefilled once, and the policy's
+        shared frozen trunk (if any) kept while sampling (``Rollout.trunk``), not computed again. Returns the
+        rollout and the rows' prompt indices (``None`` without ``prompt_index``)."""
         gen = self.ppo.generation
         group = self.ppo.num_generations if for_update else 1
-        if group > 1:
-            input_ids = input_ids.repeat_interleave(group, 0)
-            attention_mask = attention_mask.repeat_interleave(group, 0)
         seed, key = (self.sampling_seed, (self.iteration, round_)) if seed is None else (seed, ())
         if self.make_environment is not None:
             rollout = self._sample_episodes(input_ids, attention_mask, prompt_index, group, do_sample,
                                             self.engine if for_update else None, seed, key)
             return rollout, None if prompt_index is None else prompt_index.repeat_interleave(group, 0)
         noise = prompt_noise(seed, prompt_index, gen.max_new_tokens, *key, group=group)
+        engine = self.engine if for_update else None
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, do_sample=do_sample,
-                           engine=self.engine if for_update else None, noise=noise)
+                           self.tokenizer.pad_token_id, do_sample=do_sample, engine=engine, noise=noise, group=group,
+                           trunk_depth=self.trunk.depth_of("policy") if self.trunk is not None else None,
+                           score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
         if prompt_index is not None and group > 1:
             prompt_index = prompt_index.repeat_interleave(group, 0)
         return rollout, prompt_index
@@ -444,12 +446,18 @@ class PPOModule(L.LightningModule):
         (:func:`~rlhf_lightning.algorithms.advantages.gae`: one γλ per policy token).
 
         Returns:
-            ``exp`` with ``kl_coef`` (the β used), ``kl``, ``rewards``, ``advantages`` and ``returns``
-            (critic-free: the returns are the advantages' targets only for logging).
+            ``exp`` with ``kl_coef`` (the β used), ``kl`` (``None`` when the reference did not run:
+            ``ppo.uses_reference`` false), ``rewards``, ``advantages`` and ``returns`` (critic-free: the returns
+            are the advantages' targets only for logging).
         """
         cfg, mask = self.ppo, exp.loss_mask
         kl_coef = self.kl_ctl.value
-        rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        if exp.ref_logprobs is None:  # no reference pass (ppo.uses_reference false): β = 0, no KL term, kl None
+            rewards, _ = compute_rewards(exp.scores, exp.logprobs, exp.logprobs, mask, kl_coef, cfg.kl_estimator)
+            kl = None
+        else:
+            rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef,
+                                          cfg.kl_estimator)
         estimator, group = cfg.adv_estimator, cfg.num_generations
         if estimator == "gae":
             advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
@@ -463,7 +471,8 @@ class PPOModule(L.LightningModule):
         elif estimator == "reinforce_pp":
             advantages, returns = reinforce_pp_advantages(rewards, mask, cfg.gamma, all_reduce=self._rank_sum())
         else:  # reinforce_pp_baseline
-            advantages, returns = reinforce_pp_baseline_advantages(exp.scores, -kl_coef * kl, mask, group, cfg.gamma,
+            penalty = -kl_coef * kl if kl is not None else torch.zeros_like(rewards)
+            advantages, returns = reinforce_pp_baseline_advantages(exp.scores, penalty, mask, group, cfg.gamma,
                                                                    all_reduce=self._rank_sum())
         return replace(exp, kl_coef=kl_coef, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
 
@@ -539,15 +548,19 @@ class PPOModule(L.LightningModule):
         generations. Every metric is the whole batch's (all ranks): means over responses (each rank holds as
         many), token means as shares (:func:`~rlhf_lightning.modules.common.batch_counts`), the explained
         variance pooled, and the ``diagnostics/*`` computed on the rows of every rank (so every rank's alarms
-        agree)."""
+        agree). Without a reference pass (``ppo.uses_reference`` false) no KL was measured: ``objective/kl``,
+        ``objective/non_score_reward`` and ``diagnostics/kl_per_token`` are left out."""
         mask, kl_coef = exp.loss_mask, exp.kl_coef
-        kl_per_seq = (exp.kl * mask).sum(1).mean()
         metrics = dict(stats)
+        if exp.kl is not None:  # else no reference pass ran (ppo.uses_reference false): no KL measured
+            kl_per_seq = (exp.kl * mask).sum(1).mean()
+            metrics.update({"objective/kl": kl_per_seq,
+                            "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
+                            "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq})
+        else:
+            metrics["objective/rlhf_reward"] = exp.scores.mean()  # β = 0: the reward is the score
         metrics.update({
             "objective/score": exp.scores.mean(),
-            "objective/kl": kl_per_seq,
-            "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
-            "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq,
             "response/length": mask.sum(1).float().mean(),
             "response/eos_frac": exp.rollout.ends_with_eos.float().mean(),
             "rollout/logprob_diff": logprob_diff(exp, batch_counts(self, mask)),
@@ -572,8 +585,10 @@ class PPOModule(L.LightningModule):
             log.warning("iteration %d: %s", self.iteration, line)
         batch_size = exp.batch_size
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
-        self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,
-                      logger=False, on_step=True, batch_size=batch_size, sync_dist=True)
+        bar = {"score": metrics["objective/score"]}
+        if "objective/kl" in metrics:
+            bar["kl"] = metrics["objective/kl"]
+        self.log_dict(bar, prog_bar=True, logger=False, on_step=True, batch_size=batch_size, sync_dist=True)
         every = self.ppo.log_samples_every_n_steps
         if every and (self.iteration - 1) % every == 0:
             self._write_samples(exp, phase="train")

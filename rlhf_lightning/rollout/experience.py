@@ -9,7 +9,7 @@ policy (the policy with its adapters off). Shared by the value, PPO and DPO stag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -127,7 +127,8 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
         missing_eos_penalty: see :func:`~rlhf_lightning.algorithms.kl.apply_missing_eos_penalty`.
         trunk: frozen lower blocks shared by the networks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`,
             whose names are ``reward_model``, ``ref_policy``, ``policy``, ``critic``): run once, on
-            the reward model's scoring inputs; each grouped network runs only its blocks above it,
+            the reward model's scoring inputs (not at all for the policy's group when the sampler kept
+            it, ``Rollout.trunk``); each grouped network runs only its blocks above it,
             the others reading the first T columns (with causal attention, the trunk of the rollout
             itself). Kept in ``Experience.trunks`` for the training forwards on the same rows.
         score_eos_token_id: score responses cut without EOS with this token appended
@@ -142,7 +143,8 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
     score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
     trunks = Trunks()
     if trunk is not None:
-        trunks = Trunks.of(trunk.compute(score_ids, score_mask), width=ids.shape[1])
+        known = {"policy": rollout.trunk} if rollout.trunk is not None else None  # kept while sampling
+        trunks = Trunks.of(trunk.compute(score_ids, score_mask, known), width=ids.shape[1])
     with torch.inference_mode():
         rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
                      if reward_model is not None else torch.zeros(ids.shape[0], device=ids.device))
@@ -155,7 +157,8 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
         values = (response_values(critic, ids, mask, start, trunk=trunks.critic).masked_fill(~valid, 0.0)
                   if critic is not None else None)
     return Experience(
-        rollout=rollout, scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
+        rollout=replace(rollout, trunk=None),  # kept in trunks
+        scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
         rm_scores=rm_scores, ref_logprobs=ref.clone().masked_fill(~valid, 0.0) if ref is not None else None,
         logprobs=logprobs, values=values, trunks=trunks,
     )
