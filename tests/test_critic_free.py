@@ -115,6 +115,30 @@ def test_no_reference_pass_when_nothing_reads_it(tmp_path, tiny_dir, tokenizer, 
     assert float(logged[0]["objective/score"]) == float(logged[1]["objective/score"])
 
 
+def test_packed_sequences_train_as_padded(tmp_path, tiny_dir, tokenizer, hh_file):
+    """ppo.packed_sequences=true (padding-free forwards of the reward model, reference and policy) trains the weights
+    the padded forwards train, in float64 (each tensor's difference ≤ 1e-6 of its change)."""
+    runs = []
+    for packed in (False, True):
+        L.seed_everything(0)
+        module = _module(tiny_dir, tokenizer, {"adv_estimator": "grpo", "num_generations": 2, "kl_coef": 0.05,
+                                               "packed_sequences": packed})
+        before = {k: v.double().clone() for k, v in module.policy.state_dict().items()}
+        trainer = L.Trainer(accelerator="cpu", max_steps=module.optimizer_steps_per_iteration, max_epochs=-1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                            precision="64-true")
+        trainer.fit(module, datamodule=PromptDataModule(tokenizer, str(hh_file), batch_size=2, max_prompt_length=48))
+        assert module.packed is packed
+        runs.append(module.policy.state_dict())
+    moved = 0
+    for key, start in before.items():
+        step = (runs[0][key] - start).norm()
+        assert (runs[1][key] - runs[0][key]).norm() <= 1e-6 * step + 1e-12, key
+        moved += bool(step > 0)
+    assert moved
+
+
 def test_reward_functions_alone_give_the_score(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     module = _module(tiny_dir, tokenizer, {"adv_estimator": "rloo", "num_generations": 2},

@@ -483,8 +483,19 @@ class RolloutConfig:
     ``model.trainable_layers`` with one base model) once per rollout batch, and in each network only the
     blocks above them (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same results, fewer forwards).
     Never under FSDP and DeepSpeed (sharded parameters)."""
+    packed_sequences: bool | None = None
+    """Run the forwards over rollouts (reward model, reference, old and trained policy, critic) padding-free: each
+    batch's rows packed into one row of their attended tokens with per-row positions and no attention mask
+    (:func:`~rlhf_lightning.models.forward.pack`; the same log-probabilities, values and scores as padded, up to
+    rounding). ``null`` (auto): packed where the policy's attention implementation takes packed rows as
+    variable-length sequences (flash-attention: ``model.config._attn_implementation`` ``flash_*``), padded
+    otherwise; ``true``/``false``: always / never. With SDPA or eager attention (CPU) packed rows get a dense
+    block-diagonal mask, measured slower on CPU (SmolLM2, GRPO batch of 32 rows: training forward + backward +22%,
+    ``bench/profile_issue26.md``), hence off there by default."""
 
     def __post_init__(self):
+        if self.packed_sequences is not None:
+            check_bool("packed_sequences", self.packed_sequences)
         check_range("kl_coef", self.kl_coef, 0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         for name in ("gamma", "lam"):

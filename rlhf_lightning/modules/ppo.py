@@ -25,7 +25,7 @@ from rlhf_lightning.evaluation.diagnostics import check_alarms, rollout_diagnost
 from rlhf_lightning.evaluation.heldout import HeldOutEvaluation, write_samples
 from rlhf_lightning.evaluation.judges import load_judges
 from rlhf_lightning.models.builders import PolicyBaseCritic
-from rlhf_lightning.models.forward import response_logprobs, response_values
+from rlhf_lightning.models.forward import packs_by_default, response_logprobs, response_values
 from rlhf_lightning.models.lora import has_lora, log_network_memory, own_parameters
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
@@ -217,6 +217,7 @@ class PPOModule(L.LightningModule):
         self._alarms_fired: set[str] = set()  # ppo.alarms kinds that warned already
         self.engine = None  # the vLLM rollout engine (ppo.generation.backend=vllm), built in on_fit_start
         self.sampling_seed = run_seed()  # the sampling noise's seed (responses keyed by prompt, not by rank)
+        self.packed = bool(self.ppo.packed_sequences)  # ppo.packed_sequences resolved (auto) in on_fit_start
 
     def on_fit_start(self) -> None:
         """Log each network's size; find the frozen lower blocks the four networks share (``ppo.share_trunk``);
@@ -227,6 +228,8 @@ class PPOModule(L.LightningModule):
                            if self.ref_policy is None else None)
         self.trunk = find_shared_trunk(self, self.ppo.share_trunk)
         self.sampling_seed = run_seed()
+        self.packed = self.ppo.packed_sequences if self.ppo.packed_sequences is not None else \
+            packs_by_default(self.policy)
         if self.ppo.generation.backend == "vllm" and self.engine is None:
             self.engine = self.build_engine()
 
@@ -355,11 +358,11 @@ class PPOModule(L.LightningModule):
                               ref_policy=self.ref_policy if reference else None,
                               critic=self.critic if for_update and not reuse else None,
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
-                              trunk=self.trunk,
+                              trunk=self.trunk, packed=self.packed,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
         if self.ref_policy is None and reference:  # LoRA policy: the reference is the policy with its adapters off
             exp = replace(exp, ref_logprobs=adapter_off_logprobs(self.policy, rollout, gen.temperature,
-                                                                 exp.trunks.ref_policy))
+                                                                 exp.trunks.ref_policy, self.packed))
         if self.reward_functions:
             total, per_function = functions or self._function_rewards(rollout, prompt_index)
             exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
@@ -598,12 +601,14 @@ class PPOModule(L.LightningModule):
         """Policy log-probabilities and entropy, and critic values (``None`` without a critic), with
         autograd: each (b, R).
 
-        ``trunks``: the shared frozen blocks' outputs for these rows (``Trunks()``: none)."""
+        ``trunks``: the shared frozen blocks' outputs for these rows (``Trunks()``: none); padding-free with
+        ``ppo.packed_sequences`` (:func:`~rlhf_lightning.models.forward.pack`)."""
         logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
-                                              with_entropy=True, trunk=trunks.policy)
+                                              with_entropy=True, trunk=trunks.policy, packed=self.packed)
         if self.critic is None:
             return logprobs, entropy, None
-        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.critic)
+        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.critic,
+                                                  packed=self.packed)
 
     def _function_rewards(self, rollout: Rollout, prompt_index: torch.Tensor | None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -622,6 +627,7 @@ class PPOModule(L.LightningModule):
         and the reward functions' :meth:`_function_rewards` (``None`` without functions)."""
         gen = self.ppo.generation
         scores = make_experience(rollout, self.reward_model, missing_eos_penalty=gen.missing_eos_penalty,
+                                 packed=self.packed,
                                  score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
                                  ).scores
         if self.ppo.agent.environment_factory is not None:

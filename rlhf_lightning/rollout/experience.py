@@ -110,7 +110,7 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
 def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn.Module | None = None,
                     ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
                     missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
-                    score_eos_token_id: int | None = None) -> Experience:
+                    score_eos_token_id: int | None = None, packed: bool = False) -> Experience:
     """Scores, reference and old log-probabilities, and values of a rollout, without autograd.
 
     The reward model and the frozen reference run under ``torch.inference_mode``; the policy
@@ -133,6 +133,8 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
             itself). Kept in ``Experience.trunks`` for the training forwards on the same rows.
         score_eos_token_id: score responses cut without EOS with this token appended
             (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
+        packed: every network's forward runs its rows padding-free
+            (:func:`~rlhf_lightning.models.forward.pack`; ``ppo.packed_sequences``).
 
     Returns:
         A new :class:`Experience` (advantage fields ``None``); log-probabilities and values are 0 outside the
@@ -146,15 +148,16 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
         known = {"policy": rollout.trunk} if rollout.trunk is not None else None  # kept while sampling
         trunks = Trunks.of(trunk.compute(score_ids, score_mask, known), width=ids.shape[1])
     with torch.inference_mode():
-        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
+        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model,  # (B,)
+                                     packed=packed)
                      if reward_model is not None else torch.zeros(ids.shape[0], device=ids.device))
-        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy)
+        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy, packed=packed)
                if ref_policy is not None else None)
     rm_scores = rm_scores.clone()  # out of inference mode
     with torch.no_grad():
-        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy)
+        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy, packed=packed)
                     .masked_fill(~valid, 0.0) if policy is not None else None)
-        values = (response_values(critic, ids, mask, start, trunk=trunks.critic).masked_fill(~valid, 0.0)
+        values = (response_values(critic, ids, mask, start, trunk=trunks.critic, packed=packed).masked_fill(~valid, 0.0)
                   if critic is not None else None)
     return Experience(
         rollout=replace(rollout, trunk=None),  # kept in trunks
@@ -165,7 +168,7 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
 
 
 def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float = 1.0,
-                         trunk: torch.Tensor | None = None) -> torch.Tensor:
+                         trunk: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
     """Reference log-probabilities of a LoRA policy: its own forward with its adapters switched off
     (:func:`~rlhf_lightning.models.lora.adapters_disabled`), i.e. the base model's distribution, without autograd
     (the reference of TRL's and verl's LoRA training; no second copy of the model).
@@ -175,6 +178,7 @@ def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float
         rollout: the sampled sequences.
         temperature: the sampling temperature (log-probabilities are computed at it).
         trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
+        packed: the rows run padding-free (:func:`~rlhf_lightning.models.forward.pack`).
 
     Returns:
         (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding and at the environment's
@@ -184,7 +188,7 @@ def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float
 
     with adapters_disabled(policy), torch.inference_mode():
         ref = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
-                                temperature, trunk=trunk)
+                                temperature, trunk=trunk, packed=packed)
     return ref.clone().masked_fill(~rollout.policy_mask, 0.0)
 
 
