@@ -16,6 +16,7 @@ from rlhf_lightning.models import (
     train_top_layers,
 )
 from rlhf_lightning.models.forward import (
+    call_cost_tokens,
     length_groups,
     response_logits,
     response_logprobs,
@@ -165,6 +166,18 @@ def test_length_groups_partition_rows_with_bounded_padding():
         padded, real = max(lengths[r] for r in g) * len(g), sum(lengths[r] for r in g)
         assert len(g) == 1 or padded <= 1.1 * real
     assert length_groups([5, 5, 5], slack=0.0) == [[0, 1, 2]] and length_groups([], 0.1) == []
+
+
+def test_length_groups_merge_when_a_call_costs_more_than_the_padding_it_saves():
+    """Groups [100, 90] | [50] | [40] | [10] (slack 0.1): merging [50] into the first pads it by 50 tokens, [40] by
+    60, [10] by 90; a call worth 55 tokens merges the first, then [40] (60 more) starts a group and [10] (30 more
+    onto [40]) joins it."""
+    lengths = [100, 90, 50, 40, 10]
+    assert length_groups(lengths, 0.1) == [[0, 1], [2], [3], [4]]
+    assert length_groups(lengths, 0.1, call_tokens=55) == [[0, 1, 2], [3, 4]]
+    assert length_groups(lengths, 0.1, call_tokens=1e9) == [[0, 1, 2, 3, 4]]
+    tiny, smollm2_like = call_cost_tokens(load_scalar_model("tiny")), 2e8 / (2 * 106e6)
+    assert tiny > 1000 and smollm2_like < 1  # the tiny model: one padded call; SmolLM2: groups
 
 
 def test_right_padded_scores_equal_one_padded_forward(tiny_dir):

@@ -33,10 +33,11 @@ SAMPLE_COLUMNS = ("phase", "step", "prompt", "response", "score", "rm_score", "e
 
 def sample_rows(tokenizer, exp: Experience, phase: str, step: int, limit: int) -> list[dict]:
     """The first ``limit`` rows of ``exp`` (its ``kl`` (N, R) set; ``None``: no reference ran, ``kl`` NaN) decoded
-    into dicts of :data:`SAMPLE_COLUMNS`, with each reward function's unweighted reward as ``reward/<name>`` (when there are any) and, for multi-turn
-    rollouts, each episode's counts as ``agent/<name>`` (turns, tool calls, errors and cuts by kind:
-    :func:`~rlhf_lightning.rollout.agent.run_episodes`); a multi-turn response is the whole trajectory, the chat
-    template's role markers kept (:func:`~rlhf_lightning.rollout.sampler.decode_responses`)."""
+    into dicts of :data:`SAMPLE_COLUMNS`, with each reward function's unweighted reward as ``reward/<name>``
+    (when there are any) and, for multi-turn rollouts, each episode's counts as ``agent/<name>`` (turns, tool
+    calls, errors and cuts by kind: :func:`~rlhf_lightning.rollout.agent.run_episodes`); a multi-turn response is
+    the whole trajectory, the chat template's role markers kept
+    (:func:`~rlhf_lightning.rollout.sampler.decode_responses`)."""
     ro = exp.rollout
     stats = ro.episode_stats or {}
     n = min(limit, exp.batch_size)

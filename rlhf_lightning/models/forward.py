@@ -102,14 +102,34 @@ def sequence_scores(model: nn.Module, input_ids: torch.Tensor | None, attention_
     return score_head(model)(pooled).squeeze(-1).float()
 
 
-def length_groups(lengths: list[int], slack: float = 0.1) -> list[list[int]]:
+#: What one forward call costs besides its tokens (Python, dispatch, the embedding lookup and head), in floating-point
+#: operations of a one-thread CPU: a call of the 2-block tiny model took ~3–5 ms more than its tokens' FLOPs account
+#: for (``bench/profile_issue26.md``, reward step: 3 length groups vs one padded call), ≈ 2e8 FLOPs at the ~50
+#: GFLOP/s one core computes here. :func:`call_cost_tokens` turns it into tokens of a model.
+CALL_OVERHEAD_FLOPS = 2e8
+
+
+def call_cost_tokens(model: nn.Module) -> float:
+    """:data:`CALL_OVERHEAD_FLOPS` in tokens of ``model``'s forward (2 FLOPs per weight of its blocks and head, the
+    embedding table left out: a lookup): how much padding one forward call fewer is worth. SmolLM2-135M: ~1 token
+    (grouping by length pays); the 2-block tiny model: ~1200 tokens (one padded call pays)."""
+    embedding = model.get_input_embeddings()
+    table = embedding.weight.numel() if embedding is not None else 0
+    weights = sum(p.numel() for p in model.parameters()) - table
+    return CALL_OVERHEAD_FLOPS / max(2 * weights, 1)
+
+
+def length_groups(lengths: list[int], slack: float = 0.1, call_tokens: float = 0.0) -> list[list[int]]:
     """Partition rows into groups of similar length (longest first).
 
     A row joins the current group while padding the group to its longest row costs at most
-    ``slack`` × the group's real tokens; otherwise it starts a new group.
+    ``slack`` × the group's real tokens; otherwise it starts a new group. Then a group is merged into
+    the one before it (its rows padded to that group's longest) while the padding this adds is below
+    ``call_tokens``, the cost of one forward call counted in tokens (:func:`call_cost_tokens`).
 
     Args:
         lengths: tokens of each row (≥ 0). slack: ≥ 0, the padding allowed per group.
+        call_tokens: ≥ 0; 0 merges nothing.
 
     Returns:
         Lists of row indices; every row appears once.
@@ -124,11 +144,17 @@ def length_groups(lengths: list[int], slack: float = 0.1) -> list[list[int]]:
         else:
             groups.append([row])
             longest = total = n
-    return groups
+    merged: list[list[int]] = []
+    for group in groups:  # longest first: a group's widest row is its first
+        if merged and len(group) * (lengths[merged[-1][0]] - lengths[group[0]]) < call_tokens:
+            merged[-1].extend(group)
+        else:
+            merged.append(group)
+    return merged
 
 
 def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        slack: float = 0.1) -> torch.Tensor:
+                        slack: float = 0.1, call_tokens: float = 0.0) -> torch.Tensor:
     """:func:`sequence_scores` of right-padded rows without computing most of the padding.
 
     Rows are run in groups of similar length (:func:`length_groups`), each group cut to its
@@ -141,6 +167,8 @@ def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
     Args:
         input_ids, attention_mask: (N, L) right-padded sequences (long).
         slack: padding allowed per group (see :func:`length_groups`).
+        call_tokens: a forward call's cost in tokens (:func:`call_cost_tokens`): groups whose padding would cost
+            less are merged (:func:`length_groups`).
 
     Returns:
         (N,) float32 scores, differentiable like :func:`sequence_scores`.
@@ -149,7 +177,7 @@ def right_padded_scores(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if not torch.equal(attention_mask.long().cumprod(1).sum(1), lengths):  # one host sync
         return sequence_scores(model, input_ids, attention_mask)
     lengths = lengths.tolist()
-    groups = length_groups(lengths, slack)
+    groups = length_groups(lengths, slack, call_tokens)
     if len(groups) == 1:
         return sequence_scores(model, input_ids, attention_mask)
     embeds = model.get_input_embeddings()(input_ids)  # one lookup: one embedding backward, not one per group
