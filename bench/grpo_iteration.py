@@ -25,16 +25,17 @@ gradient checkpointing, dropout-free models. The policy (``load_policy``) trains
 2-block tiny model every block trains); ours also holds the frozen reference (``load_reference``; PPOModule
 requires one) and shares the frozen lower blocks with it (``ppo.share_trunk``, the default).
 
-What differs, on purpose or by design (see bench/README.md, "GRPO"): ours computes the reference's
-log-probabilities (the reference's blocks above the shared trunk, with the LM head on the response positions)
-although β = 0 (logged as ``objective/kl``); TRL with ``beta=0`` loads no reference. Ours runs the frozen
-lower blocks once without autograd (the trunk, on T + 1 columns: the scoring inputs) and the trained blocks
-with autograd; TRL runs the whole model in its training forward with autograd on (the frozen blocks store
-nothing: no input requires a gradient). Ours runs the LM head on every response position (R + 1 per row,
-padding included); TRL's fused LM head (``add_fused_lm_head``) projects only the valid completion tokens. TRL
-shuffles the 32 rows before its update (no effect on the work). The sampled responses differ (different
-random streams), hence so do their lengths: the generated columns and real tokens of every iteration are
-recorded per side.
+What differs, on purpose or by design (see docs/benchmarks/history.md, "GRPO"): ours holds a frozen reference
+(PPOModule requires one) but runs no reference pass (``ppo.uses_reference`` is false at β = 0 and no KL loss:
+nothing reads it; ``objective/kl`` is not logged); TRL with ``beta=0`` loads no reference. Ours prefills each
+distinct prompt once for its 4 responses, drops ended rows from the decoded batch, and keeps the frozen lower
+blocks' output from the generation (the shared trunk is not run again), then runs only the trained blocks with
+autograd; TRL prefills every row, decodes every row to the end of the batch, and runs the whole model in its
+training forward with autograd on (the frozen blocks store nothing: no input requires a gradient). Both run the
+LM head on the valid completion tokens only (ours: a boolean ``logits_to_keep``; TRL: its fused LM head,
+``add_fused_lm_head``). TRL shuffles the 32 rows before its update (no effect on the work). The sampled
+responses differ (different random streams), hence so do their lengths: the generated columns and real tokens
+of every iteration are recorded per side.
 
 Recorded per side and iteration (``work``): the generated columns and response tokens, and the tokens that
 went through the decoder blocks (hooks on every block: rows × columns per call, divided by the number of
