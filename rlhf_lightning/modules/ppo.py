@@ -388,7 +388,9 @@ class PPOModule(L.LightningModule):
         gen = self.ppo.generation
         group = self.ppo.num_generations if for_update else 1
         seed, key = (self.sampling_seed, (self.iteration, round_)) if seed is None else (seed, ())
-        if self.make_environment is not None:
+        if self.make_environment is not None:  # multi-turn: each prompt's rows repeated (no shared prefill)
+            if group > 1:
+                input_ids, attention_mask = (t.repeat_interleave(group, 0) for t in (input_ids, attention_mask))
             rollout = self._sample_episodes(input_ids, attention_mask, prompt_index, group, do_sample,
                                             self.engine if for_update else None, seed, key)
             return rollout, None if prompt_index is None else prompt_index.repeat_interleave(group, 0)
