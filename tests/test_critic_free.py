@@ -79,6 +79,66 @@ def test_group_advantages_use_each_prompts_own_responses(tmp_path, tiny_dir, tok
     assert torch.allclose(per_sequence.sum(1), torch.zeros(2), atol=1e-5)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp_baseline"])
+def test_no_reference_pass_when_nothing_reads_it(tmp_path, tiny_dir, tokenizer, hh_file, monkeypatch, estimator):
+    """β = 0 and no KL loss: training iterations run no reference forward (ppo.uses_reference false), train the same
+    weights as with the reference run for monitoring (ppo.monitor_kl=true: the KL term is 0 either way, exactly), and
+    log no KL; the before/after evaluation still runs it (eval/kl)."""
+    import rlhf_lightning.rollout.experience as experience
+
+    calls: list[bool] = []
+    plain = experience.response_logprobs
+
+    def counted(model, *args, **kwargs):
+        if model is module.ref_policy:
+            calls.append(torch.is_inference_mode_enabled())
+        return plain(model, *args, **kwargs)
+
+    monkeypatch.setattr(experience, "response_logprobs", counted)
+    weights, logged = [], []
+    for monitor in (False, True):
+        L.seed_everything(0)
+        module = _module(tiny_dir, tokenizer, {"adv_estimator": estimator, "num_generations": 2, "kl_coef": 0.0,
+                                               "kl_loss_coef": 0.0, "monitor_kl": monitor, "num_sample_prompts": 2})
+        assert module.ppo.uses_reference is monitor
+        calls.clear()
+        trainer = _fit(module, tmp_path, PromptDataModule(tokenizer, str(hh_file), batch_size=2, max_prompt_length=48),
+                       iterations=2)
+        assert len(calls) == (2 + 2 if monitor else 2)  # the evaluation before and after (eval/kl), + each iteration
+        weights.append({k: v.clone() for k, v in module.policy.state_dict().items()})
+        logged.append(dict(trainer.callback_metrics))
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    for key in ("objective/kl", "objective/non_score_reward", "diagnostics/kl_per_token"):
+        assert key not in logged[0] and key in logged[1]
+    assert float(logged[0]["objective/rlhf_reward"]) == float(logged[0]["objective/score"])
+    assert float(logged[0]["objective/score"]) == float(logged[1]["objective/score"])
+
+
+def test_packed_sequences_train_as_padded(tmp_path, tiny_dir, tokenizer, hh_file):
+    """ppo.packed_sequences=true (padding-free forwards of the reward model, reference and policy) trains the weights
+    the padded forwards train, in float64 (each tensor's difference ≤ 1e-6 of its change)."""
+    runs = []
+    for packed in (False, True):
+        L.seed_everything(0)
+        module = _module(tiny_dir, tokenizer, {"adv_estimator": "grpo", "num_generations": 2, "kl_coef": 0.05,
+                                               "packed_sequences": packed})
+        before = {k: v.double().clone() for k, v in module.policy.state_dict().items()}
+        trainer = L.Trainer(accelerator="cpu", max_steps=module.optimizer_steps_per_iteration, max_epochs=-1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                            precision="64-true")
+        trainer.fit(module, datamodule=PromptDataModule(tokenizer, str(hh_file), batch_size=2, max_prompt_length=48))
+        assert module.packed is packed
+        runs.append(module.policy.state_dict())
+    moved = 0
+    for key, start in before.items():
+        step = (runs[0][key] - start).norm()
+        assert (runs[1][key] - runs[0][key]).norm() <= 1e-6 * step + 1e-12, key
+        moved += bool(step > 0)
+    assert moved
+
+
 def test_reward_functions_alone_give_the_score(tmp_path, tiny_dir, tokenizer, hh_file):
     L.seed_everything(0)
     module = _module(tiny_dir, tokenizer, {"adv_estimator": "rloo", "num_generations": 2},

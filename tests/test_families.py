@@ -16,7 +16,7 @@ import torch
 
 from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model, load_tokenizer
-from rlhf_lightning.models.forward import response_logprobs, sequence_scores
+from rlhf_lightning.models.forward import response_logprobs, response_values, sequence_scores
 from rlhf_lightning.models.loading import TINY_FAMILIES
 from rlhf_lightning.models.trunk import SharedTrunk, shared_trunk_for
 from rlhf_lightning.modules import PPOModule
@@ -74,6 +74,79 @@ def test_sampler_logprobs_equal_training_logprobs(family):
     torch.testing.assert_close(full, ro.sampler_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(split, ro.sampler_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(ref_split, ro.sampler_logprobs, rtol=0, atol=1e-5)  # same weights before training
+
+
+def test_prefill_once_dropped_rows_and_the_kept_trunk(family, monkeypatch):
+    """Each prompt prefilled once for 3 responses, ended rows dropped from decoding, the trunk kept while sampling
+    (issue 26): the same tokens and sampler log-probabilities as 3 copies decoded to the end, the kept trunk equal to
+    the trunk computed on the scoring inputs at attended columns, and the trainer's log-probabilities on it equal to
+    the sampler's (1e-5)."""
+    import rlhf_lightning.rollout.sampler as sampler
+    from rlhf_lightning.rollout.experience import scoring_inputs
+
+    source = f"tiny-{family}"
+    tokenizer = load_tokenizer(source)
+    policy, reference = load_policy(source, trainable_layers=1), load_reference(source)
+    ids, mask = _prompts(tokenizer)
+    eos = [tokenizer.eos_token_id, *range(1, policy.config.vocab_size, 11)]  # responses of different lengths
+    config = GenerationConfig(max_new_tokens=8, temperature=0.7)
+    trunk = SharedTrunk({"policy": policy, "ref_policy": reference})
+    noise = sampler.prompt_noise(5, torch.tensor([0, 1]), config.max_new_tokens, 0, group=3)
+    monkeypatch.setattr(sampler, "DROP_FINISHED_SHARE", float("inf"))
+    full = generate(policy, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0), config, eos,
+                    tokenizer.pad_token_id, noise=noise)
+    monkeypatch.setattr(sampler, "DROP_FINISHED_SHARE", 0.1)
+    ro = generate(policy, ids, mask, config, eos, tokenizer.pad_token_id, noise=noise, group=3,
+                  trunk_depth=trunk.depth_of("policy"), score_eos_token_id=tokenizer.eos_token_id)
+    assert ro.ends_with_eos.any() and not ro.ends_with_eos.all()
+    assert torch.equal(ro.input_ids, full.input_ids)
+    torch.testing.assert_close(ro.sampler_logprobs, full.sampler_logprobs, rtol=0, atol=1e-5)
+    seq, seq_mask = scoring_inputs(ro, tokenizer.eos_token_id)
+    computed = trunk.compute(seq, seq_mask)["policy"].hidden
+    attended = seq_mask.bool()
+    torch.testing.assert_close(ro.trunk.hidden[attended], computed[attended], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        split = response_logprobs(policy, ro.input_ids, ro.attention_mask, ro.response_start, config.temperature,
+                                  trunk=ro.trunk.columns(ro.input_ids.shape[1]))
+    torch.testing.assert_close(split, ro.sampler_logprobs, rtol=0, atol=1e-5)
+
+
+def test_packed_forwards_equal_padded_forwards(family):
+    """Padding-free forwards (ppo.packed_sequences: the rows packed into one with per-row positions and no mask):
+    the policy's log-probabilities and entropies (with and without the shared trunk, and their gradients), the
+    critic's values and the reward model's scores equal the padded forwards' at the valid tokens (1e-5)."""
+    source = f"tiny-{family}"
+    tokenizer = load_tokenizer(source)
+    policy, reference = load_policy(source, trainable_layers=1), load_reference(source)
+    critic = load_scalar_model(source, trainable_layers=1, seed=2)
+    ids, mask = _prompts(tokenizer)
+    torch.manual_seed(0)
+    eos = [tokenizer.eos_token_id, *range(1, policy.config.vocab_size, 11)]  # left and right padding
+    ro = generate(policy, ids, mask, GenerationConfig(max_new_tokens=8, temperature=0.7), eos,
+                  tokenizer.pad_token_id, group=2)
+    ids, mask, start = ro.input_ids, ro.attention_mask.clone(), ro.response_start
+    mask[1, -3:] = 0  # a row cut short whatever was sampled
+    valid = mask[:, start:].bool()
+    trunk = SharedTrunk({"policy": policy, "ref_policy": reference, "critic": critic}).compute(ids, mask)
+    for name in ("policy", None):
+        results = []
+        for packed in (False, True):
+            policy.zero_grad(set_to_none=True)
+            logprobs, entropy = response_logprobs(policy, ids, mask, start, 0.7, with_entropy=True,
+                                                  trunk=trunk[name] if name else None, packed=packed)
+            logprobs.sum().backward()
+            grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+            values = response_values(critic, ids, mask, start, trunk=trunk["critic"] if name else None,
+                                     packed=packed).masked_fill(~valid, 0.0)
+            with torch.no_grad():
+                scores = sequence_scores(critic, ids, mask, packed=packed)
+            results.append((logprobs.detach(), entropy, values.detach(), scores, grads))
+        for padded, packed in zip(*results, strict=True):
+            if isinstance(padded, list):
+                for a, b in zip(padded, packed, strict=True):
+                    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+            else:
+                torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
 
 
 def test_one_ppo_iteration_with_the_trunk(family, tmp_path, hh_file):

@@ -16,7 +16,9 @@ from rlhf_lightning.models import (
     train_top_layers,
 )
 from rlhf_lightning.models.forward import (
+    call_cost_tokens,
     length_groups,
+    response_logits,
     response_logprobs,
     response_values,
     right_padded_scores,
@@ -112,6 +114,37 @@ def test_response_logprobs_match_a_full_forward_and_ignore_left_padding(tiny_dir
             torch.testing.assert_close(entropy[row], -(probs * probs.log()).sum(-1), atol=1e-4, rtol=1e-4)
 
 
+def test_logprobs_run_the_lm_head_on_valid_response_tokens_only(tiny_dir, tokenizer):
+    """The LM head runs on the n valid response tokens only, as one (n, H) matrix (issue 26): log-probabilities,
+    entropies and gradients are those of the head on every response position, read at the valid tokens (1e-6), and 0
+    at padding; a row cut short (right padding) and a row with no valid token are fine."""
+    from rlhf_lightning.algorithms.ops import entropy_from_logits, logprobs_from_logits
+
+    policy = load_policy(tiny_dir)
+    ids, mask, start, _, _ = _padded_pair(tokenizer)
+    ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]])
+    mask[0, -1] = 0  # row 0's last token is padding
+    mask[2, start:] = 0  # row 2 has no response token
+    valid = mask[:, start:].bool()
+    heads: list[tuple] = []
+    handle = policy.get_output_embeddings().register_forward_hook(lambda m, args, out: heads.append(args[0].shape))
+    ours, entropy = response_logprobs(policy, ids, mask, start, temperature=0.7, with_entropy=True)
+    handle.remove()
+    assert heads == [(int(valid.sum()), policy.config.hidden_size)]  # one 2-D product over the valid tokens
+    ours.sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+    logits = response_logits(policy, ids, mask, start) / 0.7  # (B, R, V): every response position
+    every = logprobs_from_logits(logits, ids[:, start:])
+    every.masked_fill(~valid, 0.0).sum().backward()
+    torch.testing.assert_close(ours, every.masked_fill(~valid, 0.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()).masked_fill(~valid, 0.0), rtol=0,
+                               atol=1e-6)
+    assert (ours[~valid] == 0).all() and (entropy[~valid] == 0).all()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, policy.get_parameter(name).grad, rtol=1e-5, atol=1e-7)
+
+
 def test_scores_and_values_read_the_right_positions(tiny_dir, tokenizer):
     critic = load_scalar_model(tiny_dir).eval()
     ids, mask, start, _, _ = _padded_pair(tokenizer)
@@ -133,6 +166,18 @@ def test_length_groups_partition_rows_with_bounded_padding():
         padded, real = max(lengths[r] for r in g) * len(g), sum(lengths[r] for r in g)
         assert len(g) == 1 or padded <= 1.1 * real
     assert length_groups([5, 5, 5], slack=0.0) == [[0, 1, 2]] and length_groups([], 0.1) == []
+
+
+def test_length_groups_merge_when_a_call_costs_more_than_the_padding_it_saves():
+    """Groups [100, 90] | [50] | [40] | [10] (slack 0.1): merging [50] into the first pads it by 50 tokens, [40] by
+    60, [10] by 90; a call worth 55 tokens merges the first, then [40] (60 more) starts a group and [10] (30 more
+    onto [40]) joins it."""
+    lengths = [100, 90, 50, 40, 10]
+    assert length_groups(lengths, 0.1) == [[0, 1], [2], [3], [4]]
+    assert length_groups(lengths, 0.1, call_tokens=55) == [[0, 1, 2], [3, 4]]
+    assert length_groups(lengths, 0.1, call_tokens=1e9) == [[0, 1, 2, 3, 4]]
+    tiny, smollm2_like = call_cost_tokens(load_scalar_model("tiny")), 2e8 / (2 * 106e6)
+    assert tiny > 1000 and smollm2_like < 1  # the tiny model: one padded call; SmolLM2: groups
 
 
 def test_right_padded_scores_equal_one_padded_forward(tiny_dir):

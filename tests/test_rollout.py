@@ -232,3 +232,81 @@ def test_stack_rollouts_pads_prompts_left_and_responses_right():
     assert torch.equal(out.response_ids[0, :2], a.response_ids[0])
     with pytest.raises(ValueError):
         stack_rollouts([], 0)
+
+
+def _rows_per_forward(policy) -> tuple[list[int], object]:
+    """The rows of every forward of ``policy``'s first block (a list filled by a hook), and the hook's handle."""
+    from rlhf_lightning.models.trunk import backbone_of
+
+    rows: list[int] = []
+    handle = backbone_of(policy).layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True)
+    return rows, handle
+
+
+@pytest.mark.parametrize("keyed", [True, False])
+def test_prefill_once_and_dropping_ended_rows_sample_what_the_full_batch_samples(tiny_dir, tokenizer, monkeypatch,
+                                                                                 keyed):
+    """Each prompt prefilled once for its G responses, and rows that ended dropped from the decoded batch: every
+    row's tokens and log-probabilities are those of the full batch of G copies decoded to the end (with keyed noise,
+    and with torch's generator: the same numbers are drawn), with fewer rows in the forwards."""
+    import rlhf_lightning.rollout.sampler as sampler
+    from rlhf_lightning.models import load_policy
+    from rlhf_lightning.rollout.sampler import prompt_noise
+
+    policy = load_policy(tiny_dir).eval()
+    pad, group = tokenizer.pad_token_id, 4
+    ids, mask = _prompts(3, 6, pad)
+    eos = list(range(0, policy.config.vocab_size, 7))  # 1 token in 7 ends a response: rows end at different steps
+    config = GenerationConfig(max_new_tokens=8, temperature=0.7)
+    noise = prompt_noise(3, torch.tensor([4, 9, 2]), config.max_new_tokens, 1, 0, group=group) if keyed else None
+
+    def sample(drop_share: float, **kwargs):
+        monkeypatch.setattr(sampler, "DROP_FINISHED_SHARE", drop_share)
+        rows, handle = _rows_per_forward(policy)
+        torch.manual_seed(0)
+        try:
+            return generate(policy, config=config, eos_token_id=eos, pad_token_id=pad, noise=noise, **kwargs), rows
+        finally:
+            handle.remove()
+
+    full, full_rows = sample(math.inf, input_ids=ids.repeat_interleave(group, 0),
+                             attention_mask=mask.repeat_interleave(group, 0))
+    once, once_rows = sample(0.25, input_ids=ids, attention_mask=mask, group=group)
+    assert full_rows == [12] * len(full_rows)  # never dropped
+    assert once_rows[0] == 3 and once_rows[1] == 12 and once_rows[-1] < 12  # prompts once; rows dropped
+    assert len(once_rows) == len(full_rows)  # the same number of forwards
+    ended = full.response_mask.sum(1)
+    assert ended.min() < ended.max() and full.ends_with_eos.any()
+    assert torch.equal(once.input_ids, full.input_ids) and torch.equal(once.attention_mask, full.attention_mask)
+    torch.testing.assert_close(once.sampler_logprobs, full.sampler_logprobs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("score_eos", [True, False])
+def test_the_trunk_kept_while_sampling_is_the_trunk_of_the_rollout(tiny_dir, tokenizer, score_eos):
+    """Rollout.trunk: the policy's first block's output at every column, from the prefill, the decoding (rows
+    dropped included) and one forward of that block on the last token (and the scoring inputs' EOS column), equals
+    SharedTrunk.compute on the rollout's (scoring) sequences at every attended column (1e-5)."""
+    from rlhf_lightning.models import load_policy, load_reference
+    from rlhf_lightning.models.trunk import SharedTrunk
+    from rlhf_lightning.rollout.experience import scoring_inputs
+
+    policy, reference = load_policy(tiny_dir, trainable_layers=1).eval(), load_reference(tiny_dir)
+    trunk = SharedTrunk({"policy": policy, "ref_policy": reference})
+    pad, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    ids, mask = _prompts(3, 6, pad)
+    eos = [eos_id, *range(1, policy.config.vocab_size, 9)]
+    config = GenerationConfig(max_new_tokens=7, temperature=0.7)
+    torch.manual_seed(0)
+    ro = generate(policy, ids, mask, config, eos, pad, group=3, trunk_depth=trunk.depth_of("policy"),
+                  score_eos_token_id=eos_id if score_eos else None)
+    assert ro.ends_with_eos.any() and not ro.ends_with_eos.all()
+    seq, seq_mask = scoring_inputs(ro, eos_id) if score_eos else (ro.input_ids, ro.attention_mask)
+    computed = trunk.compute(seq, seq_mask)["policy"]
+    assert ro.trunk.depth == computed.depth == 1 and ro.trunk.hidden.shape == computed.hidden.shape
+    attended = seq_mask.bool()
+    torch.testing.assert_close(ro.trunk.hidden[attended], computed.hidden[attended], rtol=0, atol=1e-5)
+    # SharedTrunk.compute takes it instead of running the trunk
+    assert trunk.compute(seq, seq_mask, known={"policy": ro.trunk})["ref_policy"] is ro.trunk
+    assert generate(policy, ids, mask, config, eos, pad).trunk is None  # not asked: not kept

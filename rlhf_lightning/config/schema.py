@@ -485,8 +485,19 @@ class RolloutConfig:
     ``model.trainable_layers`` with one base model) once per rollout batch, and in each network only the
     blocks above them (:class:`~rlhf_lightning.models.trunk.SharedTrunk`; same results, fewer forwards).
     Never under FSDP and DeepSpeed (sharded parameters)."""
+    packed_sequences: bool | None = None
+    """Run the forwards over rollouts (reward model, reference, old and trained policy, critic) padding-free: each
+    batch's rows packed into one row of their attended tokens with per-row positions and no attention mask
+    (:func:`~rlhf_lightning.models.forward.pack`; the same log-probabilities, values and scores as padded, up to
+    rounding). ``null`` (auto): packed where the policy's attention implementation takes packed rows as
+    variable-length sequences (flash-attention: ``model.config._attn_implementation`` ``flash_*``), padded
+    otherwise; ``true``/``false``: always / never. With SDPA or eager attention (CPU) packed rows get a dense
+    block-diagonal mask, measured slower on CPU (SmolLM2, GRPO batch of 32 rows: training forward + backward +22%,
+    ``bench/profile_issue26.md``), hence off there by default."""
 
     def __post_init__(self):
+        if self.packed_sequences is not None:
+            check_bool("packed_sequences", self.packed_sequences)
         check_range("kl_coef", self.kl_coef, 0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         for name in ("gamma", "lam"):
@@ -595,6 +606,14 @@ class PPOConfig(RolloutConfig):
     """Bound on the further batches of prompts drawn per iteration with ``dynamic_sampling`` (>= 0)."""
     alarms: AlarmsConfig = field(default_factory=AlarmsConfig)
     """Reward-hacking diagnostics logged each iteration and their warning thresholds."""
+    monitor_kl: bool = False
+    """Run the reference in every iteration to measure the KL to it even when nothing trains on it. The reference
+    pass runs when ``kl_coef`` > 0, ``adaptive_kl``, ``kl_loss_coef`` > 0, or this is true
+    (:attr:`uses_reference`); otherwise (GRPO with β = 0, as the RLVR demo and TRL's default) it is skipped, ~10%
+    of a GRPO iteration (SmolLM2, top 4 blocks: its blocks above the shared trunk and its LM head), and
+    ``objective/kl``, ``objective/non_score_reward`` and ``diagnostics/kl_per_token`` are not logged (no KL was
+    measured; ``objective/rlhf_reward`` is the score, and the samples' ``kl`` is NaN). The before/after
+    evaluation runs the reference either way (``eval/kl_before``, ``eval/kl_after``)."""
     tis_cap: float | None = None
     """Truncated importance sampling against the sampler/trainer mismatch (Yao et al. 2025, "Your Efficient RL
     Framework Secretly Brings You Off-Policy RL Training"; TRL's and verl's ``tis_cap``/``tis_imp_ratio_cap``):
@@ -619,7 +638,7 @@ class PPOConfig(RolloutConfig):
             check_range("clip_eps_high", self.clip_eps_high, 0, low_open=True)
         if self.tis_cap is not None:
             check_range("tis_cap", self.tis_cap, 0, low_open=True)
-        for name in ("joint_optimizer", "whiten_across_ranks", "dynamic_sampling"):
+        for name in ("joint_optimizer", "whiten_across_ranks", "dynamic_sampling", "monitor_kl"):
             check_bool(name, getattr(self, name))
         for name, choices in (("adv_estimator", ADV_ESTIMATORS), ("loss_agg", LOSS_AGG_MODES),
                               ("ratio_level", RATIO_LEVELS), ("kl_loss_estimator", KL_ESTIMATORS)):
@@ -640,6 +659,12 @@ class PPOConfig(RolloutConfig):
         """The most tokens a response holds: ``generation.max_new_tokens``, or ``agent.max_total_tokens`` for
         multi-turn rollouts (Dr. GRPO's constant normaliser, ``loss_agg=seq_mean_token_sum_norm``)."""
         return self.agent.max_total_tokens if self.agent.enabled else self.generation.max_new_tokens
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a training iteration runs the reference: something reads its log-probabilities (the KL penalty
+        ``kl_coef`` > 0 or ``adaptive_kl``, the KL loss ``kl_loss_coef`` > 0) or ``monitor_kl`` asks for them."""
+        return self.kl_coef > 0 or self.adaptive_kl or self.kl_loss_coef > 0 or self.monitor_kl
 
     @property
     def optimizer_steps_per_iteration(self) -> int:

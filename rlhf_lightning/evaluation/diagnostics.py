@@ -260,7 +260,7 @@ def preference_diagnostics(chosen, rejected, chosen_lengths, rejected_lengths,
 
 
 def rollout_diagnostics(scores: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
-                        kl: torch.Tensor, ngram: int,
+                        kl: torch.Tensor | None, ngram: int,
                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """PPO's reward-hacking signals on one batch of responses.
 
@@ -276,23 +276,28 @@ def rollout_diagnostics(scores: torch.Tensor, response_ids: torch.Tensor, respon
 
     Args:
         scores: (B,) float, the reward of each response. response_ids: (B, R) int64.
-        response_mask: (B, R) bool. kl: (B, R) float, per-token KL to the reference (0 on padding).
+        response_mask: (B, R) bool. kl: (B, R) float, per-token KL to the reference (0 on padding); ``None``:
+            not measured (no reference pass), and no ``kl_per_token``.
         ngram: n-gram length for the repetition check.
         gather: a function returning a (B,) tensor's values from every process, concatenated (a collective,
             e.g. Lightning's ``all_gather`` flattened; every process holds B rows); ``None``: this batch.
 
     Returns:
-        ``{"length_score_corr", "repeated_ngram_frac", "kl_per_token"}`` as floats.
+        ``{"length_score_corr", "repeated_ngram_frac", "kl_per_token"}`` as floats (without ``kl_per_token``
+        when ``kl`` is ``None``).
     """
     mask = response_mask.bool()
-    rows = torch.stack([scores.detach().float(), mask.sum(1).float(), (kl.detach() * mask).sum(1).float(),
+    kl_rows = (kl.detach() * mask).sum(1).float() if kl is not None else torch.zeros_like(scores, dtype=torch.float32)
+    rows = torch.stack([scores.detach().float(), mask.sum(1).float(), kl_rows,
                         ngram_repeats(response_ids, mask, ngram).float().to(scores.device)], 1)  # (B, 4)
     if gather is not None:
         rows = torch.cat([gather(column).reshape(-1, 1) for column in rows.unbind(1)], 1)
     score, length, kl_sum, repeats = rows.double().cpu().unbind(1)
-    return {"length_score_corr": pearson(score, length) if score.numel() else math.nan,
-            "repeated_ngram_frac": float(repeats.mean()) if repeats.numel() else 0.0,
-            "kl_per_token": float(kl_sum.sum() / length.sum().clamp(min=1))}
+    out = {"length_score_corr": pearson(score, length) if score.numel() else math.nan,
+           "repeated_ngram_frac": float(repeats.mean()) if repeats.numel() else 0.0}
+    if kl is not None:
+        out["kl_per_token"] = float(kl_sum.sum() / length.sum().clamp(min=1))
+    return out
 
 
 #: For each signal of :func:`rollout_diagnostics`: its ``AlarmsConfig`` threshold field, and what to change.

@@ -32,17 +32,19 @@ SAMPLE_COLUMNS = ("phase", "step", "prompt", "response", "score", "rm_score", "e
 
 
 def sample_rows(tokenizer, exp: Experience, phase: str, step: int, limit: int) -> list[dict]:
-    """The first ``limit`` rows of ``exp`` (its ``kl`` (N, R) set) decoded into dicts of :data:`SAMPLE_COLUMNS`,
-    with each reward function's unweighted reward as ``reward/<name>`` (when there are any) and, for multi-turn
-    rollouts, each episode's counts as ``agent/<name>`` (turns, tool calls, errors and cuts by kind:
-    :func:`~rlhf_lightning.rollout.agent.run_episodes`); a multi-turn response is the whole trajectory, the chat
-    template's role markers kept (:func:`~rlhf_lightning.rollout.sampler.decode_responses`)."""
+    """The first ``limit`` rows of ``exp`` (its ``kl`` (N, R) set; ``None``: no reference ran, ``kl`` NaN) decoded
+    into dicts of :data:`SAMPLE_COLUMNS`, with each reward function's unweighted reward as ``reward/<name>``
+    (when there are any) and, for multi-turn rollouts, each episode's counts as ``agent/<name>`` (turns, tool
+    calls, errors and cuts by kind: :func:`~rlhf_lightning.rollout.agent.run_episodes`); a multi-turn response is
+    the whole trajectory, the chat template's role markers kept
+    (:func:`~rlhf_lightning.rollout.sampler.decode_responses`)."""
     ro = exp.rollout
     stats = ro.episode_stats or {}
     n = min(limit, exp.batch_size)
     prompts = tokenizer.batch_decode(ro.input_ids[:n, : ro.response_start], skip_special_tokens=True)
     responses = decode_responses(tokenizer, ro)[:n]
-    kl_seq = (exp.kl * exp.loss_mask).sum(1)
+    kl_seq = ((exp.kl * exp.loss_mask).sum(1) if exp.kl is not None  # None: no reference pass ran
+              else torch.full((exp.batch_size,), float("nan")))
     return [{"phase": phase, "step": step, "prompt": p, "response": r,
              "score": float(exp.scores[i]), "rm_score": float(exp.rm_scores[i]),
              "ends_with_eos": bool(ro.ends_with_eos[i]), "kl": float(kl_seq[i]),

@@ -239,9 +239,20 @@ class SharedTrunk:
         return "; ".join(f"{', '.join(names)} share their first {depth} of {total(names[0])} blocks"
                          for names, depth in self.groups)
 
+    def depth_of(self, name: str) -> int | None:
+        """The depth of the trunk that network ``name`` shares (``None``: it is in no group)."""
+        return next((depth for names, depth in self.groups if name in names), None)
+
     @torch.no_grad()
-    def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, TrunkOutput]:
+    def compute(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                known: dict[str, TrunkOutput] | None = None) -> dict[str, TrunkOutput]:
         """Run each group's trunk once on (B, T) sequences (no gradient).
+
+        Args:
+            input_ids, attention_mask: (B, T) long.
+            known: network name → its trunk's output on these sequences, already computed (the policy's, kept
+                while sampling: :func:`~rlhf_lightning.rollout.sampler.sample_responses`); used for that
+                network's group when its depth is the group's and its shape (B, T, ·), instead of running it.
 
         Returns:
             name → :class:`TrunkOutput` for every grouped network (networks in one group share
@@ -249,6 +260,10 @@ class SharedTrunk:
         """
         out: dict[str, TrunkOutput] = {}
         for names, depth in self.groups:
+            given = next((known[n] for n in names if known and n in known), None)
+            if given is not None and given.depth == depth and given.hidden.shape[:2] == input_ids.shape:
+                out.update({name: given for name in names})
+                continue
             view = trunk_view(self.models[names[0]], depth)
             hidden = view(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state

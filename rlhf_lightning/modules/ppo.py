@@ -25,7 +25,7 @@ from rlhf_lightning.evaluation.diagnostics import check_alarms, rollout_diagnost
 from rlhf_lightning.evaluation.heldout import HeldOutEvaluation, write_samples
 from rlhf_lightning.evaluation.judges import load_judges
 from rlhf_lightning.models.builders import PolicyBaseCritic
-from rlhf_lightning.models.forward import response_logprobs, response_values
+from rlhf_lightning.models.forward import packs_by_default, response_logprobs, response_values
 from rlhf_lightning.models.lora import has_lora, log_network_memory, own_parameters
 from rlhf_lightning.models.trunk import SharedTrunk, Trunks
 from rlhf_lightning.modules.common import (
@@ -218,6 +218,7 @@ class PPOModule(L.LightningModule):
         self._alarms_fired: set[str] = set()  # ppo.alarms kinds that warned already
         self.engine = None  # the vLLM rollout engine (ppo.generation.backend=vllm), built in on_fit_start
         self.sampling_seed = run_seed()  # the sampling noise's seed (responses keyed by prompt, not by rank)
+        self.packed = bool(self.ppo.packed_sequences)  # ppo.packed_sequences resolved (auto) in on_fit_start
 
     def configure_model(self) -> None:
         """Under FSDP2 (``trainer=fsdp``), shard the policy and the critic, and the frozen networks unless
@@ -233,6 +234,8 @@ class PPOModule(L.LightningModule):
                            if self.ref_policy is None else None)
         self.trunk = find_shared_trunk(self, self.ppo.share_trunk)
         self.sampling_seed = run_seed()
+        self.packed = self.ppo.packed_sequences if self.ppo.packed_sequences is not None else \
+            packs_by_default(self.policy)
         if self.ppo.generation.backend == "vllm" and self.engine is None:
             self.engine = self.build_engine()
 
@@ -356,14 +359,16 @@ class PPOModule(L.LightningModule):
             rollout, prompt_index = self._sample(input_ids, attention_mask, prompt_index, do_sample=do_sample,
                                                  for_update=for_update, seed=seed)
         reuse = for_update and cfg.num_minibatches == 1
+        reference = not for_update or cfg.uses_reference  # an evaluation logs eval/kl
         exp = make_experience(rollout, self.reward_model, policy=None if reuse else self.policy,
-                              ref_policy=self.ref_policy, critic=self.critic if for_update and not reuse else None,
+                              ref_policy=self.ref_policy if reference else None,
+                              critic=self.critic if for_update and not reuse else None,
                               temperature=gen.temperature, missing_eos_penalty=gen.missing_eos_penalty,
-                              trunk=self.trunk,
+                              trunk=self.trunk, packed=self.packed,
                               score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
-        if self.ref_policy is None:  # LoRA policy: the reference is the policy with its adapters off
+        if self.ref_policy is None and reference:  # LoRA policy: the reference is the policy with its adapters off
             exp = replace(exp, ref_logprobs=adapter_off_logprobs(self.policy, rollout, gen.temperature,
-                                                                 exp.trunks.ref_policy))
+                                                                 exp.trunks.ref_policy, self.packed))
         if self.reward_functions:
             total, per_function = functions or self._function_rewards(rollout, prompt_index)
             exp = replace(exp, scores=exp.scores + total, reward_components=per_function)
@@ -383,22 +388,24 @@ class PPOModule(L.LightningModule):
                 ) -> tuple[Rollout, torch.Tensor | None]:
         """Answer each prompt ``ppo.num_generations`` times (once when not ``for_update``), rows of one prompt
         contiguous, with the noise of :meth:`collect` (keys ``(iteration, round_, prompt, generation)``, or
-        ``(prompt, generation)`` under an evaluation's ``seed``). Returns the rollout and the rows' prompt
-        indices (``None`` without ``prompt_index``)."""
+        ``(prompt, generation)`` under an evaluation's ``seed``); each prompt prefilled once, and the policy's
+        shared frozen trunk (if any) kept while sampling (``Rollout.trunk``), not computed again. Returns the
+        rollout and the rows' prompt indices (``None`` without ``prompt_index``)."""
         gen = self.ppo.generation
         group = self.ppo.num_generations if for_update else 1
-        if group > 1:
-            input_ids = input_ids.repeat_interleave(group, 0)
-            attention_mask = attention_mask.repeat_interleave(group, 0)
         seed, key = (self.sampling_seed, (self.iteration, round_)) if seed is None else (seed, ())
-        if self.make_environment is not None:
+        if self.make_environment is not None:  # multi-turn: each prompt's rows repeated (no shared prefill)
+            if group > 1:
+                input_ids, attention_mask = (t.repeat_interleave(group, 0) for t in (input_ids, attention_mask))
             rollout = self._sample_episodes(input_ids, attention_mask, prompt_index, group, do_sample,
                                             self.engine if for_update else None, seed, key)
             return rollout, None if prompt_index is None else prompt_index.repeat_interleave(group, 0)
         noise = prompt_noise(seed, prompt_index, gen.max_new_tokens, *key, group=group)
+        engine = self.engine if for_update else None
         rollout = generate(self.policy, input_ids, attention_mask, gen, self.tokenizer.eos_token_id,
-                           self.tokenizer.pad_token_id, do_sample=do_sample,
-                           engine=self.engine if for_update else None, noise=noise)
+                           self.tokenizer.pad_token_id, do_sample=do_sample, engine=engine, noise=noise, group=group,
+                           trunk_depth=self.trunk.depth_of("policy") if self.trunk is not None else None,
+                           score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None)
         if prompt_index is not None and group > 1:
             prompt_index = prompt_index.repeat_interleave(group, 0)
         return rollout, prompt_index
@@ -450,12 +457,18 @@ class PPOModule(L.LightningModule):
         (:func:`~rlhf_lightning.algorithms.advantages.gae`: one γλ per policy token).
 
         Returns:
-            ``exp`` with ``kl_coef`` (the β used), ``kl``, ``rewards``, ``advantages`` and ``returns``
-            (critic-free: the returns are the advantages' targets only for logging).
+            ``exp`` with ``kl_coef`` (the β used), ``kl`` (``None`` when the reference did not run:
+            ``ppo.uses_reference`` false), ``rewards``, ``advantages`` and ``returns`` (critic-free: the returns
+            are the advantages' targets only for logging).
         """
         cfg, mask = self.ppo, exp.loss_mask
         kl_coef = self.kl_ctl.value
-        rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+        if exp.ref_logprobs is None:  # no reference pass (ppo.uses_reference false): β = 0, no KL term, kl None
+            rewards, _ = compute_rewards(exp.scores, exp.logprobs, exp.logprobs, mask, kl_coef, cfg.kl_estimator)
+            kl = None
+        else:
+            rewards, kl = compute_rewards(exp.scores, exp.logprobs, exp.ref_logprobs, mask, kl_coef,
+                                          cfg.kl_estimator)
         estimator, group = cfg.adv_estimator, cfg.num_generations
         if estimator == "gae":
             advantages, returns = gae(rewards, exp.values, mask, cfg.gamma, cfg.lam)
@@ -469,7 +482,8 @@ class PPOModule(L.LightningModule):
         elif estimator == "reinforce_pp":
             advantages, returns = reinforce_pp_advantages(rewards, mask, cfg.gamma, all_reduce=self._rank_sum())
         else:  # reinforce_pp_baseline
-            advantages, returns = reinforce_pp_baseline_advantages(exp.scores, -kl_coef * kl, mask, group, cfg.gamma,
+            penalty = -kl_coef * kl if kl is not None else torch.zeros_like(rewards)
+            advantages, returns = reinforce_pp_baseline_advantages(exp.scores, penalty, mask, group, cfg.gamma,
                                                                    all_reduce=self._rank_sum())
         return replace(exp, kl_coef=kl_coef, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
 
@@ -545,15 +559,19 @@ class PPOModule(L.LightningModule):
         generations. Every metric is the whole batch's (all ranks): means over responses (each rank holds as
         many), token means as shares (:func:`~rlhf_lightning.modules.common.batch_counts`), the explained
         variance pooled, and the ``diagnostics/*`` computed on the rows of every rank (so every rank's alarms
-        agree)."""
+        agree). Without a reference pass (``ppo.uses_reference`` false) no KL was measured: ``objective/kl``,
+        ``objective/non_score_reward`` and ``diagnostics/kl_per_token`` are left out."""
         mask, kl_coef = exp.loss_mask, exp.kl_coef
-        kl_per_seq = (exp.kl * mask).sum(1).mean()
         metrics = dict(stats)
+        if exp.kl is not None:  # else no reference pass ran (ppo.uses_reference false): no KL measured
+            kl_per_seq = (exp.kl * mask).sum(1).mean()
+            metrics.update({"objective/kl": kl_per_seq,
+                            "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
+                            "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq})
+        else:
+            metrics["objective/rlhf_reward"] = exp.scores.mean()  # β = 0: the reward is the score
         metrics.update({
             "objective/score": exp.scores.mean(),
-            "objective/kl": kl_per_seq,
-            "objective/non_score_reward": -(kl_coef * exp.kl * mask).sum(1).mean(),
-            "objective/rlhf_reward": exp.scores.mean() - kl_coef * kl_per_seq,
             "response/length": mask.sum(1).float().mean(),
             "response/eos_frac": exp.rollout.ends_with_eos.float().mean(),
             "rollout/logprob_diff": logprob_diff(exp, batch_counts(self, mask)),
@@ -578,8 +596,10 @@ class PPOModule(L.LightningModule):
             log.warning("iteration %d: %s", self.iteration, line)
         batch_size = exp.batch_size
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=True)
-        self.log_dict({"score": metrics["objective/score"], "kl": metrics["objective/kl"]}, prog_bar=True,
-                      logger=False, on_step=True, batch_size=batch_size, sync_dist=True)
+        bar = {"score": metrics["objective/score"]}
+        if "objective/kl" in metrics:
+            bar["kl"] = metrics["objective/kl"]
+        self.log_dict(bar, prog_bar=True, logger=False, on_step=True, batch_size=batch_size, sync_dist=True)
         every = self.ppo.log_samples_every_n_steps
         if every and (self.iteration - 1) % every == 0:
             self._write_samples(exp, phase="train")
@@ -589,12 +609,14 @@ class PPOModule(L.LightningModule):
         """Policy log-probabilities and entropy, and critic values (``None`` without a critic), with
         autograd: each (b, R).
 
-        ``trunks``: the shared frozen blocks' outputs for these rows (``Trunks()``: none)."""
+        ``trunks``: the shared frozen blocks' outputs for these rows (``Trunks()``: none); padding-free with
+        ``ppo.packed_sequences`` (:func:`~rlhf_lightning.models.forward.pack`)."""
         logprobs, entropy = response_logprobs(self.policy, ids, attn, start, self.ppo.generation.temperature,
-                                              with_entropy=True, trunk=trunks.policy)
+                                              with_entropy=True, trunk=trunks.policy, packed=self.packed)
         if self.critic is None:
             return logprobs, entropy, None
-        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.critic)
+        return logprobs, entropy, response_values(self.critic, ids, attn, start, trunk=trunks.critic,
+                                                  packed=self.packed)
 
     def _function_rewards(self, rollout: Rollout, prompt_index: torch.Tensor | None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -613,6 +635,7 @@ class PPOModule(L.LightningModule):
         and the reward functions' :meth:`_function_rewards` (``None`` without functions)."""
         gen = self.ppo.generation
         scores = make_experience(rollout, self.reward_model, missing_eos_penalty=gen.missing_eos_penalty,
+                                 packed=self.packed,
                                  score_eos_token_id=int(self.tokenizer.eos_token_id) if gen.score_with_eos else None
                                  ).scores
         if self.ppo.agent.environment_factory is not None:

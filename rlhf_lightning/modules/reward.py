@@ -12,7 +12,7 @@ from torch import nn
 from rlhf_lightning.algorithms.losses import pairwise_reward_loss
 from rlhf_lightning.config.schema import OptimConfig, RewardConfig, as_config
 from rlhf_lightning.evaluation.diagnostics import preference_diagnostics
-from rlhf_lightning.models.forward import right_padded_scores
+from rlhf_lightning.models.forward import call_cost_tokens, right_padded_scores
 from rlhf_lightning.models.lora import has_lora, log_network_memory
 from rlhf_lightning.models.trunk_cache import TrunkCache, cacheable_depth
 from rlhf_lightning.modules.common import (
@@ -82,13 +82,16 @@ class RewardModule(L.LightningModule):
         self.center_coef, self.margin, self.export_dir = config.center_coef, config.margin, export_dir
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self._val_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rewards (2B,), response_lengths (2B,))
+        self._call_tokens: float | None = None  # call_cost_tokens of the model, on the first forward
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pair_index: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (N,) float32 for N sequences (N, L), read at each row's last attended token.
 
         Right-padded rows run in groups of similar length, each cut to its longest row
-        (:func:`~rlhf_lightning.models.forward.right_padded_scores`): little compute on padding. With
+        (:func:`~rlhf_lightning.models.forward.right_padded_scores`): little compute on padding; on a model so
+        small that a forward call costs more than the padding it saves
+        (:func:`~rlhf_lightning.models.forward.call_cost_tokens`), fewer groups. With
         ``cache_trunk`` during fit and ``pair_index`` (B,) long (N = 2B rows of a
         :class:`~rlhf_lightning.data.PreferenceCollator` batch, its ``pair_index``), the frozen blocks run once per
         sequence of the dataset (:class:`~rlhf_lightning.models.trunk_cache.TrunkCache`, keyed by the dataset index:
@@ -97,7 +100,9 @@ class RewardModule(L.LightningModule):
         if self.trunk_cache is not None and pair_index is not None:
             keys = torch.cat([2 * pair_index, 2 * pair_index + 1])
             return self.trunk_cache.scores(input_ids, attention_mask, keys)
-        return right_padded_scores(self.model, input_ids, attention_mask)
+        if self._call_tokens is None:
+            self._call_tokens = call_cost_tokens(self.model)
+        return right_padded_scores(self.model, input_ids, attention_mask, call_tokens=self._call_tokens)
 
     def _step(self, batch: dict, stage: str) -> torch.Tensor:
         rewards = self(batch["input_ids"], batch["attention_mask"], batch.get("pair_index"))  # (2B,)

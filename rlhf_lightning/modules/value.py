@@ -11,7 +11,7 @@ from rlhf_lightning.algorithms.kl import compute_rewards
 from rlhf_lightning.algorithms.losses import value_loss
 from rlhf_lightning.algorithms.ops import explained_variance
 from rlhf_lightning.config.schema import OptimConfig, ValueConfig, as_config
-from rlhf_lightning.models.forward import response_values
+from rlhf_lightning.models.forward import packs_by_default, response_values
 from rlhf_lightning.models.lora import log_network_memory
 from rlhf_lightning.models.trunk import SharedTrunk
 from rlhf_lightning.modules.common import (
@@ -68,6 +68,7 @@ class ValueModule(L.LightningModule):
         self.save_hyperparameters(ignore=["policy", "critic", "reward_model", "ref_policy", "tokenizer"])
         self.trunk: SharedTrunk | None = None  # set in on_fit_start
         self.sampling_seed = run_seed()  # the rollouts' noise: keyed by (step, prompt), not by rank
+        self.packed = bool(self.value.packed_sequences)  # value.packed_sequences resolved (auto) in on_fit_start
 
     def setup(self, stage: str) -> None:
         """Refuse a LoRA critic under FSDP or DeepSpeed (:func:`~rlhf_lightning.modules.common.check_lora_strategy`)."""
@@ -84,19 +85,24 @@ class ValueModule(L.LightningModule):
                             "reference": self.ref_policy})
         self.trunk = find_shared_trunk(self, self.value.share_trunk)
         self.sampling_seed = run_seed()
+        self.packed = self.value.packed_sequences if self.value.packed_sequences is not None else \
+            packs_by_default(self.critic)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         cfg = self.value
         # 1. Rollout of the frozen policy, scored at the last token; each response's noise keyed by (step, prompt).
         noise = prompt_noise(self.sampling_seed, batch.get("prompt_index"), cfg.generation.max_new_tokens,
                              self.global_step)
-        ro = generate(self.policy, batch["input_ids"], batch["attention_mask"], cfg.generation,
-                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, noise=noise)
-        with_kl = self.ref_policy is not None and cfg.kl_coef > 0
         score_eos = int(self.tokenizer.eos_token_id) if cfg.generation.score_with_eos else None
+        ro = generate(self.policy, batch["input_ids"], batch["attention_mask"], cfg.generation,
+                      self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, noise=noise,
+                      trunk_depth=self.trunk.depth_of("policy") if self.trunk is not None else None,
+                      score_eos_token_id=score_eos)
+        with_kl = self.ref_policy is not None and cfg.kl_coef > 0
         exp = make_experience(ro, self.reward_model, self.policy if with_kl else None,
                               self.ref_policy if with_kl else None, None, cfg.generation.temperature,
-                              cfg.generation.missing_eos_penalty, trunk=self.trunk, score_eos_token_id=score_eos)
+                              cfg.generation.missing_eos_penalty, trunk=self.trunk, score_eos_token_id=score_eos,
+                              packed=self.packed)
         mask = ro.response_mask
         # 2. Per-token rewards: -β·KL_t, plus the score at the last token (KL 0 without a reference).
         logprobs = exp.logprobs if with_kl else torch.zeros_like(mask, dtype=torch.float32)
@@ -104,7 +110,7 @@ class ValueModule(L.LightningModule):
         rewards, kl = compute_rewards(exp.scores, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_estimator)
         # 3. V(s_t) with gradient; the target from the same values, detached.
         values = response_values(self.critic, ro.input_ids, ro.attention_mask, ro.response_start,
-                                 trunk=exp.trunks.critic)  # (B, R)
+                                 trunk=exp.trunks.critic, packed=self.packed)  # (B, R)
         if cfg.lam == 0:
             targets = td_targets(rewards, values, mask, cfg.gamma)
         else:

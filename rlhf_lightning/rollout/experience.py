@@ -9,7 +9,7 @@ policy (the policy with its adapters off). Shared by the value, PPO and DPO stag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ def scoring_inputs(rollout: Rollout, eos_token_id: int) -> tuple[torch.Tensor, t
 def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn.Module | None = None,
                     ref_policy: nn.Module | None = None, critic: nn.Module | None = None, temperature: float = 1.0,
                     missing_eos_penalty: float | None = None, trunk: SharedTrunk | None = None,
-                    score_eos_token_id: int | None = None) -> Experience:
+                    score_eos_token_id: int | None = None, packed: bool = False) -> Experience:
     """Scores, reference and old log-probabilities, and values of a rollout, without autograd.
 
     The reward model and the frozen reference run under ``torch.inference_mode``; the policy
@@ -127,11 +127,14 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
         missing_eos_penalty: see :func:`~rlhf_lightning.algorithms.kl.apply_missing_eos_penalty`.
         trunk: frozen lower blocks shared by the networks (:class:`~rlhf_lightning.models.trunk.SharedTrunk`,
             whose names are ``reward_model``, ``ref_policy``, ``policy``, ``critic``): run once, on
-            the reward model's scoring inputs; each grouped network runs only its blocks above it,
+            the reward model's scoring inputs (not at all for the policy's group when the sampler kept
+            it, ``Rollout.trunk``); each grouped network runs only its blocks above it,
             the others reading the first T columns (with causal attention, the trunk of the rollout
             itself). Kept in ``Experience.trunks`` for the training forwards on the same rows.
         score_eos_token_id: score responses cut without EOS with this token appended
             (:func:`scoring_inputs`); ``None``: score every row at its last token as it is.
+        packed: every network's forward runs its rows padding-free
+            (:func:`~rlhf_lightning.models.forward.pack`; ``ppo.packed_sequences``).
 
     Returns:
         A new :class:`Experience` (advantage fields ``None``); log-probabilities and values are 0 outside the
@@ -142,27 +145,30 @@ def make_experience(rollout: Rollout, reward_model: nn.Module | None, policy: nn
     score_ids, score_mask = (ids, mask) if score_eos_token_id is None else scoring_inputs(rollout, score_eos_token_id)
     trunks = Trunks()
     if trunk is not None:
-        trunks = Trunks.of(trunk.compute(score_ids, score_mask), width=ids.shape[1])
+        known = {"policy": rollout.trunk} if rollout.trunk is not None else None  # kept while sampling
+        trunks = Trunks.of(trunk.compute(score_ids, score_mask, known), width=ids.shape[1])
     with torch.inference_mode():
-        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model)  # (B,)
+        rm_scores = (sequence_scores(reward_model, score_ids, score_mask, trunk=trunks.reward_model,  # (B,)
+                                     packed=packed)
                      if reward_model is not None else torch.zeros(ids.shape[0], device=ids.device))
-        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy)
+        ref = (response_logprobs(ref_policy, ids, mask, start, temperature, trunk=trunks.ref_policy, packed=packed)
                if ref_policy is not None else None)
     rm_scores = rm_scores.clone()  # out of inference mode
     with torch.no_grad():
-        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy)
+        logprobs = (response_logprobs(policy, ids, mask, start, temperature, trunk=trunks.policy, packed=packed)
                     .masked_fill(~valid, 0.0) if policy is not None else None)
-        values = (response_values(critic, ids, mask, start, trunk=trunks.critic).masked_fill(~valid, 0.0)
+        values = (response_values(critic, ids, mask, start, trunk=trunks.critic, packed=packed).masked_fill(~valid, 0.0)
                   if critic is not None else None)
     return Experience(
-        rollout=rollout, scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
+        rollout=replace(rollout, trunk=None),  # kept in trunks
+        scores=apply_missing_eos_penalty(rm_scores, rollout.ends_with_eos, missing_eos_penalty),
         rm_scores=rm_scores, ref_logprobs=ref.clone().masked_fill(~valid, 0.0) if ref is not None else None,
         logprobs=logprobs, values=values, trunks=trunks,
     )
 
 
 def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float = 1.0,
-                         trunk: torch.Tensor | None = None) -> torch.Tensor:
+                         trunk: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
     """Reference log-probabilities of a LoRA policy: its own forward with its adapters switched off
     (:func:`~rlhf_lightning.models.lora.adapters_disabled`), i.e. the base model's distribution, without autograd
     (the reference of TRL's and verl's LoRA training; no second copy of the model).
@@ -172,6 +178,7 @@ def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float
         rollout: the sampled sequences.
         temperature: the sampling temperature (log-probabilities are computed at it).
         trunk: the shared frozen trunk's output for these rows (the blocks below the adapters), if any.
+        packed: the rows run padding-free (:func:`~rlhf_lightning.models.forward.pack`).
 
     Returns:
         (B, R) float32 log-probabilities of the response tokens (nats), 0 at padding and at the environment's
@@ -181,7 +188,7 @@ def adapter_off_logprobs(policy: nn.Module, rollout: Rollout, temperature: float
 
     with adapters_disabled(policy), torch.inference_mode():
         ref = response_logprobs(policy, rollout.input_ids, rollout.attention_mask, rollout.response_start,
-                                temperature, trunk=trunk)
+                                temperature, trunk=trunk, packed=packed)
     return ref.clone().masked_fill(~rollout.policy_mask, 0.0)
 
 

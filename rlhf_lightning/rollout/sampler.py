@@ -30,6 +30,7 @@ from rlhf_lightning.algorithms.ops import (
     truncation_log_mass,
 )
 from rlhf_lightning.config.schema import GenerationConfig
+from rlhf_lightning.models.trunk import TrunkOutput, backbone_of, trunk_view
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Rollout:
         env_rewards: (B,) float32, multi-turn: the environment's rewards summed over each episode (``None``: none).
         episode_stats: multi-turn: name → (B,) float32 per-episode counts
             (:func:`~rlhf_lightning.rollout.agent.run_episodes`: turns, tool calls, errors and cuts by kind).
+        trunk: the output of the policy's frozen lower blocks kept while sampling (``generate``'s
+            ``trunk_depth``): (B, T, H), or (B, T + 1, H) on the scoring inputs (:func:`scoring_inputs`) with
+            ``score_eos_token_id``; what :meth:`~rlhf_lightning.models.trunk.SharedTrunk.compute` would compute for
+            those columns, so it is not computed again. ``None``: not kept (vLLM, rows padded or stacked).
     """
 
     input_ids: torch.Tensor
@@ -78,6 +83,7 @@ class Rollout:
     def multi_turn(self) -> bool:
         """Whether the rollout has environment tokens among its responses' (a ``loss_mask``)."""
         return self.loss_mask is not None
+    trunk: TrunkOutput | None = None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -89,13 +95,15 @@ class Rollout:
         return self.map_rows(lambda t: t.to(device))
 
     def map_rows(self, fn) -> Rollout:
-        """The same rollout with ``fn`` applied to each of its per-row tensors (all but ``response_start``)."""
+        """The same rollout with ``fn`` applied to each of its per-row tensors (all but ``response_start``; the kept
+        trunk's (B, T, H) ``hidden`` too)."""
         apply = lambda t: None if t is None else fn(t)  # noqa: E731
         stats = None if self.episode_stats is None else {k: fn(v) for k, v in self.episode_stats.items()}
         return replace(self, input_ids=fn(self.input_ids), attention_mask=fn(self.attention_mask),
                        response_mask=fn(self.response_mask), ends_with_eos=fn(self.ends_with_eos),
                        sampler_logprobs=apply(self.sampler_logprobs), loss_mask=apply(self.loss_mask),
-                       env_rewards=apply(self.env_rewards), episode_stats=stats)
+                       env_rewards=apply(self.env_rewards), episode_stats=stats,
+                       trunk=None if self.trunk is None else replace(self.trunk, hidden=fn(self.trunk.hidden)))
 
 
 def run_seed() -> int:
@@ -132,81 +140,195 @@ def prompt_noise(seed: int, prompt_index: torch.Tensor | None, steps: int, *key:
     return sampling_noise(seed, torch.cat([head, rows[:, None], generation[:, None]], 1), steps)
 
 
+#: Decoding drops the rows that ended (their rows of the KV cache selected away) once they are at least this share of
+#: the rows it still runs: a drop copies every layer's cache, so it waits until enough rows go at once. A decode step's
+#: time grows with its rows (SmolLM2 on one CPU thread: ≈ 98 ms + 4.9 ms a row, ``bench/profile_issue26.md``).
+DROP_FINISHED_SHARE = 0.25
+
+
+class _HiddenKeeper:
+    """The residual stream entering block ``depth`` of the policy at every column the sampler feeds, written
+    into one (N, width, H) buffer by a forward pre-hook on that block (``width``: every column a rollout can
+    have, the scoring inputs' extra one included; columns never fed stay 0). The sampler sets :attr:`rows`
+    (the original rows of the batch it runs, ``None``: all), :attr:`column` (the first column fed) and
+    :attr:`repeat` (prompts prefilled once for ``repeat`` rows each) before each forward."""
+
+    def __init__(self, block: nn.Module, rows: int, width: int):
+        self.buffer: torch.Tensor | None = None
+        self.shape = (rows, width)
+        self.rows: torch.Tensor | None = None
+        self.column, self.repeat = 0, 1
+        self.handle = block.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]  # (b, w, H)
+        if self.buffer is None:
+            self.buffer = hidden.new_zeros(*self.shape, hidden.shape[-1])
+        if self.repeat > 1:
+            hidden = hidden.repeat_interleave(self.repeat, 0)
+        columns = slice(self.column, self.column + hidden.shape[1])
+        if self.rows is None:
+            self.buffer[:, columns] = hidden
+        else:
+            self.buffer[self.rows, columns] = hidden
+
+
 @torch.no_grad()
 def sample_responses(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      config: GenerationConfig, eos_token_id: int | list[int], pad_token_id: int,
-                     do_sample: bool = True, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode up to ``config.max_new_tokens`` tokens per prompt with a KV cache.
+                     do_sample: bool = True, noise: torch.Tensor | None = None, group: int = 1,
+                     trunk_depth: int | None = None, score_eos_token_id: int | None = None):
+    """Decode up to ``config.max_new_tokens`` tokens for each of ``group`` responses per prompt, with a KV cache.
 
     A plain loop over the causal LM's forward (``past_key_values``, ``logits_to_keep=1``): one
-    prefill, then one token per step, drawn by :func:`~rlhf_lightning.algorithms.ops.sample_from_logits`
-    (temperature, top-k, top-p) or greedily. Rows that have produced an EOS get ``pad_token_id``
-    afterwards; decoding stops when every row has or at the length limit.
+    prefill of the distinct prompts, their KV cache then repeated ``group`` times (each prompt's
+    responses contiguous: row ``b · group + g`` is prompt b's g-th response), then one token per step,
+    drawn by :func:`~rlhf_lightning.algorithms.ops.sample_from_logits` (temperature, top-k, top-p) or
+    greedily. Rows that have produced an EOS get ``pad_token_id`` afterwards; decoding stops when every
+    row has or at the length limit. A row that ended leaves the decoded batch once its EOS has been fed
+    (rows are dropped together, when at least :data:`DROP_FINISHED_SHARE` of the batch can go): its
+    tokens and log-probabilities are already final, and every other row's are computed from its own
+    cache rows, so what each row samples is what it samples in the full batch (up to the rounding of
+    products over fewer rows); without ``noise`` the step's numbers are still drawn for every row (the
+    same stream of torch's generator as with no row dropped).
 
     Distributed: every rank runs the same number of forwards (sharded models all-gather their
     weights in each), whatever its rows and its own ``max_new_tokens``: the ranks agree on the
-    largest limit (one all-reduce), a rank past its own limit keeps stepping with every row
-    finished, and decoding stops when every row of every rank has ended (one all-reduce a step).
+    largest limit (one all-reduce), a rank past its own limit, or whose rows all ended, keeps stepping
+    with at least one row, and decoding stops when every row of every rank has ended (one all-reduce a
+    step).
 
     Args:
         policy: a transformers causal LM (accepts ``past_key_values``, ``position_ids`` and
             ``logits_to_keep``), in eval mode.
-        input_ids, attention_mask: (B, P) left-padded prompts.
+        input_ids, attention_mask: (B, P) left-padded prompts, each answered ``group`` times.
         config: sampling settings. eos_token_id, pad_token_id: the tokenizer's.
         do_sample: False for greedy decoding.
-        noise: ``(B, S)`` numbers in [0, 1), S >= ``max_new_tokens``: row b's step t reads ``noise[b, t]``
-            (:func:`prompt_noise`: responses independent of the batch); ``None``: drawn from torch's global
-            generator at each step.
+        noise: ``(B · group, S)`` numbers in [0, 1), S >= ``max_new_tokens``: row r's step t reads
+            ``noise[r, t]`` (:func:`prompt_noise`: responses independent of the batch); ``None``: drawn from
+            torch's global generator at each step (one number per row).
+        group: responses per prompt (≥ 1).
+        trunk_depth: d ≥ 1: also keep the residual stream entering the policy's block d (the output of a
+            frozen trunk of d blocks, :mod:`rlhf_lightning.models.trunk`) at every column of the rollout,
+            the last sampled token's computed by one more forward of the first d blocks on the KV cache;
+            ``None``: nothing kept.
+        score_eos_token_id: with ``trunk_depth``, the scoring inputs' extra column is kept too
+            (:func:`scoring_inputs`: this EOS after the rows cut without one).
 
     Returns:
-        tokens (B, R) long, R ≤ ``config.max_new_tokens``, and the log-probability of each under the
-        distribution it was drawn from (B, R) float32: the policy's at ``config.temperature`` (what the
-        trainer's :func:`~rlhf_lightning.models.forward.response_logprobs` computes for the same token),
+        tokens (B · group, R) long, R ≤ ``config.max_new_tokens``, and the log-probability of each under the
+        distribution it was drawn from (B · group, R) float32: the policy's at ``config.temperature`` (what
+        the trainer's :func:`~rlhf_lightning.models.forward.response_logprobs` computes for the same token),
         renormalised over the tokens top-k/top-p keep when they truncate (the "processed"
-        log-probability); greedy decoding records the temperature distribution's; 0 after EOS.
+        log-probability); greedy decoding records the temperature distribution's; 0 after EOS. With
+        ``trunk_depth``, a third item: the kept states (B · group, P + R (+ 1 with ``score_eos_token_id``),
+        H) in the policy's dtype, or ``None`` when this rank decoded past its own limit (the others' was
+        larger).
 
     Raises:
-        ValueError: ``noise`` not ``(B, S)`` with S >= ``max_new_tokens``.
+        ValueError: ``noise`` not ``(B · group, S)`` with S >= ``max_new_tokens``; ``group`` < 1.
     """
     from transformers import DynamicCache
 
     limit = config.max_new_tokens
-    if noise is not None and (noise.dim() != 2 or noise.shape[0] != input_ids.shape[0] or noise.shape[1] < limit):
-        raise ValueError(f"noise must be ({input_ids.shape[0]}, >= {limit}), got {tuple(noise.shape)}")
-    eos = torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
-    cache = DynamicCache(config=policy.config)
-    mask = attention_mask.long()
-    positions = position_ids_from_mask(mask)
-    next_position = positions[:, -1:] + 1  # (B, 1): prompts end at the last column
-    out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    processed = do_sample and truncates(config.top_k, config.top_p)
-    steps = max_over_ranks(limit, input_ids.device)
-    tokens, logprobs = [], []
-    for step in range(steps):
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    batch, prompt_len = input_ids.shape[0] * group, input_ids.shape[1]
+    if noise is not None and (noise.dim() != 2 or noise.shape[0] != batch or noise.shape[1] < limit):
+        raise ValueError(f"noise must be ({batch}, >= {limit}), got {tuple(noise.shape)}")
+    device = input_ids.device
+    eos = torch.as_tensor(eos_token_id, device=device).reshape(-1)
+    steps = max_over_ranks(limit, device)
+    keeper = None
+    if trunk_depth is not None:
+        keeper = _HiddenKeeper(backbone_of(policy).layers[trunk_depth], batch, prompt_len + steps + 1)
+        keeper.repeat = group
+    try:
+        cache = DynamicCache(config=policy.config)
+        mask = attention_mask.long()
+        positions = position_ids_from_mask(mask)
+        out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]  # (B, V)
-        if do_sample:
-            uniform = noise[:, step] if noise is not None and step < noise.shape[1] else None
-            token = sample_from_logits(logits, config.temperature, config.top_k, config.top_p, uniform=uniform)
-        else:
-            token = logits.argmax(-1)
-        logprob = logprobs_from_logits(logits, token, config.temperature)
-        if processed:
-            logprob = logprob - truncation_log_mass(logits, config.temperature, config.top_k, config.top_p)
-        logprobs.append(logprob.masked_fill(finished, 0.0))
-        token = token.masked_fill(finished, pad_token_id)
-        tokens.append(token)
-        finished |= torch.isin(token, eos)
-        if step + 1 >= limit:
-            finished.fill_(True)  # this rank's limit: its rows are done, its forwards go on with the others'
-        if step + 1 == steps or all_finished(finished):
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                     past_key_values=cache, use_cache=True)
-        next_position = next_position + 1
-    return torch.stack(tokens, dim=1)[:, :limit], torch.stack(logprobs, dim=1)[:, :limit]
+        if group > 1:  # each prompt prefilled once, its cache repeated for its responses
+            cache.batch_repeat_interleave(group)
+            logits, mask, positions = (t.repeat_interleave(group, 0) for t in (logits, mask, positions))
+        if keeper is not None:
+            keeper.repeat = 1
+        next_position = positions[:, -1:] + 1  # (N, 1): prompts end at the last column
+        rows = torch.arange(batch, device=device)  # the original row of each decoded row
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        tokens = torch.full((batch, steps), pad_token_id, dtype=torch.long, device=device)
+        logprobs = None  # (N, steps), in the dtype of the log-probabilities (float32; float64 for a float64 policy)
+        processed = do_sample and truncates(config.top_k, config.top_p)
+        everyone = rows.numel()
+        for step in range(steps):
+            if do_sample:
+                if noise is not None:
+                    uniform = noise[rows, step] if step < noise.shape[1] else None
+                else:  # torch's generator: one number per row of the whole batch, as without dropped rows
+                    uniform = torch.rand(batch, dtype=torch.float64, device=device)[rows]
+                token = sample_from_logits(logits, config.temperature, config.top_k, config.top_p, uniform=uniform)
+            else:
+                token = logits.argmax(-1)
+            logprob = logprobs_from_logits(logits, token, config.temperature)
+            if processed:
+                logprob = logprob - truncation_log_mass(logits, config.temperature, config.top_k, config.top_p)
+            ended = finished[rows]  # rows that ended before this step: their EOS was fed at the last forward
+            token = token.masked_fill(ended, pad_token_id)
+            tokens[rows, step] = token
+            if logprobs is None:
+                logprobs = torch.zeros(batch, steps, dtype=logprob.dtype, device=device)
+            logprobs[rows, step] = logprob.masked_fill(ended, 0.0)
+            finished[rows] |= torch.isin(token, eos)
+            if step + 1 >= limit:
+                finished.fill_(True)  # this rank's limit: its rows are done, its forwards go on with the others'
+            if step + 1 == steps or all_finished(finished):
+                break
+            dropped = int(ended.sum())
+            if dropped and dropped >= DROP_FINISHED_SHARE * rows.numel():
+                keep = ~ended
+                keep[0] |= not bool(keep.any())  # a row stays: the forwards go on in lock-step with the ranks
+                index = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(index)
+                rows, mask, next_position, token = rows[index], mask[index], next_position[index], token[index]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if keeper is not None:
+                keeper.rows, keeper.column = (None if rows.numel() == everyone else rows), prompt_len + step
+            out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                         past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            next_position = next_position + 1
+        width = min(step + 1, limit)
+        tokens, logprobs = tokens[:, :width], logprobs[:, :width]
+        if keeper is None:
+            return tokens, logprobs
+        if step + 1 > limit:  # decoded past this rank's limit: the cache holds columns the rollout does not
+            return tokens, logprobs, None
+        # the columns never fed: the last sampled token, and the scoring inputs' extra column
+        last = tokens[rows, width - 1]
+        tail, tail_mask = last[:, None], mask.new_ones(rows.numel(), 1)
+        if score_eos_token_id is not None:
+            cut = ~torch.isin(tokens[rows], eos).any(1)  # rows without an EOS get one appended to be scored
+            tail = torch.cat([tail, torch.where(cut, score_eos_token_id, last)[:, None]], 1)
+            tail_mask = torch.cat([tail_mask, cut.to(mask.dtype)[:, None]], 1)
+        keeper.rows, keeper.column = (None if rows.numel() == everyone else rows), prompt_len + width - 1
+        _trunk_forward(policy, trunk_depth, tail, torch.cat([mask, tail_mask], 1),
+                       next_position + torch.arange(tail.shape[1], device=device), cache, keeper)
+        kept = keeper.buffer[:, : prompt_len + width + (score_eos_token_id is not None)]
+        return tokens, logprobs, kept
+    finally:
+        if keeper is not None:
+            keeper.handle.remove()
+
+
+def _trunk_forward(policy: nn.Module, depth: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor, cache, keeper: _HiddenKeeper) -> None:
+    """Run the policy's first ``depth`` blocks on (b, w) new tokens after the KV cache and write their output,
+    the residual stream entering block ``depth``, through ``keeper`` (its hook does not run: the block does not)."""
+    hidden = trunk_view(policy, depth)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       past_key_values=cache, use_cache=True).last_hidden_state
+    keeper._keep(None, (hidden,), {})
 
 
 def _distributed() -> bool:
@@ -236,8 +358,10 @@ def all_finished(finished: torch.Tensor) -> bool:
 @torch.no_grad()
 def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
              eos_token_id: int | list[int], pad_token_id: int, do_sample: bool = True, engine=None,
-             noise: torch.Tensor | None = None) -> Rollout:
-    """Sample responses (:func:`sample_responses`, or a vLLM engine's) and cut each after its first EOS.
+             noise: torch.Tensor | None = None, group: int = 1, trunk_depth: int | None = None,
+             score_eos_token_id: int | None = None) -> Rollout:
+    """Sample ``group`` responses to each prompt (:func:`sample_responses`, or a vLLM engine's) and cut each after
+    its first EOS.
 
     Args:
         policy: a causal LM (put in eval mode while sampling, then restored).
@@ -248,25 +372,37 @@ def generate(policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         engine: a :class:`~rlhf_lightning.rollout.vllm_engine.VLLMEngine` holding the policy's current weights
             samples instead of the policy's own forward (``ppo.generation.backend=vllm``); ``None``: the
             KV-cached loop.
-        noise: the KV-cached loop's per-row numbers (:func:`sample_responses`; :func:`prompt_noise`);
-            ``None``: torch's global generator. vLLM draws from its own generator (seeded per engine) and
-            ignores it.
+        noise: the KV-cached loop's per-row numbers, (B · group, S) (:func:`sample_responses`;
+            :func:`prompt_noise`); ``None``: torch's global generator. vLLM draws from its own generator
+            (seeded per engine) and ignores it.
+        group: responses per prompt (rows of one prompt contiguous); the KV-cached loop prefills each prompt once.
+        trunk_depth, score_eos_token_id: the KV-cached loop keeps the output of the policy's first
+            ``trunk_depth`` blocks at every column (of the scoring inputs with ``score_eos_token_id``) in
+            ``Rollout.trunk`` (:func:`sample_responses`); ``None``: not kept (nor with an engine).
 
     Returns:
-        A :class:`Rollout` with tokens and masks (no scores yet).
+        A :class:`Rollout` of B · group rows with tokens and masks (no scores yet).
     """
     if engine is not None:
+        if group > 1:
+            input_ids, attention_mask = (t.repeat_interleave(group, 0) for t in (input_ids, attention_mask))
         response, sampler_logprobs = engine.sample(input_ids, attention_mask, eos_token_id, pad_token_id,
                                                    do_sample=do_sample)  # (B, R) each
         return _cut_at_eos(input_ids, attention_mask, response, sampler_logprobs, eos_token_id, pad_token_id)
     was_training = policy.training
     policy.eval()
     try:
-        response, sampler_logprobs = sample_responses(policy, input_ids, attention_mask, config, eos_token_id,
-                                                      pad_token_id, do_sample=do_sample, noise=noise)  # (B, R) each
+        out = sample_responses(policy, input_ids, attention_mask, config, eos_token_id, pad_token_id,
+                               do_sample=do_sample, noise=noise, group=group, trunk_depth=trunk_depth,
+                               score_eos_token_id=score_eos_token_id)  # (N, R) each [, kept states]
     finally:
         policy.train(was_training)
-    return _cut_at_eos(input_ids, attention_mask, response, sampler_logprobs, eos_token_id, pad_token_id)
+    if group > 1:
+        input_ids, attention_mask = (t.repeat_interleave(group, 0) for t in (input_ids, attention_mask))
+    rollout = _cut_at_eos(input_ids, attention_mask, out[0], out[1], eos_token_id, pad_token_id)
+    if trunk_depth is not None and out[2] is not None:
+        rollout = replace(rollout, trunk=TrunkOutput(out[2], trunk_depth))
+    return rollout
 
 
 def _cut_at_eos(input_ids: torch.Tensor, attention_mask: torch.Tensor, response: torch.Tensor,
@@ -297,7 +433,8 @@ def pad_responses(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
                    attention_mask=widen(rollout.attention_mask, 0), response_mask=widen(rollout.response_mask, False),
                    sampler_logprobs=(widen(rollout.sampler_logprobs, 0.0) if rollout.sampler_logprobs is not None
                                      else None),
-                   loss_mask=widen(rollout.loss_mask, False) if rollout.loss_mask is not None else None)
+                   loss_mask=widen(rollout.loss_mask, False) if rollout.loss_mask is not None else None,
+                   trunk=None)  # the kept trunk covers the old columns only
 
 
 def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
@@ -314,7 +451,8 @@ def pad_prompts(rollout: Rollout, width: int, pad_token_id: int) -> Rollout:
         return rollout
     ids, mask = rollout.input_ids, rollout.attention_mask
     return replace(rollout, input_ids=torch.cat([ids.new_full((ids.shape[0], extra), pad_token_id), ids], 1),
-                   attention_mask=torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1), response_start=width)
+                   attention_mask=torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1), response_start=width,
+                   trunk=None)
 
 
 def stack_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
