@@ -260,25 +260,28 @@ def valid_response_logits(model: nn.Module, input_ids: torch.Tensor, attention_m
         (n, V) logits in the model's dtype, n = ``attention_mask[:, P:].sum()``, in row-major order of the
         valid tokens (``logits[i]`` predicts the i-th True of ``attention_mask[:, P:].bool()``).
 
-    Raises:
-        ValueError: the model's ``forward`` does not take a boolean ``logits_to_keep`` (its logits are not
-            (n, V)).
+    A ``forward`` that does not take a boolean ``logits_to_keep`` (older transformers releases, e.g. the vLLM
+    venv's) gets :func:`response_logits` on every response position instead, then the valid ones are kept.
     """
     valid = attention_mask[:, response_start:].bool()  # (B, R)
     keep = torch.zeros_like(attention_mask, dtype=torch.bool)
     keep[:, response_start - 1 : -1] = valid  # position t predicts token t + 1
-    if packed:
-        kept, ids, positions, trunk = pack(input_ids, attention_mask, trunk)
-        lm = model if trunk is None else model_above(model, trunk)
-        out = lm(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep[kept][None])
-    else:
-        lm = model if trunk is None else model_above(model, trunk)
-        out = lm(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=keep)
     n = int(valid.sum())
-    if out.logits.dim() != 2 or out.logits.shape[0] != n:
-        raise ValueError(f"{type(model).__name__}.forward does not take a boolean logits_to_keep: logits "
-                         f"{tuple(out.logits.shape)}, expected ({n}, V)")
+    try:
+        if packed:
+            kept, ids, positions, packed_trunk = pack(input_ids, attention_mask, trunk)
+            lm = model if packed_trunk is None else model_above(model, packed_trunk)
+            out = lm(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep[kept][None])
+        else:
+            lm = model if trunk is None else model_above(model, trunk)
+            out = lm(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids_from_mask(attention_mask), use_cache=False, logits_to_keep=keep)
+        logits = out.logits
+    except IndexError:  # a transformers release whose forward slices by an int or 1-d logits_to_keep only
+        logits = None
+    if logits is None or logits.dim() != 2 or logits.shape[0] != n:
+        # The head on every response position, then the valid ones: the same numbers, more head work.
+        return response_logits(model, input_ids, attention_mask, response_start, trunk)[valid]
     return out.logits
 
 
