@@ -16,7 +16,7 @@ from rlhf_lightning.data import PromptDataModule
 from rlhf_lightning.evaluation.heldout import HeldOutEvaluation, heldout_metrics
 from rlhf_lightning.evaluation.judges import judge_name, load_judges
 from rlhf_lightning.evaluation.report import eval_curve, summarize_run, write_overoptimization
-from rlhf_lightning.evaluation.summary import summarize
+from rlhf_lightning.evaluation.summary import judge_label, summarize
 from rlhf_lightning.models import load_policy, load_reference, load_scalar_model
 from rlhf_lightning.modules import DPOModule, PPOModule
 
@@ -42,6 +42,11 @@ def test_heldout_metrics_by_hand():
     assert "eval/score_change" not in heldout_metrics(rows)  # no baseline: no change
     with pytest.raises(ValueError, match="prompts"):
         heldout_metrics(rows, baseline[::-1])
+
+
+def test_judge_label_never_repeats_judge():
+    assert judge_label("judge") == "judge"  # the demo's judge is named judge: not "judge judge"
+    assert judge_label("gold_rm") == "judge gold_rm"
 
 
 def test_judge_settings_and_loading_errors(tmp_path, tiny_dir):

@@ -22,6 +22,7 @@ import torch
 from rlhf_lightning.algorithms.kl import compute_rewards
 from rlhf_lightning.evaluation.diagnostics import bootstrap_ci
 from rlhf_lightning.evaluation.judges import Judge, judge_scores
+from rlhf_lightning.evaluation.summary import judge_label
 from rlhf_lightning.rollout.experience import Experience
 from rlhf_lightning.rollout.sampler import decode_responses
 
@@ -162,7 +163,7 @@ def evaluate_policy(module, phase: str, num_prompts: int, collect: Callable[...,
     parts = ([f"reward model {result['eval/rm_score']:.4f}"] if module.reward_model is not None else []) + \
         [f"{key[len('eval/reward/'):]} {value:.4f}" for key, value in result.items()
          if key.startswith("eval/reward/")] + \
-        [f"judge {key[len('eval/judge/'):]} {value:.4f}" for key, value in result.items()
+        [f"{judge_label(key[len('eval/judge/'):])} {value:.4f}" for key, value in result.items()
          if key.startswith("eval/judge/") and not key.endswith(_STAT_SUFFIXES)]
     log.info("evaluation %s training (step %d) on %d prompts: score %.4f (%s), KL %.4f nats, %.0f%% ended with EOS",
              phase, step, len(rows), result["eval/score"], ", ".join(parts), result["eval/kl"],

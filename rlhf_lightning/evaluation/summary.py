@@ -62,6 +62,15 @@ def series(rows: list[dict[str, float]], key: str) -> list[float]:
     return [r[key] for r in rows if key in r and math.isfinite(r[key])]
 
 
+def judge_label(name: str) -> str:
+    """A judge's label in printed tables, logs and figure legends: ``"judge <name>"``, or ``"judge"`` alone for a
+    judge named ``judge`` (the demo's), so that it never reads "judge judge".
+
+    Args:
+        name: the judge's name (``eval.judges[i].name``; its metrics are ``eval/judge/<name>``).
+    """
+    return "judge" if name == "judge" else f"judge {name}"
+
 @dataclass
 class EvalCurve:
     """A run's held-out evaluations along training (``eval/*`` logged without a suffix at each evaluation: before,
@@ -127,7 +136,7 @@ def plot_overoptimization(runs: list[tuple[str, EvalCurve]], path: str | Path) -
             ax.plot(x, [v - curve.score[0] for v in curve.score], "o-", color=colour, label=f"{label}: proxy")
             for j, (name, values) in enumerate(curve.judges.items()):
                 ax.plot(x, [v - values[0] for v in values], styles[j % len(styles)], marker=".", color=colour,
-                        label=f"{label}: judge {name}")
+                        label=f"{label}: {judge_label(name)}")
                 i = curve.peak(name)
                 ax.plot([x[i]], [values[i] - values[0]], "*", color=colour, markersize=12)
         ax.axhline(0.0, color="grey", linewidth=0.5)
@@ -345,7 +354,7 @@ def render(summary: dict) -> None:
     curve = summary.get("eval_curve")
     if curve and len(curve["kl"]) > 2:
         table = Table(title="Held-out evaluation along training (Gao et al. 2022's axes: scores against √KL)")
-        for column in ("step", "KL (nats)", "√KL", "proxy score", *(f"judge {n}" for n in curve["judges"])):
+        for column in ("step", "KL (nats)", "√KL", "proxy score", *(judge_label(n) for n in curve["judges"])):
             table.add_column(column)
         for i, step in enumerate(curve["steps"]):
             marks = {n: " (peak)" if curve["peaks"][n] == i else "" for n in curve["judges"]}
