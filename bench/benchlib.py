@@ -375,10 +375,17 @@ def report(title: str, args, alternation: Alternation | None, memory: dict | Non
     if ours.get("cuda_peak_mb") and trl.get("cuda_peak_mb"):
         result["cuda_peak_ratio"] = ours["cuda_peak_mb"] / trl["cuda_peak_mb"]
     _print_table(result)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return result
+
+
+def write_result(path: Path | None, result: dict) -> None:
+    """Write a bench's result as indented JSON to ``path`` (its folder made if missing); nothing when ``None``."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _cpu_count() -> int:

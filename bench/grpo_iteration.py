@@ -53,7 +53,6 @@ not). Peak memory: each side alone in a child process (``benchlib``).
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import threading
@@ -406,8 +405,7 @@ def main(argv=None) -> dict | None:
     if "ours" in rates and "trl" in rates:
         result["generation_tokens_per_s_ratio"] = rates["ours"] / rates["trl"]
         print(f"  generation tokens/s ratio (ours/TRL): {result['generation_tokens_per_s_ratio']:.3f}")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    benchlib.write_result(args.out, result)
     return result
 
 

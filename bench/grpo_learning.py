@@ -203,8 +203,7 @@ def main(argv=None) -> dict | None:
     if args.summary:
         result = summary(args.summary)
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        benchlib.write_result(args.out, result)
         return result
     import torch
 
@@ -235,9 +234,7 @@ def main(argv=None) -> dict | None:
               "gain_per_cpu_second": (after - state["accuracy_before"]) / state["cpu_seconds"],
               "versions": benchlib.versions()}
     print(json.dumps({k: v for k, v in result.items() if k not in ("calls", "versions")}))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    benchlib.write_result(args.out, result)
     return result
 
 

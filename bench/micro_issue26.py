@@ -185,9 +185,7 @@ def main(argv=None) -> dict:
     result["no_grad_backbone_s"] = {"padded": timed(no_grad(full_forward_padded), args.repeats),
                                     "packed": timed(no_grad(full_forward_packed), args.repeats)}
     print(json.dumps({k: v for k, v in result.items() if k not in ("versions",)}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    benchlib.write_result(args.out, result)
     return result
 
 

@@ -42,7 +42,6 @@ with the adapter off. TRL's PPOTrainer takes no adapter for the critic: it train
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import threading
@@ -279,8 +278,7 @@ def main(argv=None) -> dict | None:
             key = f"{vllm_side}_generation_speedup"
             result[key] = rates[vllm_side] / rates[hf_side]
             print(f"  generation tokens/s, {vllm_side} / {hf_side} (our HF loop): {result[key]:.2f}x")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    benchlib.write_result(args.out, result)
     return result
 
 

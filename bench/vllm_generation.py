@@ -16,7 +16,6 @@ not the workload of the targets).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,8 +88,7 @@ def main() -> None:
                   "block_size": config.block_size, "prompts": batch, "response_tokens": RESPONSE_TOKENS,
                   "prompt_lengths": [len(p_) for p_ in prompts], "engine_start_s": start_s,
                   "calls_s": times, "tokens_per_s": rates, "vllm_over_hf": rates["vllm"] / rates["hf"]}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        benchlib.write_result(args.out, result)
 
 
 if __name__ == "__main__":
